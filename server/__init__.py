@@ -1,0 +1,131 @@
+"""pingtree-relay: a browser SDK generator and a durable relay for Pingtree's Event Postback API."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .config import Config, load_config
+from .errors import ApiError, answer
+from .relay import Relay
+
+__all__ = ["create_app", "Config", "load_config"]
+
+log = logging.getLogger("pingtree_relay")
+
+
+def create_app(
+    config: Config | None = None,
+    *,
+    relay: Relay | None = None,
+    start_delivery: bool = True,
+    test_config: dict[str, Any] | None = None,
+) -> Flask:
+    """The relay's Flask app. ``config`` defaults to the file named by ``PINGTREE_RELAY_CONFIG``.
+
+    ``start_delivery`` starts this process's background delivery now (a server worker wants that,
+    so a backlog left by a crash drains without waiting for traffic); unit tests may leave it off.
+    """
+    if config is None:
+        config = load_config(os.environ["PINGTREE_RELAY_CONFIG"])
+    app = Flask(__name__, static_folder=None)
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.relay.max_body_bytes,
+        SECRET_KEY=config.relay.secret_key or os.urandom(32),
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    if test_config:
+        app.config.update(test_config)
+    if config.relay.trusted_proxy_hops:
+        # X-Forwarded-For is believed only through this many proxies we run ourselves.
+        hops = config.relay.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=0)  # type: ignore[method-assign]
+
+    relay = relay or Relay(config)
+    app.extensions["relay"] = relay
+    _register(app)
+    if start_delivery:
+        relay.dispatcher.start()
+        atexit.register(relay.close)
+    return app
+
+
+def _register(app: Flask) -> None:
+    from . import api, health
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)
+    try:
+        from . import sdk
+    except ImportError:  # pragma: no cover - the SDK module is optional while it is being built
+        sdk = None  # type: ignore[assignment]
+    if sdk is not None and hasattr(sdk, "bp"):
+        app.register_blueprint(sdk.bp)
+    for name in ("admin", "metrics", "openapi"):
+        _register_optional(app, name)
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
+    app.after_request(_security_headers)
+
+
+def _register_optional(app: Flask, name: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        return
+    init = getattr(module, "init_app", None)
+    if init is not None:
+        init(app)
+
+
+def _api_error(exc: ApiError) -> Response:
+    response = jsonify(exc.body())
+    response.status_code = exc.status
+    response.headers.update(exc.headers)
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    messages = {
+        404: "Not found", 405: "Method not allowed",
+        413: "Request body too large", 415: "Unsupported content type",
+    }
+    response = jsonify(answer(code, messages.get(code, exc.name)))
+    response.status_code = code
+    for key, value in (exc.get_headers() if hasattr(exc, "get_headers") else []):
+        if key.lower() not in ("content-type", "content-length"):
+            response.headers[key] = value
+    return response
+
+
+def _unexpected(exc: Exception) -> Response:
+    # Never a stack trace in an answer; the log has it, with the request id.
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    response = jsonify(answer(500, "Internal error"))
+    response.status_code = 500
+    return response
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if response.mimetype == "text/html":
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        )
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response

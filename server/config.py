@@ -1,0 +1,371 @@
+"""Configuration: one TOML file describes the relay, its campaigns and the sandbox's campaigns.
+
+Loading is strict: every key is checked, and an error names the key path that is wrong
+(``campaigns.cmp_1.events.sale.conversion: expected true or false``) so that
+``pingtree-relay check-config`` can point an operator straight at the line to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Pingtree's conversion_timezone values are fixed UTC offsets (hours), not IANA zones:
+# they never shift for daylight saving.
+TIMEZONES: dict[str, int] = {
+    "PST": -8, "EST": -5, "CST": -6, "MST": -7, "AKST": -9, "SST": -11, "HST": -10, "AST": -4,
+}
+
+# Fields only the server may decide: the browser is untrusted and must not set prices or costs.
+SERVER_ONLY_FIELDS = frozenset({
+    "cost", "cost_operation", "adSpend", "min_price",
+    "conversion_date", "conversion_timezone", "ip_address", "user_agent",
+})
+COST_OPERATIONS = ("add", "substract", "override")  # sic: Pingtree's spelling
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_ORIGIN_RE = re.compile(r"^https?://(\*\.)?[A-Za-z0-9\-.]+(:\d{1,5})?$")
+_PATH_RE = re.compile(r"^/[A-Za-z0-9_\-/.]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; ``path`` names the key, e.g. ``relay.upstream_url``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EventConfig:
+    """One event a campaign accepts (Pingtree's campaign event settings)."""
+
+    name: str
+    conversion: bool = False
+    allow_duplicates: bool = False  # Pingtree's isDuplicate ("Multi-Trigger")
+    revenue: str | float = "client"  # "client", "signed", or a fixed amount set by the server
+    max_revenue: float | None = None
+
+
+@dataclass(frozen=True)
+class SdkConfig:
+    """What the browser SDK of one campaign does; everything here is public (it ships in the script)."""
+
+    cookie_name: str = "pt_attr"
+    cookie_days: int = 30
+    cookie_domain: str = ""
+    attribution: str = "first"  # "first" touch wins, or "last"
+    pingtree_cookie: str = "pt_transaction_id"  # Pingtree click script's cookie (name undocumented)
+    generate_transaction_id: bool = True
+    extra_params: tuple[str, ...] = ()
+    call_event: str = ""  # event fired by clicks on tel: links
+    selectors: Mapping[str, str] = field(default_factory=dict)  # CSS selector -> event_id
+    consent: bool = False  # hold events until the page grants consent
+    fill_forms: bool = True
+    script_path: str = ""  # first-party path that also serves the SDK (ad-blocker friendly)
+    endpoint_path: str = ""  # first-party path the SDK posts to instead of /api/event/{cid}
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """One campaign: who may post, what it accepts, what the server adds."""
+
+    cid: str
+    allowed_origins: tuple[str, ...] = ()
+    conversion_timezone: str = "EST"
+    server_fields: Mapping[str, Any] = field(default_factory=dict)
+    events: Mapping[str, EventConfig] = field(default_factory=dict)
+    inactive_sources: frozenset[str] = frozenset()
+    extra_fields: tuple[str, ...] = ()
+    unknown_fields: str = "reject"  # or "drop"
+    allow_server_calls: bool = False  # requests without Origin, with server_key
+    server_key: str = ""
+    secret: str = ""  # HMAC key for signed revenue
+    bot_filter: bool = False
+    sdk: SdkConfig = field(default_factory=SdkConfig)
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    per_ip: str = "120/minute"
+    per_campaign: str = "60000/minute"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    upstream_url: str
+    store: str = "sqlite:///pingtree-relay.sqlite3"
+    public_url: str = ""
+    inline_timeout: float = 0.8
+    upstream_timeout: float = 10.0
+    max_age_hours: float = 72.0
+    lease_seconds: float = 30.0
+    retry_base_seconds: float = 1.0
+    retry_cap_seconds: float = 300.0
+    delivery_concurrency: int = 16
+    inline_concurrency: int = 8
+    trusted_proxy_hops: int = 0
+    max_body_bytes: int = 16384
+    admin_token: str = ""
+    secret_key: str = ""
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+
+
+@dataclass(frozen=True)
+class Config:
+    relay: RelayConfig
+    campaigns: Mapping[str, CampaignConfig]
+    source: str = "<memory>"
+
+
+# --- a tiny checker: each function takes (path, value) and returns the clean value ---------------
+
+Check = Callable[[str, Any], Any]
+
+
+def _bool(path: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(path, "expected true or false")
+    return v
+
+
+def _str(path: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(path, "expected a string")
+    return v
+
+
+def _number(path: str, v: Any, *, minimum: float = 0.0) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(path, "expected a number")
+    if v < minimum:
+        raise ConfigError(path, f"expected a number >= {minimum:g}")
+    return float(v)
+
+
+def _int(path: str, v: Any, *, minimum: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(path, "expected a whole number")
+    if v < minimum:
+        raise ConfigError(path, f"expected a whole number >= {minimum}")
+    return v
+
+
+def _choice(*options: str) -> Check:
+    def check(path: str, v: Any) -> str:
+        if v not in options:
+            raise ConfigError(path, "expected one of " + ", ".join(options))
+        return v
+    return check
+
+
+def _str_list(item: Check = _str) -> Check:
+    def check(path: str, v: Any) -> tuple:
+        if not isinstance(v, list):
+            raise ConfigError(path, "expected a list of strings")
+        return tuple(item(f"{path}[{i}]", x) for i, x in enumerate(v))
+    return check
+
+
+def _table(path: str, v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise ConfigError(path, "expected a table")
+    return v
+
+
+def _fields(path: str, raw: Any, schema: Mapping[str, Check]) -> dict[str, Any]:
+    """Check every key of ``raw`` against ``schema``; unknown keys are errors (typos must not pass)."""
+    raw = _table(path, raw)
+    out = {}
+    for key, value in raw.items():
+        if key not in schema:
+            raise ConfigError(f"{path}.{key}", "unknown key")
+        out[key] = schema[key](f"{path}.{key}", value)
+    return out
+
+
+def _identifier(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not _ID_RE.match(v):
+        raise ConfigError(path, "expected an identifier of letters, digits, '_' or '-' (at most 64)")
+    return v
+
+
+def _origin(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not _ORIGIN_RE.match(v):
+        raise ConfigError(path, "expected an origin like https://www.example.com or https://*.example.com")
+    return v.lower()
+
+
+def _url(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", v):
+        raise ConfigError(path, "expected an http(s) URL without query or fragment")
+    return v.rstrip("/")
+
+
+def _first_party_path(path: str, v: Any) -> str:
+    if not isinstance(v, str) or (v and not _PATH_RE.match(v)) or "//" in v or ".." in v:
+        raise ConfigError(path, "expected an absolute path like /p/x.js")
+    return v
+
+
+def _timezone(path: str, v: Any) -> str:
+    if v not in TIMEZONES:
+        raise ConfigError(path, "unknown timezone; expected one of " + ", ".join(TIMEZONES))
+    return v
+
+
+def _rate(path: str, v: Any) -> str:
+    v = _str(path, v)
+    if v and not re.match(r"^\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?\s*$", v):
+        raise ConfigError(path, 'expected a rate like "120/minute", or "" for no limit')
+    return v.strip()
+
+
+def _revenue(path: str, v: Any) -> str | float:
+    if v in ("client", "signed"):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return _number(path, v)
+    raise ConfigError(path, 'expected "client", "signed" or a fixed amount')
+
+
+def _scalar_map(path: str, v: Any) -> dict[str, Any]:
+    v = _table(path, v)
+    for key, value in v.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{path}.{key}", "expected a string or a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}.{key}", "expected a finite number")
+    if "cost_operation" in v and v["cost_operation"] not in COST_OPERATIONS:
+        raise ConfigError(f"{path}.cost_operation", "expected one of " + ", ".join(COST_OPERATIONS))
+    return dict(v)
+
+
+def _event(path: str, name: str, raw: Any) -> EventConfig:
+    _identifier(path, name)
+    values = _fields(path, raw, {
+        "conversion": _bool, "allow_duplicates": _bool, "revenue": _revenue,
+        "max_revenue": lambda p, v: _number(p, v),
+    })
+    if values.get("revenue") == "signed" and not values.get("conversion", False):
+        pass  # signed revenue on a non-conversion event is odd but harmless
+    return EventConfig(name=name, **values)
+
+
+def _sdk(path: str, raw: Any) -> SdkConfig:
+    values = _fields(path, raw, {
+        "cookie_name": _identifier, "cookie_days": lambda p, v: _int(p, v),
+        "cookie_domain": _str, "attribution": _choice("first", "last"),
+        "pingtree_cookie": _identifier, "generate_transaction_id": _bool,
+        "extra_params": _str_list(_identifier), "call_event": _str,
+        "selectors": lambda p, v: {k: _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()},
+        "consent": _bool, "fill_forms": _bool,
+        "script_path": _first_party_path, "endpoint_path": _first_party_path,
+    })
+    return SdkConfig(**values)
+
+
+def _campaign(path: str, cid: str, raw: Any) -> CampaignConfig:
+    _identifier(path, cid)
+    values = _fields(path, raw, {
+        "allowed_origins": _str_list(_origin), "conversion_timezone": _timezone,
+        "server_fields": _scalar_map, "events": _table,
+        "inactive_sources": _str_list(), "extra_fields": _str_list(_identifier),
+        "unknown_fields": _choice("reject", "drop"), "allow_server_calls": _bool,
+        "server_key": _str, "secret": _str, "bot_filter": _bool, "sdk": _table,
+    })
+    values["events"] = {
+        name: _event(f"{path}.events.{name}", name, ev) for name, ev in values.get("events", {}).items()
+    }
+    values["inactive_sources"] = frozenset(values.get("inactive_sources", ()))
+    values["sdk"] = _sdk(f"{path}.sdk", values.get("sdk", {}))
+    campaign = CampaignConfig(cid=cid, **values)
+    _check_campaign(path, campaign)
+    return campaign
+
+
+def _check_campaign(path: str, c: CampaignConfig) -> None:
+    for name, ev in c.events.items():
+        if ev.revenue == "signed" and not c.secret:
+            raise ConfigError(f"{path}.secret", f"required because events.{name}.revenue is \"signed\"")
+    if c.allow_server_calls and not c.server_key:
+        raise ConfigError(f"{path}.server_key", "required because allow_server_calls is true")
+    if c.sdk.call_event and c.sdk.call_event not in c.events:
+        raise ConfigError(f"{path}.sdk.call_event", f"no event named {c.sdk.call_event!r} in this campaign")
+    for selector, event in c.sdk.selectors.items():
+        if event not in c.events:
+            raise ConfigError(f"{path}.sdk.selectors.{selector}", f"no event named {event!r} in this campaign")
+
+
+def _relay(path: str, raw: Any) -> RelayConfig:
+    values = _fields(path, raw, {
+        "upstream_url": _url, "store": _store_url, "public_url": _url,
+        "inline_timeout": lambda p, v: _number(p, v),
+        "upstream_timeout": lambda p, v: _number(p, v, minimum=0.1),
+        "max_age_hours": lambda p, v: _number(p, v),
+        "lease_seconds": lambda p, v: _number(p, v, minimum=1),
+        "retry_base_seconds": lambda p, v: _number(p, v, minimum=0.01),
+        "retry_cap_seconds": lambda p, v: _number(p, v, minimum=0.01),
+        "delivery_concurrency": lambda p, v: _int(p, v, minimum=1),
+        "inline_concurrency": lambda p, v: _int(p, v),
+        "trusted_proxy_hops": lambda p, v: _int(p, v),
+        "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
+        "admin_token": _str, "secret_key": _str,
+        "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
+    })
+    if "upstream_url" not in values:
+        raise ConfigError(f"{path}.upstream_url", "required")
+    return RelayConfig(**values)
+
+
+def _store_url(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not re.match(r"^(sqlite:///.+|redis://[^\s]+)$", v):
+        raise ConfigError(path, 'expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
+    return v
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir: Path | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML, raising :class:`ConfigError` naming the bad key."""
+    _fields("", data, {"relay": _table, "campaigns": _table})
+    if "relay" not in data:
+        raise ConfigError("relay.upstream_url", "required")
+    relay = _relay("relay", data["relay"])
+    if base_dir is not None and relay.store.startswith("sqlite:///"):
+        relay = _resolve_sqlite(relay, base_dir)
+    campaigns = {
+        cid: _campaign(f"campaigns.{cid}", cid, raw) for cid, raw in data.get("campaigns", {}).items()
+    }
+    return Config(relay=relay, campaigns=campaigns, source=source)
+
+
+def _resolve_sqlite(relay: RelayConfig, base_dir: Path) -> RelayConfig:
+    """A relative SQLite path is relative to the config file, not to wherever the relay was started."""
+    from dataclasses import replace
+
+    path = relay.store[len("sqlite:///"):]
+    if path != ":memory:" and not os.path.isabs(path):
+        path = str((base_dir / path).resolve())
+    return replace(relay, store="sqlite:///" + path)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a TOML config file. Raises :class:`ConfigError` (or ``OSError``)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(file)", f"not valid TOML: {exc}") from None
+    config = parse_config(data, source=str(p), base_dir=p.parent.resolve())
+    token = os.environ.get("PINGTREE_RELAY_ADMIN_TOKEN")
+    if token:
+        from dataclasses import replace
+
+        config = replace(config, relay=replace(config.relay, admin_token=token))
+    return config

@@ -1,0 +1,60 @@
+"""Enrichment: what only the server knows or may decide, added to a valid event. Pure functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from .config import TIMEZONES, CampaignConfig
+from .validation import ATTRIBUTION_FIELDS, Event
+
+
+def conversion_date(received_at: float, timezone: str) -> str:
+    """``YYYY-MM-DD HH:MM:SS`` of ``received_at`` (a Unix time) in one of Pingtree's fixed-offset zones.
+
+    The zones are fixed offsets (EST is always UTC-5), so no tz database and no daylight saving.
+    """
+    offset = dt.timedelta(hours=TIMEZONES[timezone])
+    moment = dt.datetime.fromtimestamp(received_at, dt.UTC) + offset
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def forward_body(
+    campaign: CampaignConfig,
+    event: Event,
+    *,
+    received_at: float,
+    ip_address: str | None,
+    user_agent: str | None,
+) -> dict[str, Any]:
+    """The JSON body sent to ``POST {upstream}/api/event/{cid}``, in Pingtree's seed field names.
+
+    ``conversion_date`` is the moment the relay received the event, fixed here once: a delivery
+    hours later (after an outage) still reports the original moment.
+    """
+    body: dict[str, Any] = {"transaction_id": event.transaction_id, "event_id": event.event_id}
+    if "pid" in event.fields:
+        body["pid"] = event.fields["pid"]
+    if event.amount is not None:
+        body["amount"] = float(event.amount)
+    body["conversion_date"] = conversion_date(received_at, campaign.conversion_timezone)
+    body["conversion_timezone"] = campaign.conversion_timezone
+    for name, value in event.fields.items():
+        if name != "pid":
+            body[name] = value
+    body.update(campaign.server_fields)  # the server's values win over anything the browser sent
+    if ip_address:
+        body["ip_address"] = ip_address
+    if user_agent:
+        body["user_agent"] = user_agent[:512]
+    return body
+
+
+def dedupe_key(event: Event) -> str | None:
+    """Events that may fire once per lead share a key; Multi-Trigger events (isDuplicate) have none."""
+    if event.event.allow_duplicates:
+        return None
+    return f"{event.cid}|{event.transaction_id}|{event.event_id}"
+
+
+__all__ = ["ATTRIBUTION_FIELDS", "conversion_date", "dedupe_key", "forward_body"]

@@ -1,0 +1,150 @@
+"""Forwarding to Pingtree: one shared httpx client, and a pure classification of each answer.
+
+The classification is the heart of "retry until Pingtree answers" without counting twice:
+
+========================================  ==========================================
+Pingtree's answer                          what the relay does
+========================================  ==========================================
+2xx                                        delivered
+400 Duplicate event for this transaction   delivered, if an earlier attempt's outcome
+                                           was unknown (it was our own); else dead
+other 4xx                                  dead, with Pingtree's message as the reason
+403 Source Inactive                        dead
+403 anything else (the 2-second lock)      retry once the lock window has passed
+408, 429                                   retry, ``Retry-After`` as a floor
+5xx, timeout, connection error             retry with backoff until the maximum age
+========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
+SOURCE_INACTIVE = "Source Inactive"
+LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one delivery attempt produced: an HTTP answer, or a transport error."""
+
+    status: int | None
+    answer: dict[str, Any] | None = None
+    error: str | None = None
+    # True when the request may have reached Pingtree and been processed without us seeing the
+    # answer (read timeout, connection dropped mid-answer, 5xx).
+    uncertain: bool = False
+    retry_after: float | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``state`` is ``delivered``, ``dead`` or ``retry``; ``delay`` only for ``retry``."""
+
+    state: str
+    reason: str = ""
+    delay: float = 0.0
+
+
+def backoff(attempts: int, *, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with jitter: in [d/2, d] where d = min(cap, base * 2**(attempts-1))."""
+    ceiling = min(cap, base * (2 ** max(0, attempts - 1)))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def classify(
+    attempt: Attempt,
+    *,
+    attempts: int,
+    was_uncertain: bool,
+    base: float = 1.0,
+    cap: float = 300.0,
+) -> Decision:
+    """Decide what to do with an event after ``attempt`` (its ``attempts``-th)."""
+    status = attempt.status
+    message = str((attempt.answer or {}).get("message", ""))
+    if status is not None and 200 <= status < 300:
+        return Decision("delivered")
+    if status == 400 and message == DUPLICATE_MESSAGE and was_uncertain:
+        # An earlier attempt of ours got through but its answer was lost: this is our own event.
+        return Decision("delivered", reason="duplicate after an attempt with unknown outcome")
+    if status == 403 and message != SOURCE_INACTIVE:
+        return Decision("retry", reason=message or "403", delay=LOCK_SECONDS + random.uniform(0.1, 0.5))
+    if status in (408, 429) or status is None or status >= 500:
+        delay = backoff(attempts, base=base, cap=cap)
+        if attempt.retry_after is not None:
+            delay = max(delay, min(attempt.retry_after, 3600.0))
+        return Decision("retry", reason=attempt.error or f"{status} {message}".strip(), delay=delay)
+    return Decision("dead", reason=f"{status} {message}".strip())
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+class Forwarder:
+    """Posts events to ``{upstream_url}/api/event/{cid}`` over one pooled client.
+
+    The upstream URL comes from configuration only; nothing in a request can change where the
+    relay connects (no open proxy). ``transport`` lets unit tests use ``httpx.MockTransport``.
+    """
+
+    def __init__(
+        self, upstream_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        self.upstream_url = upstream_url.rstrip("/")
+        self.timeout = timeout
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+            headers={"user-agent": "pingtree-relay/0.1", "content-type": "application/json"},
+            follow_redirects=False,
+        )
+
+    def url_for(self, cid: str) -> str:
+        return f"{self.upstream_url}/api/event/{cid}"
+
+    def send(self, cid: str, body: dict[str, Any], *, timeout: float | None = None) -> Attempt:
+        """One attempt. Never raises for network trouble: it is reported in the :class:`Attempt`."""
+        started = time.perf_counter()
+        request_timeout = self._client.timeout if timeout is None else httpx.Timeout(timeout, connect=min(timeout, 3.0))
+        try:
+            response = self._client.post(self.url_for(cid), content=json.dumps(body), timeout=request_timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Never left this machine: certainly not processed.
+            return Attempt(None, error=f"connect: {type(exc).__name__}", latency_ms=_ms(started))
+        except httpx.TransportError as exc:
+            return Attempt(None, error=f"{type(exc).__name__}", uncertain=True, latency_ms=_ms(started))
+        return Attempt(
+            response.status_code, answer=_json_or_none(response), uncertain=response.status_code >= 500,
+            retry_after=_retry_after(response), latency_ms=_ms(started),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        data = response.json()
+    except ValueError:
+        return {"message": response.text[:200]}
+    return data if isinstance(data, dict) else {"message": str(data)[:200]}
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

@@ -1,0 +1,121 @@
+"""The outbox: every accepted event is stored here before the relay answers, then delivered.
+
+A store is a small interface (:class:`Store`) with interchangeable backends (SQLite for one box,
+Redis for several), checked by one contract test run against each. Delivery is
+claim -> deliver -> finish: a claimed event carries a lease, and a worker that dies mid-delivery
+leaves it to be claimed again when the lease expires (nothing is deleted on dequeue).
+
+States: ``pending`` (waiting, or leased to a worker while ``lease_owner`` is set and ``next_at``
+is in the future), ``delivered`` and ``dead`` (with ``last_error`` as the reason).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+STATES = ("pending", "delivered", "dead")
+
+
+@dataclass
+class Record:
+    """One event in the outbox, with the exact body to forward (``payload``)."""
+
+    id: str  # the event_uuid: the idempotency key
+    cid: str
+    event_id: str
+    transaction_id: str
+    payload: dict[str, Any]
+    received_at: float
+    dedupe_key: str | None = None
+    state: str = "pending"
+    attempts: int = 0
+    next_at: float = 0.0
+    lease_owner: str | None = None
+    uncertain: bool = False  # an earlier attempt may have reached Pingtree unseen
+    last_status: int | None = None
+    last_answer: dict[str, Any] | None = None
+    last_error: str | None = None
+    updated_at: float = field(default_factory=time.time)
+    delivered_at: float | None = None
+    latency_ms: float | None = None
+
+    def display_state(self, now: float | None = None) -> str:
+        """What an operator wants to see: queued, delivering, retrying, delivered or dead."""
+        if self.state != "pending":
+            return self.state
+        now = time.time() if now is None else now
+        if self.lease_owner and self.next_at > now:
+            return "delivering"
+        return "retrying" if self.attempts else "queued"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Stats:
+    counts: dict[str, int]
+    oldest_pending_age: float  # seconds; 0 when nothing is pending
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "oldest_pending_age": round(self.oldest_pending_age, 3)}
+
+
+class Store(Protocol):
+    """What the relay needs of a durable queue. Every method is safe across threads and processes."""
+
+    def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
+        """Insert ``record``; leased to ``owner`` for ``lease`` seconds when owner is given (the inline
+        attempt). Returns ``(stored, created)``: when ``record.id`` or a live record with the same
+        ``dedupe_key`` exists, nothing is inserted and the existing record comes back."""
+
+    def claim(self, owner: str, limit: int, lease: float) -> list[Record]:
+        """Lease up to ``limit`` due pending records (including ones whose lease expired)."""
+
+    def finish(
+        self, record_id: str, owner: str, *, state: str, next_at: float, status: int | None,
+        answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
+    ) -> bool:
+        """Record an attempt's outcome and drop the lease; False when ``owner`` no longer holds it."""
+
+    def release(self, record_ids: Iterable[str], owner: str) -> int:
+        """Give leased records back unattempted (shutdown), claimable at once."""
+
+    def get(self, record_id: str) -> Record | None: ...
+
+    def list(
+        self, *, state: str | None = None, cid: str | None = None, event_id: str | None = None,
+        transaction_id: str | None = None, limit: int = 50,
+    ) -> list[Record]:
+        """Newest first."""
+
+    def stats(self) -> Stats: ...
+
+    def requeue(self, *, ids: Iterable[str] = (), cid: str | None = None, everything: bool = False) -> int:
+        """Dead letters back to pending, due now. Returns how many."""
+
+    def purge(self, *, state: str, older_than: float = 0.0) -> int:
+        """Delete ``delivered`` or ``dead`` records last updated more than ``older_than`` seconds ago."""
+
+    def timeline(self, since: float) -> list[tuple[int, str, int]]:
+        """``(minute_start, display outcome, count)`` of events received since ``since``."""
+
+    def ping(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """A store from its URL: ``sqlite:///PATH`` or ``redis://HOST:PORT/DB``."""
+    if url.startswith("sqlite:///"):
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:///"):])
+    if url.startswith("redis://"):
+        from .redis import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(f"unsupported store URL: {url!r}")

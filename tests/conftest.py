@@ -1,0 +1,255 @@
+"""Shared fixtures: real servers on loopback, in their own processes.
+
+``sandbox`` is a running Pingtree sandbox; ``relay_factory`` starts relays (``pingtree-relay serve``)
+whose upstream is that sandbox, from a config written to ``tmp_path``. Nothing is mocked on this
+path: the tests talk HTTP to real gunicorn processes that write real SQLite files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE_CAMPAIGNS = """
+[campaigns.cmp_test]
+allowed_origins = ["http://127.0.0.1:{pages_port}", "http://localhost:{pages_port}", "https://*.webflow.io", "https://www.example.com"]
+conversion_timezone = "EST"
+inactive_sources = ["src_paused"]
+extra_fields = ["quote_id"]
+
+[campaigns.cmp_test.server_fields]
+cost = 1.25
+cost_operation = "add"
+sub5 = "from-server"
+
+[campaigns.cmp_test.events.quote_viewed]
+[campaigns.cmp_test.events.form_submitted]
+[campaigns.cmp_test.events.call_clicked]
+allow_duplicates = true
+[campaigns.cmp_test.events.sale_completed]
+conversion = true
+max_revenue = 5000
+
+[campaigns.cmp_other]
+allowed_origins = ["https://other.example.org"]
+conversion_timezone = "PST"
+[campaigns.cmp_other.events.signup]
+"""
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``message`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """A server started as ``python -m server.cli ...``; restartable on the same port."""
+
+    def __init__(self, args: list[str], port: int, log_path: Path) -> None:
+        self.args = args
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> "ServerProcess":
+        log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", *self.args, "--port", str(self.port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not come up on {self.url}:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (graceful) and wait."""
+        return self._signal(signal.SIGTERM, timeout)
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group: master and workers die with no chance to clean up."""
+        return self._signal(signal.SIGKILL, 10.0)
+
+    def _signal(self, sig: int, timeout: float) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        target = os.getpgid(self.proc.pid) if sig == signal.SIGKILL else None
+        if target is not None:
+            os.killpg(target, sig)
+        else:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(os.getpgid(self.proc.pid), signal.SIGKILL)
+            return self.proc.wait(5)
+
+
+class Sandbox(ServerProcess):
+    """The Pingtree sandbox, with its control API as methods."""
+
+    def events(self, **filters: str) -> list[dict[str, Any]]:
+        r = httpx.get(self.url + "/_sandbox/events", params=filters, timeout=5)
+        r.raise_for_status()
+        return list(r.json()["events"])
+
+    def requests(self) -> list[dict[str, Any]]:
+        r = httpx.get(self.url + "/_sandbox/requests", timeout=5)
+        r.raise_for_status()
+        return list(r.json()["requests"])
+
+    def fault(self, **spec: Any) -> None:
+        httpx.post(self.url + "/_sandbox/faults", json=spec, timeout=5).raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(self.url + "/_sandbox/faults", timeout=5).raise_for_status()
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/_sandbox/reset", timeout=5).raise_for_status()
+
+    def set_lock(self, seconds: float) -> None:
+        httpx.post(self.url + "/_sandbox/config", json={"lock_seconds": seconds}, timeout=5).raise_for_status()
+
+
+def campaigns_toml(pages_port: int) -> str:
+    return BASE_CAMPAIGNS.replace("{pages_port}", str(pages_port))
+
+
+@pytest.fixture(scope="session")
+def pages_port() -> int:
+    """The port of the page origin browser tests use (allowed in cmp_test's allowed_origins)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory, pages_port: int) -> Iterator[Sandbox]:
+    """One sandbox for the session, reset before each test by ``fresh_sandbox``."""
+    tmp = tmp_path_factory.mktemp("sandbox")
+    cfg = tmp / "sandbox.toml"
+    cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\n' + campaigns_toml(pages_port))
+    server = Sandbox(["sandbox", "--config", str(cfg)], free_port(), tmp / "sandbox.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_sandbox(request: pytest.FixtureRequest) -> None:
+    """Every test that uses the sandbox starts with it empty and healthy."""
+    if "sandbox" in request.fixturenames:
+        sb: Sandbox = request.getfixturevalue("sandbox")
+        sb.reset()
+
+
+class Relay(ServerProcess):
+    """A relay process plus what a test needs to talk to it."""
+
+    config_path: Path
+    store_path: Path
+
+    def post(self, body: Any, *, cid: str = "cmp_test", origin: str | None = "https://www.example.com",
+             headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        h = {"Origin": origin} if origin else {}
+        h.update(headers or {})
+        if isinstance(body, (dict, list)):
+            kwargs["json"] = body
+        else:
+            kwargs["content"] = body
+        return httpx.post(f"{self.url}/api/event/{cid}", headers=h, timeout=15, **kwargs)
+
+
+RelayFactory = Callable[..., Relay]
+
+
+def write_relay_config(path: Path, *, upstream: str, store: str, campaigns: str, **relay_keys: Any) -> Path:
+    """Write a relay config; ``relay_keys`` become keys of the [relay] table."""
+    lines = ["[relay]", f'upstream_url = "{upstream}"', f'store = "{store}"']
+    tables = []
+    for key, value in relay_keys.items():
+        if isinstance(value, dict):
+            tables.append(f"[relay.{key}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in value.items()))
+        else:
+            lines.append(f"{key} = {_toml(value)}")
+    path.write_text("\n".join(lines) + "\n" + "\n".join(tables) + "\n" + textwrap.dedent(campaigns))
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator[RelayFactory]:
+    """Start relays against the sandbox: ``relay_factory(campaigns=..., store=..., **relay_keys)``."""
+    started: list[Relay] = []
+
+    def make(campaigns: str | None = None, *, store: str | None = None, upstream: str | None = None,
+             start: bool = True, port: int | None = None, **relay_keys: Any) -> Relay:
+        n = len(started)
+        relay_keys.setdefault("retry_base_seconds", 0.2)
+        relay_keys.setdefault("retry_cap_seconds", 1.0)
+        relay_keys.setdefault("rate_limits", {"per_ip": "", "per_campaign": ""})
+        cfg = write_relay_config(
+            tmp_path / f"relay{n}.toml",
+            upstream=upstream or sandbox.url,
+            store=store or f"sqlite:///{tmp_path / 'relay.sqlite3'}",
+            campaigns=campaigns if campaigns is not None else campaigns_toml(pages_port),
+            **relay_keys,
+        )
+        relay = Relay(["serve", "--config", str(cfg), "--workers", "2"], port or free_port(),
+                      tmp_path / f"relay{n}.log")
+        relay.config_path = cfg
+        relay.store_path = tmp_path / "relay.sqlite3"
+        started.append(relay)
+        return relay.start() if start else relay
+
+    yield make
+    for relay in started:
+        relay.kill()
+
+
+@pytest.fixture
+def relay(relay_factory: RelayFactory) -> Relay:
+    """A relay with the default test campaigns, upstream = the sandbox."""
+    return relay_factory()
