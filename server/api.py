@@ -28,7 +28,7 @@ def relay() -> Relay:
     return current_app.extensions["relay"]  # type: ignore[no-any-return]
 
 
-@bp.post("/api/event/trigger")
+@bp.post("/api/event/trigger", provide_automatic_options=False)
 def trigger() -> Response:
     """Pingtree's second form: ``cid`` in the body, revenue as ``revenue``."""
     body = parse_json_body(request.get_data(cache=False), request.content_type)
@@ -41,7 +41,7 @@ def trigger() -> Response:
     return _handle(campaign, body, revenue_key="revenue")
 
 
-@bp.post("/api/event/<cid>")
+@bp.post("/api/event/<cid>", provide_automatic_options=False)
 def event(cid: str) -> Response:
     """Pingtree's campaign form: ``POST /api/event/{campaign-id}``, revenue as ``amount``."""
     campaign = relay().campaign(cid)

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -78,7 +79,7 @@ class ServerProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> "ServerProcess":
+    def start(self, timeout: float = 30.0) -> ServerProcess:
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
@@ -219,28 +220,36 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
+def make_relay(tmp_dir: Path, upstream: str, pages_port: int, campaigns: str | None = None, *,
+               store: str | None = None, port: int | None = None, name: str = "relay", workers: int = 2,
+               **relay_keys: Any) -> Relay:
+    """A relay process (not started) with its config and log in ``tmp_dir``."""
+    relay_keys.setdefault("retry_base_seconds", 0.2)
+    relay_keys.setdefault("retry_cap_seconds", 1.0)
+    relay_keys.setdefault("rate_limits", {"per_ip": "", "per_campaign": ""})
+    cfg = write_relay_config(
+        tmp_dir / f"{name}.toml",
+        upstream=upstream,
+        store=store or f"sqlite:///{tmp_dir / 'relay.sqlite3'}",
+        campaigns=campaigns if campaigns is not None else campaigns_toml(pages_port),
+        **relay_keys,
+    )
+    relay = Relay(["serve", "--config", str(cfg), "--workers", str(workers)], port or free_port(),
+                  tmp_dir / f"{name}.log")
+    relay.config_path = cfg
+    relay.store_path = tmp_dir / "relay.sqlite3"
+    return relay
+
+
 @pytest.fixture
 def relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator[RelayFactory]:
     """Start relays against the sandbox: ``relay_factory(campaigns=..., store=..., **relay_keys)``."""
     started: list[Relay] = []
 
-    def make(campaigns: str | None = None, *, store: str | None = None, upstream: str | None = None,
-             start: bool = True, port: int | None = None, **relay_keys: Any) -> Relay:
-        n = len(started)
-        relay_keys.setdefault("retry_base_seconds", 0.2)
-        relay_keys.setdefault("retry_cap_seconds", 1.0)
-        relay_keys.setdefault("rate_limits", {"per_ip": "", "per_campaign": ""})
-        cfg = write_relay_config(
-            tmp_path / f"relay{n}.toml",
-            upstream=upstream or sandbox.url,
-            store=store or f"sqlite:///{tmp_path / 'relay.sqlite3'}",
-            campaigns=campaigns if campaigns is not None else campaigns_toml(pages_port),
-            **relay_keys,
-        )
-        relay = Relay(["serve", "--config", str(cfg), "--workers", "2"], port or free_port(),
-                      tmp_path / f"relay{n}.log")
-        relay.config_path = cfg
-        relay.store_path = tmp_path / "relay.sqlite3"
+    def make(campaigns: str | None = None, *, upstream: str | None = None, start: bool = True,
+             **kwargs: Any) -> Relay:
+        relay = make_relay(tmp_path, upstream or sandbox.url, pages_port, campaigns,
+                           name=f"relay{len(started)}", **kwargs)
         started.append(relay)
         return relay.start() if start else relay
 

@@ -150,14 +150,15 @@ class Dispatcher:
         now = time.time()
         if decision.state == "retry" and now - record.received_at + decision.delay > self.max_age:
             decision = Decision("dead", reason=f"gave up after {record.attempts} attempts: {decision.reason}")
+        state = "pending" if decision.state == "retry" else decision.state
         stored = self.store.finish(
-            record.id, owner, state=decision.state, next_at=now + decision.delay,
+            record.id, owner, state=state, next_at=now + decision.delay,
             status=attempt.status, answer=attempt.answer,
             error=decision.reason or attempt.error, uncertain=attempt.uncertain, latency_ms=attempt.latency_ms,
         )
         if not stored:
             log.warning("lease on %s was lost before its outcome was stored", record.id)
-        record.state = decision.state
+        record.state = state
         record.last_status, record.last_answer = attempt.status, attempt.answer
         if self.observer is not None:
             self.observer(record, attempt, decision)

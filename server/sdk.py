@@ -1,0 +1,214 @@
+"""The browser SDK: one script per campaign, rendered from ``js_templates/`` and served by ``bp``.
+
+Three layers, so the interesting parts are testable without Flask:
+
+* :func:`script_config` - pure: a campaign (and the relay settings) to the JSON object the script
+  embeds. Everything in it is public: it ships to every visitor.
+* :func:`render_sdk` - the rendered, minified, pre-compressed script, cached per script config
+  (not per request): a config reload that changes nothing reuses the cached build.
+* ``bp`` - ``GET /sdk/<cid>.js``, ``GET /sdk/<cid>/pingtree.js`` and each campaign's first-party
+  ``sdk.script_path``. The first-party paths are matched in a ``before_app_request`` hook rather than
+  a catch-all route, so they can be any path and never shadow the app's own 404/405 answers.
+
+:func:`snippet_tag` is what ``pingtree-relay snippet CID`` prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import html
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import brotli
+import jinja2
+import rjsmin
+from flask import Blueprint, Response, current_app, request
+
+from .config import CampaignConfig, Config, RelayConfig
+from .paths import JS_TEMPLATES
+
+bp = Blueprint("sdk", __name__)
+
+# Landing-URL parameters the SDK keeps (Pingtree's event fields); a campaign adds sdk.extra_params.
+URL_PARAMS: tuple[str, ...] = (
+    "transaction_id", "pid", "clid",
+    "sub1", "sub2", "sub3", "sub4", "sub5",
+    "adv1", "adv2", "adv3", "adv4", "adv5",
+    "utm_source", "utm_medium", "utm_campaign", "utm_adgroup", "utm_matchtype",
+    "utm_term", "utm_content", "utm_creative", "utm_placement",
+    "external_clickid",
+)
+
+# Short enough for a config change to reach every page within minutes, long enough that a busy
+# landing page does not fetch the script on every view.
+CACHE_CONTROL = "public, max-age=300"
+
+# The one-line pre-load stub: calls made before the script arrives are queued with their resolver
+# (the SDK replays them and resolves each Promise once processed).
+STUB = (
+    "window.pingtree=window.pingtree||function(){var a=arguments;"
+    "return new Promise(function(r){(window.pingtree.q=window.pingtree.q||[]).push([a,r])})};"
+)
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(JS_TEMPLATES)),
+    autoescape=False,  # JavaScript, not HTML: the one value that enters goes through |tojson
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+@dataclass(frozen=True)
+class BuiltScript:
+    """One campaign's script, ready to serve in every encoding."""
+
+    body: bytes
+    gzip: bytes
+    br: bytes
+    etag: str  # hex digest of body; each encoding's ETag derives from it
+    integrity: str  # "sha384-..." for Subresource Integrity
+
+
+def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any]:
+    """The JSON object embedded in a campaign's script (pure; the key order does not matter)."""
+    sdk = campaign.sdk
+    return {
+        "cid": campaign.cid,
+        # Empty: post to the origin the script was loaded from (document.currentScript.src).
+        "base": relay.public_url,
+        "path": sdk.endpoint_path or f"/api/event/{campaign.cid}",
+        "cookie": sdk.cookie_name,
+        "days": sdk.cookie_days,
+        "domain": sdk.cookie_domain,
+        "last": sdk.attribution == "last",
+        "ptCookie": sdk.pingtree_cookie,
+        "generate": sdk.generate_transaction_id,
+        "extra": [p for p in sdk.extra_params if p not in URL_PARAMS],
+        "call": sdk.call_event,
+        "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
+        "consent": sdk.consent,
+        "fill": sdk.fill_forms,
+    }
+
+
+def render_sdk(campaign: CampaignConfig, relay: RelayConfig) -> BuiltScript:
+    """The campaign's script; built once per distinct script config, then served from the cache."""
+    return _build(json.dumps(script_config(campaign, relay), sort_keys=True))
+
+
+@lru_cache(maxsize=512)
+def _build(config_json: str) -> BuiltScript:
+    # Keyed by the canonical JSON of the script config: campaign objects hold dicts (unhashable),
+    # and only what reaches the script may decide whether the script changes.
+    source = _env.get_template("sdk.js.j2").render(cfg=json.loads(config_json))
+    body = rjsmin.jsmin(source).encode("utf-8")
+    return BuiltScript(
+        body=body,
+        gzip=gzip.compress(body, compresslevel=9, mtime=0),  # mtime=0: same bytes on every worker
+        br=brotli.compress(body, quality=11),
+        etag=hashlib.sha256(body).hexdigest()[:32],
+        integrity="sha384-" + base64.b64encode(hashlib.sha384(body).digest()).decode("ascii"),
+    )
+
+
+def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: bool = True) -> str:
+    """The HTML to paste in a page's ``<head>``: the pre-load stub and the script tag with SRI.
+
+    The ``integrity`` pins the script as the campaign's config makes it today: after an SDK-related
+    config change, print the snippet again (or drop the integrity attribute). ``base_url`` defaults
+    to ``relay.public_url``. Raises ``KeyError`` for an unknown campaign, ``ValueError`` without a base.
+    """
+    campaign = config.campaigns[cid]
+    base = (base_url or config.relay.public_url).rstrip("/")
+    if not base:
+        raise ValueError("no base URL: pass one or set relay.public_url")
+    path = campaign.sdk.script_path or f"/sdk/{cid}.js"
+    built = render_sdk(campaign, config.relay)
+    tag = (
+        f'<script async src="{html.escape(base + path)}" integrity="{built.integrity}" '
+        'crossorigin="anonymous"></script>'
+    )
+    return f"<script>{STUB}</script>\n{tag}" if stub else tag
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------
+
+
+def _config() -> Config | None:
+    relay = current_app.extensions.get("relay")
+    return getattr(relay, "config", None)
+
+
+@bp.get("/sdk/<cid>.js")
+@bp.get("/sdk/<cid>/pingtree.js")
+def script(cid: str) -> Response:
+    """A campaign's SDK; 404 with a JavaScript comment for an unknown campaign."""
+    config = _config()
+    campaign = config.campaigns.get(cid) if config else None
+    if config is None or campaign is None:
+        return _not_found()
+    return _script_response(render_sdk(campaign, config.relay))
+
+
+@bp.before_app_request
+def first_party_script() -> Response | None:
+    """Serve the SDK at a campaign's ``sdk.script_path`` (a path that ad blockers do not know)."""
+    if request.method not in ("GET", "HEAD"):
+        return None
+    config = _config()
+    if config is None:
+        return None
+    for campaign in config.campaigns.values():
+        if campaign.sdk.script_path and campaign.sdk.script_path == request.path:
+            return _script_response(render_sdk(campaign, config.relay))
+    return None
+
+
+def _script_response(built: BuiltScript) -> Response:
+    encoding = _pick_encoding()
+    etag = built.etag + ("" if encoding == "identity" else "-" + encoding)
+    # A strong ETag belongs to one representation, hence one per encoding; any of them still
+    # names the current version, so each is a hit whatever the client now accepts.
+    variants = [built.etag, built.etag + "-gzip", built.etag + "-br"]
+    if any(request.if_none_match.contains(v) for v in variants) or request.if_none_match.star_tag:
+        response = Response(status=304)
+    else:
+        body = {"identity": built.body, "gzip": built.gzip, "br": built.br}[encoding]
+        response = Response(body, mimetype="application/javascript")
+        response.headers["Content-Type"] = "application/javascript; charset=utf-8"
+        if encoding != "identity":
+            response.headers["Content-Encoding"] = encoding
+    response.set_etag(etag)
+    response.headers["Cache-Control"] = CACHE_CONTROL
+    response.headers["Vary"] = "Accept-Encoding"
+    _public_headers(response)
+    return response
+
+
+def _pick_encoding() -> str:
+    """br or gzip when the client accepts it (q > 0), else the plain bytes."""
+    accepted = request.accept_encodings
+    best = accepted.best_match(["br", "gzip"])
+    return best if best and accepted[best] > 0 else "identity"
+
+
+def _public_headers(response: Response) -> None:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    # Any site may load the script, with crossorigin="anonymous" for SRI; no credentials involved.
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
+
+
+def _not_found() -> Response:
+    # A JavaScript comment: a page with a wrong cid gets a 404 in its console, not a syntax error.
+    response = Response("/* pingtree-relay: unknown campaign */\n", status=404)
+    response.headers["Content-Type"] = "application/javascript; charset=utf-8"
+    response.headers["Cache-Control"] = "no-store"
+    _public_headers(response)
+    return response

@@ -1,0 +1,59 @@
+"""The command line: serve shuts down gracefully, demo runs with no config, sign and snippet print."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+
+from server.validation import sign_revenue
+from tests.conftest import ROOT, Relay, ServerProcess, free_port, wait_for
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_serve_exits_cleanly_on_sigterm(relay: Relay) -> None:
+    assert relay.proc is not None
+    code = relay.stop()
+    assert code == 0, relay.log()
+
+
+def test_demo_runs_without_config(tmp_path: Path) -> None:
+    demo = ServerProcess(["demo"], free_port(), tmp_path / "demo.log").start()
+    try:
+        base = demo.url
+        page = httpx.get(base + "/demo/")
+        assert page.status_code == 200 and "cmp_demo" in page.text
+        assert httpx.get(base + "/sdk/cmp_demo.js").status_code == 200
+        assert httpx.get(base + "/sandbox/healthz").status_code == 200
+        t = f"txn_{uuid.uuid4()}"
+        response = httpx.post(base + "/api/event/cmp_demo", headers={"Origin": base},
+                              json={"event_id": "sale_completed", "transaction_id": t, "amount": 12})
+        assert response.status_code in (200, 202), response.text
+        events = wait_for(lambda: httpx.get(base + "/sandbox/_sandbox/events",
+                                            params={"transaction_id": t}).json()["events"],
+                          message="the demo sandbox to receive the event")
+        assert events[0]["body"]["cost"] == 1.25
+        assert "relay endpoint" in demo.log()
+    finally:
+        demo.stop()
+
+
+def test_sign_matches_the_helper() -> None:
+    result = run_cli("sign", "--secret", "k", "--cid", "c", "--transaction-id", "t", "--event-id", "e",
+                     "--amount", "12.5")
+    assert result.returncode == 0
+    assert result.stdout.strip() == sign_revenue("k", "c", "t", "e", "12.50")
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[relay]\n")
+    result = run_cli("serve", "--config", str(bad), "--port", str(free_port()))
+    assert result.returncode != 0 and "relay.upstream_url: required" in result.stderr

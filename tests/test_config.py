@@ -1,0 +1,108 @@
+"""Configuration: loading, defaults, and check-config naming the offending key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """
+[relay]
+upstream_url = "https://api.pingtree.com"
+store = "sqlite:///var/relay.sqlite3"
+public_url = "https://track.example.com"
+
+[campaigns.cmp_demo]
+allowed_origins = ["https://www.example.com", "https://*.webflow.io"]
+conversion_timezone = "EST"
+
+[campaigns.cmp_demo.server_fields]
+cost = 1.25
+cost_operation = "add"
+
+[campaigns.cmp_demo.events.quote_viewed]
+[campaigns.cmp_demo.events.sale_completed]
+conversion = true
+allow_duplicates = false
+"""
+
+
+def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return subprocess.run([sys.executable, "-m", "server.cli", "check-config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_the_issue_example_is_valid(tmp_path: Path) -> None:
+    result = check(tmp_path, GOOD)
+    assert result.returncode == 0, result.stderr
+    assert "OK (1 campaigns, 2 events)" in result.stdout
+    config = load_config(tmp_path / "relay.toml")
+    assert config.relay.store == f"sqlite:///{(tmp_path / 'var/relay.sqlite3').resolve()}"
+    campaign = config.campaigns["cmp_demo"]
+    assert campaign.events["sale_completed"].conversion is True
+    assert campaign.server_fields == {"cost": 1.25, "cost_operation": "add"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("conversion = true", 'conversion = "yes"'),
+     "campaigns.cmp_demo.events.sale_completed.conversion: expected true or false"),
+    (('conversion_timezone = "EST"', 'conversion_timezone = "CET"'),
+     "campaigns.cmp_demo.conversion_timezone: unknown timezone"),
+    (('upstream_url = "https://api.pingtree.com"\n', ""), "relay.upstream_url: required"),
+    (('"https://www.example.com",', '"www.example.com",'), "campaigns.cmp_demo.allowed_origins[0]: expected an origin"),
+    (('"https://*.webflow.io"', '"https://example.com/path"'), "campaigns.cmp_demo.allowed_origins[1]: expected an origin"),
+    (("cost = 1.25", 'cost = [1]'), "campaigns.cmp_demo.server_fields.cost: expected a string or a number"),
+    (('cost_operation = "add"', 'cost_operation = "subtract"'), "campaigns.cmp_demo.server_fields.cost_operation"),
+    (("allow_duplicates = false", "allow_duplicate = false"),
+     "campaigns.cmp_demo.events.sale_completed.allow_duplicate: unknown key"),
+    (('store = "sqlite:///var/relay.sqlite3"', 'store = "postgres://x"'), "relay.store: expected"),
+    (('upstream_url = "https://api.pingtree.com"', 'upstream_url = "ftp://x"'), "relay.upstream_url: expected an http(s) URL"),
+    (("[campaigns.cmp_demo]", "[campaigns.cmp_demo]\nsecret = 5"), "campaigns.cmp_demo.secret: expected a string"),
+    (("[relay]", "[relay]\ninline_timeout = -1"), "relay.inline_timeout: expected a number >= 0"),
+])
+def test_check_config_names_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    old, new = change
+    assert old in GOOD
+    result = check(tmp_path, GOOD.replace(old, new, 1))
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    result = check(tmp_path, "[relay\n")
+    assert result.returncode == 1 and "not valid TOML" in result.stderr
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "server.cli", "check-config", str(tmp_path / "nope.toml")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "No such file" in result.stderr
+
+
+def test_signed_revenue_needs_a_secret() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"relay": {"upstream_url": "http://x"},
+                      "campaigns": {"c": {"events": {"s": {"conversion": True, "revenue": "signed"}}}}})
+    assert info.value.path == "campaigns.c.secret"
+
+
+def test_selector_must_name_an_event() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"relay": {"upstream_url": "http://x"},
+                      "campaigns": {"c": {"sdk": {"selectors": {"#buy": "nope"}}, "events": {"a": {}}}}})
+    assert "campaigns.c.sdk.selectors.#buy" in str(info.value)
+
+
+def test_admin_token_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("PINGTREE_RELAY_ADMIN_TOKEN", "from-env")
+    assert load_config(path).relay.admin_token == "from-env"

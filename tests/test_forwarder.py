@@ -1,0 +1,84 @@
+"""Classification of Pingtree's answers, and the forwarder over httpx.MockTransport."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+
+from server.forwarder import Attempt, Forwarder, backoff, classify
+
+
+@pytest.mark.parametrize(("attempt", "uncertain", "state"), [
+    (Attempt(200, {"status": 200}), False, "delivered"),
+    (Attempt(400, {"message": "Duplicate event for this transaction_id"}), True, "delivered"),
+    (Attempt(400, {"message": "Duplicate event for this transaction_id"}), False, "dead"),
+    (Attempt(400, {"message": "Invalid event_id for this campaign"}), True, "dead"),
+    (Attempt(403, {"message": "Source Inactive"}), False, "dead"),
+    (Attempt(403, {"message": "Concurrent event in progress"}), False, "retry"),
+    (Attempt(408, {}), False, "retry"),
+    (Attempt(429, {}, retry_after=30), False, "retry"),
+    (Attempt(500, {}), False, "retry"),
+    (Attempt(503, None), False, "retry"),
+    (Attempt(None, error="ReadTimeout", uncertain=True), False, "retry"),
+    (Attempt(None, error="connect: ConnectError"), False, "retry"),
+    (Attempt(404, {"message": "Not found"}), False, "dead"),
+])
+def test_classify(attempt: Attempt, uncertain: bool, state: str) -> None:
+    assert classify(attempt, attempts=1, was_uncertain=uncertain).state == state
+
+
+def test_lock_retry_waits_out_the_two_second_window() -> None:
+    decision = classify(Attempt(403, {"message": "Concurrent event in progress"}), attempts=1, was_uncertain=False)
+    assert 2.0 < decision.delay < 3.0
+
+
+def test_retry_after_is_a_floor() -> None:
+    decision = classify(Attempt(429, {}, retry_after=40), attempts=1, was_uncertain=False, base=1, cap=5)
+    assert decision.delay == 40
+
+
+def test_backoff_grows_and_is_capped_with_jitter() -> None:
+    rng = random.Random(1)
+    delays = [backoff(n, base=1, cap=60, rng=rng) for n in range(1, 12)]
+    assert 0.5 <= delays[0] <= 1 and 4 <= delays[3] <= 8
+    assert all(30 <= d <= 60 for d in delays[7:])
+    assert len({round(d, 6) for d in delays[7:]}) > 1  # jitter: not all the same
+
+
+def test_forwarder_posts_json_to_the_campaign_path() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": 200, "data": {"conversion_id": "c"}})
+
+    forwarder = Forwarder("http://up.example/", transport=httpx.MockTransport(handler))
+    attempt = forwarder.send("cmp_1", {"event_id": "x"})
+    assert attempt.status == 200 and attempt.answer == {"status": 200, "data": {"conversion_id": "c"}}
+    assert str(seen[0].url) == "http://up.example/api/event/cmp_1"
+    assert json.loads(seen[0].content) == {"event_id": "x"}
+    assert seen[0].headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(("exc", "uncertain"), [
+    (httpx.ConnectError("refused"), False),
+    (httpx.ReadTimeout("slow"), True),
+    (httpx.RemoteProtocolError("dropped"), True),
+])
+def test_transport_errors_are_attempts_not_exceptions(exc: Exception, uncertain: bool) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    attempt = Forwarder("http://up.example", transport=httpx.MockTransport(handler)).send("c", {})
+    assert attempt.status is None and attempt.uncertain is uncertain and attempt.error
+
+
+def test_non_json_answer_is_kept_as_message() -> None:
+    forwarder = Forwarder("http://up.example", transport=httpx.MockTransport(
+        lambda r: httpx.Response(502, text="<html>bad gateway</html>")))
+    attempt = forwarder.send("c", {})
+    assert attempt.status == 502 and attempt.answer == {"message": "<html>bad gateway</html>"}
+    assert attempt.uncertain
