@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -91,14 +91,37 @@ def _register_optional(app: Flask, name: str) -> None:
 
 
 def _api_error(exc: ApiError) -> Response:
+    if request.path.startswith("/api/event"):
+        _relay().observers.emit("rejected", cid=_cid(), event_id=_event_id(), reason=exc.reason, status=exc.status)
     response = jsonify(exc.body())
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response
 
 
+def _relay() -> Relay:
+    from flask import current_app
+
+    return current_app.extensions["relay"]  # type: ignore[no-any-return]
+
+
+def _cid() -> str | None:
+    cid = g.get("cid") or (request.view_args or {}).get("cid")
+    return cid if isinstance(cid, str) and cid in _relay().config.campaigns else None
+
+
+def _event_id() -> str | None:
+    # Only a configured event id becomes a label: metrics must not grow with garbage input.
+    cid, event_id = _cid(), g.get("event_id")
+    return event_id if cid and event_id in _relay().config.campaigns[cid].events else None
+
+
 def _http_error(exc: HTTPException) -> Response:
     code = exc.code or 500
+    if request.path.startswith("/api/event") and code >= 400:
+        _relay().observers.emit("rejected", cid=_cid(), event_id=None,
+                                reason={413: "body_too_large", 405: "method", 404: "not_found"}.get(code, str(code)),
+                                status=code)
     messages = {
         404: "Not found", 405: "Method not allowed",
         413: "Request body too large", 415: "Unsupported content type",

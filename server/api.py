@@ -33,6 +33,7 @@ def trigger() -> Response:
     """Pingtree's second form: ``cid`` in the body, revenue as ``revenue``."""
     body = parse_json_body(request.get_data(cache=False), request.content_type)
     cid = body.get("cid")
+    relay().observers.emit("received", cid=cid if isinstance(cid, str) and cid in relay().config.campaigns else None)
     if cid is None or cid == "":
         raise ApiError(400, "cid is required", missing={"cid": "required"}, reason="missing_cid")
     if not isinstance(cid, str):
@@ -44,6 +45,7 @@ def trigger() -> Response:
 @bp.post("/api/event/<cid>", provide_automatic_options=False)
 def event(cid: str) -> Response:
     """Pingtree's campaign form: ``POST /api/event/{campaign-id}``, revenue as ``amount``."""
+    relay().observers.emit("received", cid=cid if cid in relay().config.campaigns else None)
     campaign = relay().campaign(cid)
     trusted = _check_caller(campaign)
     body = parse_json_body(request.get_data(cache=False), request.content_type)
@@ -94,6 +96,7 @@ def _check_caller(campaign: CampaignConfig) -> bool:
 
 
 def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str, trusted: bool | None = None) -> Response:
+    g.cid, g.event_id = campaign.cid, body.get("event_id")
     if trusted is None:
         trusted = _check_caller(campaign)
     event = validate_event(campaign, body, revenue_key=revenue_key, trusted=trusted)
@@ -102,6 +105,8 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
         ip_address=request.remote_addr, user_agent=request.headers.get("User-Agent"),
     )
     g.outcome = reply.outcome
+    relay().observers.emit("accepted", cid=campaign.cid, event_id=event.event_id, outcome=reply.outcome,
+                           status=reply.status, event_uuid=reply.body["data"].get("event_uuid"))
     response = jsonify(reply.body)
     response.status_code = reply.status
     return response

@@ -18,7 +18,8 @@ from typing import Any
 from .config import CampaignConfig, Config
 from .enrichment import dedupe_key, forward_body
 from .errors import ApiError, answer
-from .forwarder import DUPLICATE_MESSAGE, Forwarder
+from .forwarder import DUPLICATE_MESSAGE, Attempt, Decision, Forwarder
+from .observe import Observers
 from .outbox import Record, Store, open_store
 from .outbox.dispatcher import Dispatcher
 from .validation import Event
@@ -37,6 +38,7 @@ class Relay:
     def __init__(self, config: Config, *, store: Store | None = None, forwarder: Forwarder | None = None) -> None:
         settings = config.relay
         self.config = config
+        self.observers = Observers()
         self.store = store or open_store(settings.store)
         self.forwarder = forwarder or Forwarder(
             settings.upstream_url, timeout=settings.upstream_timeout,
@@ -46,9 +48,17 @@ class Relay:
             self.store, self.forwarder, concurrency=settings.delivery_concurrency,
             lease=settings.lease_seconds, max_age=settings.max_age_hours * 3600,
             retry_base=settings.retry_base_seconds, retry_cap=settings.retry_cap_seconds,
+            observer=self._delivered,
         )
         self._inline = threading.BoundedSemaphore(max(1, settings.inline_concurrency))
         self._inline_enabled = settings.inline_concurrency > 0 and settings.inline_timeout > 0
+
+    def _delivered(self, record: Record, attempt: Attempt, decision: Decision) -> None:
+        self.observers.emit(
+            "delivery", cid=record.cid, event_id=record.event_id, event_uuid=record.id,
+            state=decision.state, status=attempt.status, latency_ms=attempt.latency_ms,
+            attempts=record.attempts, reason=decision.reason or attempt.error or "",
+        )
 
     def campaign(self, cid: str | None) -> CampaignConfig:
         campaign = self.config.campaigns.get(cid or "")

@@ -177,6 +177,7 @@ def fresh_sandbox(request: pytest.FixtureRequest) -> None:
     if "sandbox" in request.fixturenames:
         sb: Sandbox = request.getfixturevalue("sandbox")
         sb.reset()
+        sb.set_lock(2.0)  # reset keeps the lock window: it is configuration, not state
 
 
 class Relay(ServerProcess):
