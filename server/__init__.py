@@ -68,7 +68,7 @@ def _register(app: Flask) -> None:
         sdk = None  # type: ignore[assignment]
     if sdk is not None and hasattr(sdk, "bp"):
         app.register_blueprint(sdk.bp)
-    for name in ("admin", "metrics", "openapi"):
+    for name in ("logs", "limits", "metrics", "admin", "openapi"):
         _register_optional(app, name)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import Record, Stats
+from . import STATES, Record, Stats
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -147,6 +147,8 @@ class SQLiteStore:
         self, record_id: str, owner: str, *, state: str, next_at: float, status: int | None,
         answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
     ) -> bool:
+        if state not in STATES:  # e.g. a Decision's "retry" must be stored as "pending"
+            raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
         now = time.time()
         cur = self._write(
             "UPDATE events SET state = ?, next_at = ?, lease_owner = NULL, last_status = ?, last_answer = ?, "
