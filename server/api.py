@@ -11,9 +11,12 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from .bots import bot_marker
 from .config import CampaignConfig
-from .errors import ApiError
+from .errors import ApiError, answer
 from .origins import origin_allowed
 from .relay import Relay
 from .validation import _UUID_RE, parse_json_body, validate_event
@@ -31,7 +34,7 @@ def relay() -> Relay:
 @bp.post("/api/event/trigger", provide_automatic_options=False)
 def trigger() -> Response:
     """Pingtree's second form: ``cid`` in the body, revenue as ``revenue``."""
-    body = parse_json_body(request.get_data(cache=False), request.content_type)
+    body = parse_json_body(_read_body(), request.content_type)
     cid = body.get("cid")
     relay().observers.emit("received", cid=cid if isinstance(cid, str) and cid in relay().config.campaigns else None)
     if cid is None or cid == "":
@@ -48,8 +51,28 @@ def event(cid: str) -> Response:
     relay().observers.emit("received", cid=cid if cid in relay().config.campaigns else None)
     campaign = relay().campaign(cid)
     trusted = _check_caller(campaign)
-    body = parse_json_body(request.get_data(cache=False), request.content_type)
+    body = parse_json_body(_read_body(), request.content_type)
     return _handle(campaign, body, revenue_key="amount", trusted=trusted)
+
+
+@bp.record
+def first_party_routes(state: BlueprintSetupState) -> None:
+    """Each campaign's ``sdk.endpoint_path``: the campaign form of the endpoint under a path of its own.
+
+    Ad blockers match well-known names (``/api/event``, ``track``, ``pingtree``); a path the
+    merchant picks is unknown to their lists. Real URL rules (added when the blueprint is
+    registered, from the app's config) rather than a catch-all: rate limits, 404 and 405 answers
+    treat them exactly like ``/api/event/{cid}``. config.py has already refused a path that
+    collides with a built-in route or with another campaign's.
+    """
+    config = state.app.extensions["relay"].config
+    for cid, campaign in config.campaigns.items():
+        path = campaign.sdk.endpoint_path
+        if path:
+            state.add_url_rule(path, f"first_party_{cid}", event, methods=["POST"], defaults={"cid": cid},
+                               provide_automatic_options=False)
+            state.add_url_rule(path, f"first_party_preflight_{cid}", preflight, methods=["OPTIONS"],
+                               defaults={"cid": cid})
 
 
 @bp.route("/api/event/<cid>", methods=["OPTIONS"])
@@ -70,6 +93,21 @@ def preflight(cid: str) -> Response:
     response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
     response.headers["Vary"] = "Origin"
     return response
+
+
+def _read_body() -> bytes:
+    """The request body, or 413 when it is larger than ``relay.max_body_bytes``.
+
+    Werkzeug refuses a too-long Content-Length itself, but a chunked upload (no Content-Length)
+    is silently cut at the limit: its first bytes could even parse as a complete JSON object.
+    A body that fills the limit exactly is therefore probed for one byte more, which raises 413.
+    """
+    data = request.get_data(cache=True)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        request.stream.read(1)  # past the limit: werkzeug raises RequestEntityTooLarge
+        raise RequestEntityTooLarge()  # the stream had ended exactly at the limit: still too large
+    return data
 
 
 def _check_caller(campaign: CampaignConfig) -> bool:
@@ -96,10 +134,16 @@ def _check_caller(campaign: CampaignConfig) -> bool:
 
 
 def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str, trusted: bool | None = None) -> Response:
-    g.cid, g.event_id = campaign.cid, body.get("event_id")
+    event_id = body.get("event_id")
+    # Only a string may become a label: a list here would break whoever reads g.event_id later.
+    g.cid, g.event_id = campaign.cid, event_id if isinstance(event_id, str) else None
     if trusted is None:
         trusted = _check_caller(campaign)
     event = validate_event(campaign, body, revenue_key=revenue_key, trusted=trusted)
+    if campaign.bot_filter and not trusted:
+        filtered = _filter_bot(campaign, event.event_id)
+        if filtered is not None:
+            return filtered
     reply = relay().accept(
         campaign, event, idempotency_key=_idempotency_key(),
         ip_address=request.remote_addr, user_agent=request.headers.get("User-Agent"),
@@ -109,6 +153,23 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
                            status=reply.status, event_uuid=reply.body["data"].get("event_uuid"))
     response = jsonify(reply.body)
     response.status_code = reply.status
+    return response
+
+
+def _filter_bot(campaign: CampaignConfig, event_id: str) -> Response | None:
+    """A 202 for a known automated client: nothing stored, nothing forwarded, the reason reported.
+
+    Checked after validation, so a robot's malformed event still gets its 4xx like anyone's.
+    Trusted server-side callers are never filtered: their User-Agent is a library's by design.
+    """
+    marker = bot_marker(request.headers.get("User-Agent"))
+    if marker is None:
+        return None
+    g.outcome = "filtered"
+    relay().observers.emit("filtered", cid=campaign.cid, event_id=event_id, reason="bot")
+    log.info("filtered %s/%s from an automated client (%s)", campaign.cid, event_id, marker)
+    response = jsonify(answer(202, "Event accepted; not forwarded (automated client)", type="filtered"))
+    response.status_code = 202
     return response
 
 
@@ -129,4 +190,6 @@ def cors(response: Response) -> Response:
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
+        # A page's SDK reads Retry-After on a 429 to back off instead of hammering.
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
     return response

@@ -30,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {config.relay.upstream_url})",
           flush=True)
     wsgi.run(lambda: create_app(load_config(args.config)), host=args.host, port=args.port,
-             workers=args.workers, threads=args.threads)
+             workers=args.workers, threads=args.threads, multiprocess_metrics=True)
     return 0
 
 
@@ -151,6 +151,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         count = store.requeue(ids=args.ids, cid=args.cid, everything=args.all)
         print(f"re-queued {count} dead letters")
     elif args.action == "purge":
+        if args.state == "pending":  # undelivered events are never deleted by an operator's typo
+            print("only delivered or dead events can be purged", file=sys.stderr)
+            return 1
         count = store.purge(state=args.state or "delivered", older_than=args.older_than_hours * 3600)
         print(f"purged {count} {args.state or 'delivered'} events")
     store.close()

@@ -32,6 +32,12 @@ COST_OPERATIONS = ("add", "substract", "override")  # sic: Pingtree's spelling
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _ORIGIN_RE = re.compile(r"^https?://(\*\.)?[A-Za-z0-9\-.]+(:\d{1,5})?$")
 _PATH_RE = re.compile(r"^/[A-Za-z0-9_\-/.]*$")
+# The relay's own routes: a campaign's first-party endpoint_path must not shadow (or be shadowed by)
+# any of them, or one campaign's config could take over another surface of the relay.
+RESERVED_PATHS: tuple[str, ...] = (
+    "/api", "/sdk", "/admin", "/healthz", "/readyz", "/metrics", "/openapi.json",
+    "/_sandbox", "/sandbox", "/demo", "/static",
+)
 
 
 class ConfigError(ValueError):
@@ -325,6 +331,24 @@ def _relay(path: str, raw: Any) -> RelayConfig:
     return RelayConfig(**values)
 
 
+def _check_endpoint_paths(campaigns: Mapping[str, CampaignConfig]) -> None:
+    """First-party endpoint paths become POST routes: each must be free, and name one campaign only."""
+    script_paths = {c.sdk.script_path for c in campaigns.values() if c.sdk.script_path}
+    seen: dict[str, str] = {}
+    for cid, campaign in campaigns.items():
+        path = campaign.sdk.endpoint_path
+        if not path:
+            continue
+        key = f"campaigns.{cid}.sdk.endpoint_path"
+        if path == "/" or any(path == r or path.startswith(r + "/") for r in RESERVED_PATHS):
+            raise ConfigError(key, "collides with a built-in route (" + ", ".join(RESERVED_PATHS) + ")")
+        if path in seen:
+            raise ConfigError(key, f"already used by campaigns.{seen[path]}")
+        if path in script_paths:
+            raise ConfigError(key, "is also a script_path; give the script and the endpoint different paths")
+        seen[path] = cid
+
+
 def _store_url(path: str, v: Any) -> str:
     if not isinstance(v, str) or not re.match(r"^(sqlite:///.+|redis://[^\s]+)$", v):
         raise ConfigError(path, 'expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
@@ -342,6 +366,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir:
     campaigns = {
         cid: _campaign(f"campaigns.{cid}", cid, raw) for cid, raw in data.get("campaigns", {}).items()
     }
+    _check_endpoint_paths(campaigns)
     return Config(relay=relay, campaigns=campaigns, source=source)
 
 

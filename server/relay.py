@@ -82,7 +82,12 @@ class Relay:
         )
         inline = self._inline_enabled and self._inline.acquire(blocking=False)
         owner = self.dispatcher.owner if inline else None
-        stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)
+        try:
+            stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)
+        except BaseException:
+            if inline:  # the store is down: don't leak the slot, or inline attempts stop for good
+                self._inline.release()
+            raise
         if not created:
             if inline:
                 self._inline.release()

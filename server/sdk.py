@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import html
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -76,9 +77,13 @@ class BuiltScript:
 
 
 def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any]:
-    """The JSON object embedded in a campaign's script (pure; the key order does not matter)."""
+    """The JSON object embedded in a campaign's script (pure; the key order does not matter).
+
+    Empty and false values are left out (the script reads a missing key as empty): every byte here
+    ships to every visitor.
+    """
     sdk = campaign.sdk
-    return {
+    values = {
         "cid": campaign.cid,
         # Empty: post to the origin the script was loaded from (document.currentScript.src).
         "base": relay.public_url,
@@ -92,22 +97,35 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "extra": [p for p in sdk.extra_params if p not in URL_PARAMS],
         "call": sdk.call_event,
         "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
+    }
+    return {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
+
+
+def script_features(campaign: CampaignConfig) -> dict[str, bool]:
+    """Which optional parts of the script this campaign needs (the rest is left out of it)."""
+    sdk = campaign.sdk
+    return {
         "consent": sdk.consent,
         "fill": sdk.fill_forms,
+        "call": bool(sdk.call_event),
+        "selectors": bool(sdk.selectors),
     }
 
 
 def render_sdk(campaign: CampaignConfig, relay: RelayConfig) -> BuiltScript:
     """The campaign's script; built once per distinct script config, then served from the cache."""
-    return _build(json.dumps(script_config(campaign, relay), sort_keys=True))
+    return _build(
+        json.dumps(script_config(campaign, relay), sort_keys=True),
+        json.dumps(script_features(campaign), sort_keys=True),
+    )
 
 
 @lru_cache(maxsize=512)
-def _build(config_json: str) -> BuiltScript:
-    # Keyed by the canonical JSON of the script config: campaign objects hold dicts (unhashable),
-    # and only what reaches the script may decide whether the script changes.
-    source = _env.get_template("sdk.js.j2").render(cfg=json.loads(config_json))
-    body = rjsmin.jsmin(source).encode("utf-8")
+def _build(config_json: str, features_json: str) -> BuiltScript:
+    # Keyed by canonical JSON: campaign objects hold dicts (unhashable), and only what reaches the
+    # script may decide whether the script changes.
+    source = _env.get_template("sdk.js.j2").render(cfg=json.loads(config_json), feature=json.loads(features_json))
+    body = shorten_names(rjsmin.jsmin(source)).encode("utf-8")
     return BuiltScript(
         body=body,
         gzip=gzip.compress(body, compresslevel=9, mtime=0),  # mtime=0: same bytes on every worker
@@ -115,6 +133,37 @@ def _build(config_json: str) -> BuiltScript:
         etag=hashlib.sha256(body).hexdigest()[:32],
         integrity="sha384-" + base64.b64encode(hashlib.sha384(body).digest()).decode("ascii"),
     )
+
+
+# Local names of sdk.js.j2 that shorten_names renames (rjsmin renames nothing; this keeps the source
+# readable and the script inside its size budget). Only plain variables and functions belong here:
+# never a name that is also used as an object key or appears in a regex literal.
+SHORT_NAMES: tuple[str, ...] = (
+    "PARAMS", "SERVER_ONLY", "PREFIX", "waiters", "timer", "fails", "debug", "script", "url", "attr",
+    "get", "put", "parse", "uuid", "cookie", "landing", "keep", "items", "lease", "forget", "payload",
+    "held", "track", "deliver", "retry", "flush", "leave", "fire", "fill", "api", "stub", "touched",
+    "got", "old", "tid", "ans", "res", "pick", "list", "fields", "amount", "why", "wait", "after",
+    "root", "closest", "consent", "today", "log", "now", "name", "set", "two",
+)
+_TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[A-Za-z_$][\w$]*|[\s\S]""")
+
+
+def shorten_names(js: str) -> str:
+    """Rename the SHORT_NAMES to one or two letters, outside string literals and property accesses."""
+    used = set(re.findall(r"[A-Za-z_$][\w$]*", js))
+    fresh = (n for n in _short_candidates() if n not in used)
+    table = {name: next(fresh) for name in SHORT_NAMES}
+    out: list[str] = []
+    for token in _TOKEN.findall(js):
+        # After "." it is a property (a.log), unless the dot ends a spread ({...attr}).
+        is_property = out[-1:] == ["."] and out[-3:] != [".", ".", "."]
+        out.append(table[token] if token in table and not is_property else token)
+    return "".join(out)
+
+
+def _short_candidates() -> list[str]:
+    letters = "ABDEFGHIJKLMNOPQRSTUVWXYZ"  # capitals: the template's own short names are lowercase
+    return list(letters) + [a + b for a in letters for b in letters]
 
 
 def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: bool = True) -> str:

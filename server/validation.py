@@ -94,6 +94,10 @@ def _string(value: Any, limit: int) -> str | None:
     text = str(value)
     if len(text) > limit or any(ord(c) < 32 and c not in "\t" for c in text):
         return None
+    try:
+        text.encode("utf-8")  # a JSON escape can smuggle in a lone surrogate: not text, not forwardable
+    except UnicodeEncodeError:
+        return None
     return text
 
 

@@ -10,10 +10,16 @@ and run each worker's ``atexit``/shutdown hooks, which drain the delivery thread
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+
+_METRICS_PREFIX = "pingtree-relay-metrics-"
 
 
 class _App(BaseApplication):  # type: ignore[misc]
@@ -43,9 +49,14 @@ def run(
     workers: int | None = None,
     threads: int = 16,
     graceful_timeout: int = 15,
+    multiprocess_metrics: bool = False,
     **extra: Any,
 ) -> None:
-    """Serve ``factory()`` until SIGTERM/SIGINT. The app is built in each worker after the fork."""
+    """Serve ``factory()`` until SIGTERM/SIGINT. The app is built in each worker after the fork.
+
+    ``multiprocess_metrics`` gives the workers one fresh prometheus-client directory for this run
+    (see :func:`metrics_dir`), so ``/metrics`` adds up every worker whichever one answers.
+    """
     options = {
         "bind": f"{host}:{port}",
         "workers": workers or default_workers(),
@@ -61,4 +72,62 @@ def run(
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
     }
     options.update(extra)
-    _App(factory, options).run()
+    if not multiprocess_metrics:
+        _App(factory, options).run()
+        return
+    with metrics_dir():
+        options.setdefault("child_exit", _child_exit)
+        _App(factory, options).run()
+
+
+@contextmanager
+def metrics_dir() -> Iterator[str]:
+    """A fresh ``PROMETHEUS_MULTIPROC_DIR`` for one serve run, removed when the master exits.
+
+    Set here, in the master, before any worker exists: prometheus-client decides at import time
+    whether values go to files, and the workers import it only after the fork. Fresh per run because
+    files left by an earlier run would be added to this run's counters.
+
+    Only the master cleans up: gunicorn forks its workers from inside this ``with`` block, so a
+    worker leaving by ``SystemExit`` unwinds through the same ``finally`` and must not delete the
+    directory its siblings still write to.
+    """
+    _remove_orphans()
+    master = os.getpid()
+    path = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
+    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield path
+    finally:
+        if os.getpid() == master:  # not a worker unwinding after the fork
+            if previous is None:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            else:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    """Delete metrics directories of masters that died without cleaning up (SIGKILL, power loss)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = path.name[len(_METRICS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """Gunicorn hook: a dead worker's live gauges must stop counting (its counters stay summed)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

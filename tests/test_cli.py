@@ -29,7 +29,8 @@ def test_demo_runs_without_config(tmp_path: Path) -> None:
     try:
         base = demo.url
         page = httpx.get(base + "/demo/")
-        assert page.status_code == 200 and "cmp_demo" in page.text
+        assert page.status_code == 200 and "demo.js" in page.text
+        assert "cmp_demo" in httpx.get(base + "/demo/config.js").text
         assert httpx.get(base + "/sdk/cmp_demo.js").status_code == 200
         assert httpx.get(base + "/sandbox/healthz").status_code == 200
         t = f"txn_{uuid.uuid4()}"

@@ -22,6 +22,11 @@ def test_wheel_contents(tmp_path: Path) -> None:
     for path in templates | static:
         assert f"server/{path}" in names, f"{path} is missing from the wheel"
     assert "server/demo.toml" in names
+    admin = {p.relative_to(ROOT).as_posix() for p in (ROOT / "server" / "admin").rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    assert "server/admin/templates/admin/base.html" in admin
+    for path in admin:
+        assert path in names, f"{path} is missing from the wheel"
     assert "server/sandbox/__init__.py" in names and "server/outbox/sqlite.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "pingtree-relay = server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -113,17 +113,28 @@ class Dispatcher:
             self._wake.wait(0.05)  # all senders busy; they wake us when one frees
             self._wake.clear()
             return 1
-        records = self.store.claim(self.owner, free, self.lease)
+        try:
+            records = self.store.claim(self.owner, free, self.lease)
+        except BaseException:
+            # Give the slots back, or one failed claim (a Redis restart) would stall delivery for good.
+            for _ in range(free):
+                self._slots.release()
+            raise
         for _ in range(free - len(records)):
             self._slots.release()
         assert self._pool is not None
+        with self._lock:  # held before any submit: whatever is not sent, stop() gives back
+            self._held.update(record.id for record in records)
         for record in records:
-            with self._lock:
-                self._held.add(record.id)
-            if self._stopping.is_set():
-                self._slots.release()
-                continue  # left in _held: stop() releases it
-            self._pool.submit(self._send, record)
+            if not self._stopping.is_set():
+                try:
+                    self._pool.submit(self._send, record)
+                    continue
+                except RuntimeError:
+                    # The interpreter is exiting: concurrent.futures' own exit hook shut the pool down
+                    # before our atexit hook (Relay.close) ran. Stop claiming; stop() releases the rest.
+                    self._stopping.set()
+            self._slots.release()
         return len(records)
 
     def _send(self, record: Record) -> None:

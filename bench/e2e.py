@@ -1,0 +1,74 @@
+"""End to end: browser-style request -> relay -> sandbox, against posting straight to the sandbox.
+
+Sequential requests (one in flight), alternating relay and direct, so both see the same machine
+state. The relay answers 200 only after its inline attempt reached the sandbox, so the difference
+of the two is exactly what the relay adds (validation, enrichment, the durable write, one hop).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from .fixed_rate import percentile
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    requests: int
+    relay_p50_ms: float
+    relay_p95_ms: float
+    direct_p50_ms: float
+    direct_p95_ms: float
+    relay_non_200: int  # answers that were not a 200 with the sandbox's answer (e.g. 202 queued)
+
+    @property
+    def added_p50_ms(self) -> float:
+        return round(self.relay_p50_ms - self.direct_p50_ms, 2)
+
+    @property
+    def added_p95_ms(self) -> float:
+        return round(self.relay_p95_ms - self.direct_p95_ms, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "added_p50_ms": self.added_p50_ms, "added_p95_ms": self.added_p95_ms}
+
+
+def _body(ident: str, *, with_uuid: bool) -> str:
+    uuid = f'"event_uuid":"u{ident}",' if with_uuid else ""
+    return (f'{{"event_id":"quote_viewed","transaction_id":"t{ident}",{uuid}'
+            f'"pid":"src_bench","sub1":"ad42","utm_source":"google"}}')
+
+
+def measure(relay_url: str, sandbox_url: str, cid: str, origin: str, requests: int = 400) -> EndToEnd:
+    """``requests`` sequential posts to each side (after 20 warm-up posts each)."""
+    prefix = secrets.token_hex(4)
+    headers = {"Content-Type": "text/plain;charset=UTF-8", "Origin": origin}
+    relay_ms: list[float] = []
+    direct_ms: list[float] = []
+    non_200 = 0
+    with httpx.Client(timeout=10) as client:
+        for i in range(-20, requests):
+            start = time.perf_counter()
+            r = client.post(f"{relay_url}/api/event/{cid}", content=_body(f"{prefix}r{i}", with_uuid=True),
+                            headers=headers)
+            relay_time = (time.perf_counter() - start) * 1000
+            start = time.perf_counter()
+            d = client.post(f"{sandbox_url}/api/event/{cid}", content=_body(f"{prefix}d{i}", with_uuid=False),
+                            headers={"Content-Type": "application/json"})
+            direct_time = (time.perf_counter() - start) * 1000
+            if i < 0:
+                continue
+            d.raise_for_status()
+            non_200 += r.status_code != 200
+            relay_ms.append(relay_time)
+            direct_ms.append(direct_time)
+    return EndToEnd(
+        requests=requests, relay_non_200=non_200,
+        relay_p50_ms=round(percentile(relay_ms, 50), 2), relay_p95_ms=round(percentile(relay_ms, 95), 2),
+        direct_p50_ms=round(percentile(direct_ms, 50), 2), direct_p95_ms=round(percentile(direct_ms, 95), 2),
+    )

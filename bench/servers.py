@@ -1,0 +1,192 @@
+"""Start and stop the processes a benchmark talks to: relay, sandbox, baseline, redis-server.
+
+Each runs in its own process group on a free loopback port, is polled until it answers, and is
+stopped with SIGTERM (then SIGKILL) so that nothing outlives the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CID = "cmp_bench"
+ORIGIN = "https://www.example.com"
+
+CAMPAIGN_TOML = f"""
+[campaigns.{CID}]
+allowed_origins = ["{ORIGIN}"]
+conversion_timezone = "EST"
+
+[campaigns.{CID}.server_fields]
+cost = 1.25
+cost_operation = "add"
+
+[campaigns.{CID}.events.quote_viewed]
+[campaigns.{CID}.events.sale_completed]
+conversion = true
+max_revenue = 5000
+"""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """One server process; ``url`` is where it listens once :meth:`start` returns."""
+
+    args: list[str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    health_path: str = "/healthz"
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Server:
+        """Spawn the process and poll ``health_path`` until it answers 200."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        argv = [arg.replace("{port}", str(self.port)) for arg in self.args]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[:4]} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self._healthy():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{argv[:4]} did not come up on {self.url}:\n{self.log_tail()}")
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + self.health_path, timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the direct children of this process (gunicorn's workers)."""
+        if self.proc is None:
+            return []
+        return children(self.proc.pid)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the process group (graceful), SIGKILL it if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        group = os.getpgid(self.proc.pid)
+        os.killpg(group, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def __enter__(self) -> Server:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc, no psutil)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a process, in MB; 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def write_config(path: Path, *, upstream: str, store: str, **relay_keys: Any) -> Path:
+    """A relay config with the bench campaign. Per-IP rate limits are off: all load comes from 127.0.0.1."""
+    lines = ["[relay]", f'upstream_url = "{upstream}"', f'store = "{store}"']
+    lines += [f"{key} = {value!r}" for key, value in relay_keys.items()]
+    lines += ["[relay.rate_limits]", 'per_ip = ""', 'per_campaign = ""']
+    path.write_text("\n".join(lines) + "\n" + CAMPAIGN_TOML)
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "server.cli", *args, "--port", "{port}"]
+
+
+def sandbox(workdir: Path) -> Server:
+    """The Pingtree sandbox (one gthread worker, 64 threads, as ``pingtree-relay sandbox`` runs it)."""
+    cfg = write_config(workdir / "sandbox.toml", upstream="http://127.0.0.1:1", store="sqlite:///unused")
+    return Server(cli("sandbox", "--config", str(cfg)), workdir / "sandbox.log")
+
+
+def relay(workdir: Path, upstream: str, store: str, name: str = "relay", **relay_keys: Any) -> Server:
+    """``pingtree-relay serve`` with its defaults (workers by CPU count, 16 threads) and ``relay_keys``."""
+    cfg = write_config(workdir / f"{name}.toml", upstream=upstream, store=store, **relay_keys)
+    return Server(cli("serve", "--config", str(cfg)), workdir / f"{name}.log")
+
+
+def baseline(workdir: Path) -> Server:
+    """The bare Flask endpoint of :mod:`bench.baseline` under the same gunicorn settings as ``serve``."""
+    return Server([sys.executable, "-m", "bench.baseline", "--port", "{port}"], workdir / "baseline.log")
+
+
+def demo(workdir: Path) -> Server:
+    """``pingtree-relay demo`` (relay + sandbox + demo pages on one port); its SQLite store goes in ``workdir``."""
+    return Server(cli("demo"), workdir / "demo.log", env={"TMPDIR": str(workdir)})
+
+
+def redis_server(workdir: Path) -> Server:
+    """A throwaway redis-server (AOF ``everysec``, as server/outbox/redis.py recommends), no RDB snapshots."""
+    data = workdir / "redis"
+    data.mkdir(exist_ok=True)
+    server = Server(["redis-server", "--port", "{port}", "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data)],
+                    workdir / "redis.log", health_path="")
+    server._healthy = lambda: _redis_ping(server.port)  # type: ignore[method-assign]
+    return server
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False

@@ -1,0 +1,66 @@
+"""Outbox records as the dashboard shows them. Pure functions of plain data, no Flask.
+
+The same row feeds the HTML table and the JSON the feed polls, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..logs import mask_ip
+from ..outbox import Record
+
+DISPLAY_STATES = ("queued", "delivering", "retrying", "delivered", "dead")
+# Store states to ask for, per display state (the store filters on its own states only).
+STORE_STATE = {"queued": "pending", "delivering": "pending", "retrying": "pending",
+               "delivered": "delivered", "dead": "dead"}
+
+
+def upstream_message(record: Record) -> str:
+    """Pingtree's message for the last attempt, or the transport error / reason we kept."""
+    answer = record.last_answer or {}
+    message = answer.get("message") if isinstance(answer, dict) else None
+    if isinstance(message, str) and message:
+        return message
+    return record.last_error or ""
+
+
+def feed_row(record: Record, now: float | None = None) -> dict[str, Any]:
+    """One line of the live feed."""
+    now = time.time() if now is None else now
+    return {
+        "id": record.id,
+        "received_at": record.received_at,
+        "received": time.strftime("%H:%M:%S", time.localtime(record.received_at)),
+        "age": age(now - record.received_at),
+        "cid": record.cid,
+        "event_id": record.event_id,
+        "transaction_id": record.transaction_id,
+        "state": record.display_state(now),
+        "attempts": record.attempts,
+        "status": record.last_status,
+        "message": upstream_message(record),
+        "latency_ms": round(record.latency_ms) if record.latency_ms is not None else None,
+    }
+
+
+def masked_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The forwarded body with the visitor's address cut to its network; everything else as sent."""
+    shown = dict(payload)
+    if isinstance(shown.get("ip_address"), str):
+        shown["ip_address"] = mask_ip(shown["ip_address"])
+    return shown
+
+
+def age(seconds: float) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d``: how long ago, at a glance."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def matches_state(record: Record, wanted: str | None, now: float) -> bool:
+    return not wanted or record.display_state(now) == wanted

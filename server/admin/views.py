@@ -1,0 +1,153 @@
+"""The dashboard's pages. Thin: they read the store and the config, and hand plain rows to templates."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from flask import Response, flash, jsonify, redirect, render_template, request, session, url_for
+
+from ..errors import ApiError
+from ..validation import validate_event
+from . import bp, log_in, relay, token_matches
+from .chart import build_chart
+from .present import DISPLAY_STATES, STORE_STATE, feed_row, masked_payload, matches_state
+
+FEED_LIMIT = 100
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    """The token form. A wrong token answers 401 with the form again, and nothing else."""
+    target = _safe_next(request.values.get("next", ""))
+    if request.method == "POST":
+        if token_matches(request.form.get("token", "")):
+            log_in()
+            return redirect(target)
+        return render_template("admin/login.html", error="That token is not right.", next=target), 401
+    return render_template("admin/login.html", error=None, next=target)
+
+
+def _safe_next(target: str) -> str:
+    # Only back into the dashboard: "next" must never send a logged-in operator to another site.
+    if target.startswith("/admin/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("admin.overview")
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    session.clear()
+    return redirect(url_for("admin.login"))
+
+
+@bp.get("/")
+def overview() -> str:
+    """Queue at a glance and the last hour, per minute, by outcome."""
+    store = relay().store
+    now = time.time()
+    chart = build_chart(store.timeline(now - 3600), now)
+    recent = [feed_row(r, now) for r in store.list(limit=10)]
+    return render_template("admin/overview.html", stats=store.stats(), chart=chart, recent=recent,
+                           page="overview")
+
+
+@bp.get("/campaigns")
+def campaigns() -> str:
+    """Every campaign: its tag, events, origins and a test-event form."""
+    config = relay().config
+    base = config.relay.public_url or request.host_url.rstrip("/")
+    items = [{"campaign": c, "snippet": _snippet(c.cid, base)} for c in config.campaigns.values()]
+    return render_template("admin/campaigns.html", items=items, page="campaigns",
+                           suggested_txn=f"test-{secrets.token_hex(4)}")
+
+
+def _snippet(cid: str, base: str) -> dict[str, Any]:
+    """The embed tag with SRI when the SDK module can build it, else the plain tag and why."""
+    try:
+        from ..sdk import snippet_tag
+
+        return {"html": snippet_tag(relay().config, cid, base), "sri": True, "note": ""}
+    except Exception as exc:  # the SDK is optional (and its templates may be missing in a dev tree)
+        path = relay().config.campaigns[cid].sdk.script_path or f"/sdk/{cid}.js"
+        return {"html": f'<script async src="{base}{path}"></script>', "sri": False,
+                "note": f"No SRI hash: the SDK could not be built here ({type(exc).__name__})."}
+
+
+@bp.post("/campaigns/<cid>/test")
+def send_test_event(cid: str) -> Response:
+    """A test event through the real accept path: validated, stored, forwarded upstream."""
+    rel = relay()
+    rel.observers.emit("received", cid=cid if cid in rel.config.campaigns else None)
+    campaign = rel.campaign(cid)
+    body: dict[str, Any] = {"event_id": request.form.get("event_id", ""),
+                            "transaction_id": request.form.get("transaction_id", "").strip()}
+    for name in ("amount", "pid"):
+        if request.form.get(name, "").strip():
+            body[name] = request.form[name].strip()
+    try:
+        event = validate_event(campaign, body, revenue_key="amount", trusted=False)
+    except ApiError as exc:
+        rel.observers.emit("rejected", cid=cid, event_id=None, reason=exc.reason, status=exc.status)
+        flash(f"Not sent: {exc.status} {exc.message}", "error")
+        return redirect(url_for("admin.campaigns") + f"#{cid}")
+    reply = rel.accept(campaign, event, idempotency_key=None, ip_address=None,
+                       user_agent="pingtree-relay dashboard (test event)")
+    rel.observers.emit("accepted", cid=cid, event_id=event.event_id, outcome=reply.outcome,
+                       status=reply.status, event_uuid=reply.body["data"].get("event_uuid"))
+    flash(f"Test event {event.event_id} for {event.transaction_id}: {reply.outcome} "
+          f"({reply.status} {reply.body.get('message', '')})", "ok" if reply.status < 400 else "error")
+    return redirect(url_for("admin.feed", transaction_id=event.transaction_id))
+
+
+def _feed_filters() -> dict[str, str]:
+    return {key: request.args.get(key, "").strip() for key in ("cid", "event_id", "state", "transaction_id")}
+
+
+def _feed_rows(filters: dict[str, str]) -> list[dict[str, Any]]:
+    wanted = filters["state"] if filters["state"] in DISPLAY_STATES else ""
+    records = relay().store.list(
+        state=STORE_STATE.get(wanted), cid=filters["cid"] or None, event_id=filters["event_id"] or None,
+        transaction_id=filters["transaction_id"] or None,
+        limit=FEED_LIMIT * (3 if wanted in ("queued", "delivering", "retrying") else 1),
+    )
+    now = time.time()
+    return [feed_row(r, now) for r in records if matches_state(r, wanted, now)][:FEED_LIMIT]
+
+
+@bp.get("/feed")
+def feed() -> str:
+    """The latest events, filterable; the table refreshes itself from ``feed.json``."""
+    filters = _feed_filters()
+    config = relay().config
+    events = sorted({e for c in config.campaigns.values() for e in c.events})
+    return render_template("admin/feed.html", rows=_feed_rows(filters), filters=filters, page="feed",
+                           campaigns=list(config.campaigns), events=events, states=DISPLAY_STATES)
+
+
+@bp.get("/feed.json")
+def feed_json() -> Response:
+    """The feed as JSON (same filters as the page), for the page's refresh and for scripts."""
+    return jsonify({"events": _feed_rows(_feed_filters()), "stats": relay().store.stats().to_dict()})
+
+
+@bp.get("/dead")
+def dead() -> str:
+    """Dead letters: why each died, and the body it would send (IP cut to its network)."""
+    rows = [{**feed_row(r), "reason": r.last_error or "", "payload": masked_payload(r.payload)}
+            for r in relay().store.list(state="dead", limit=200)]
+    return render_template("admin/dead.html", rows=rows, page="dead")
+
+
+@bp.post("/dead/requeue")
+def requeue() -> Response:
+    """Re-queue one dead letter (``id``) or all of them (``all``); delivery starts at once."""
+    store = relay().store
+    if request.form.get("all"):
+        count = store.requeue(everything=True)
+    else:
+        count = store.requeue(ids=[i for i in request.form.getlist("id") if i])
+    relay().dispatcher.wake()
+    flash(f"Re-queued {count} dead letter{'s' if count != 1 else ''}.", "ok")
+    return redirect(url_for("admin.dead"))

@@ -1,0 +1,118 @@
+"""Request ids and structured logs: one JSON line per event decision.
+
+Every request gets an id (a sane incoming ``X-Request-Id`` is kept, so a proxy's id follows the
+request through; anything else is replaced) and answers with it in ``X-Request-Id``. The observer
+bus (:mod:`server.observe`) tells us each decision (accepted, rejected, filtered, delivery); each
+becomes one line on stderr, e.g.::
+
+    {"ts": "2024-05-01T12:00:00.123Z", "level": "info", "event": "accepted", "request_id": "...",
+     "cid": "cmp_1", "event_id": "sale", "outcome": "delivered", "status": 200, "client": "203.0.113.0/24"}
+
+What is never logged: bodies (payloads carry personal data), user agents, and full IP addresses
+(only the /24 of an IPv4 address or the /48 of an IPv6 one: enough to spot a noisy network, not
+enough to identify a visitor). Background deliveries run outside any request: their lines carry
+``event_uuid`` (also on the ``accepted`` line) instead of a request id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import logging
+import re
+import sys
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, has_request_context, request
+
+DECISION_LOGGER = "pingtree_relay.decisions"
+# Letters, digits and a few separators, bounded: the id is echoed in a header and written to logs,
+# so a hostile client must not be able to inject newlines, JSON or kilobytes through it.
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{8,128}$")
+_DECISIONS = ("accepted", "rejected", "filtered", "delivery")
+# Only these observer fields reach a log line: anything else an emitter adds later stays out until
+# someone decides it is safe to log.
+_FIELDS = ("cid", "event_id", "outcome", "state", "reason", "status", "event_uuid", "latency_ms", "attempts",
+           "inline")
+
+
+def mask_ip(address: str | None) -> str | None:
+    """The network, not the host: ``203.0.113.77`` -> ``203.0.113.0/24``, IPv6 -> its /48."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return "invalid"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def request_id() -> str | None:
+    """This request's id, or None outside a request."""
+    return g.get("request_id") if has_request_context() else None
+
+
+class JsonFormatter(logging.Formatter):
+    """A record -> one JSON object per line; ``record.fields`` (a dict) is merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, separators=(",", ":"))
+
+
+def decision_logger() -> logging.Logger:
+    """The JSON decision logger, with exactly one stderr handler however many apps a process builds."""
+    logger = logging.getLogger(DECISION_LOGGER)
+    if not any(getattr(h, "_pingtree_json", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler._pingtree_json = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not twice through a root handler someone else configured
+    return logger
+
+
+def log_decision(kind: str, fields: dict[str, Any]) -> None:
+    """Observer: one line per decision; the bus swallows anything this raises."""
+    if kind not in _DECISIONS:
+        return
+    line: dict[str, Any] = {"request_id": request_id()}
+    line.update({key: fields[key] for key in _FIELDS if fields.get(key) is not None})
+    if has_request_context():
+        line["client"] = mask_ip(request.remote_addr)
+    level = logging.WARNING if kind == "rejected" or fields.get("state") == "dead" else logging.INFO
+    decision_logger().log(level, kind, extra={"fields": line})
+
+
+def _assign_request_id() -> None:
+    incoming = request.headers.get("X-Request-Id", "")
+    g.request_id = incoming if _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def _echo_request_id(response: Response) -> Response:
+    if "request_id" not in g:  # an earlier before_request hook answered before ours ran
+        _assign_request_id()
+    response.headers["X-Request-Id"] = g.request_id
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Request ids on every request, JSON decision lines from the observer bus."""
+    app.before_request(_assign_request_id)
+    app.after_request(_echo_request_id)
+    decision_logger()
+    app.extensions["relay"].observers.add(log_decision)

@@ -1,0 +1,161 @@
+"""``GET /metrics``: Prometheus text format, fed by the observer bus.
+
+Under gunicorn each worker is its own process with its own counters. When
+``PROMETHEUS_MULTIPROC_DIR`` is set (``pingtree-relay serve`` sets it, see :mod:`server.wsgi`)
+prometheus-client keeps every value in a per-process file there and a scrape, whichever worker
+answers it, adds them all up. Without it (tests, the one-process demo) the app keeps its own
+registry. Queue depth and the oldest pending age are not counted at all: they are read from the
+shared store at scrape time, so every worker reports the same truth.
+
+Label values come only from the configuration (campaign ids, event ids) or from short reason
+labels written in the code, never from request input: a client posting random event ids must not
+be able to grow the number of time series.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .config import Config
+from .relay import Relay
+
+UNKNOWN = "unknown"
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_REASON = re.compile(r"^[a-z0-9_]{1,40}$")
+
+
+class Metrics:
+    """The relay's counters and histogram, and the observer that moves them."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None) -> None:
+        self.config = config
+        ce = ["cid", "event_id"]
+        self.received = Counter("pingtree_relay_events_received", "Event requests received, by campaign",
+                                ["cid"], registry=registry)
+        self.accepted = Counter("pingtree_relay_events_accepted", "Events accepted, by outcome of the answer",
+                                [*ce, "outcome"], registry=registry)
+        self.rejected = Counter("pingtree_relay_events_rejected", "Event requests refused, by reason",
+                                [*ce, "reason"], registry=registry)
+        self.filtered = Counter("pingtree_relay_events_filtered", "Events accepted but not forwarded (bots)",
+                                [*ce, "reason"], registry=registry)
+        self.delivered = Counter("pingtree_relay_events_delivered", "Events Pingtree accepted",
+                                 ce, registry=registry)
+        self.dead = Counter("pingtree_relay_events_dead", "Events given up on (dead letters)",
+                            ce, registry=registry)
+        self.retries = Counter("pingtree_relay_delivery_retries", "Delivery attempts that will be retried",
+                               ce, registry=registry)
+        self.latency = Histogram("pingtree_relay_upstream_latency_seconds", "Time Pingtree took to answer",
+                                 ["state"], buckets=LATENCY_BUCKETS, registry=registry)
+        self._zeroes()
+
+    def _zeroes(self) -> None:
+        # Every configured (campaign, event) shows up at 0 from the start: a rate() over a series
+        # that appears only with its first event misses that first event.
+        for cid, campaign in self.config.campaigns.items():
+            self.received.labels(cid)
+            for event_id in campaign.events:
+                self.delivered.labels(cid, event_id)
+                self.dead.labels(cid, event_id)
+
+    def labels(self, fields: dict[str, Any]) -> tuple[str, str]:
+        """(cid, event_id) as label values: configured ones, else ``unknown``."""
+        campaign = self.config.campaigns.get(fields.get("cid") or "")
+        if campaign is None:
+            return UNKNOWN, UNKNOWN
+        event_id = fields.get("event_id")
+        known = isinstance(event_id, str) and event_id in campaign.events
+        return campaign.cid, event_id if known else UNKNOWN
+
+    def observe(self, kind: str, fields: dict[str, Any]) -> None:
+        """Observer for :class:`server.observe.Observers`."""
+        cid, event_id = self.labels(fields)
+        if kind == "received":
+            self.received.labels(cid).inc()
+        elif kind == "accepted":
+            self.accepted.labels(cid, event_id, _label(fields.get("outcome"))).inc()
+        elif kind == "rejected":
+            self.rejected.labels(cid, event_id, _label(fields.get("reason"))).inc()
+        elif kind == "filtered":
+            self.filtered.labels(cid, event_id, _label(fields.get("reason"))).inc()
+        elif kind == "delivery":
+            self._delivery(cid, event_id, fields)
+
+    def _delivery(self, cid: str, event_id: str, fields: dict[str, Any]) -> None:
+        state = fields.get("state")
+        {"delivered": self.delivered, "dead": self.dead, "retry": self.retries}.get(
+            state, self.retries).labels(cid, event_id).inc()
+        latency_ms = fields.get("latency_ms")
+        if fields.get("status") is not None and isinstance(latency_ms, (int, float)):
+            # Only attempts Pingtree answered: a connection refused in 1 ms is not a latency.
+            self.latency.labels(_label(state)).observe(latency_ms / 1000.0)
+
+
+def _label(value: Any) -> str:
+    """Reason and outcome labels are code-defined; anything odd is folded into ``other``."""
+    return value if isinstance(value, str) and _REASON.match(value) else "other"
+
+
+class QueueCollector(Collector):
+    """Gauges read from the shared store at scrape time."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self.relay.store.stats()
+        depth = GaugeMetricFamily("pingtree_relay_queue_depth", "Events waiting for delivery (pending)")
+        depth.add_metric([], stats.counts.get("pending", 0))
+        yield depth
+        age = GaugeMetricFamily("pingtree_relay_queue_oldest_pending_age_seconds",
+                                "Age of the oldest event waiting for delivery; 0 when none")
+        age.add_metric([], stats.oldest_pending_age)
+        yield age
+        stored = GaugeMetricFamily("pingtree_relay_outbox_events", "Events in the outbox by state",
+                                   labels=["state"])
+        for state, count in sorted(stats.counts.items()):
+            stored.add_metric([state], count)
+        yield stored
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when this process runs under ``serve`` (several workers)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
+def init_app(app: Flask) -> None:
+    """Count decisions from the observer bus and serve ``GET /metrics``."""
+    relay: Relay = app.extensions["relay"]
+    # The *_created series double the output and no dashboard of ours reads them.
+    disable_created_metrics()
+    shared = multiprocess_dir() is not None
+    # Multiprocess: values live in files and the scrape builds a fresh registry. Single process:
+    # one registry per app, so two apps in one process (tests) never collide on metric names.
+    own = None if shared else CollectorRegistry()
+    metrics = Metrics(relay.config, own)
+    relay.observers.add(metrics.observe)
+    app.extensions["metrics"] = metrics
+    queue = QueueCollector(relay)
+    if own is not None:
+        own.register(queue)
+
+    def scrape() -> Response:
+        registry = own
+        if registry is None:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(queue)
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST,
+                        headers={"Cache-Control": "no-store"})
+
+    app.add_url_rule("/metrics", "metrics", scrape, methods=["GET"])

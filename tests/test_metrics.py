@@ -1,0 +1,143 @@
+"""``/metrics``: exact counts after known traffic, across gunicorn workers, and bounded labels."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import create_app
+from server.config import parse_config
+from server.forwarder import Forwarder
+from server.relay import Relay as CoreRelay
+from tests.conftest import RelayFactory, Sandbox
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(text: str) -> Samples:
+    """Every sample of a Prometheus text page, keyed by (name, labels)."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def expected_counts(samples: Samples) -> dict[str, float]:
+    """The figures the traffic in test_counts_after_known_traffic must produce."""
+    ev = {"cid": "cmp_test", "event_id": "quote_viewed"}
+    return {
+        "received": value(samples, "pingtree_relay_events_received_total", cid="cmp_test"),
+        "delivered_answers": value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="delivered"),
+        "dead_answers": value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="dead"),
+        "bad_event": value(samples, "pingtree_relay_events_rejected_total", cid="cmp_test", event_id="unknown",
+                           reason="invalid_event_id"),
+        "bad_origin": value(samples, "pingtree_relay_events_rejected_total", cid="cmp_test", event_id="unknown",
+                            reason="origin"),
+        "delivered": value(samples, "pingtree_relay_events_delivered_total", **ev),
+        "dead": value(samples, "pingtree_relay_events_dead_total", **ev),
+        "latency_delivered": value(samples, "pingtree_relay_upstream_latency_seconds_count", state="delivered"),
+        "latency_dead": value(samples, "pingtree_relay_upstream_latency_seconds_count", state="dead"),
+        "queue_depth": value(samples, "pingtree_relay_queue_depth"),
+        "outbox_delivered": value(samples, "pingtree_relay_outbox_events", state="delivered"),
+        "outbox_dead": value(samples, "pingtree_relay_outbox_events", state="dead"),
+    }
+
+
+@pytest.mark.slow
+def test_counts_after_known_traffic(relay_factory: RelayFactory, sandbox: Sandbox) -> None:
+    """3 delivered, 2 refused (two reasons), 1 dead; every scrape, whichever worker answers, agrees."""
+    orphan = Path(tempfile.gettempdir(), "pingtree-relay-metrics-999999999-left-by-a-kill")
+    orphan.mkdir(exist_ok=True)
+    relay = relay_factory(workers=2)
+    assert relay.proc is not None
+    assert not orphan.exists(), "serve must remove the metrics dirs of dead masters"
+    [own_dir] = Path(tempfile.gettempdir()).glob(f"pingtree-relay-metrics-{relay.proc.pid}-*")
+    for _ in range(3):
+        r = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex})
+        assert r.status_code == 200, r.text
+    assert relay.post({"event_id": "no_such_event", "transaction_id": "t-1"}).status_code == 400
+    assert relay.post({"event_id": "quote_viewed", "transaction_id": "t-2"},
+                      origin="https://evil.example.net").status_code == 403
+    sandbox.fault(status=400, message="Campaign is paused", count=1)
+    r = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex})
+    assert r.status_code == 400 and r.json()["message"] == "Campaign is paused", r.text
+
+    want = {"received": 6, "delivered_answers": 3, "dead_answers": 1, "bad_event": 1, "bad_origin": 1,
+            "delivered": 3, "dead": 1, "latency_delivered": 3, "latency_dead": 1, "queue_depth": 0,
+            "outbox_delivered": 3, "outbox_dead": 1}
+    # A fresh connection per scrape, so the two workers take turns answering.
+    pages = [httpx.get(relay.url + "/metrics", headers={"Connection": "close"}, timeout=5) for _ in range(6)]
+    for page in pages:
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/plain")
+        assert expected_counts(scrape(page.text)) == want, page.text
+    assert relay.stop() == 0
+    assert not own_dir.exists(), "a clean stop removes this run's metrics dir"
+
+
+@pytest.fixture
+def make_app(tmp_path: Path) -> Iterator[Callable[[str, list[int]], Any]]:
+    """In-process apps whose upstream answers with ``answers`` in turn (then 200); closed after."""
+    apps: list[Any] = []
+
+    def make(name: str, answers: list[int]) -> Any:
+        config = parse_config({
+            "relay": {"upstream_url": "http://pingtree.invalid", "store": f"sqlite:///{tmp_path / name}.sqlite3"},
+            "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"],
+                                    "events": {"view": {}, "sale": {"conversion": True}}}},
+        })
+
+        def upstream(request: httpx.Request) -> httpx.Response:
+            status = answers.pop(0) if answers else 200
+            return httpx.Response(status, json={"status": status, "message": "OK" if status == 200 else "No"})
+
+        forwarder = Forwarder(config.relay.upstream_url, transport=httpx.MockTransport(upstream))
+        app = create_app(config, relay=CoreRelay(config, forwarder=forwarder), start_delivery=False)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["relay"].close()
+
+
+def test_labels_come_from_configuration_only(make_app: Callable[[str, list[int]], Any]) -> None:
+    """Garbage campaign and event ids are folded into ``unknown``: input never makes a series."""
+    client = make_app("a", []).test_client()
+    origin = {"Origin": "https://shop.example.com"}
+    for i in range(5):
+        client.post(f"/api/event/cmp_random_{i}", json={"event_id": "view", "transaction_id": "t"}, headers=origin)
+        client.post("/api/event/cmp_a", json={"event_id": f"ev_{i}", "transaction_id": "t"}, headers=origin)
+    text = client.get("/metrics").text
+    assert "cmp_random" not in text and "ev_0" not in text
+    samples = scrape(text)
+    assert value(samples, "pingtree_relay_events_received_total", cid="unknown") == 5
+    assert value(samples, "pingtree_relay_events_rejected_total", cid="unknown", event_id="unknown",
+                 reason="unknown_campaign") == 5
+    assert value(samples, "pingtree_relay_events_rejected_total", cid="cmp_a", event_id="unknown",
+                 reason="invalid_event_id") == 5
+
+
+def test_single_process_registry_per_app(make_app: Callable[[str, list[int]], Any]) -> None:
+    """Without a multiprocess dir each app has its own registry: two apps in one process coexist."""
+    first, second = make_app("a", [503] * 100), make_app("b", [])
+    origin = {"Origin": "https://shop.example.com"}
+    assert first.test_client().post("/api/event/cmp_a", json={"event_id": "view", "transaction_id": "t"},
+                                    headers=origin).status_code == 202
+    samples = scrape(first.test_client().get("/metrics").text)
+    assert value(samples, "pingtree_relay_delivery_retries_total", cid="cmp_a", event_id="view") == 1
+    assert value(samples, "pingtree_relay_queue_depth") == 1
+    assert value(samples, "pingtree_relay_queue_oldest_pending_age_seconds") > 0
+    assert value(scrape(second.test_client().get("/metrics").text), "pingtree_relay_queue_depth") == 0

@@ -1,0 +1,281 @@
+"""The SDK script: its config, rendering, escaping, size, and how the blueprint serves it.
+
+The blueprint runs on a bare Flask app here (``server.sdk.bp`` plus a stand-in for
+``app.extensions["relay"]``), so these tests need nothing of the relay itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from server import sdk
+from server.config import Config, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTILE = "</script><script>alert(1)</script>\"'\u2028\u2029`${x}`<!--"
+
+
+def make_config(sdk_table: dict | None = None, **relay: str) -> Config:
+    return parse_config({
+        "relay": {"upstream_url": "http://127.0.0.1:1", **relay},
+        "campaigns": {
+            "cmp_a": {
+                "events": {"quote_viewed": {}, "call_clicked": {}, "sale": {"conversion": True}},
+                "sdk": sdk_table or {},
+            },
+        },
+    })
+
+
+def demo_config() -> Config:
+    return load_config(ROOT / "server" / "demo.toml")
+
+
+def client_for(config: Config) -> FlaskClient:
+    app = Flask(__name__)
+    app.extensions["relay"] = types.SimpleNamespace(config=config)
+    app.register_blueprint(sdk.bp)
+    return app.test_client()
+
+
+def embedded_config(js: str) -> dict:
+    """The one JSON object the script carries."""
+    match = re.search(r"var C=(\{.*?\});var ", js)
+    assert match, js[:300]
+    return json.loads(match.group(1))
+
+
+# --- the pure part ---------------------------------------------------------------------------------
+
+def test_script_config_of_the_demo_campaign() -> None:
+    config = demo_config()
+    cfg = sdk.script_config(config.campaigns["cmp_demo"], config.relay)
+    assert cfg == {
+        "cid": "cmp_demo", "path": "/api/event/cmp_demo", "cookie": "pt_attr", "days": 30,
+        "ptCookie": "pt_transaction_id", "generate": True, "call": "call_clicked",
+    }
+
+
+def test_script_config_carries_every_sdk_setting() -> None:
+    config = make_config(
+        {"cookie_name": "attr", "cookie_days": 7, "cookie_domain": ".example.com", "attribution": "last",
+         "pingtree_cookie": "ptid", "generate_transaction_id": False, "extra_params": ["gclid", "pid"],
+         "selectors": {".buy": "sale"}, "endpoint_path": "/t/e"},
+        public_url="https://relay.example.com",
+    )
+    cfg = sdk.script_config(config.campaigns["cmp_a"], config.relay)
+    assert cfg == {
+        "cid": "cmp_a", "base": "https://relay.example.com", "path": "/t/e", "cookie": "attr", "days": 7,
+        "domain": ".example.com", "last": True, "ptCookie": "ptid", "extra": ["gclid"],
+        "selectors": [[".buy", "sale"]],
+    }
+
+
+def test_server_only_fields_are_never_attribution_params() -> None:
+    from server.config import SERVER_ONLY_FIELDS
+
+    assert not SERVER_ONLY_FIELDS & set(sdk.URL_PARAMS)
+
+
+@pytest.mark.parametrize(("table", "present", "absent"), [
+    ({}, ["data-pt-event", "input[type=hidden]"], ["tcpa_consent", "tel:", "bad selector"]),
+    ({"call_event": "call_clicked"}, ["tel:"], ["tcpa_consent"]),
+    ({"consent": True}, ["tcpa_consent", "'consent'"], ["tel:"]),
+    ({"selectors": {".buy": "sale"}}, ["bad selector"], ["tel:"]),
+    ({"fill_forms": False}, ["data-pt-event"], ["input[type=hidden]"]),
+])
+def test_unused_features_are_left_out(table: dict, present: list[str], absent: list[str]) -> None:
+    config = make_config(table)
+    js = sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode()
+    for text in present:
+        assert text in js
+    for text in absent:
+        assert text not in js
+
+
+def test_rendering_is_cached_per_script_config() -> None:
+    config = demo_config()
+    campaign = config.campaigns["cmp_demo"]
+    first = sdk.render_sdk(campaign, config.relay)
+    # A config object rebuilt with the same SDK-relevant values reuses the build...
+    same = replace(campaign, conversion_timezone="PST", server_fields={"cost": 9})
+    assert sdk.render_sdk(same, config.relay) is first
+    # ...and a change that reaches the script makes a new one.
+    other = replace(campaign, sdk=replace(campaign.sdk, cookie_days=9))
+    assert sdk.render_sdk(other, config.relay).etag != first.etag
+
+
+def test_script_is_minified_and_csp_clean() -> None:
+    config = demo_config()
+    js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay).body.decode()
+    assert "//" not in js.replace("://", "") and "/*" not in js
+    assert len(js.splitlines()) < 40
+    for forbidden in ("eval(", "new Function", "innerHTML", "setAttribute('style", ".style.", "document.write"):
+        assert forbidden not in js
+
+
+def test_hostile_config_values_cannot_break_out() -> None:
+    # cookie_domain is a free string in the config: the most hostile value a campaign can carry.
+    config = make_config({"cookie_domain": HOSTILE})
+    js = sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode()
+    assert "</script" not in js.lower() and "<!--" not in js
+    assert "\u2028" not in js and "\u2029" not in js
+    assert embedded_config(js)["domain"] == HOSTILE
+
+
+def test_hostile_values_through_the_renderer_directly() -> None:
+    # Hand-built config objects (bypassing config validation): every string field at once.
+    config = make_config()
+    campaign = config.campaigns["cmp_a"]
+    hostile_sdk = replace(campaign.sdk, cookie_domain=HOSTILE, cookie_name="a'b", pingtree_cookie='x"y',
+                          call_event=HOSTILE, selectors={HOSTILE: HOSTILE}, extra_params=(HOSTILE,))
+    relay = replace(config.relay, public_url="https://x.example/</script>")
+    js = sdk.render_sdk(replace(campaign, cid="c</script>", sdk=hostile_sdk), relay).body.decode()
+    assert "</script" not in js.lower()
+    cfg = embedded_config(js)
+    assert cfg["call"] == HOSTILE and cfg["selectors"] == [[HOSTILE, HOSTILE]] and cfg["cid"] == "c</script>"
+    _node_check(js)
+
+
+@pytest.mark.parametrize("table", [{}, {"consent": True, "selectors": {"a.b, #c": "sale"}, "call_event": "call_clicked",
+                                        "attribution": "last", "extra_params": ["gclid"]}])
+def test_script_parses(table: dict) -> None:
+    config = make_config(table)
+    _node_check(sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode())
+
+
+def _node_check(js: str) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (the browser tests run the script anyway)")
+    result = subprocess.run([node, "--check", "-"], input=js, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_shorten_names_leaves_strings_and_properties_alone() -> None:
+    js = "var attr={};attr.attr='attr';var s=\"attr\\\"attr\";log(attr,a.log,'x\\'log',{...attr});"
+    out = sdk.shorten_names(js)
+    assert "'attr'" in out and '"attr\\"attr"' in out and "a.log" in out and "'x\\'log'" in out
+    assert "{...attr}" not in out
+    assert not re.search(r"(?<![.'\"\w])attr(?![\w'\"])", out.replace("'attr'", "").replace('"attr\\"attr"', ""))
+
+
+def test_demo_sdk_size_budget() -> None:
+    config = demo_config()
+    built = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay)
+    print(f"\ndemo SDK: {len(built.body)} bytes minified, {len(built.gzip)} gzipped, {len(built.br)} brotli")
+    assert len(built.gzip) <= 2500
+    assert gzip.decompress(built.gzip) == built.body
+
+
+# --- serving ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/sdk/cmp_demo.js", "/sdk/cmp_demo/pingtree.js"])
+def test_serves_the_script(path: str) -> None:
+    config = demo_config()
+    r = client_for(config).get(path, headers={"Accept-Encoding": "identity"})
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert r.headers["Cache-Control"] == "public, max-age=300"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert r.headers["Vary"] == "Accept-Encoding"
+    assert "Content-Encoding" not in r.headers
+    assert r.data == sdk.render_sdk(config.campaigns["cmp_demo"], config.relay).body
+    etag = r.headers["ETag"]
+    assert etag.startswith('"') and not etag.startswith("W/")
+
+
+@pytest.mark.parametrize(("accept", "encoding"), [
+    ("gzip, deflate", "gzip"), ("gzip, deflate, br", "br"), ("br;q=0, gzip", "gzip"), ("identity", None),
+])
+def test_compressed_when_accepted(accept: str, encoding: str | None) -> None:
+    import brotli
+
+    r = client_for(demo_config()).get("/sdk/cmp_demo.js", headers={"Accept-Encoding": accept})
+    assert r.headers.get("Content-Encoding") == encoding
+    body = {"gzip": gzip.decompress, "br": brotli.decompress, None: lambda b: b}[encoding](r.data)
+    assert body.startswith(b"((w,d,nav)=>{")
+    assert int(r.headers["Content-Length"]) == len(r.data)
+
+
+def test_etag_gives_304() -> None:
+    client = client_for(demo_config())
+    first = client.get("/sdk/cmp_demo.js", headers={"Accept-Encoding": "gzip"})
+    again = client.get("/sdk/cmp_demo.js", headers={"If-None-Match": first.headers["ETag"], "Accept-Encoding": "gzip"})
+    assert again.status_code == 304 and again.data == b""
+    assert again.headers["ETag"] == first.headers["ETag"]
+    assert again.headers["Cache-Control"] == "public, max-age=300"
+    # The gzip ETag still names the current version for a client that now wants plain bytes.
+    plain = client.get("/sdk/cmp_demo.js", headers={"If-None-Match": first.headers["ETag"]})
+    assert plain.status_code == 304
+    stale = client.get("/sdk/cmp_demo.js", headers={"If-None-Match": '"0123"'})
+    assert stale.status_code == 200
+
+
+def test_unknown_campaign_is_a_404_javascript_comment() -> None:
+    r = client_for(demo_config()).get("/sdk/cmp_nope.js")
+    assert r.status_code == 404
+    assert r.headers["Content-Type"].startswith("application/javascript")
+    assert r.data.startswith(b"/*") and r.data.rstrip().endswith(b"*/")
+
+
+def test_first_party_script_path() -> None:
+    config = make_config({"script_path": "/p/lib.js"})
+    client = client_for(config)
+    r = client.get("/p/lib.js")
+    assert r.status_code == 200 and r.data == sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body
+    assert client.head("/p/lib.js").status_code == 200
+    assert client.post("/p/lib.js").status_code in (404, 405)
+    assert client.get("/p/other.js").status_code == 404
+
+
+# --- the snippet -------------------------------------------------------------------------------------
+
+def test_snippet_has_stub_and_matching_sri() -> None:
+    config = demo_config()
+    html = sdk.snippet_tag(config, "cmp_demo", "https://relay.example.com/")
+    stub, tag = html.splitlines()
+    assert stub == f"<script>{sdk.STUB}</script>"
+    body = client_for(config).get("/sdk/cmp_demo.js").data
+    digest = base64.b64encode(hashlib.sha384(body).digest()).decode()
+    assert tag == (f'<script async src="https://relay.example.com/sdk/cmp_demo.js" integrity="sha384-{digest}" '
+                   'crossorigin="anonymous"></script>')
+    assert sdk.snippet_tag(config, "cmp_demo", "https://r.example", stub=False) == tag.replace(
+        "https://relay.example.com", "https://r.example")
+
+
+def test_snippet_uses_script_path_and_public_url() -> None:
+    config = make_config({"script_path": "/p/lib.js"}, public_url="https://relay.example.com")
+    assert 'src="https://relay.example.com/p/lib.js"' in sdk.snippet_tag(config, "cmp_a")
+    with pytest.raises(KeyError):
+        sdk.snippet_tag(config, "cmp_missing")
+    with pytest.raises(ValueError):
+        sdk.snippet_tag(make_config(), "cmp_a")
+
+
+def test_stub_is_valid_javascript() -> None:
+    _node_check(sdk.STUB)
+
+
+@pytest.mark.parametrize("table", [{}, {"consent": True, "selectors": {".x": "sale"}, "call_event": "call_clicked"}])
+def test_every_short_name_is_renamed(table: dict) -> None:
+    # A name left in full would be an undefined variable at run time ({...attr} once was).
+    config = make_config(table)
+    tokens = sdk._TOKEN.findall(sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode())
+    for i, token in enumerate(tokens):
+        if token in sdk.SHORT_NAMES:
+            assert tokens[i - 1] == "." and tokens[i - 3:i] != [".", ".", "."], (token, "".join(tokens[i - 20:i + 5]))
