@@ -143,7 +143,7 @@ SHORT_NAMES: tuple[str, ...] = (
     "get", "put", "parse", "uuid", "cookie", "landing", "keep", "items", "lease", "forget", "payload",
     "held", "track", "deliver", "retry", "flush", "leave", "fire", "fill", "api", "stub", "touched",
     "got", "old", "tid", "ans", "res", "pick", "list", "fields", "amount", "why", "wait", "after",
-    "root", "closest", "consent", "today", "log", "now", "name", "set", "two",
+    "root", "closest", "consent", "today", "log", "now", "name", "set", "two", "fly", "later", "ms", "cmd",
 )
 _TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[A-Za-z_$][\w$]*|[\s\S]""")
 
