@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from typing import Any
 
 from .config import TIMEZONES, CampaignConfig
@@ -14,9 +14,8 @@ def conversion_date(received_at: float, timezone: str) -> str:
 
     The zones are fixed offsets (EST is always UTC-5), so no tz database and no daylight saving.
     """
-    offset = dt.timedelta(hours=TIMEZONES[timezone])
-    moment = dt.datetime.fromtimestamp(received_at, dt.UTC) + offset
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
+    # time.gmtime + strftime: a third of datetime's cost, on every accepted event.
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(received_at + TIMEZONES[timezone] * 3600))
 
 
 def forward_body(

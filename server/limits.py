@@ -37,6 +37,9 @@ def init_app(app: Flask) -> None:
     from . import api
 
     settings = _relay(app).config.relay
+    limits = settings.rate_limits
+    if not limits.per_ip and not limits.per_campaign:
+        return  # both off: no limiter at all, not one that checks every request for nothing
     store = settings.store
     limiter = Limiter(
         key_func=client_ip,
@@ -46,7 +49,6 @@ def init_app(app: Flask) -> None:
         headers_enabled=False,  # Retry-After goes on the 429 only, never on a success
         swallow_errors=True,  # a Redis hiccup must not cost an event: unlimited beats lost
     )
-    limits = settings.rate_limits
     if limits.per_ip:
         # Shared: both API forms and every first-party path draw from one bucket per client.
         limiter.shared_limit(limits.per_ip, scope="per_ip", key_func=client_ip, methods=["POST"])(api.bp)

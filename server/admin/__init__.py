@@ -116,7 +116,20 @@ def template_globals() -> dict[str, Any]:
 
 
 class _SessionInterface(SecureCookieSessionInterface):
-    """Flask's signed cookie, marked ``Secure`` whenever the request came over https."""
+    """Flask's signed cookie, marked ``Secure`` whenever the request came over https.
+
+    Only the dashboard has a session (its cookie is scoped to ``/admin``): every other request,
+    the event endpoint above all, skips building a signing serializer it would never use.
+    """
+
+    def open_session(self, app: Flask, request: Any) -> Any:
+        if not request.path.startswith("/admin"):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
+
+    def save_session(self, app: Flask, session: Any, response: Any) -> None:
+        if session.__class__ is not self.null_session_class:
+            super().save_session(app, session, response)
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(super().get_cookie_secure(app) or (request and request.is_secure))
