@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -53,11 +52,8 @@ def sweep(url: str, seconds: float) -> list[dict[str, Any]]:
 
 
 def fixed_rate(url: str, rate: float, seconds: float) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "bench.fixed_rate", "--url", url + PATH, "--origin", servers.ORIGIN,
-            "--rate", str(rate), "--seconds", str(seconds)]
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    line = next(ln for ln in out.splitlines() if ln.startswith("FIXED_RATE_JSON "))
-    return dict(json.loads(line.split(" ", 1)[1]))
+    result = load.run_paced(url, PATH, rate=rate, seconds=seconds, origin=servers.ORIGIN)
+    return {"rate": rate, **result.to_dict()}
 
 
 def worker_rss(server: servers.Server) -> list[float]:
@@ -148,7 +144,8 @@ def settings(seconds: float, events: int, limit: float) -> list[str]:
         f"load: wrk, 2 threads (1 at concurrency 1), keep-alive, {seconds:g} s per point after a 2 s warm-up; "
         "each request a unique quote_viewed event (text/plain, allowed Origin), bench/lua/post_event.lua.",
         "300 ms upstream: sandbox fault `{\"delay_ms\": 300, \"when\": \"before\"}` on every event; fresh relay and store.",
-        "fixed rate: bench/fixed_rate.py (asyncio + httpx in its own process; Debian has no wrk2).",
+        "fixed rate: wrk paced by post_event.lua's delay() (50 connections, each pausing 100 ms after every answer: "
+        "about 500 ev/s offered; Debian has no wrk2).",
         f"drain: {events:,} events filled through `Store.add`, then a fresh relay (defaults) and sandbox; "
         f"clock from relay start to the sandbox counting them all, capped at {limit:g} s. "
         "Redis: redis-server with appendonly yes, appendfsync everysec.",

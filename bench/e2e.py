@@ -14,7 +14,14 @@ from typing import Any
 
 import httpx
 
-from .fixed_rate import percentile
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of ``values`` (``q`` in 0..100); 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
 
 
 @dataclass(frozen=True)

@@ -132,9 +132,10 @@ def _accept_section(accept: dict[str, Any] | None) -> list[str]:
     if fixed and "error" in fixed:
         out += [f"Fixed rate 500 ev/s: n/a ({fixed['error']})", ""]
     elif fixed:
-        out += [f"Fixed rate ({fixed['rate']:.0f} ev/s for {fixed['sent'] / fixed['rate']:.0f} s, open loop, latency from "
-                f"the scheduled send time; at most 10 s late): answered {fixed['achieved_rps']} ev/s, p50 {fixed['p50_ms']} ms, "
-                f"p95 {fixed['p95_ms']} ms, p99 {fixed['p99_ms']} ms, max {fixed['max_ms']} ms, errors {fixed['errors']}.", ""]
+        out += [f"Fixed rate (about {fixed['rate']:.0f} ev/s offered for {fixed['seconds']:.0f} s by "
+                f"{fixed['concurrency']} paced connections): achieved {fixed['rps']:,.0f} ev/s, p50 {fixed['p50_ms']:.2f} ms, "
+                f"p95 {fixed['p95_ms']:.2f} ms, p99 {fixed['p99_ms']:.2f} ms, max {fixed['max_ms']:.1f} ms, "
+                f"errors {fixed['errors']}.", ""]
     return out
 
 

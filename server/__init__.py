@@ -90,8 +90,13 @@ def _register_optional(app: Flask, name: str) -> None:
         init(app)
 
 
+def _event_request() -> bool:
+    """An event endpoint: /api/event/... or a campaign's first-party endpoint_path."""
+    return request.blueprint == "events" or request.path.startswith("/api/event")
+
+
 def _api_error(exc: ApiError) -> Response:
-    if request.path.startswith("/api/event"):
+    if _event_request():
         _relay().observers.emit("rejected", cid=_cid(), event_id=_event_id(), reason=exc.reason, status=exc.status)
     response = jsonify(exc.body())
     response.status_code = exc.status
@@ -118,7 +123,7 @@ def _event_id() -> str | None:
 
 def _http_error(exc: HTTPException) -> Response:
     code = exc.code or 500
-    if request.path.startswith("/api/event") and code >= 400:
+    if _event_request() and code >= 400:
         _relay().observers.emit("rejected", cid=_cid(), event_id=None,
                                 reason={413: "body_too_large", 405: "method", 404: "not_found"}.get(code, str(code)),
                                 status=code)

@@ -203,6 +203,17 @@ def _identifier(path: str, v: Any) -> str:
     return v
 
 
+_DOMAIN_RE = re.compile(r"^\.?(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
+
+
+def _cookie_domain(path: str, v: Any) -> str:
+    """A host name like example.com (or .example.com): it is written into document.cookie, so
+    nothing that could add cookie attributes (';', '=', spaces) may pass."""
+    if not isinstance(v, str) or (v and not _DOMAIN_RE.match(v)):
+        raise ConfigError(path, "expected a domain like example.com (lower case, no scheme, no port)")
+    return v
+
+
 def _origin(path: str, v: Any) -> str:
     if not isinstance(v, str) or not _ORIGIN_RE.match(v):
         raise ConfigError(path, "expected an origin like https://www.example.com or https://*.example.com")
@@ -268,7 +279,7 @@ def _event(path: str, name: str, raw: Any) -> EventConfig:
 def _sdk(path: str, raw: Any) -> SdkConfig:
     values = _fields(path, raw, {
         "cookie_name": _identifier, "cookie_days": lambda p, v: _int(p, v),
-        "cookie_domain": _str, "attribution": _choice("first", "last"),
+        "cookie_domain": _cookie_domain, "attribution": _choice("first", "last"),
         "pingtree_cookie": _identifier, "generate_transaction_id": _bool,
         "extra_params": _str_list(_identifier), "call_event": _str,
         "selectors": lambda p, v: {k: _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()},
@@ -280,6 +291,8 @@ def _sdk(path: str, raw: Any) -> SdkConfig:
 
 def _campaign(path: str, cid: str, raw: Any) -> CampaignConfig:
     _identifier(path, cid)
+    if cid == "trigger":  # POST /api/event/trigger is Pingtree's cid-in-the-body form
+        raise ConfigError(path, "'trigger' is reserved by POST /api/event/trigger; choose another campaign id")
     values = _fields(path, raw, {
         "allowed_origins": _str_list(_origin), "conversion_timezone": _timezone,
         "server_fields": _scalar_map, "events": _table,
@@ -308,6 +321,12 @@ def _check_campaign(path: str, c: CampaignConfig) -> None:
     for selector, event in c.sdk.selectors.items():
         if event not in c.events:
             raise ConfigError(f"{path}.sdk.selectors.{selector}", f"no event named {event!r} in this campaign")
+    from .validation import ATTRIBUTION_FIELDS  # here: validation imports this module
+
+    for name in c.sdk.extra_params:
+        # The SDK would capture it and send it with every event, and the relay would refuse them all.
+        if name not in ATTRIBUTION_FIELDS and name not in c.extra_fields:
+            raise ConfigError(f"{path}.sdk.extra_params", f"{name!r} must also be listed in extra_fields")
 
 
 def _relay(path: str, raw: Any) -> RelayConfig:
@@ -328,7 +347,12 @@ def _relay(path: str, raw: Any) -> RelayConfig:
     })
     if "upstream_url" not in values:
         raise ConfigError(f"{path}.upstream_url", "required")
-    return RelayConfig(**values)
+    relay = RelayConfig(**values)
+    if relay.lease_seconds <= relay.upstream_timeout:
+        # A lease that ends while its attempt can still be running would let a second worker send
+        # the same event at the same time.
+        raise ConfigError(f"{path}.lease_seconds", f"must be longer than upstream_timeout ({relay.upstream_timeout} s)")
+    return relay
 
 
 def _check_endpoint_paths(campaigns: Mapping[str, CampaignConfig]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flask import Blueprint, Response, current_app, jsonify
 
 bp = Blueprint("health", __name__)
@@ -23,8 +25,19 @@ def readyz() -> Response:
     body = {
         "status": "ok" if store_ok else "unavailable",
         "store": "ok" if store_ok else "unreachable",
+        "upstream": _upstream(relay.forwarder.last),
         "queue": stats.to_dict() if stats else None,
     }
     response = jsonify(body)
     response.status_code = 200 if store_ok else 503
     return response
+
+
+def _upstream(last: tuple[float, bool, str] | None) -> dict[str, object]:
+    """What this process's latest attempt upstream said; "failing" still means events are queued."""
+    if last is None:
+        return {"state": "unknown", "detail": "no attempt yet from this worker"}
+    at, answered, detail = last
+    return {"state": "ok" if answered else "failing", "detail": detail,
+            "age_seconds": round(max(0.0, time.time() - at), 1),
+            **({} if answered else {"note": "events are queued and retried"})}

@@ -9,6 +9,7 @@ only to the requests that were going to get a conversion_id back anyway, never t
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -23,6 +24,8 @@ from .observe import Observers
 from .outbox import Record, Store, open_store
 from .outbox.dispatcher import Dispatcher
 from .validation import Event
+
+log = logging.getLogger("pingtree_relay.relay")
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,16 @@ class Relay:
         owner = self.dispatcher.owner if inline else None
         try:
             stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)
-        except BaseException:
-            if inline:  # the store is down: don't leak the slot, or inline attempts stop for good
+        except BaseException as exc:
+            if inline:  # don't leak the slot, or inline attempts stop for good
                 self._inline.release()
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            # The store is down (Redis unreachable, disk full): the event is not ours yet, so say
+            # "try again" (the SDK keeps it and retries after Retry-After) rather than 500.
+            log.exception("could not store event %s", record.id)
+            raise ApiError(503, "Temporarily unable to accept events; retry later",
+                           headers={"Retry-After": "5"}, reason="store_unavailable") from exc
         if not created:
             if inline:
                 self._inline.release()

@@ -67,6 +67,12 @@ def test_the_issue_example_is_valid(tmp_path: Path) -> None:
     (('upstream_url = "https://api.pingtree.com"', 'upstream_url = "ftp://x"'), "relay.upstream_url: expected an http(s) URL"),
     (("[campaigns.cmp_demo]", "[campaigns.cmp_demo]\nsecret = 5"), "campaigns.cmp_demo.secret: expected a string"),
     (("[relay]", "[relay]\ninline_timeout = -1"), "relay.inline_timeout: expected a number >= 0"),
+    (("[relay]", "[relay]\nlease_seconds = 5"), "relay.lease_seconds: must be longer than upstream_timeout"),
+    (("[campaigns.cmp_demo]", '[campaigns.cmp_demo.sdk]\nextra_params = ["gclid"]\n[campaigns.cmp_demo]'),
+     "campaigns.cmp_demo.sdk.extra_params: 'gclid' must also be listed in extra_fields"),
+    (("[campaigns.cmp_demo]", "[campaigns.trigger]"), "campaigns.trigger: 'trigger' is reserved"),
+    (("[campaigns.cmp_demo]", '[campaigns.cmp_demo.sdk]\ncookie_domain = "x.com;Secure"\n[campaigns.cmp_demo]'),
+     "campaigns.cmp_demo.sdk.cookie_domain: expected a domain"),
 ])
 def test_check_config_names_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     old, new = change

@@ -91,7 +91,7 @@ def post_many(relays: list[Relay], bodies: Iterable[dict[str, Any]], *, threads:
 
 def test_outage_then_sigkill_then_restart_delivers_everything_once(
         relay_factory: RelayFactory, sandbox: Sandbox) -> None:
-    relay = relay_factory(inline_timeout=0.5, lease_seconds=2)
+    relay = relay_factory(inline_timeout=0.5, upstream_timeout=1.5, lease_seconds=2)
     sandbox.fault(status=500)  # Pingtree down until cleared
     txns = new_txns(40, "outage")
     windows: dict[str, tuple[float, float]] = {}
@@ -160,7 +160,8 @@ def test_a_processed_but_unanswered_event_is_counted_once(
 @pytest.mark.redis
 def test_two_relays_on_one_redis_survive_losing_one(
         relay_factory: RelayFactory, sandbox: Sandbox, redis_url: str) -> None:
-    keys = {"store": redis_url, "inline_concurrency": 0, "delivery_concurrency": 4, "lease_seconds": 1}
+    keys = {"store": redis_url, "inline_concurrency": 0, "delivery_concurrency": 4, "lease_seconds": 1,
+            "upstream_timeout": 0.8}
     a, b = relay_factory(**keys), relay_factory(**keys)
     sandbox.fault(delay_ms=100)  # every delivery takes a while: some are in flight at the kill
     killed = threading.Event()

@@ -22,7 +22,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from server import sdk
-from server.config import Config, load_config, parse_config
+from server.config import Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = "</script><script>alert(1)</script>\"'\u2028\u2029`${x}`<!--"
@@ -34,6 +34,7 @@ def make_config(sdk_table: dict | None = None, **relay: str) -> Config:
         "campaigns": {
             "cmp_a": {
                 "events": {"quote_viewed": {}, "call_clicked": {}, "sale": {"conversion": True}},
+                "extra_fields": ["gclid"],
                 "sdk": sdk_table or {},
             },
         },
@@ -128,9 +129,13 @@ def test_script_is_minified_and_csp_clean() -> None:
 
 
 def test_hostile_config_values_cannot_break_out() -> None:
-    # cookie_domain is a free string in the config: the most hostile value a campaign can carry.
-    config = make_config({"cookie_domain": HOSTILE})
-    js = sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode()
+    # The config refuses such a cookie_domain; were one to get through, the script still holds.
+    with pytest.raises(ConfigError):
+        make_config({"cookie_domain": HOSTILE})
+    config = make_config()
+    campaign = config.campaigns["cmp_a"]
+    campaign = replace(campaign, sdk=replace(campaign.sdk, cookie_domain=HOSTILE))
+    js = sdk.render_sdk(campaign, config.relay).body.decode()
     assert "</script" not in js.lower() and "<!--" not in js
     assert "\u2028" not in js and "\u2029" not in js
     assert embedded_config(js)["domain"] == HOSTILE

@@ -416,13 +416,19 @@ def test_internal_errors_are_generic(tmp_path: Path) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("disk on fire at /var/lib/secret/path")
 
-    relay.store.add = broken
-    response = app.test_client().post("/api/event/c1", json={"event_id": "view", "transaction_id": "t-1"},
-                                      headers={"Origin": ORIGIN, "User-Agent": BROWSER})
+    post = lambda: app.test_client().post(  # noqa: E731
+        "/api/event/c1", json={"event_id": "view", "transaction_id": f"t-{uuid.uuid4()}"},
+        headers={"Origin": ORIGIN, "User-Agent": BROWSER})
+    relay.forwarder.send = broken  # a bug past the store: a generic 500
+    response = post()
     assert response.status_code == 500
     assert response.get_json() == {"status": 500, "type": "error", "message": "Internal error", "data": {},
                                    "missingFields": {}, "invalidFields": {}}
     assert "secret" not in response.get_data(as_text=True) and response.headers["X-Content-Type-Options"] == "nosniff"
+    relay.store.add = broken  # the store itself failing: "retry later", still without internals
+    response = post()
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert "secret" not in response.get_data(as_text=True)
     relay.close()
 
 

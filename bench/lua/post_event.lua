@@ -3,6 +3,8 @@
 -- and event_uuid so that nothing is collapsed or replayed.
 --   wrk -s post_event.lua URL -- RUN_PREFIX PATH ORIGIN
 -- done() prints one line "WRK_JSON {...}" with throughput inputs and latency percentiles (us).
+-- A 4th argument PAUSE_MS paces each connection: after each answer it waits PAUSE_MS before the
+-- next request, so C connections offer about C * 1000 / PAUSE_MS requests per second.
 
 local next_thread = 0
 
@@ -18,6 +20,11 @@ function init(args)
   prefix = (args[1] or "run") .. "x" .. tostring(tid)
   path = args[2] or "/api/event/cmp_bench"
   headers = { ["Content-Type"] = "text/plain;charset=UTF-8", ["Origin"] = args[3] or "https://www.example.com" }
+  local pause = tonumber(args[4] or "")
+  if pause and pause > 0 then
+    -- Defined here, not at the top: wrk looks for delay() after init() and paces only if it exists.
+    delay = function() return pause end
+  end
 end
 
 function request()

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser.conftest import Funnel, sdk_campaigns
+from tests.browser.conftest import Funnel, _toml, sdk_campaigns
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.browser
@@ -206,13 +206,16 @@ def test_csp_page_has_no_violations(funnel: Funnel, sandbox: Any, page: Any, con
 
 def test_hostile_config_value_does_not_inject(relay_factory: Any, pages: str, pages_port: int, sandbox: Any,
                                               page: Any, console: list[str]) -> None:
+    # A CSS selector is the one free-text campaign value that reaches the script (check-config
+    # refuses such a cookie_domain); the selector is invalid CSS too, which the SDK must survive.
     hostile = "</script><script>window.__pwned=1</script>\"'\u2028<!--"
-    funnel = Funnel(pages, relay_factory(sdk_campaigns(pages_port, cookie_domain=hostile)))
+    campaigns = sdk_campaigns(pages_port) + f'[campaigns.cmp_test.sdk.selectors]\n{_toml(hostile)} = "quote_viewed"\n'
+    funnel = Funnel(pages, relay_factory(campaigns))
     t = tid()
     page.goto(funnel.url("csp.html", transaction_id=t))
     page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
     page.click("#csp-button")
-    arrived(sandbox, "quote_viewed", t)  # the cookie is refused (bad domain); localStorage carries on
+    arrived(sandbox, "quote_viewed", t)
     assert page.evaluate("() => window.__pwned") is None
     assert not [line for line in console if "pageerror" in line]
 
