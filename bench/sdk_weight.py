@@ -48,6 +48,7 @@ def all_features_config() -> Config:
         "relay": {"upstream_url": "http://127.0.0.1:1", "public_url": "https://track.example.com"},
         "campaigns": {"cmp_full": {
             "allowed_origins": ["https://www.example.com"],
+            "extra_fields": ["gclid", "fbclid"],
             "events": {"quote_viewed": {}, "call_clicked": {"allow_duplicates": True},
                        "sale_completed": {"conversion": True}},
             "sdk": {"cookie_domain": "example.com", "attribution": "last", "extra_params": ["gclid", "fbclid"],
