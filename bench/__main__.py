@@ -134,7 +134,7 @@ def targets(results: dict[str, Any]) -> list[report.Target]:
 def settings(seconds: float, events: int, limit: float) -> list[str]:
     d = RelayConfig(upstream_url="http://x")
     return [
-        "relay: `pingtree-relay serve` defaults: gunicorn gthread, workers = max(2, min(4, nproc)), 16 threads; "
+        "relay: `pingtree-relay serve` defaults: gunicorn gthread, workers = max(2, min(8, 2 x nproc)), 8 threads; "
         f"inline_concurrency={d.inline_concurrency}, inline_timeout={d.inline_timeout} s, "
         f"delivery_concurrency={d.delivery_concurrency}, upstream_timeout={d.upstream_timeout} s; "
         "SQLite store in WAL mode, synchronous=NORMAL, on the local disk; upstream = the sandbox "

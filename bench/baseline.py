@@ -1,7 +1,7 @@
 """The baseline: a Flask endpoint that only parses the JSON body and answers 204.
 
 Served through :func:`server.wsgi.run` with the same defaults as ``pingtree-relay serve`` (gthread,
-workers by CPU count, 16 threads), so relay/baseline isolates what the relay itself costs:
+workers by CPU count, 8 threads), so relay/baseline isolates what the relay itself costs:
 validation, enrichment, the durable write and the inline attempt.
 """
 

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=None, help="default: 2-4 by CPU count")
-    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--threads", type=int, default=8)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="relay + sandbox + demo pages, no config needed")

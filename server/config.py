@@ -115,8 +115,8 @@ class RelayConfig:
     lease_seconds: float = 30.0
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 300.0
-    delivery_concurrency: int = 16
-    inline_concurrency: int = 8
+    delivery_concurrency: int = 8  # per worker process; 2 per core by default: 32 in flight on 2 cores
+    inline_concurrency: int = 4  # per worker: half its threads at most wait on a slow Pingtree
     trusted_proxy_hops: int = 0
     max_body_bytes: int = 16384
     admin_token: str = ""
