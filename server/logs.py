@@ -102,7 +102,7 @@ def decision_logger() -> logging.Logger:
         for old in [h for h in logger.handlers if getattr(h, "_pingtree_json", False)]:
             logger.removeHandler(old)  # a handler inherited through fork feeds a listener that did not
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        writer = logging.StreamHandler(sys.stderr)
+        writer = _StderrHandler()
         writer.setFormatter(JsonFormatter())
         listener = logging.handlers.QueueListener(records, writer)
         listener.start()
@@ -112,6 +112,22 @@ def decision_logger() -> logging.Logger:
         logger.addHandler(handler)
         _listener = (os.getpid(), listener)
     return logger
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is written, like logging's last resort: the
+    writer thread outlives whoever swapped stderr meanwhile (a test's capture, a daemon's redirect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 class _QueueHandler(logging.handlers.QueueHandler):

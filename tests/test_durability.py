@@ -78,7 +78,7 @@ def post_many(relays: list[Relay], bodies: Iterable[dict[str, Any]], *, threads:
         try:
             status: int | None = relays[i % len(relays)].post(body).status_code
         except httpx.TransportError:
-            status = None  # that relay is dead: the event was never accepted
+            status = None  # that relay died: no answer (the event may or may not have been stored)
         if after_each is not None:
             after_each(i)
         return body, status
@@ -183,15 +183,20 @@ def test_two_relays_on_one_redis_survive_losing_one(
     store = open_store(redis_url)
     wait_for(lambda: drained(store, len(accepted)), timeout=30, message="relay B to finish A's work")
 
-    assert events_by_txn(sandbox) == Counter({t: 1 for t in accepted})
+    # A post whose answer died with A may have been stored before the kill: it is then delivered
+    # too (the relay had accepted it; only the answer was lost), and once, like the others.
+    lost_answers = {body["transaction_id"] for body in refused}
+    events = events_by_txn(sandbox)
+    assert all(events[t] == 1 for t in accepted), {t: events[t] for t in accepted if events[t] != 1}
+    assert set(events) <= set(accepted) | lost_answers and max(events.values()) == 1, events
     records = {r.transaction_id: r for r in store.list(limit=1000)}
-    assert sorted(records) == sorted(accepted)
+    assert set(accepted) <= set(records) <= set(accepted) | lost_answers
     assert {r.state for r in records.values()} == {"delivered"}  # a double claim would end dead
     requests = requests_by_txn(sandbox)
-    resent = [t for t in accepted if requests[t] > 1 and not records[t].uncertain]
+    resent = [t for t in records if requests[t] > 1 and not records[t].uncertain]
     assert not resent, f"sent twice without a lost attempt: {resent[:5]}"
     # Only what A had in flight when it died may be uncertain: 2 workers x 4 senders.
-    uncertain = [t for t in accepted if records[t].uncertain]
+    uncertain = [t for t in records if records[t].uncertain]
     assert len(uncertain) <= 8, f"{len(uncertain)} uncertain records: leases were not respected"
     store.close()
 
