@@ -157,6 +157,8 @@ def _event_post(summary: str, operation_id: str, params: list[dict[str, Any]], r
             "429": _json("Rate limit per client IP or per campaign", ANSWER, RETRY_AFTER),
             "4XX": _json("Another rejection passed through from Pingtree", ANSWER),
             "500": _json("Internal error (never a stack trace)", ANSWER),
+            "503": _json("The store is unreachable: nothing was accepted, retry after Retry-After", ANSWER,
+                         RETRY_AFTER),
             "5XX": _json("Pingtree's permanent failure passed through", ANSWER),
         },
     }
@@ -241,6 +243,13 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "status": {"type": "string", "enum": ["ok", "unavailable"]},
                 "store": {"type": "string", "enum": ["ok", "unreachable"]},
+                "upstream": {
+                    "type": "object", "required": ["state", "detail"],
+                    "description": "This worker's latest attempt upstream; failing still means ready (it queues)",
+                    "properties": {"state": {"type": "string", "enum": ["ok", "failing", "unknown"]},
+                                   "detail": {"type": "string"}, "age_seconds": {"type": "number"},
+                                   "note": {"type": "string"}},
+                },
                 "queue": {"type": "object", "nullable": True},
             },
         },
