@@ -118,9 +118,6 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is when a line is written, like logging's last resort: the
     writer thread outlives whoever swapped stderr meanwhile (a test's capture, a daemon's redirect)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
     def stream(self) -> Any:
         return sys.stderr

@@ -32,11 +32,23 @@ def config(tmp_path: Path) -> Any:
     })
 
 
+_relays: list[Relay] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_relays() -> Any:
+    """Stop each test's delivery threads: retries must not outlive (and log after) their test."""
+    yield
+    while _relays:
+        _relays.pop().close()
+
+
 def app_with(tmp_path: Path, status: int, *, store: Any = None) -> Flask:
     cfg = config(tmp_path)
     answer = {"status": status, "type": "success" if status < 400 else "error", "message": "m", "data": {}}
     transport = httpx.MockTransport(lambda request: httpx.Response(status, json=answer))
     relay = Relay(cfg, store=store, forwarder=Forwarder(cfg.relay.upstream_url, transport=transport))
+    _relays.append(relay)
     return create_app(cfg, relay=relay, start_delivery=False)
 
 

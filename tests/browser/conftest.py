@@ -94,6 +94,9 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
+SDK_LOADED = "() => window.pingtree && window.pingtree.loaded"
+
+
 class Funnel:
     """URLs of the demo pages for one relay, and small page helpers."""
 
@@ -104,6 +107,11 @@ class Funnel:
     def url(self, page: str, **params: str) -> str:
         query = {"relay": self.relay.url, "cid": "cmp_test", "pt_debug": "1", **params}
         return f"{self.pages}/{page}?{urlencode(query)}"
+
+    def open(self, page: Any, name: str, **params: str) -> None:
+        """Load demo page ``name`` in ``page`` and wait until the SDK has started."""
+        page.goto(self.url(name, **params))
+        page.wait_for_function(SDK_LOADED)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser.conftest import Funnel, _toml, sdk_campaigns
+from tests.browser.conftest import SDK_LOADED, Funnel, _toml, sdk_campaigns
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.browser
@@ -49,13 +49,12 @@ def funnel(relay_factory: Any, pages: str, pages_port: int) -> Funnel:
 def test_attribution_survives_navigation_and_arrives_enriched(funnel: Funnel, sandbox: Any, page: Any,
                                                             console: list[str]) -> None:
     t = tid()
-    page.goto(funnel.url("index.html", transaction_id=t, **ATTRIBUTION))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "index.html", transaction_id=t, **ATTRIBUTION)
     # A link that navigates at once: the event must still arrive (keepalive / beacon).
     page.click("#get-quote")
     page.wait_for_url("**/form.html")
     # The second page has no parameters: attribution comes from the cookie / localStorage.
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    page.wait_for_function(SDK_LOADED)
     page.click("#next-1")  # form_step: not an event of cmp_test, the relay refuses it (and that is fine)
     page.click("#next-2")
     page.click("#call-link")
@@ -85,8 +84,7 @@ def test_conversion_resolves_with_conversion_id(funnel: Funnel, sandbox: Any, pa
 
 def test_data_pt_revenue_and_js_api_promise(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
     t = tid()
-    page.goto(funnel.url("csp.html", transaction_id=t))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "csp.html", transaction_id=t)
     # data-pt-revenue on an element added by the page after load (delegation sees it).
     page.evaluate("""() => { const b = document.createElement('button'); b.id = 'buy';
         b.dataset.ptEvent = 'sale_completed'; b.dataset.ptRevenue = '19.99'; document.body.append(b); }""")
@@ -119,8 +117,7 @@ def test_calls_before_load_are_queued_by_the_stub(funnel: Funnel, sandbox: Any, 
 def test_relay_down_then_back_each_event_arrives_once(funnel: Funnel, sandbox: Any, page: Any,
                                                       console: list[str]) -> None:
     t = tid()
-    page.goto(funnel.url("csp.html", transaction_id=t))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "csp.html", transaction_id=t)
     funnel.relay.stop()
     page.click("#csp-button")
     page.evaluate("() => { pingtree('event', 'call_clicked'); pingtree('event', 'call_clicked'); }")
@@ -134,7 +131,7 @@ def test_relay_down_then_back_each_event_arrives_once(funnel: Funnel, sandbox: A
     arrived(sandbox, "call_clicked", t, count=2)
     wait_for(lambda: page.evaluate(QUEUED) == 0, message="the queue drained")
     page.reload()
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    page.wait_for_function(SDK_LOADED)
     assert page.evaluate(QUEUED) == 0
     assert len(events(sandbox, "quote_viewed", t)) == 1
     assert len(events(sandbox, "call_clicked", t)) == 2
@@ -143,8 +140,7 @@ def test_relay_down_then_back_each_event_arrives_once(funnel: Funnel, sandbox: A
 def test_two_tabs_do_not_send_the_same_event_twice(funnel: Funnel, sandbox: Any, context: Any, page: Any,
                                                    console: list[str]) -> None:
     t = tid()
-    page.goto(funnel.url("csp.html", transaction_id=t))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "csp.html", transaction_id=t)
     funnel.relay.stop()
     page.click("#csp-button")
     wait_for(lambda: page.evaluate(QUEUED) == 1, message="the event queued")
@@ -162,8 +158,7 @@ def test_consent_gates_events(relay_factory: Any, pages: str, pages_port: int, s
                               console: list[str]) -> None:
     funnel = Funnel(pages, relay_factory(sdk_campaigns(pages_port, consent=True)))
     t = tid()
-    page.goto(funnel.url("csp.html", transaction_id=t))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "csp.html", transaction_id=t)
     page.click("#csp-button")
     wait_for(lambda: page.evaluate(QUEUED) == 1, message="the event held in the queue")
     assert any("no consent" in line for line in console)
@@ -178,10 +173,8 @@ def test_consent_gates_events(relay_factory: Any, pages: str, pages_port: int, s
 
 def test_hidden_fields_are_filled(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
     t = tid()
-    page.goto(funnel.url("index.html", transaction_id=t, pid="src_demo", sub1="ad42", utm_source="google"))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
-    page.goto(funnel.url("form.html"))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "index.html", transaction_id=t, pid="src_demo", sub1="ad42", utm_source="google")
+    funnel.open(page, "form.html")
     values = {name: page.input_value(f"input[name={name}]") for name in ("transaction_id", "pid", "sub1", "utm_source")}
     assert values == {"transaction_id": t, "pid": "src_demo", "sub1": "ad42", "utm_source": "google"}
     assert page.input_value("input[name=utm_campaign]") == ""  # nothing to fill it with
@@ -196,8 +189,7 @@ def test_csp_page_has_no_violations(funnel: Funnel, sandbox: Any, page: Any, con
     page.add_init_script("""window.__csp = [];
         document.addEventListener('securitypolicyviolation', e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));""")
     t = tid()
-    page.goto(funnel.url("csp.html", transaction_id=t))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "csp.html", transaction_id=t)
     page.click("#csp-button")
     arrived(sandbox, "quote_viewed", t)
     assert page.evaluate("() => window.__csp") == []
@@ -212,8 +204,7 @@ def test_hostile_config_value_does_not_inject(relay_factory: Any, pages: str, pa
     campaigns = sdk_campaigns(pages_port) + f'[campaigns.cmp_test.sdk.selectors]\n{_toml(hostile)} = "quote_viewed"\n'
     funnel = Funnel(pages, relay_factory(campaigns))
     t = tid()
-    page.goto(funnel.url("csp.html", transaction_id=t))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "csp.html", transaction_id=t)
     page.click("#csp-button")
     arrived(sandbox, "quote_viewed", t)
     assert page.evaluate("() => window.__pwned") is None

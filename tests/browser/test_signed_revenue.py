@@ -39,8 +39,7 @@ def test_signed_conversion_from_a_page_and_a_tampered_one(funnel: Funnel, sandbo
                                                           console: list[str]) -> None:
     t = f"txn_{uuid.uuid4()}"
     token = sign_revenue(SECRET, "cmp_test", t, "sale_completed", "45.50")
-    page.goto(funnel.url("csp.html", transaction_id=t))
-    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    funnel.open(page, "csp.html", transaction_id=t)
 
     tampered = page.evaluate("(sig) => pingtree('conversion', 'sale_completed', 4550, {signature: sig})", token)
     assert (tampered["status"], tampered["message"]) == (403, "Invalid revenue signature")
