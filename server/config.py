@@ -7,6 +7,7 @@ Loading is strict: every key is checked, and an error names the key path that is
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -192,9 +193,17 @@ def _fields(path: str, raw: Any, schema: Mapping[str, Check]) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         if key not in schema:
-            raise ConfigError(f"{path}.{key}", "unknown key")
+            raise ConfigError(f"{path}.{key}".lstrip("."), _unknown_key(key, schema))
         out[key] = schema[key](f"{path}.{key}", value)
     return out
+
+
+def _unknown_key(key: str, schema: Mapping[str, Check]) -> str:
+    """``unknown key``, with the nearest valid key when one is close: typos are the usual cause."""
+    nearest = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+    if nearest:
+        return f"unknown key; did you mean `{nearest[0]}`?"
+    return "unknown key; expected one of " + ", ".join(sorted(schema))
 
 
 def _identifier(path: str, v: Any) -> str:
