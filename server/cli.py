@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -27,18 +28,37 @@ def _load(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    _check_store(config)
+    # From here on every line this process tree writes is JSON (server/jsonlog.py), the refusals too.
+    from . import jsonlog
+
+    jsonlog.configure()
+    log = logging.getLogger("pingtree_relay")
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as exc:
+        log.error("%s: %s", args.config, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        return 1
+    problem = _store_problem(config)
+    if problem:
+        log.error("%s: %s", args.config, problem)
+        return 1
     from . import create_app, wsgi
 
-    print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {config.relay.upstream_url})",
-          flush=True)
+    log.info("pingtree-relay %s serving on http://%s:%s (upstream %s)", _version(), args.host, args.port,
+             config.relay.upstream_url)
     wsgi.run(lambda: create_app(load_config(args.config)), host=args.host, port=args.port,
-             workers=args.workers, threads=args.threads, multiprocess_metrics=True)
+             workers=args.workers, threads=args.threads, multiprocess_metrics=True,
+             logger_class=jsonlog.GunicornLogger)
     return 0
 
 
-def _check_store(config: Config) -> None:
+def _version() -> str:
+    from .build import version
+
+    return version()
+
+
+def _store_problem(config: Config) -> str | None:
     """Open the store once in the master: migrations run now, and a store written by a newer release
     stops ``serve`` with a sentence, not with workers failing to boot one after another."""
     from .outbox import open_store
@@ -47,7 +67,8 @@ def _check_store(config: Config) -> None:
     try:
         open_store(config.relay.store).close()
     except StoreTooNew as exc:
-        sys.exit(f"{config.source}: {exc}")
+        return str(exc)
+    return None
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -279,10 +300,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build import version
-
     parser = argparse.ArgumentParser(prog="pingtree-relay", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"pingtree-relay {version()}")
+    parser.add_argument("--version", action="version", version=f"pingtree-relay {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the relay under gunicorn", description="Run the relay under "

@@ -122,6 +122,7 @@ class RelayConfig:
     max_body_bytes: int = 16384
     admin_token: str = ""
     secret_key: str = ""
+    access_log: bool = False  # one JSON line per request, besides the decision lines
     rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
@@ -351,7 +352,7 @@ def _relay(path: str, raw: Any) -> RelayConfig:
         "inline_concurrency": lambda p, v: _int(p, v),
         "trusted_proxy_hops": lambda p, v: _int(p, v),
         "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
-        "admin_token": _str, "secret_key": _str,
+        "admin_token": _str, "secret_key": _str, "access_log": _bool,
         "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
     })
     if "upstream_url" not in values:
