@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from .upstream_state import UpstreamState, shared_dir
+
 DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
 LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
@@ -107,8 +109,8 @@ class Forwarder:
     ) -> None:
         self.upstream_url = upstream_url.rstrip("/")
         self.timeout = timeout
-        # The latest attempt's outcome, for /readyz: (unix time, answered at all, status or error).
-        self.last: tuple[float, bool, str] | None = None
+        # The latest attempt's outcome on this box, for /readyz (shared by serve's processes).
+        self.upstream = UpstreamState(shared_dir())
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -128,12 +130,12 @@ class Forwarder:
             response = self._client.post(self.url_for(cid), content=json.dumps(body), timeout=request_timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never left this machine: certainly not processed.
-            self.last = (time.time(), False, f"connect: {type(exc).__name__}")
+            self.upstream.record(False, f"connect: {type(exc).__name__}")
             return Attempt(None, error=f"connect: {type(exc).__name__}", latency_ms=_ms(started))
         except httpx.TransportError as exc:
-            self.last = (time.time(), False, type(exc).__name__)
+            self.upstream.record(False, type(exc).__name__)
             return Attempt(None, error=f"{type(exc).__name__}", uncertain=True, latency_ms=_ms(started))
-        self.last = (time.time(), response.status_code < 500, f"HTTP {response.status_code}")
+        self.upstream.record(response.status_code < 500, f"HTTP {response.status_code}")
         return Attempt(
             response.status_code, answer=_json_or_none(response), uncertain=response.status_code >= 500,
             retry_after=_retry_after(response), latency_ms=_ms(started),

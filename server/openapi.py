@@ -257,7 +257,7 @@ def _schemas() -> dict[str, Any]:
                 "store": {"type": "string", "enum": ["ok", "unreachable"]},
                 "upstream": {
                     "type": "object", "required": ["state", "detail"],
-                    "description": "This worker's latest attempt upstream; failing still means ready (it queues)",
+                    "description": "The latest attempt upstream from any worker of this box; failing still means ready (it queues)",
                     "properties": {"state": {"type": "string", "enum": ["ok", "failing", "unknown"]},
                                    "detail": {"type": "string"}, "age_seconds": {"type": "number"},
                                    "note": {"type": "string"}},
