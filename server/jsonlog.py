@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import io
 import ipaddress
 import json
 import logging
 import re
 import sys
 import threading
+import time
 from types import TracebackType
 from typing import Any
 
@@ -106,6 +108,63 @@ def configure() -> None:
     logging.captureWarnings(True)
     sys.excepthook = _uncaught
     threading.excepthook = _uncaught_in_thread
+    # Last, so the handler above keeps the real stream: what others print (gunicorn prints a worker's
+    # boot error with print()) goes through these and comes out as JSON lines too.
+    if not isinstance(sys.stdout, JsonLineWriter):
+        sys.stdout = JsonLineWriter(sys.stdout, "info")
+    if not isinstance(sys.stderr, JsonLineWriter):
+        sys.stderr = JsonLineWriter(sys.stderr, "error")
+
+
+class JsonLineWriter(io.TextIOBase):
+    """A text stream that passes our JSON lines through and wraps any other line into one.
+
+    Our lines are recognised by their first characters (every :class:`JsonFormatter` line starts
+    with ``{"ts":``), not parsed: the decision lines of every event cross this.
+    """
+
+    def __init__(self, stream: Any, level: str) -> None:
+        super().__init__()
+        self._stream = stream
+        self._level = level
+        self._buffer = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._buffer += text
+            if "\n" not in self._buffer:
+                return len(text)
+            *lines, self._buffer = self._buffer.split("\n")
+            out = [line if line.startswith('{"ts":') else self._wrap(line) for line in lines if line.strip()]
+            if out:
+                self._stream.write("\n".join(out) + "\n")
+                self._stream.flush()
+        return len(text)
+
+    def _wrap(self, line: str) -> str:
+        return json.dumps({"ts": utc_timestamp(time.time()), "level": self._level,
+                           "message": mask_addresses(line.rstrip()), "logger": "print"}, separators=(",", ":"))
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._buffer.strip():  # a last line without its newline
+                self._stream.write(self._wrap(self._buffer) + "\n")
+            self._buffer = ""
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self._stream, "encoding", "utf-8"))
 
 
 def _uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
