@@ -52,7 +52,7 @@ def test_every_line_serve_writes_is_json(relay_factory: RelayFactory) -> None:
         raw.sendall(b"NOT A REQUEST LINE\r\n\r\n")
         assert raw.recv(100).startswith(b"HTTP/1.1 400")
 
-    wait_for(lambda: any(l.get("event") == "request" and l["status"] == 400 for l in json_lines(relay.log_path)),
+    wait_for(lambda: any(x.get("event") == "request" and x["status"] == 400 for x in json_lines(relay.log_path)),
              message="the access line of the refused event")
     # A worker that cannot boot: the config became invalid, and gunicorn replaces a killed worker.
     relay.config_path.write_text(relay.config_path.read_text() + "\n[relay.oops\n")
@@ -80,7 +80,7 @@ def test_every_line_serve_writes_is_json(relay_factory: RelayFactory) -> None:
 def test_no_access_log_unless_asked(relay_factory: RelayFactory) -> None:
     relay = relay_factory()
     assert relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex}).status_code == 200
-    wait_for(lambda: any(l.get("event") == "accepted" for l in json_lines(relay.log_path)), message="a decision")
+    wait_for(lambda: any(x.get("event") == "accepted" for x in json_lines(relay.log_path)), message="a decision")
     assert not [line for line in json_lines(relay.log_path) if line.get("event") == "request"]
 
 
