@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import g, request
+from werkzeug.datastructures import Headers
 
 from .config import CampaignConfig
 from .errors import ApiError
@@ -26,7 +27,7 @@ from .origins import origin_allowed
 BEARER = "bearer "
 
 
-def server_keys(headers: Mapping[str, str]) -> list[str]:
+def server_keys(headers: Mapping[str, str] | Headers) -> list[str]:
     """The server keys a request carries: ``X-Server-Key`` and/or an ``Authorization: Bearer`` token."""
     keys = [headers.get("X-Server-Key", "").strip()]
     authorization = headers.get("Authorization", "")
