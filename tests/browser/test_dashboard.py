@@ -6,6 +6,7 @@ with two gunicorn workers, so a session and its CSRF token must hold whichever w
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -53,7 +54,11 @@ def test_test_event_appears_delivered(page: Page, relay: Relay, sandbox: Sandbox
     log_in(page, relay)
     page.get_by_role("link", name="Campaigns").click()
     campaign = page.locator("section#cmp_test")
-    expect(campaign.locator("textarea.snippet")).to_contain_text('integrity="sha384-')
+    # The default tag is the stable URL, no integrity; the pinned one waits behind its trade-off.
+    expect(campaign.locator("#snippet-cmp_test")).to_have_value(re.compile(r'/sdk/cmp_test\.js"></script>$'))
+    expect(campaign.locator("#pinned-cmp_test")).to_be_hidden()
+    campaign.get_by_text("Pinned variant with").click()
+    expect(campaign.locator("#pinned-cmp_test")).to_have_value(re.compile(r'/sdk/cmp_test/v/[0-9a-f]{16}\.js" integrity="sha384-'))
     txn = f"dash-{uuid.uuid4().hex[:10]}"
     campaign.get_by_label("Event").select_option("quote_viewed")
     campaign.get_by_label("transaction_id").fill(txn)
