@@ -63,6 +63,7 @@ class Metrics:
             "(stable URL, pinned current, pinned superseded, pinned unknown or expired)",
             ["cid", "version", "state"], registry=registry)
         self._sdk_versions: dict[str, set[str]] = {}
+        self._sdk_children: dict[tuple[str, str, str], Any] = {}  # labels() is costly on the script path
         self._zeroes()
 
     def _zeroes(self) -> None:
@@ -101,6 +102,10 @@ class Metrics:
             self._sdk(cid, fields)
 
     def _sdk(self, cid: str, fields: dict[str, Any]) -> None:
+        child = self._sdk_children.get((cid, fields.get("version"), fields.get("state")))  # type: ignore[arg-type]
+        if child is not None:
+            child.inc()
+            return
         state = fields.get("state")
         state = state if state in SDK_STATES else "unknown"
         version = fields.get("version")
@@ -111,7 +116,10 @@ class Metrics:
                 version = "other"  # a long-lived process through many config changes
             else:
                 seen.add(version)
-        self.sdk_requests.labels(cid, version, state).inc()
+        child = self.sdk_requests.labels(cid, version, state)
+        if version != "other":  # an "other" version stays uncached: it must keep folding
+            self._sdk_children[(cid, fields["version"], fields["state"])] = child
+        child.inc()
 
     def _delivery(self, cid: str, event_id: str, fields: dict[str, Any]) -> None:
         state = fields.get("state")

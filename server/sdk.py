@@ -220,7 +220,8 @@ def pinned_path(cid: str, version: str) -> str:
 
 def pin(config: Config, cid: str) -> None:
     """Keep the campaign's current build in the archive, so a pinned tag printed now stays servable."""
-    BuildArchive(default_dir(config)).remember(cid, render_sdk(config.campaigns[cid], config.relay).body)
+    built = render_sdk(config.campaigns[cid], config.relay)
+    BuildArchive(default_dir(config)).remember(cid, built.version, built.body)
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------
@@ -238,7 +239,8 @@ class SdkState:
         if config is not None and self.archive is not None:
             self.archive.prune()
             for campaign in config.campaigns.values():
-                self.archive.remember(campaign.cid, render_sdk(campaign, config.relay).body)
+                built = render_sdk(campaign, config.relay)
+                self.archive.remember(campaign.cid, built.version, built.body)
 
     def unknown_version(self, cid: str, version: str) -> None:
         """A warning line per campaign at most every minute, with how many requests it stands for."""
@@ -348,7 +350,7 @@ def _current(campaign: CampaignConfig, config: Config) -> Response:
 
 def _remember(state: SdkState, cid: str, built: BuiltScript) -> None:
     if state.archive is not None:
-        state.archive.remember(cid, built.body)
+        state.archive.remember(cid, built.version, built.body)
 
 
 @lru_cache(maxsize=64)

@@ -69,10 +69,13 @@ class BuildArchive:
     def path(self, cid: str, version: str) -> Path:
         return self.directory / f"{cid}.{version}.js"
 
-    def remember(self, cid: str, body: bytes, now: float | None = None) -> None:
-        """Record ``body`` as the campaign's current build (cheap when nothing is due: one dict read)."""
+    def remember(self, cid: str, version: str, body: bytes, now: float | None = None) -> None:
+        """Record ``body`` (whose :func:`version_of` is ``version``) as the campaign's current build.
+
+        On every script request: cheap when nothing is due (one dict read, no hashing).
+        """
         now = time.time() if now is None else now
-        key = (cid, version_of(body))
+        key = (cid, version)
         if now - self._touched.get(key, -TOUCH_SECONDS) < TOUCH_SECONDS:
             return
         self._touched[key] = now  # first, so concurrent requests do not all write

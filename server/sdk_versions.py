@@ -63,8 +63,8 @@ class VersionLog:
         for (cid, version, state), (count, last) in merged.items():
             out.setdefault(cid, []).append({"version": version, "state": state, "count": int(count),
                                             "last_seen": last})
-        for rows in out.values():
-            rows.sort(key=lambda r: r["last_seen"], reverse=True)
+        for seen in out.values():
+            seen.sort(key=lambda r: r["last_seen"], reverse=True)
         return out
 
     def flush(self) -> None:

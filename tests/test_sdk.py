@@ -348,17 +348,6 @@ def test_expired_or_unknown_build_gets_the_current_one_with_a_warning(archive_in
     assert client.get("/sdk/cmp_nope/v/0123456789abcdef.js").status_code == 404
 
 
-def test_prune_deletes_builds_past_the_retention_only(tmp_path: Path) -> None:
-    from server.sdk_archive import RETENTION_SECONDS, BuildArchive
-
-    archive = BuildArchive(tmp_path)
-    archive.remember("cmp_a", b"old();", now=1000.0)
-    archive.remember("cmp_a", b"new();", now=1000.0 + RETENTION_SECONDS)
-    assert archive.get("cmp_a", sdk.package(b"old();").version, now=1000.0 + RETENTION_SECONDS) == b"old();"
-    assert archive.prune(now=1001.0 + RETENTION_SECONDS) == 1
-    assert [p.name for p in tmp_path.glob("*.js")] == [f"cmp_a.{sdk.package(b'new();').version}.js"]
-
-
 def test_a_damaged_archive_file_is_not_served(archive_in_tmp: Path) -> None:
     config = make_config()
     url = pinned_url(config)
