@@ -23,7 +23,6 @@ import gzip
 import hashlib
 import html
 import json
-import logging
 import re
 import threading
 import time
@@ -59,7 +58,6 @@ CACHE_CONTROL = "public, max-age=300"
 # A pinned build's URL names its content: it can never change, so caches may keep it for good.
 PINNED_CACHE_CONTROL = "public, max-age=31536000, immutable"
 UNKNOWN_VERSION_LOG_SECONDS = 60.0  # at most one log line per campaign per process this often
-log = logging.getLogger("pingtree_relay.sdk")
 
 # The one-line pre-load stub: calls made before the script arrives are queued with their resolver
 # (the SDK replays them and resolves each Promise once processed).
