@@ -36,7 +36,7 @@ _PATH_RE = re.compile(r"^/[A-Za-z0-9_\-/.]*$")
 # any of them, or one campaign's config could take over another surface of the relay.
 RESERVED_PATHS: tuple[str, ...] = (
     "/api", "/sdk", "/admin", "/healthz", "/readyz", "/metrics", "/openapi.json",
-    "/_sandbox", "/sandbox", "/demo", "/static",
+    "/_sandbox", "/sandbox", "/demo", "/static", "/postback",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -9,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from server.config import ConfigError, parse_config
 from server.errors import ApiError
 from server.postbacks.mapping import idempotency_key, map_postback, parse_seconds
 from server.upstream import ROUTE_KEY, route
+from server.validation import validate_event
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "t" * 32
@@ -153,3 +157,29 @@ def test_check_config_command_names_the_key(tmp_path: Path) -> None:
 def test_the_mapping_may_name_an_extra_field() -> None:
     text = CONFIG.replace('payout = "amount"', 'payout = "amount"\nq = "quote_id"')
     assert mapped({"tid": "T", "payout": "1", "duration": "100", "q": "Q7"}, text)["quote_id"] == "Q7"
+
+
+# --- hypothesis: whatever a platform sends, the answer is an event or a 4xx ---------------------------
+
+PARAM_NAMES = ["tid", "payout", "duration", "call_id", "token", "sub1", "transaction_id", "amount", "cost",
+               "event_id", "cid", "evt", "tcpa_consent"]
+values = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+          | st.decimals(allow_nan=False, allow_infinity=False, places=3) | st.text(max_size=20)
+          | st.sampled_from(["$1,234.50", "90", "1:30", "[tag:x]", "{{x}}", "45.00", "-3", "USD 9", ""]))
+
+
+@given(params=st.dictionaries(st.sampled_from(PARAM_NAMES) | st.text(max_size=8), values, max_size=10),
+       lenient=st.booleans())
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_parameters_give_an_event_or_a_4xx(params: dict[str, Any], lenient: bool) -> None:
+    text = CONFIG.replace('call_id_param = "call_id"', 'call_id_param = "call_id"\namount_format = "lenient"') \
+        if lenient else CONFIG
+    campaign = config(text).campaigns["cmp_1"]
+    try:
+        body = map_postback(campaign, campaign.postbacks["ringba"], params).body
+        event = validate_event(campaign, body, revenue_key="amount", trusted=False)
+    except ApiError as exc:
+        assert 400 <= exc.status < 500 and exc.reason, exc.body()
+        json.dumps(exc.body())
+    else:
+        assert event.event_id == "call_completed" and event.amount is not None
