@@ -127,5 +127,7 @@ def _given_twice(name: str) -> ApiError:
 
 
 def source_url(base: str, campaign: CampaignConfig, source: PostbackConfig) -> str:
-    """The postback URL of a source without its token, for the dashboard and the docs."""
-    return f"{base}/postback/{campaign.cid}/{source.name}"
+    """The URL to paste in the platform, with placeholders for the token and for each macro."""
+    names = [*source.params, source.event_param, source.duration_param, source.call_id_param]
+    query = "".join(f"&{name}=MACRO" for name in dict.fromkeys(n for n in names if n))
+    return f"{base}/postback/{campaign.cid}/{source.name}?token=YOUR_TOKEN{query}"
