@@ -384,6 +384,10 @@ def _check_postbacks(path: str, c: CampaignConfig) -> None:
             raise ConfigError(f"{key}.event", f"no event named {pb.event!r} in this campaign")
         if pb.event and c.events[pb.event].revenue == "signed":
             raise ConfigError(f"{key}.event", f"events.{pb.event}.revenue is \"signed\": a postback cannot sign")
+        if pb.event and c.events[pb.event].allow_duplicates and not pb.call_id_param:
+            # A retry and a second call would have the same idempotency key: the second call would be lost.
+            raise ConfigError(f"{key}.call_id_param", f"required because events.{pb.event}.allow_duplicates is "
+                                                      "true (it tells a second call from a retry of the first)")
         for platform, target in pb.params.items():
             if target not in accepted:
                 raise ConfigError(f"{key}.params.{platform}", f"{target!r} is not a Pingtree field this campaign accepts")

@@ -130,11 +130,17 @@ def test_route_to_the_global_api_strips_its_note() -> None:
     (('duration_param = "duration"\n', ""), "campaigns.cmp_1.postbacks.ringba.duration_param: required"),
     (('min_duration = 90', 'min_duration = "90"'), "campaigns.cmp_1.postbacks.ringba.min_duration: expected a number"),
     (('call_id_param', 'callid_param'), "campaigns.cmp_1.postbacks.ringba.callid_param: unknown key"),
+    (('conversion = true\n[campaigns.cmp_1.events.quote_viewed]', 'conversion = true\nallow_duplicates = true\n'
+      '[campaigns.cmp_1.events.quote_viewed]'), None),
     (('call_id_param = "call_id"', 'amount_format = "loose"'),
      "campaigns.cmp_1.postbacks.ringba.amount_format: expected one of strict, lenient"),
 ])
-def test_a_bad_source_key_is_named(change: tuple[str, str], message: str) -> None:
+def test_a_bad_source_key_is_named(change: tuple[str, str], message: str | None) -> None:
     text = CONFIG.replace(*change)
+    if message is None:  # a valid change: the multi-trigger event with call_id_param set
+        config(text)
+        text = text.replace('call_id_param = "call_id"\n', "")
+        message = "campaigns.cmp_1.postbacks.ringba.call_id_param: required because events.call_completed"
     assert text != CONFIG
     with pytest.raises(ConfigError) as caught:
         config(text)
