@@ -11,6 +11,8 @@ Kinds and their fields:
 - ``filtered``: cid, event_id, reason (e.g. bot): accepted with 202 but deliberately not forwarded.
 - ``postback``: cid, source, event_id, outcome (an ``accepted`` outcome, or ``refused``), reason, status:
   one per postback request, beside its ``accepted`` or ``rejected``.
+- ``sdk``: cid, version (a build's content hash, or ``unknown``), state (stable, current, superseded,
+  unknown): a script request (see :mod:`server.sdk_versions`).
 """
 
 from __future__ import annotations
