@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from .upstream import route
+
 DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
 LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
@@ -124,8 +126,9 @@ class Forwarder:
         """One attempt. Never raises for network trouble: it is reported in the :class:`Attempt`."""
         started = time.perf_counter()
         request_timeout = self._client.timeout if timeout is None else httpx.Timeout(timeout, connect=min(timeout, 3.0))
+        url, body = route(self.upstream_url, cid, body)  # campaign form, or Pingtree's global API
         try:
-            response = self._client.post(self.url_for(cid), content=json.dumps(body), timeout=request_timeout)
+            response = self._client.post(url, content=json.dumps(body), timeout=request_timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never left this machine: certainly not processed.
             self.last = (time.time(), False, f"connect: {type(exc).__name__}")
