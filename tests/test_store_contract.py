@@ -325,6 +325,19 @@ def test_finish_many_is_one_transaction_or_one_round_trip(store: Store) -> None:
     assert store.stats().counts["delivered"] == 50
 
 
+def test_backlog_counts_due_unleased_records_up_to_a_limit(store: Store) -> None:
+    assert store.backlog(10) == 0
+    records = [rec() for _ in range(6)]
+    for r in records[:5]:
+        store.add(r, owner=None, lease=30)
+    store.add(records[5], owner="inline", lease=30)  # leased: being delivered, not waiting
+    assert store.backlog(100) == 5 and store.backlog(3) == 3
+    [taken] = store.claim("w", 1, 30)
+    assert store.backlog(100) == 4
+    finish(store, taken, "w", "pending", next_at=time.time() + 3600)  # a retry, not due yet
+    assert store.backlog(100) == 4
+
+
 def test_release_gives_leases_back_unattempted(store: Store) -> None:
     a, b = rec(), rec()
     store.add(a, owner=None, lease=30)

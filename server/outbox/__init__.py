@@ -101,6 +101,10 @@ class Store(Protocol):
         """``finish`` for a batch, in one transaction (SQLite) or one round trip (Redis) per batch;
         one flag per outcome, in order. The delivery engine settles everything through this."""
 
+    def backlog(self, limit: int) -> int:
+        """How many pending records are due and unleased (waiting for the delivery engine), counted
+        up to ``limit``: cheap (an index range), for the accept path's "is the engine behind?"."""
+
     def release(self, record_ids: Iterable[str], owner: str) -> int:
         """Give leased records back unattempted (shutdown), claimable at once."""
 

@@ -118,8 +118,12 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         # A connection must not cross a fork: gunicorn workers each open their own.
         conn = getattr(self._local, "conn", None)
-        if conn is None or self._pid != os.getpid():
-            self._pid = os.getpid()
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            if self._pid != os.getpid():
+                # Forked: another thread of the parent may have held the write lock at the fork.
+                self._wlock = threading.Lock()
+                self._pid = os.getpid()
+            self._local.pid = os.getpid()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")  # under connect()'s 30 s busy timeout: may wait
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -222,6 +226,11 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         return done
+
+    def backlog(self, limit: int) -> int:
+        rows = self._read("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE state = 'pending' AND next_at <= ? "
+                          "LIMIT ?)", (time.time(), limit))
+        return int(rows[0][0])
 
     def release(self, record_ids: Iterable[str], owner: str) -> int:
         ids = list(record_ids)
