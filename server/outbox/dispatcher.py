@@ -204,6 +204,7 @@ class Dispatcher:
     async def _claimer(self, executor: ThreadPoolExecutor, forwarder: AsyncForwarder) -> None:
         # Claim in batches: wait until a batch worth of room is free, unless nothing is in flight.
         min_claim = max(1, min(CLAIM_BATCH, self.max_in_flight // 8))
+        failures = 0
         while not self._stopping.is_set():
             free = self.max_in_flight - self.in_flight
             if free < min_claim and self.in_flight:
@@ -213,10 +214,14 @@ class Dispatcher:
             want = min(free, CLAIM_BATCH)
             try:
                 records = await self._store_call(executor, self.store.claim, self.owner, want, self.lease)
-            except Exception:  # the store may be briefly unreachable (Redis restart): keep going
-                log.exception("claim failed")
+            except Exception as exc:  # the store may be briefly unreachable (Redis restart): keep going
+                # One traceback per outage, then one line per retry: an outage must not flood the log.
+                failures += 1
+                log.error("claim failed (%d in a row): %s: %s", failures, type(exc).__name__, exc,
+                          exc_info=failures == 1)
                 await self._pause(STORE_RETRY_SECONDS)
                 continue
+            failures = 0
             for record in records:
                 self._launch(record, forwarder)
             if self._stopping.is_set():
