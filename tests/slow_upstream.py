@@ -3,8 +3,10 @@
 ``python -m tests.slow_upstream --port P [--delay-ms D]`` serves ``POST /api/event/{cid}``: it
 answers ``200`` with a ``conversion_id`` ``D`` ms after reading the request, on asyncio (one thread),
 so thousands of held answers cost almost nothing and the tests measure the relay, not the upstream.
-It counts requests in flight (and the peak), and requests per ``transaction_id`` (so a test sees a
-lost or doubled event). Control: ``GET /_stats``, ``POST /_config`` ``{"delay_ms": D}``,
+It counts requests in flight (and the peak), requests per ``transaction_id``, and events it
+*counted* per transaction_id: like Pingtree, a second event of one ``(cid, transaction_id,
+event_id)`` is answered ``400 Duplicate event for this transaction_id`` and not counted, so a
+resend after a lost answer shows as a request, never as a double count. Control: ``GET /_stats``, ``POST /_config`` ``{"delay_ms": D}``,
 ``POST /_reset``. HTTP/1.1 with keep-alive, hand-parsed: only what httpx sends.
 """
 
@@ -27,28 +29,38 @@ class Upstream:
         self.in_flight = 0
         self.peak = 0
         self.requests = 0
-        self.by_txn: Counter[str] = Counter()
+        self.by_txn: Counter[str] = Counter()  # requests
+        self.counted: Counter[str] = Counter()  # events counted (first of their key)
+        self._keys: set[tuple[str, str, str]] = set()
 
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.in_flight, "peak": self.peak, "requests": self.requests,
-                "by_txn": dict(self.by_txn), "delay_ms": self.delay * 1000}
+                "by_txn": dict(self.by_txn), "counted": dict(self.counted), "delay_ms": self.delay * 1000}
 
-    async def event(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    async def event(self, cid: str, body: bytes) -> tuple[int, dict[str, Any]]:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         self.requests += 1
         try:
             data = json.loads(body or b"{}")
-            self.by_txn[str(data.get("transaction_id"))] += 1
+            txn = str(data.get("transaction_id"))
+            self.by_txn[txn] += 1
+            key = (cid, txn, str(data.get("event_id")))
+            duplicate = key in self._keys
+            if not duplicate:  # counted on arrival, as Pingtree does, whether or not the answer gets back
+                self._keys.add(key)
+                self.counted[txn] += 1
             await asyncio.sleep(self.delay)
         finally:
             self.in_flight -= 1
+        if duplicate:
+            return 400, {"status": 400, "message": "Duplicate event for this transaction_id"}
         return 200, {"status": 200, "message": "Event triggered successfully",
                      "data": {"conversion_id": uuid.uuid4().hex}}
 
     async def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         if method == "POST" and path.startswith("/api/event/"):
-            return await self.event(body)
+            return await self.event(path[len("/api/event/"):], body)
         if path == "/_stats":
             return 200, self.stats()
         if method == "POST" and path == "/_config":

@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -84,7 +85,8 @@ class Dispatcher:
         self._stop_requested = False
         self._restart_after_fork = False
         self._lock = threading.Lock()
-        os.register_at_fork(after_in_child=self._forget_parent_engine)
+        me = weakref.ref(self)  # the hook must not keep a dropped engine alive
+        os.register_at_fork(after_in_child=lambda: (engine := me()) and engine._forget_parent_engine())
 
     @property
     def owner(self) -> str:
@@ -138,6 +140,7 @@ class Dispatcher:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, finish sends in flight, settle them, give back the rest; wait for all that."""
+        self._restart_after_fork = False
         if self._thread_pid == os.getpid():
             self.request_stop()
         thread = self._thread
@@ -204,7 +207,7 @@ class Dispatcher:
     async def _claimer(self, executor: ThreadPoolExecutor, forwarder: AsyncForwarder) -> None:
         # Claim in batches: wait until a batch worth of room is free, unless nothing is in flight.
         min_claim = max(1, min(CLAIM_BATCH, self.max_in_flight // 8))
-        failures = 0
+        failures, idle = 0, False
         while not self._stopping.is_set():
             free = self.max_in_flight - self.in_flight
             if free < min_claim and self.in_flight:
@@ -213,6 +216,11 @@ class Dispatcher:
                 continue
             want = min(free, CLAIM_BATCH)
             try:
+                if idle and not await self._store_call(executor, self.store.backlog, 1):
+                    # Idle: look (a read) before claiming (a write): an empty claim would take
+                    # SQLite's write lock from the accept path 20 times a second for nothing.
+                    await self._pause(IDLE_POLL_SECONDS)
+                    continue
                 records = await self._store_call(executor, self.store.claim, self.owner, want, self.lease)
             except Exception as exc:  # the store may be briefly unreachable (Redis restart): keep going
                 # One traceback per outage, then one line per retry: an outage must not flood the log.
@@ -226,7 +234,8 @@ class Dispatcher:
                 self._launch(record, forwarder)
             if self._stopping.is_set():
                 break
-            if len(records) < want:
+            idle = len(records) < want
+            if idle:
                 await self._pause(IDLE_POLL_SECONDS)
 
     def _launch(self, record: Record, forwarder: AsyncForwarder) -> None:
