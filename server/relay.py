@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from .config import CampaignConfig, Config
 from .enrichment import dedupe_key, forward_body
 from .errors import ApiError, answer
@@ -44,7 +46,10 @@ BACKLOG_CHECK_SECONDS = 0.25  # how stale the accept path's view of the backlog 
 class Relay:
     """Owns the store, the inline forwarder and the delivery engine of one process."""
 
-    def __init__(self, config: Config, *, store: Store | None = None, forwarder: Forwarder | None = None) -> None:
+    def __init__(self, config: Config, *, store: Store | None = None, forwarder: Forwarder | None = None,
+                 delivery_transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``forwarder`` (the inline attempt's) and ``delivery_transport`` (the engine's) let unit
+        tests answer for Pingtree with ``httpx.MockTransport``."""
         settings = config.relay
         self.config = config
         self.observers = Observers()
@@ -55,7 +60,8 @@ class Relay:
         )
         self.dispatcher = Dispatcher(
             self.store, forwarder_factory=lambda connections: AsyncForwarder(
-                settings.upstream_url, timeout=settings.upstream_timeout, max_connections=connections),
+                settings.upstream_url, timeout=settings.upstream_timeout, max_connections=connections,
+                transport=delivery_transport),
             upstream_timeout=settings.upstream_timeout,
             lease=settings.lease_seconds, max_age=settings.max_age_hours * 3600,
             retry_base=settings.retry_base_seconds, retry_cap=settings.retry_cap_seconds,
