@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,10 +23,10 @@ import httpx
 import pytest
 
 from server.config import load_config
+from server.forwarder import AsyncForwarder
 from server.outbox import Record, Store, open_store
 from server.outbox.dispatcher import Dispatcher
-from server.forwarder import AsyncForwarder
-from tests.conftest import ROOT, Relay, free_port, make_relay, wait_for, write_relay_config, campaigns_toml
+from tests.conftest import ROOT, Relay, campaigns_toml, free_port, make_relay, wait_for, write_relay_config
 from tests.store_counting import count_store_writes
 
 pytest_plugins = ["tests.redis_fixture"]
