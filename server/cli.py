@@ -1,10 +1,11 @@
-"""The ``pingtree-relay`` command: serve, demo, sandbox, check-config, snippet, outbox, sign."""
+"""The ``pingtree-relay`` command: serve, deliver, demo, sandbox, check-config, snippet, outbox, sign."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -44,10 +45,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from . import create_app, wsgi
 
+    workers = args.workers or wsgi.default_workers()
+    settings = config.relay
+    inline = settings.inline_concurrency if settings.inline_concurrency and settings.inline_timeout else 0
+    if workers * inline >= settings.max_in_flight:
+        # Every worker's inline attempts come out of the box's one in-flight budget.
+        log.error("%s: relay.max_in_flight: must be more than workers x inline_concurrency (%s x %s); raise it "
+                  "or lower inline_concurrency", args.config, workers, inline)
+        return 1
+    deliver = [sys.executable, "-m", "server.cli", "deliver", "--config", args.config,
+               "--inline-workers", str(workers), "--parent-pid", str(os.getpid())]
     log.info("pingtree-relay %s serving on http://%s:%s (upstream %s)", _version(), args.host, args.port,
-             config.relay.upstream_url)
-    wsgi.run(lambda: create_app(load_config(args.config)), host=args.host, port=args.port,
-             workers=args.workers, threads=args.threads, multiprocess_metrics=True,
+             settings.upstream_url)
+    wsgi.run(lambda: create_app(load_config(args.config), start_delivery=False), host=args.host, port=args.port,
+             workers=workers, threads=args.threads, multiprocess_metrics=True, sidecar=deliver,
              logger_class=jsonlog.GunicornLogger)
     return 0
 
@@ -69,6 +80,37 @@ def _store_problem(config: Config) -> str | None:
     except StoreTooNew as exc:
         return str(exc)
     return None
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """The box's delivery engine, in the foreground, until SIGTERM (then it finishes or hands back
+    every lease). ``serve`` runs and supervises it; run it yourself beside another WSGI server."""
+    from . import create_app, jsonlog
+
+    if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
+        jsonlog.configure()
+    config = _load(args.config)
+    relay = create_app(config, start_delivery=False).extensions["relay"]  # observers as in a worker
+    cap = relay.delivery_cap(args.inline_workers)
+    if args.parent_pid:
+        _stop_when_orphaned(relay.dispatcher, args.parent_pid)
+    # Under serve, stdout is jsonlog's: this line comes out as JSON too.
+    print(f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight", flush=True)
+    relay.dispatcher.run(cap, handle_signals=True)
+    relay.close()
+    return 0
+
+
+def _stop_when_orphaned(dispatcher: Any, parent_pid: int) -> None:
+    """A delivery process whose ``serve`` master died (SIGKILL) stops cleanly instead of lingering."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        dispatcher.request_stop()
+
+    threading.Thread(target=watch, name="pt-parent-watch", daemon=True).start()
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -130,6 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  demo funnel:     {base}/demo/?utm_source=google&utm_campaign=spring&sub1=ad42&pid=src_demo\n"
         f"  relay endpoint:  {base}/api/event/cmp_demo\n"
         f"  SDK:             {base}/sdk/cmp_demo.js\n"
+        f"  call postback:   {base}/postback/cmp_demo/ringba  (the thank-you page's \"Simulate a completed call\")\n"
         f"  sandbox (fake Pingtree, what it received): {base}/sandbox/\n"
         f"  dashboard:       {base}/admin/  (token: {config.relay.admin_token})\n"
         "Press Ctrl+C to stop.",
@@ -314,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default: 2 per CPU core, 2 to 8)")
     p.add_argument("--threads", type=int, default=8, help="threads per worker (default: 8)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deliver", help="run the delivery engine (serve starts one itself)")
+    _config_option(p)
+    p.add_argument("--inline-workers", type=int, default=0,
+                   help="processes making inline attempts: their inline_concurrency comes out of max_in_flight")
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_deliver)
 
     p = sub.add_parser("demo", help="relay + sandbox + demo pages, no config needed")
     _listen_options(p, 8000)

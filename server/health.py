@@ -6,7 +6,7 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from .upstream_state import Outcome
+from .upstream_state import Outcome, latest
 
 bp = Blueprint("health", __name__)
 
@@ -27,7 +27,7 @@ def readyz() -> Response:
     body = {
         "status": "ok" if store_ok else "unavailable",
         "store": "ok" if store_ok else "unreachable",
-        "upstream": _upstream(relay.forwarder.upstream.read()),
+        "upstream": _upstream(latest(relay.upstream_last(), relay.forwarder.upstream.read())),
         "queue": stats.to_dict() if stats else None,
     }
     response = jsonify(body)

@@ -84,3 +84,9 @@ class UpstreamState:
         if self.last is not None and self.last.at > shared.at:
             return self.last  # ours is newer than the file (a write throttled away)
         return shared
+
+
+def latest(*outcomes: tuple[float, bool, str] | None) -> Outcome | None:
+    """The newest of several outcomes (this process's forwarders, the box's file), or None."""
+    seen = [Outcome(*o) for o in outcomes if o]
+    return max(seen) if seen else None
