@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from .upstream_state import UpstreamState, shared_dir
 from .upstream import ROUTE_KEY, route
+from .upstream_state import UpstreamState, shared_dir
 
 DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
