@@ -71,7 +71,7 @@ def _register(app: Flask) -> None:
         sdk = None  # type: ignore[assignment]
     if sdk is not None and hasattr(sdk, "bp"):
         app.register_blueprint(sdk.bp)
-    for name in ("logs", "limits", "metrics", "admin", "openapi"):
+    for name in ("logs", "limits", "metrics", "postbacks", "admin", "openapi"):
         _register_optional(app, name)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -94,8 +94,8 @@ def _register_optional(app: Flask, name: str) -> None:
 
 
 def _event_request() -> bool:
-    """An event endpoint: /api/event/... or a campaign's first-party endpoint_path."""
-    return request.blueprint == "events" or request.path.startswith("/api/event")
+    """An event endpoint: /api/event/..., a campaign's first-party endpoint_path, or a postback."""
+    return request.blueprint in ("events", "postbacks") or request.path.startswith("/api/event")
 
 
 def _api_error(exc: ApiError) -> Response:

@@ -131,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  demo funnel:     {base}/demo/?utm_source=google&utm_campaign=spring&sub1=ad42&pid=src_demo\n"
         f"  relay endpoint:  {base}/api/event/cmp_demo\n"
         f"  SDK:             {base}/sdk/cmp_demo.js\n"
+        f"  call postback:   {base}/postback/cmp_demo/ringba  (the thank-you page's \"Simulate a completed call\")\n"
         f"  sandbox (fake Pingtree, what it received): {base}/sandbox/\n"
         f"  dashboard:       {base}/admin/  (token: {config.relay.admin_token})\n"
         "Press Ctrl+C to stop.",

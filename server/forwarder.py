@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from .upstream import ROUTE_KEY, route
+
 DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
 LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
@@ -152,8 +154,9 @@ class Forwarder(_Upstream):
         """One attempt. Never raises for network trouble: it is reported in the :class:`Attempt`."""
         started = time.perf_counter()
         request_timeout = self._client.timeout if timeout is None else _timeout(timeout)
+        url, body = route(self.upstream_url, cid, body)  # campaign form, or Pingtree's global API
         try:
-            response = self._client.post(self.url_for(cid), content=json.dumps(body), timeout=request_timeout)
+            response = self._client.post(url, content=json.dumps(body), timeout=request_timeout)
         except httpx.TransportError as exc:
             return self._failed(exc, started)
         return self._answered(response, started)
@@ -188,9 +191,11 @@ class AsyncForwarder(_Upstream):
     async def send(self, cid: str, body: dict[str, Any]) -> Attempt:
         """One attempt; never raises for network trouble (see :class:`Forwarder`)."""
         started = time.perf_counter()
-        url = self._urls.get(cid)
-        if url is None:
-            url = self._urls[cid] = httpx.URL(self.url_for(cid))
+        if ROUTE_KEY in body:  # a postback source routed to Pingtree's global API
+            target, body = route(self.upstream_url, cid, body)
+            url = httpx.URL(target)
+        else:
+            url = self._urls.get(cid) or self._urls.setdefault(cid, httpx.URL(self.url_for(cid)))
         request = httpx.Request("POST", url, headers=_HEADERS, content=json.dumps(body).encode(),
                                 extensions=self._extensions)
         try:
