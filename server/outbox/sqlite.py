@@ -130,7 +130,10 @@ class SQLiteStore:
                 self._pid = os.getpid()
             self._local.pid = os.getpid()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")  # under connect()'s 30 s busy timeout: may wait
+            # Under connect()'s 30 s busy timeout; retried as well, because switching a new file to
+            # WAL while another process opens it can fail at once with "locked" (workers and the
+            # delivery process all open the file at start-up).
+            _busy_retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=0")  # from here on, _busy_retry waits instead
             self._local.conn = conn
