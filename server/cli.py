@@ -26,11 +26,14 @@ def _load(path: str) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     from . import create_app, wsgi
+    from .reload import LastGoodConfig
 
     print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {config.relay.upstream_url})",
           flush=True)
-    wsgi.run(lambda: create_app(load_config(args.config)), host=args.host, port=args.port,
-             workers=args.workers, threads=args.threads, multiprocess_metrics=True)
+    # Workers build their app from the config the master validated, never from the file (SIGHUP).
+    last_good = LastGoodConfig(args.config, config)
+    wsgi.run(lambda: create_app(last_good.config), host=args.host, port=args.port,
+             workers=args.workers, threads=args.threads, multiprocess_metrics=True, on_reload=last_good.reload)
     return 0
 
 

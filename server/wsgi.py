@@ -23,10 +23,18 @@ _METRICS_PREFIX = "pingtree-relay-metrics-"
 
 
 class _App(BaseApplication):  # type: ignore[misc]
-    def __init__(self, factory: Callable[[], Any], options: dict[str, Any]) -> None:
+    def __init__(self, factory: Callable[[], Any], options: dict[str, Any],
+                 on_reload: Callable[[], None] | None = None) -> None:
         self._factory = factory
         self._options = options
+        self._on_reload = on_reload
         super().__init__()
+
+    def reload(self) -> None:
+        # Runs in the master on SIGHUP, before gunicorn starts the new workers.
+        if self._on_reload is not None:
+            self._on_reload()
+        super().reload()
 
     def load_config(self) -> None:
         for key, value in self._options.items():
@@ -58,12 +66,14 @@ def run(
     threads: int = 8,
     graceful_timeout: int = 15,
     multiprocess_metrics: bool = False,
+    on_reload: Callable[[], None] | None = None,
     **extra: Any,
 ) -> None:
     """Serve ``factory()`` until SIGTERM/SIGINT. The app is built in each worker after the fork.
 
     ``multiprocess_metrics`` gives the workers one fresh prometheus-client directory for this run
     (see :func:`metrics_dir`), so ``/metrics`` adds up every worker whichever one answers.
+    ``on_reload`` runs in the master on SIGHUP, before the new workers are forked.
     """
     options = {
         "bind": f"{host}:{port}",
@@ -81,11 +91,11 @@ def run(
     }
     options.update(extra)
     if not multiprocess_metrics:
-        _App(factory, options).run()
+        _App(factory, options, on_reload).run()
         return
     with metrics_dir():
         options.setdefault("child_exit", _child_exit)
-        _App(factory, options).run()
+        _App(factory, options, on_reload).run()
 
 
 @contextmanager
