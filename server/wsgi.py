@@ -1,6 +1,8 @@
 """Run a WSGI app under gunicorn from inside our own CLI (no gunicorn command line to get right).
 
-Worker model, chosen for the accept path (see docs/benchmarks.md): ``gthread`` workers. The accept
+Worker model, chosen for the accept path (see docs/benchmarks.md): ``gthread`` workers (our
+:class:`server.worker.ReadAheadWorker`, which reads each request whole before a thread takes it,
+so slow clients cannot hold the threads). The accept
 path is a short SQLite/Redis write plus, at most, one bounded inline attempt upstream; threads let a
 worker keep accepting while a few of its threads wait on a slow Pingtree, and nothing here needs an
 event loop. SIGTERM makes gunicorn stop accepting, finish requests in flight (``graceful_timeout``)
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+
+from .worker import ReadAheadWorker
 
 _METRICS_PREFIX = "pingtree-relay-metrics-"
 
@@ -78,7 +82,7 @@ def run(
     options = {
         "bind": f"{host}:{port}",
         "workers": workers or default_workers(),
-        "worker_class": "gthread",
+        "worker_class": ReadAheadWorker,
         "threads": threads,
         "graceful_timeout": graceful_timeout,
         "timeout": 60,
