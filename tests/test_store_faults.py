@@ -203,3 +203,39 @@ def test_readyz_reports_redis_persistence(relay_factory: RelayFactory, redis_url
     body = readyz(relay).json()
     assert body["status"] == "ok"  # reported, not a reason to refuse traffic
     assert body["persistence"]["state"] == "off" and "appendonly yes" in body["persistence"]["detail"]
+
+
+# --- the dashboard -------------------------------------------------------------------------------
+
+
+def admin_overview(store_url: str) -> str:
+    from server import create_app
+    from server.config import parse_config
+    from tests.test_admin import TOKEN, logged_in
+
+    config = parse_config({
+        "relay": {"upstream_url": "http://pingtree.invalid", "store": store_url, "admin_token": TOKEN},
+        "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"], "events": {"view": {}}}},
+    })
+    app = create_app(config, start_delivery=False)
+    try:
+        return str(logged_in(app).get("/admin/").text)
+    finally:
+        app.extensions["relay"].close()
+
+
+def test_the_dashboard_shows_redis_without_persistence(redis_url: str) -> None:
+    page = admin_overview(redis_url)
+    assert 'id="store-persistence"' in page and "every queued event" in page
+    assert 'id="store-unwritable"' not in page
+
+
+def test_the_dashboard_shows_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "full.sqlite3"
+    SQLiteStore(str(path)).close()
+    with sqlite3.connect(path) as db:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+    monkeypatch.setenv(MAX_PAGE_COUNT_ENV, str(pages))  # not one page more: no room for the probe
+    page = admin_overview(f"sqlite:///{path}")
+    assert 'id="store-unwritable"' in page and "refuses writes" in page
+    assert 'id="store-persistence"' not in page
