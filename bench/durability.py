@@ -153,12 +153,12 @@ def run_scenario(workdir: Path, store_kind: str, fault: str, events: int) -> Fig
 
 def _ballast(path: Path) -> int:
     """A store file with 1.6 MB of ballast to free later (room for every event after); returns a page
-    limit ~80 KB above it, so the "disk" fills after a few dozen events."""
+    limit ~32 KB above it, so the "disk" fills after about a hundred events."""
     SQLiteStore(str(path)).close()
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE ballast (b BLOB)")
         db.executemany("INSERT INTO ballast VALUES (zeroblob(4000))", [()] * 400)
-        return int(db.execute("PRAGMA page_count").fetchone()[0]) + 20
+        return int(db.execute("PRAGMA page_count").fetchone()[0]) + 8
 
 
 def _inject(fault: str, relay: servers.Server, redis: servers.Server | None, workdir: Path) -> None:
