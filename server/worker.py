@@ -81,6 +81,9 @@ class ReadAheadWorker(ThreadWorker):  # type: ignore[misc]
 
     def enqueue_req(self, conn: Any) -> None:
         """Every path to a thread (new, kept-alive, leftover bytes) comes through here."""
+        if self.cfg.is_ssl:  # TLS in gunicorn itself: the socket's bytes are not the request yet
+            super().enqueue_req(conn)
+            return
         pending = bytearray()
         if conn.parser is not None:  # bytes the parser already read past the previous request
             pending += conn.parser.unreader.buf.getvalue()
