@@ -147,7 +147,9 @@ class ReadAheadWorker(ThreadWorker):  # type: ignore[misc]
         """Also close the requests that took longer than ``read_timeout`` to arrive (408)."""
         super().murder_pending()
         now = time.monotonic()
-        for reading in [r for r in self._reading.values() if r.deadline <= now]:
+        # A stopping worker does not wait for requests nobody has started sending.
+        expired = [r for r in self._reading.values() if r.deadline <= now or (not self.alive and not r.data)]
+        for reading in expired:
             self._forget(reading)
             if reading.data:  # a client that never sent a byte gets no answer, like nginx's 408
                 self._send_quietly(reading.conn.sock, _TIMEOUT_ANSWER)
