@@ -504,11 +504,15 @@ def _resolve_sqlite(relay: RelayConfig, base_dir: Path) -> RelayConfig:
     return replace(relay, store="sqlite:///" + path)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and check a TOML config file. Raises :class:`ConfigError` (or ``OSError``)."""
+def load_config(path: str | os.PathLike[str], *, text: str | None = None) -> Config:
+    """Read and check a TOML config file. Raises :class:`ConfigError` (or ``OSError``).
+
+    ``text`` stands in for the file's content (the copy a ``serve`` master validated); relative
+    paths in it are still resolved against ``path``'s folder.
+    """
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_text(encoding="utf-8") if text is None else text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(file)", f"not valid TOML: {exc}") from None
     config = parse_config(data, source=str(p), base_dir=p.parent.resolve())

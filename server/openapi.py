@@ -55,10 +55,10 @@ def build_spec(config: Config, *, has_metrics: bool = False) -> dict[str, Any]:
             "responses": {"200": _json("The process serves", {"$ref": "#/components/schemas/Health"})},
         }},
         "/readyz": {"get": {
-            "operationId": "readyz", "summary": "Readiness: the store answers",
+            "operationId": "readyz", "summary": "Readiness: the store takes a write",
             "responses": {
                 "200": _json("Ready", {"$ref": "#/components/schemas/Ready"}),
-                "503": _json("The store is unreachable", {"$ref": "#/components/schemas/Ready"}),
+                "503": _json("The store is unreachable or refuses writes", {"$ref": "#/components/schemas/Ready"}),
             },
         }},
         "/openapi.json": {"get": {
@@ -305,7 +305,15 @@ def _schemas() -> dict[str, Any]:
             "required": ["status", "store"],
             "properties": {
                 "status": {"type": "string", "enum": ["ok", "unavailable"]},
-                "store": {"type": "string", "enum": ["ok", "unreachable"]},
+                "store": {"type": "string", "enum": ["ok", "unwritable", "unreachable"]},
+                "store_error": {"type": "string", "description": "Why the store refuses writes (full disk, Redis OOM)"},
+                "persistence": {
+                    "type": "object", "nullable": True, "required": ["state", "detail"],
+                    "description": ("Whether a restart of the store keeps queued events "
+                                    "(reported; not a reason to be unready)"),
+                    "properties": {"state": {"type": "string", "enum": ["ok", "snapshots", "off", "unknown"]},
+                                   "detail": {"type": "string"}},
+                },
                 "upstream": {
                     "type": "object", "required": ["state", "detail"],
                     "description": "The latest attempt upstream from any worker of this box; failing still means ready (it queues)",

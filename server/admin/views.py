@@ -6,9 +6,10 @@ import secrets
 import time
 from typing import Any
 
-from flask import Response, flash, jsonify, redirect, render_template, request, session, url_for
+from flask import Response, current_app, flash, jsonify, redirect, render_template, request, session, url_for
 
 from ..errors import ApiError
+from ..health import write_probe
 from ..sdk import snippet_tag, versions_seen
 from ..sdk_archive import RETENTION_DAYS
 from ..validation import validate_event
@@ -51,8 +52,10 @@ def overview() -> str:
     now = time.time()
     chart = build_chart(store.timeline(now - 3600), now)
     recent = [feed_row(r, now) for r in store.list(limit=10)]
+    # The same cached write probe as /readyz: a full disk or a Redis refusing writes shows here too.
+    write_error = write_probe(current_app).error()
     return render_template("admin/overview.html", stats=store.stats(), chart=chart, recent=recent,
-                           page="overview")
+                           write_error=write_error, persistence=store.persistence(), page="overview")
 
 
 @bp.get("/campaigns")

@@ -80,6 +80,17 @@ class Stats:
         return {"counts": dict(self.counts), "oldest_pending_age": round(self.oldest_pending_age, 3)}
 
 
+@dataclass(frozen=True)
+class Persistence:
+    """Whether what the store holds survives a restart of the store itself (not of the relay)."""
+
+    state: str  # "ok", "snapshots" (may lose the last minutes), "off" or "unknown" (cannot be verified)
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"state": self.state, "detail": self.detail}
+
+
 class Store(Protocol):
     """What the relay needs of a durable queue. Every method is safe across threads and processes."""
 
@@ -128,6 +139,15 @@ class Store(Protocol):
         """``(minute_start, display outcome, count)`` of events received since ``since``."""
 
     def ping(self) -> bool: ...
+
+    def check_writable(self) -> str | None:
+        """Make one small real write: None when it was taken, else why not (a full disk, Redis OOM).
+
+        Readiness must mean "can take an event": a store that still answers reads (``ping``) while
+        refusing every write would keep a load balancer sending traffic that all gets 503."""
+
+    def persistence(self) -> Persistence:
+        """Whether the store's own restart keeps queued events (Redis without AOF or RDB loses them)."""
 
     def close(self) -> None: ...
 

@@ -29,11 +29,17 @@ early (``next_at`` given to ``finish`` is the worker's clock; skew only shifts a
 Limits: the scripts touch keys they compute, so this needs one Redis primary (standalone or
 Sentinel), not Redis Cluster. Durability is Redis's: run it with ``appendonly yes`` and
 ``appendfsync everysec`` (or ``always``) or an acknowledged event can be lost with the Redis host.
+The store checks this at start (``CONFIG GET appendonly`` / ``save``), warns when it is off or
+cannot be verified (managed Redis often forbids CONFIG), and readiness reports it.
+
+A Redis that refuses writes (``OOM`` at ``maxmemory``, ``MISCONF`` after a failed snapshot) still
+answers PING: readiness is a real write (:meth:`RedisStore.check_writable`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -43,8 +49,12 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from . import STATES, Outcome, Record, Stats
+from . import STATES, Outcome, Persistence, Record, Stats
 from .schema import check_redis
+
+log = logging.getLogger("pingtree_relay.outbox")
+
+PERSISTENCE_RECHECK_SECONDS = 60.0  # CONFIG can change at run time; no need to ask on every probe
 
 # --- Lua ----------------------------------------------------------------------------------------
 # ARGV[1] is always the key prefix. "" stands for None in arguments.
@@ -274,6 +284,10 @@ class RedisStore:
             check_redis(self._client(), prefix, f"the Redis outbox {redis_location(url)}")
         except redis.ConnectionError:
             pass  # Redis down at start: /readyz says so; the version is checked at the next start
+        self._persistence: tuple[float, Persistence] | None = None
+        found = self.persistence()
+        if found.state != "ok":
+            log.warning("Redis persistence: %s", found.detail)
 
     def _client(self) -> redis.Redis:
         # A pool's sockets must not cross a fork: each gunicorn worker builds its own client.
@@ -458,6 +472,39 @@ class RedisStore:
             return bool(self._client().ping())
         except redis.RedisError:
             return False
+
+    def check_writable(self) -> str | None:
+        try:
+            # A plain write Redis refuses in the same cases as the scripts: OOM, MISCONF, READONLY.
+            self._client().set(self._key("write_probe"), repr(time.time()), px=60_000)
+        except redis.RedisError as exc:
+            return f"Redis refuses writes: {type(exc).__name__}: {exc}"
+        return None
+
+    def persistence(self) -> Persistence:
+        now = time.monotonic()
+        if self._persistence is None or now - self._persistence[0] > PERSISTENCE_RECHECK_SECONDS:
+            self._persistence = (now, self._ask_persistence())
+        return self._persistence[1]
+
+    def _ask_persistence(self) -> Persistence:
+        try:
+            client = self._client()
+            aof = client.config_get("appendonly").get("appendonly")
+            fsync = client.config_get("appendfsync").get("appendfsync")
+            save = client.config_get("save").get("save")
+        except redis.ResponseError as exc:  # CONFIG renamed away or not permitted (managed Redis, ACL)
+            return Persistence("unknown", f"cannot verify (CONFIG GET refused: {exc}); make sure Redis "
+                                          "runs with appendonly yes, or a restart loses queued events")
+        except redis.RedisError as exc:
+            return Persistence("unknown", f"cannot verify: {exc}")
+        if aof == "yes":
+            return Persistence("ok", f"appendonly yes, appendfsync {fsync}")
+        if save:
+            return Persistence("snapshots", f"RDB snapshots only (save {save}): a Redis restart loses the "
+                                            "events queued since the last snapshot; set appendonly yes")
+        return Persistence("off", "appendonly no and no RDB snapshots: a Redis restart loses every "
+                                  "queued event; set appendonly yes")
 
     def close(self) -> None:
         if self._redis is not None and self._pid == os.getpid():
