@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS events (
     event_id TEXT NOT NULL,
     transaction_id TEXT NOT NULL,
     dedupe_key TEXT,
+    fingerprint TEXT,
     payload TEXT NOT NULL,
     received_at REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
@@ -54,7 +55,7 @@ CREATE INDEX IF NOT EXISTS events_txn ON events(transaction_id);
 """
 
 _COLUMNS = (
-    "id", "cid", "event_id", "transaction_id", "dedupe_key", "payload", "received_at", "state",
+    "id", "cid", "event_id", "transaction_id", "dedupe_key", "fingerprint", "payload", "received_at", "state",
     "attempts", "next_at", "lease_owner", "uncertain", "last_status", "last_answer", "last_error",
     "updated_at", "delivered_at", "latency_ms",
 )
@@ -66,6 +67,17 @@ def _row_to_record(row: sqlite3.Row) -> Record:
     data["last_answer"] = json.loads(data["last_answer"]) if data["last_answer"] else None
     data["uncertain"] = bool(data["uncertain"])
     return Record(**data)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an older relay up to this schema (its rows stay as they are)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    if "fingerprint" not in present:
+        try:
+            conn.execute("ALTER TABLE events ADD COLUMN fingerprint TEXT")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it meanwhile: fine
+                raise
 
 
 BUSY_WAIT_SECONDS = 30.0
@@ -107,6 +119,7 @@ class SQLiteStore:
         self._pid = os.getpid()
         conn = self._conn()
         _busy_retry(lambda: conn.executescript(_SCHEMA))
+        _busy_retry(lambda: _add_missing_columns(conn))
 
     def _conn(self) -> sqlite3.Connection:
         # A connection must not cross a fork: gunicorn workers each open their own.
@@ -133,13 +146,16 @@ class SQLiteStore:
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         now = time.time()
+        # The NOT EXISTS: a record stored before ids were scoped has the bare event_uuid as id; for
+        # its own campaign it is the same event. (The WHERE also lets SQLite parse the ON CONFLICT.)
         cur = self._write(
-            f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-            "ON CONFLICT DO NOTHING",
+            f"INSERT INTO events ({', '.join(_COLUMNS)}) SELECT {', '.join('?' * len(_COLUMNS))} "
+            "WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = ? AND cid = ?) ON CONFLICT DO NOTHING",
             (
                 record.id, record.cid, record.event_id, record.transaction_id, record.dedupe_key,
-                json.dumps(record.payload, separators=(",", ":")), record.received_at, "pending",
-                1 if owner else 0, now + lease if owner else now, owner, 0, None, None, None, now, None, None,
+                record.fingerprint, json.dumps(record.payload, separators=(",", ":")), record.received_at,
+                "pending", 1 if owner else 0, now + lease if owner else now, owner, 0, None, None, None, now,
+                None, None, record.event_uuid, record.cid,
             ),
         )
         if cur.rowcount == 1:
@@ -147,6 +163,9 @@ class SQLiteStore:
             record.attempts, record.next_at = (1 if owner else 0), (now + lease if owner else now)
             return record, True
         existing = self.get(record.id)
+        if existing is None and record.event_uuid != record.id:
+            legacy = self.get(record.event_uuid)
+            existing = legacy if legacy is not None and legacy.cid == record.cid else None
         if existing is None and record.dedupe_key:
             rows = self._read(
                 f"SELECT {', '.join(_COLUMNS)} FROM events WHERE dedupe_key = ? AND state != 'dead'",
