@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
@@ -17,7 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .bots import bot_marker
 from .config import CampaignConfig
 from .errors import ApiError, answer
-from .origins import origin_allowed
+from .origins import origin_allowed, well_formed_origin
 from .relay import Relay
 from .validation import _UUID_RE, parse_json_body, validate_event
 
@@ -128,9 +128,19 @@ def _check_caller(campaign: CampaignConfig) -> bool:
             raise ApiError(403, "Requests without an Origin need the campaign's server key", reason="server_key")
         raise ApiError(403, "Origin not allowed", reason="origin")
     if not origin_allowed(origin, campaign.allowed_origins):
-        raise ApiError(403, "Origin not allowed", reason="origin")
+        _refuse_origin(campaign, origin)
     g.cors_origin = origin
     return False
+
+
+def _refuse_origin(campaign: CampaignConfig, origin: str) -> NoReturn:
+    """403, readable by the refused page: the answer holds nothing secret, and a page that can read
+    it stops (the SDK treats any 4xx but 408/429 as final) where a CORS failure looks like a network
+    error to retry forever. Only a well-formed origin is echoed; the log says which one was refused."""
+    if well_formed_origin(origin):
+        g.cors_origin = origin
+    log.warning("origin %r refused for campaign %s (not in its allowed_origins)", origin[:120], campaign.cid)
+    raise ApiError(403, "Origin not allowed", reason="origin")
 
 
 def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str, trusted: bool | None = None) -> Response:
