@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, load_config, parse_config, store_location
 
 
 def _load(path: str) -> Config:
@@ -27,8 +27,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     from . import create_app, wsgi
 
-    print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {config.relay.upstream_url})",
-          flush=True)
+    print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {config.relay.upstream_url}; "
+          f"store: {store_location(config.relay.store)})", flush=True)
+    _warn(config)
     wsgi.run(lambda: create_app(load_config(args.config)), host=args.host, port=args.port,
              workers=args.workers, threads=args.threads, multiprocess_metrics=True)
     return 0
@@ -53,7 +54,7 @@ def demo_config(port: int, store_dir: str | None = None) -> Config:
     data["relay"]["upstream_url"] = f"http://127.0.0.1:{port}/sandbox"
     store_dir = store_dir or tempfile.gettempdir()
     data["relay"]["store"] = f"sqlite:///{Path(store_dir) / f'pingtree-relay-demo-{port}.sqlite3'}"
-    data["relay"].setdefault("admin_token", "demo")
+    data["relay"].setdefault("admin_token", "demo-admin-token")
     for campaign in data["campaigns"].values():
         campaign["allowed_origins"] = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
     return parse_config(data, source="demo")
@@ -113,7 +114,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     events = sum(len(c.events) for c in config.campaigns.values())
     print(f"{args.file}: OK ({len(config.campaigns)} campaigns, {events} events)")
+    print(f"store: {store_location(config.relay.store)}")
+    _warn(config)
     return 0
+
+
+def _warn(config: Config) -> None:
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def cmd_snippet(args: argparse.Namespace) -> int:
