@@ -142,7 +142,7 @@ def test_a_processed_but_unanswered_event_is_counted_once(
     [txn] = new_txns(1, "late")
     response = relay.post({"event_id": "form_submitted", "transaction_id": txn})
     assert response.status_code == 202, response.text
-    uuid_ = response.json()["data"]["event_uuid"]
+    uuid_ = "cmp_test:" + response.json()["data"]["event_uuid"]  # the store's id: scoped to the campaign
     store = store_of(relay)
     record = wait_for(lambda: (r := store.get(uuid_)) is not None and r.state != "pending" and r,
                       timeout=20, message="an outcome for the late-answered event")
