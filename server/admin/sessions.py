@@ -54,15 +54,18 @@ class SQLiteSessions:
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        self._conn().executescript(
-            "CREATE TABLE IF NOT EXISTS admin_sessions (id TEXT PRIMARY KEY, bound TEXT NOT NULL, expires REAL NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS admin_login_failures (client TEXT NOT NULL, win INTEGER NOT NULL, "
-            "count INTEGER NOT NULL, PRIMARY KEY (client, win));")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            # On first use, not at start: a relay without a dashboard never writes these tables, and
+            # one whose disk is full still boots.
+            conn.executescript(
+                "CREATE TABLE IF NOT EXISTS admin_sessions (id TEXT PRIMARY KEY, bound TEXT NOT NULL, "
+                "expires REAL NOT NULL);"
+                "CREATE TABLE IF NOT EXISTS admin_login_failures (client TEXT NOT NULL, win INTEGER NOT NULL, "
+                "count INTEGER NOT NULL, PRIMARY KEY (client, win));")
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
