@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -68,3 +69,24 @@ def test_serve_banner_names_the_resolved_store_and_logs_the_warnings(relay_facto
     assert f"store: SQLite file {relay.store_path})" in log, log
     assert "warning: campaigns.cmp_empty.events: none" in log, log
     assert "warning: campaigns.cmp_test.allowed_origins[2]: *.webflow.io is a hosting platform" in log, log
+
+
+def test_snippet_prints_the_stable_tag_and_pins_on_request(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\nstore = "sqlite:///outbox.sqlite3"\n'
+                      'public_url = "https://track.example.com"\n[campaigns.cmp_x.events.view]\n')
+    stable = run_cli("snippet", "cmp_x", "--config", str(config))
+    assert stable.returncode == 0, stable.stderr
+    assert stable.stdout.splitlines()[1] == '<script async src="https://track.example.com/sdk/cmp_x.js"></script>'
+    assert not (tmp_path / "sdk-builds").exists()  # nothing to keep for the stable tag
+
+    pinned = run_cli("snippet", "cmp_x", "--config", str(config), "--integrity", "--base-url", "http://r.example")
+    assert pinned.returncode == 0, pinned.stderr
+    match = re.search(r'src="http://r\.example/sdk/cmp_x/v/([0-9a-f]{16})\.js" integrity="sha384-', pinned.stdout)
+    assert match, pinned.stdout
+    # Kept beside the SQLite store, so the relay serves this build even after the config changes.
+    assert [p.name for p in (tmp_path / "sdk-builds").glob("*.js")] == [f"cmp_x.{match.group(1)}.js"]
+
+    config.write_text(config.read_text().replace('public_url = "https://track.example.com"\n', ""))
+    refused = run_cli("snippet", "cmp_x", "--config", str(config))
+    assert refused.returncode == 1 and "--base-url" in refused.stderr
