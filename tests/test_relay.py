@@ -31,11 +31,18 @@ class FinishFails:
     def __init__(self, store: Store, error: Exception, failures: int) -> None:
         self._store, self._error, self.failures = store, error, failures
 
-    def finish(self, *args: Any, **kwargs: Any) -> bool:
+    def _fail(self) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise self._error
+
+    def finish(self, *args: Any, **kwargs: Any) -> bool:
+        self._fail()
         return self._store.finish(*args, **kwargs)
+
+    def finish_many(self, *args: Any, **kwargs: Any) -> Any:
+        self._fail()
+        return self._store.finish_many(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -86,6 +93,7 @@ def test_a_stored_event_is_202_when_the_write_after_the_attempt_fails(
     if failures == 1:
         # The outcome was recorded as unknown at once (the 30 s lease has not expired): the retry
         # goes out uncertain, so Pingtree's "Duplicate event" answer to it counts as delivered.
+        client.application.extensions["relay"].start_delivery()
         delivered = wait_for(lambda: (r := store.get(f"cmp_test:{uid}")) and r.state == "delivered" and r,
                              message="the uncertain retry settled as delivered")
         assert delivered.uncertain and delivered.last_error == "duplicate after an attempt with unknown outcome"
