@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, load_config, parse_config, store_location
 
 # --help shows this as it is: plain text, no reST markup.
 DESCRIPTION = "pingtree-relay: a durable relay and browser SDK for Pingtree's Event Postback API."
@@ -59,8 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     last_good = LastGoodConfig(args.config, config)
     deliver = [sys.executable, "-m", "server.cli", "deliver", "--config", args.config,
                "--inline-workers", str(workers), "--parent-pid", str(os.getpid())]
-    log.info("pingtree-relay %s serving on http://%s:%s (upstream %s)", _version(), args.host, args.port,
-             settings.upstream_url)
+    log.info("pingtree-relay %s serving on http://%s:%s (upstream %s; store: %s)", _version(), args.host,
+             args.port, settings.upstream_url, store_location(settings.store))
+    _warn(config)
     wsgi.run(lambda: create_app(last_good.config, start_delivery=False), host=args.host, port=args.port,
              workers=workers, threads=args.threads, multiprocess_metrics=True,
              sidecar=deliver, sidecar_env=last_good.environment, on_reload=last_good.reload,
@@ -140,7 +141,7 @@ def demo_config(port: int, store_dir: str | None = None) -> Config:
     data["relay"]["upstream_url"] = f"http://127.0.0.1:{port}/sandbox"
     store_dir = store_dir or tempfile.gettempdir()
     data["relay"]["store"] = f"sqlite:///{Path(store_dir) / f'pingtree-relay-demo-{port}.sqlite3'}"
-    data["relay"].setdefault("admin_token", "demo")
+    data["relay"].setdefault("admin_token", "demo-admin-token")
     for campaign in data["campaigns"].values():
         campaign["allowed_origins"] = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
     return parse_config(data, source="demo")
@@ -205,7 +206,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     events = sum(len(c.events) for c in config.campaigns.values())
     print(f"{path}: OK ({len(config.campaigns)} campaigns, {events} events)")
+    print(f"store: {store_location(config.relay.store)}")
+    _warn(config)
     return 0
+
+
+def _warn(config: Config) -> None:
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def cmd_snippet(args: argparse.Namespace) -> int:

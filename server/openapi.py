@@ -217,6 +217,7 @@ def _event_post(summary: str, operation_id: str, params: list[dict[str, Any]], r
             "404": _json("Campaign not found", ANSWER),
             "413": _json("Body larger than relay.max_body_bytes", ANSWER),
             "415": _json("Content type other than application/json or text/plain", ANSWER),
+            "422": _json("event_uuid / Idempotency-Key already used in this campaign for a different event", ANSWER),
             "429": _json("Rate limit per client IP or per campaign", ANSWER, RETRY_AFTER),
             "4XX": _json("Another rejection passed through from Pingtree", ANSWER),
             "500": _json("Internal error (never a stack trace)", ANSWER),

@@ -23,13 +23,14 @@ STATES = ("pending", "delivered", "dead")
 class Record:
     """One event in the outbox, with the exact body to forward (``payload``)."""
 
-    id: str  # the event_uuid: the idempotency key
+    id: str  # the store key: scoped_id(cid, the client's event_uuid or Idempotency-Key)
     cid: str
     event_id: str
     transaction_id: str
     payload: dict[str, Any]
     received_at: float
     dedupe_key: str | None = None
+    fingerprint: str | None = None  # Event.fingerprint(): a reused id must come with the same event
     state: str = "pending"
     attempts: int = 0
     next_at: float = 0.0
@@ -42,6 +43,12 @@ class Record:
     delivered_at: float | None = None
     latency_ms: float | None = None
 
+    @property
+    def event_uuid(self) -> str:
+        """The client's id, as answers give it back (records stored before ids were scoped: the id)."""
+        prefix = self.cid + ":"
+        return self.id[len(prefix):] if self.id.startswith(prefix) else self.id
+
     def display_state(self, now: float | None = None) -> str:
         """What an operator wants to see: queued, delivering, retrying, delivered or dead."""
         if self.state != "pending":
@@ -53,6 +60,13 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def scoped_id(cid: str, event_uuid: str) -> str:
+    """The store key of a client's id: one per campaign, so an id that campaign B's page sends can
+    neither read campaign A's stored answer nor pass for A's event. (Records stored before this
+    carry the bare event_uuid; ``add`` still finds those for their own campaign.)"""
+    return f"{cid}:{event_uuid}"
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,8 @@ class Store(Protocol):
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         """Insert ``record``; leased to ``owner`` for ``lease`` seconds when owner is given (the inline
-        attempt). Returns ``(stored, created)``: when ``record.id`` or a live record with the same
+        attempt). Returns ``(stored, created)``: when ``record.id`` (or, stored before ids were
+        scoped, ``record.event_uuid`` with the same ``cid``) or a live record with the same
         ``dedupe_key`` exists, nothing is inserted and the existing record comes back."""
 
     def claim(self, owner: str, limit: int, lease: float) -> list[Record]:

@@ -76,11 +76,15 @@ local function is_live(id)
 end
 """
 
-# KEYS: none. ARGV: prefix, id, dedupe_key, owner, lease, then field/value pairs of the new record.
+# KEYS: none. ARGV: prefix, id, dedupe_key, owner, lease, legacy id, cid, then field/value pairs of
+# the new record. The legacy id is the bare event_uuid a record stored before ids were scoped has:
+# for its own campaign it is the same event.
 _ADD = _PRELUDE + """
 local id, dkey, owner, lease = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local legacy, cid = ARGV[6], ARGV[7]
 local ev = P .. 'ev:' .. id
 if redis.call('EXISTS', ev) == 1 then return {0, id} end
+if legacy ~= '' and redis.call('HGET', P .. 'ev:' .. legacy, 'cid') == cid then return {0, legacy} end
 if dkey ~= '' then
   local holder = redis.call('GET', P .. 'dedupe:' .. dkey)
   if holder and is_live(holder) then return {0, holder} end
@@ -89,7 +93,7 @@ local t = now()
 local next_at, attempts = t, 0
 if owner ~= '' then next_at, attempts = t + lease, 1 end
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', ev, unpack(fields))
 redis.call('HSET', ev, 'state', 'pending', 'attempts', attempts, 'next_at', fmt(next_at),
            'uncertain', '0', 'updated_at', fmt(t))
@@ -320,7 +324,11 @@ class RedisStore:
                   "received_at", repr(float(record.received_at))]
         if record.dedupe_key:
             fields += ["dedupe_key", record.dedupe_key]
-        reply = self._run("add", record.id, record.dedupe_key or "", owner or "", repr(float(lease)), *fields)
+        if record.fingerprint:
+            fields += ["fingerprint", record.fingerprint]
+        legacy = record.event_uuid if record.event_uuid != record.id else ""
+        reply = self._run("add", record.id, record.dedupe_key or "", owner or "", repr(float(lease)),
+                          legacy, record.cid, *fields)
         if int(reply[0]) == 1:
             now, next_at = float(reply[1]), float(reply[2])
             record.state, record.lease_owner, record.updated_at = "pending", owner, now

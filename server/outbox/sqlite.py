@@ -73,10 +73,15 @@ CREATE TABLE IF NOT EXISTS write_probe (at REAL NOT NULL, filler BLOB NOT NULL);
 
 # Schema migrations, in order: entry N brings a store from version N to N+1 (schema.py applies them
 # at start). Never edit an entry once released; append one instead.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
+_MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA,
+    # 2: each record keeps a fingerprint of its validated event, so a reused event_uuid with another
+    # body is refused instead of replayed (rows stored before have none and replay as before).
+    "ALTER TABLE events ADD COLUMN fingerprint TEXT;",
+)
 
 _COLUMNS = (
-    "id", "cid", "event_id", "transaction_id", "dedupe_key", "payload", "received_at", "state",
+    "id", "cid", "event_id", "transaction_id", "dedupe_key", "fingerprint", "payload", "received_at", "state",
     "attempts", "next_at", "lease_owner", "uncertain", "last_status", "last_answer", "last_error",
     "updated_at", "delivered_at", "latency_ms",
 )
@@ -232,13 +237,16 @@ class SQLiteStore:
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         now = time.time()
+        # The NOT EXISTS: a record stored before ids were scoped has the bare event_uuid as id; for
+        # its own campaign it is the same event. (The WHERE also lets SQLite parse the ON CONFLICT.)
         cur = self._write(
-            f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-            "ON CONFLICT DO NOTHING",
+            f"INSERT INTO events ({', '.join(_COLUMNS)}) SELECT {', '.join('?' * len(_COLUMNS))} "
+            "WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = ? AND cid = ?) ON CONFLICT DO NOTHING",
             (
                 record.id, record.cid, record.event_id, record.transaction_id, record.dedupe_key,
-                json.dumps(record.payload, separators=(",", ":")), record.received_at, "pending",
-                1 if owner else 0, now + lease if owner else now, owner, 0, None, None, None, now, None, None,
+                record.fingerprint, json.dumps(record.payload, separators=(",", ":")), record.received_at,
+                "pending", 1 if owner else 0, now + lease if owner else now, owner, 0, None, None, None, now,
+                None, None, record.event_uuid, record.cid,
             ),
         )
         if cur.rowcount == 1:
@@ -246,6 +254,9 @@ class SQLiteStore:
             record.attempts, record.next_at = (1 if owner else 0), (now + lease if owner else now)
             return record, True
         existing = self.get(record.id)
+        if existing is None and record.event_uuid != record.id:
+            legacy = self.get(record.event_uuid)
+            existing = legacy if legacy is not None and legacy.cid == record.cid else None
         if existing is None and record.dedupe_key:
             rows = self._read(
                 f"SELECT {', '.join(_COLUMNS)} FROM events WHERE dedupe_key = ? AND state != 'dead'",
