@@ -19,7 +19,7 @@ from .callers import check_caller, visitor
 from .config import CampaignConfig
 from .enrichment import forward_body, relay_fields
 from .errors import ApiError, answer
-from .origins import origin_allowed, well_formed_origin
+from .origins import origin_allowed
 from .relay import Relay
 from .validation import _UUID_RE, parse_json_body, validate_event
 

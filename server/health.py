@@ -8,7 +8,6 @@ import time
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from .outbox import Store
-
 from .upstream_state import Outcome, latest
 
 bp = Blueprint("health", __name__)
