@@ -30,6 +30,7 @@ import jinja2
 import rjsmin
 from flask import Blueprint, Response, current_app, request
 
+from .attribution import CLICK_IDS
 from .config import CampaignConfig, Config, RelayConfig
 from .paths import JS_TEMPLATES
 
@@ -94,7 +95,7 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "last": sdk.attribution == "last",
         "ptCookie": sdk.pingtree_cookie,
         "generate": sdk.generate_transaction_id,
-        "extra": [p for p in sdk.extra_params if p not in URL_PARAMS],
+        "extra": [p for p in sdk.extra_params if p not in URL_PARAMS and p not in CLICK_IDS],
         "call": sdk.call_event,
         "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
     }
@@ -124,7 +125,8 @@ def render_sdk(campaign: CampaignConfig, relay: RelayConfig) -> BuiltScript:
 def _build(config_json: str, features_json: str) -> BuiltScript:
     # Keyed by canonical JSON: campaign objects hold dicts (unhashable), and only what reaches the
     # script may decide whether the script changes.
-    source = _env.get_template("sdk.js.j2").render(cfg=json.loads(config_json), feature=json.loads(features_json))
+    source = _env.get_template("sdk.js.j2").render(
+        cfg=json.loads(config_json), feature=json.loads(features_json), click_ids=CLICK_IDS)
     body = shorten_names(rjsmin.jsmin(source)).encode("utf-8")
     return BuiltScript(
         body=body,
@@ -144,6 +146,7 @@ SHORT_NAMES: tuple[str, ...] = (
     "held", "track", "deliver", "retry", "flush", "leave", "fire", "fill", "api", "stub", "touched",
     "got", "old", "tid", "ans", "res", "pick", "list", "fields", "amount", "why", "wait", "after",
     "root", "closest", "consent", "today", "log", "now", "name", "set", "two", "fly", "later", "ms", "cmd",
+    "trail", "both",
 )
 _TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[A-Za-z_$][\w$]*|[\s\S]""")
 

@@ -34,7 +34,7 @@ def make_config(sdk_table: dict | None = None, **relay: str) -> Config:
         "campaigns": {
             "cmp_a": {
                 "events": {"quote_viewed": {}, "call_clicked": {}, "sale": {"conversion": True}},
-                "extra_fields": ["gclid"],
+                "extra_fields": ["gclid", "promo_code"],
                 "sdk": sdk_table or {},
             },
         },
@@ -73,14 +73,16 @@ def test_script_config_of_the_demo_campaign() -> None:
 def test_script_config_carries_every_sdk_setting() -> None:
     config = make_config(
         {"cookie_name": "attr", "cookie_days": 7, "cookie_domain": ".example.com", "attribution": "last",
-         "pingtree_cookie": "ptid", "generate_transaction_id": False, "extra_params": ["gclid", "pid"],
+         "pingtree_cookie": "ptid", "generate_transaction_id": False,
+         # gclid and pid are captured by every campaign already: only promo_code is extra.
+         "extra_params": ["gclid", "pid", "promo_code"],
          "selectors": {".buy": "sale"}, "endpoint_path": "/t/e"},
         public_url="https://relay.example.com",
     )
     cfg = sdk.script_config(config.campaigns["cmp_a"], config.relay)
     assert cfg == {
         "cid": "cmp_a", "base": "https://relay.example.com", "path": "/t/e", "cookie": "attr", "days": 7,
-        "domain": ".example.com", "last": True, "ptCookie": "ptid", "extra": ["gclid"],
+        "domain": ".example.com", "last": True, "ptCookie": "ptid", "extra": ["promo_code"],
         "selectors": [[".buy", "sale"]],
     }
 
