@@ -81,9 +81,9 @@ def preflight(cid: str) -> Response:
     origin = request.headers.get("Origin")
     campaign = relay().config.campaigns.get(cid)
     if cid == "trigger":
-        allowed = any(origin_allowed(origin, c.allowed_origins) for c in relay().config.campaigns.values())
+        allowed = any(_origin_ok(origin, c) for c in relay().config.campaigns.values())
     else:
-        allowed = campaign is not None and origin_allowed(origin, campaign.allowed_origins)
+        allowed = campaign is not None and _origin_ok(origin, campaign)
     if not allowed:
         raise ApiError(403, "Origin not allowed", reason="origin")
     response = Response(status=204)
@@ -127,10 +127,17 @@ def _check_caller(campaign: CampaignConfig) -> bool:
         if campaign.allow_server_calls:
             raise ApiError(403, "Requests without an Origin need the campaign's server key", reason="server_key")
         raise ApiError(403, "Origin not allowed", reason="origin")
-    if not origin_allowed(origin, campaign.allowed_origins):
+    if not _origin_ok(origin, campaign):
         raise ApiError(403, "Origin not allowed", reason="origin")
     g.cors_origin = origin
+    # A staging origin is test traffic even when allowed_origins also matches it: never Pingtree.
+    g.test_traffic = origin_allowed(origin, campaign.staging_origins)
     return False
+
+
+def _origin_ok(origin: str | None, campaign: CampaignConfig) -> bool:
+    """allowed_origins and staging_origins are allowed alike (staging events are test traffic)."""
+    return origin_allowed(origin, campaign.allowed_origins) or origin_allowed(origin, campaign.staging_origins)
 
 
 def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str, trusted: bool | None = None) -> Response:
@@ -147,10 +154,12 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
     reply = relay().accept(
         campaign, event, idempotency_key=_idempotency_key(),
         ip_address=request.remote_addr, user_agent=request.headers.get("User-Agent"),
+        test=getattr(g, "test_traffic", False),
     )
     g.outcome = reply.outcome
     relay().observers.emit("accepted", cid=campaign.cid, event_id=event.event_id, outcome=reply.outcome,
-                           status=reply.status, event_uuid=reply.body["data"].get("event_uuid"))
+                           status=reply.status, event_uuid=reply.body["data"].get("event_uuid"),
+                           test=True if g.get("test_traffic") else None)
     response = jsonify(reply.body)
     response.status_code = reply.status
     return response

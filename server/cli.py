@@ -121,13 +121,21 @@ def cmd_snippet(args: argparse.Namespace) -> int:
     if args.cid not in config.campaigns:
         print(f"no campaign {args.cid!r} in {args.config}", file=sys.stderr)
         return 1
-    from .sdk import snippet_tag
+    from .sdk import csp_sources, snippet_tag
 
     base = args.base_url or config.relay.public_url
     if not base:
         print("give --base-url (where the relay is reachable) or set relay.public_url", file=sys.stderr)
         return 1
-    print(snippet_tag(config, args.cid, base))
+    if args.csp:
+        # The sources a strict Content-Security-Policy needs for this tag, one directive a line.
+        sources = csp_sources(config, args.cid, base)
+        if args.no_stub:
+            sources["script-src"] = [s for s in sources["script-src"] if not s.startswith("'sha256-")]
+        for directive, values in sources.items():
+            print(f"{directive} {' '.join(values)}")
+        return 0
+    print(snippet_tag(config, args.cid, base, stub=not args.no_stub))
     return 0
 
 
@@ -208,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cid")
     p.add_argument("--config", required=True)
     p.add_argument("--base-url", default="")
+    p.add_argument("--csp", action="store_true",
+                   help="print the Content-Security-Policy sources the tag needs instead of the tag")
+    p.add_argument("--no-stub", action="store_true",
+                   help="the script tag alone, no inline stub (pingtree() calls wait for the script's load)")
     p.set_defaults(func=cmd_snippet)
 
     p = sub.add_parser("outbox", help="inspect and operate the outbox")

@@ -53,6 +53,9 @@ class Metrics:
                             ce, registry=registry)
         self.retries = Counter("pingtree_relay_delivery_retries", "Delivery attempts that will be retried",
                                ce, registry=registry)
+        # Test traffic (staging origins) is counted apart: it must not inflate what reached Pingtree.
+        self.test = Counter("pingtree_relay_test_events", "Test events (staging origins), by outcome; never sent to Pingtree",
+                            [*ce, "outcome"], registry=registry)
         self.latency = Histogram("pingtree_relay_upstream_latency_seconds", "Time Pingtree took to answer",
                                  ["state"], buckets=LATENCY_BUCKETS, registry=registry)
         self._zeroes()
@@ -80,6 +83,10 @@ class Metrics:
         cid, event_id = self.labels(fields)
         if kind == "received":
             self.received.labels(cid).inc()
+        elif fields.get("test"):
+            # Neither accepted nor delivered to Pingtree: counted once, apart, when answered.
+            if kind == "accepted":
+                self.test.labels(cid, event_id, _label(fields.get("outcome"))).inc()
         elif kind == "accepted":
             self.accepted.labels(cid, event_id, _label(fields.get("outcome"))).inc()
         elif kind == "rejected":

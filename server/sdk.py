@@ -98,6 +98,7 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "extra": [p for p in sdk.extra_params if p not in URL_PARAMS and p not in CLICK_IDS],
         "call": sdk.call_event,
         "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
+        "consent": sdk.consent,  # the debug panel says "waiting for consent" only where it applies
     }
     return {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
 
@@ -107,7 +108,8 @@ def script_features(campaign: CampaignConfig) -> dict[str, bool]:
     sdk = campaign.sdk
     return {
         "consent": sdk.consent,
-        "fill": sdk.fill_forms,
+        "fill": sdk.fill_forms or sdk.add_hidden_fields,  # the inputs it adds are filled like any
+        "hidden": sdk.add_hidden_fields,
         "call": bool(sdk.call_event),
         "selectors": bool(sdk.selectors),
     }
@@ -127,7 +129,10 @@ def _build(config_json: str, features_json: str) -> BuiltScript:
     # script may decide whether the script changes.
     source = _env.get_template("sdk.js.j2").render(
         cfg=json.loads(config_json), feature=json.loads(features_json), click_ids=CLICK_IDS)
-    body = shorten_names(rjsmin.jsmin(source)).encode("utf-8")
+    return _package(shorten_names(rjsmin.jsmin(source)).encode("utf-8"))
+
+
+def _package(body: bytes) -> BuiltScript:
     return BuiltScript(
         body=body,
         gzip=gzip.compress(body, compresslevel=9, mtime=0),  # mtime=0: same bytes on every worker
@@ -189,7 +194,34 @@ def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: 
     return f"<script>{STUB}</script>\n{tag}" if stub else tag
 
 
+def csp_sources(config: Config, cid: str, base_url: str | None = None) -> dict[str, list[str]]:
+    """What a page's Content-Security-Policy must allow for the tag ``snippet_tag`` prints.
+
+    For hosts that cannot serve a file of the merchant's own (Webflow): the inline stub is allowed
+    by its hash, the script (and the debug panel) by the relay's origin, the events by the origin
+    they are posted to. Without the stub (``snippet --no-stub``) the hash is not needed.
+    """
+    if cid not in config.campaigns:
+        raise KeyError(cid)  # like snippet_tag; every campaign needs the same sources
+    base = (base_url or config.relay.public_url).rstrip("/")
+    if not base:
+        raise ValueError("no base URL: pass one or set relay.public_url")
+    relay = _origin(base)
+    # The SDK posts to relay.public_url when set, else to where it was loaded from (script_config).
+    endpoint = _origin(config.relay.public_url) if config.relay.public_url else relay
+    stub_hash = "'sha256-" + base64.b64encode(hashlib.sha256(STUB.encode("utf-8")).digest()).decode("ascii") + "'"
+    return {"script-src": [stub_hash, relay], "connect-src": sorted({relay, endpoint})}
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
 # --- HTTP ---------------------------------------------------------------------------------------------
+
+# Outside /sdk/<cid>.js's namespace: a campaign id has no dot, so no campaign can shadow it.
+DEBUG_PANEL_PATH = "/sdk/pingtree.debug.js"
 
 
 def _config() -> Config | None:
@@ -264,3 +296,18 @@ def _not_found() -> Response:
     response.headers["Cache-Control"] = "no-store"
     _public_headers(response)
     return response
+
+
+# --- the debug panel: a separate script, loaded by the SDK in debug mode only ------------------------
+
+
+@lru_cache(maxsize=1)
+def debug_panel_script() -> BuiltScript:
+    """js_templates/debug_panel.js, minified: the same for every campaign (it reads the SDK's trail)."""
+    return _package(rjsmin.jsmin((JS_TEMPLATES / "debug_panel.js").read_text(encoding="utf-8")).encode("utf-8"))
+
+
+@bp.get(DEBUG_PANEL_PATH)
+def debug_panel() -> Response:
+    """The ``?pt_debug=1`` panel. Loaded with ``import()``: a module, fetched with CORS (hence ACAO *)."""
+    return _script_response(debug_panel_script())
