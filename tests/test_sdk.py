@@ -99,6 +99,9 @@ def test_server_only_fields_are_never_attribution_params() -> None:
     ({"consent": True}, ["tcpa_consent", "'consent'"], ["tel:"]),
     ({"selectors": {".buy": "sale"}}, ["bad selector"], ["tel:"]),
     ({"fill_forms": False}, ["data-pt-event"], ["input[type=hidden]"]),
+    ({}, ["data-pt-event"], ["createElement('input')"]),
+    ({"add_hidden_fields": True}, ["createElement('input')", "input[type=hidden]"], []),
+    ({"add_hidden_fields": True, "fill_forms": False}, ["createElement('input')", "input[type=hidden]"], []),
 ])
 def test_unused_features_are_left_out(table: dict, present: list[str], absent: list[str]) -> None:
     config = make_config(table)
@@ -158,7 +161,7 @@ def test_hostile_values_through_the_renderer_directly() -> None:
 
 
 @pytest.mark.parametrize("table", [{}, {"consent": True, "selectors": {"a.b, #c": "sale"}, "call_event": "call_clicked",
-                                        "attribution": "last", "extra_params": ["gclid"]}])
+                                        "attribution": "last", "extra_params": ["gclid"], "add_hidden_fields": True}])
 def test_script_parses(table: dict) -> None:
     config = make_config(table)
     _node_check(sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode())
@@ -263,6 +266,40 @@ def test_snippet_has_stub_and_matching_sri() -> None:
                    'crossorigin="anonymous"></script>')
     assert sdk.snippet_tag(config, "cmp_demo", "https://r.example", stub=False) == tag.replace(
         "https://relay.example.com", "https://r.example")
+
+
+def test_csp_sources_allow_the_stub_by_hash_and_the_relay_by_origin() -> None:
+    config = make_config(public_url="https://relay.example.com/base")
+    sources = sdk.csp_sources(config, "cmp_a")
+    digest = base64.b64encode(hashlib.sha256(sdk.STUB.encode()).digest()).decode()
+    assert sources == {"script-src": [f"'sha256-{digest}'", "https://relay.example.com"],
+                       "connect-src": ["https://relay.example.com"]}
+    # Served from a first-party host while posting to public_url: both are connect sources.
+    assert sdk.csp_sources(config, "cmp_a", "https://www.shop.example")["connect-src"] == [
+        "https://relay.example.com", "https://www.shop.example"]
+    with pytest.raises(KeyError):
+        sdk.csp_sources(config, "nope")
+
+
+def test_debug_panel_is_a_separate_script_served_with_cors() -> None:
+    client = client_for(demo_config())
+    answer = client.get(sdk.DEBUG_PANEL_PATH)
+    assert answer.status_code == 200 and answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert answer.headers["Content-Type"].startswith("application/javascript")
+    assert b"pingtree-debug" in answer.data
+    # The SDK only names it (loaded in debug mode); none of the panel's code is in the SDK.
+    config = demo_config()
+    js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay).body.decode()
+    assert sdk.DEBUG_PANEL_PATH in js and "pingtree-debug" not in js
+
+
+def test_debug_panel_parses() -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed to check the panel's syntax")
+    result = subprocess.run([node, "--input-type=module", "--check", "-"],
+                            input=sdk.debug_panel_script().body.decode(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def test_snippet_uses_script_path_and_public_url() -> None:
