@@ -102,8 +102,10 @@ function events() {
     const b = it.b;
     const name = b.event_id + (b.amount != null ? ' ($' + b.amount + ')' : '') +
       (fired.indexOf(it) < 0 ? ' (from an earlier page)' : '');
+    const queued = parse(stored(PREFIX + it.id));
     const outcome = answers[it.id] ? verdict(answers[it.id])
-      : retries[it.id] ? 'no answer yet, will retry: ' + retries[it.id] : 'sending / queued in this browser';
+      : retries[it.id] ? 'no answer yet, will retry: ' + retries[it.id]
+        : queued ? waiting(queued) : 'sent';
     return [name, outcome];
   });
 }
