@@ -49,8 +49,10 @@ class Relay:
             max_connections=settings.delivery_concurrency + settings.inline_concurrency + 4,
         )
         # Test traffic (staging origins) is routed at send time, in one place: server/staging.py.
-        self.staging_forwarder = Forwarder(settings.staging_upstream_url, timeout=settings.upstream_timeout) \
+        self.staging_forwarder = (
+            Forwarder(settings.staging_upstream_url, timeout=settings.upstream_timeout)
             if settings.staging_upstream_url else None
+        )
         self.dispatcher = Dispatcher(
             self.store, StagingRouter(config, self.forwarder, self.staging_forwarder),
             concurrency=settings.delivery_concurrency,

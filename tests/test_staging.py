@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from server.attribution import CLICK_IDS
 from server.config import parse_config
@@ -55,7 +54,7 @@ def test_router_without_a_staging_upstream_answers_as_the_sandbox() -> None:
 
 def staging_campaigns(pages_port: int) -> str:
     return campaigns_toml(pages_port).replace(
-        "[campaigns.cmp_test]\n", f'[campaigns.cmp_test]\nstaging_origins = ["https://*.webflow.io"]\n', 1)
+        "[campaigns.cmp_test]\n", '[campaigns.cmp_test]\nstaging_origins = ["https://*.webflow.io"]\n', 1)
 
 
 def event(t: str, **fields: Any) -> dict[str, Any]:
