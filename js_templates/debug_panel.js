@@ -146,9 +146,18 @@ function render(root) {
   if (view[3].length) section(body, 'Notes', view[3].map(n => [n]), '');
 }
 
+// One console line per trail entry, in words where the entry is an event's fate.
+function line(e) {
+  if (e[0] === 'event') return ['event', e[1].b.event_id, e[1].b];
+  if (e[0] === 'answer') return [e[2].status > 299 ? 'rejected' : e[2].status === 202 ? 'queued' : 'sent',
+    e[1].b.event_id, e[2]];
+  if (e[0] === 'retry') return ['failed: ' + e[2] + ', will retry', e[1].b.event_id];
+  return e;
+}
+
 function echo() {
   // The console lines the SDK itself no longer writes (bytes): a developer still finds them there.
-  for (; logged < trail.length; logged++) console.log('[pingtree]', ...trail[logged]);
+  for (; logged < trail.length; logged++) console.log('[pingtree]', ...line(trail[logged]));
 }
 
 function mount() {

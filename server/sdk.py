@@ -64,6 +64,8 @@ _env = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+# Not a campaign value: the relay's one list of ad click ids, the same in every campaign's script.
+_env.globals["click_ids"] = CLICK_IDS
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,7 @@ def render_sdk(campaign: CampaignConfig, relay: RelayConfig) -> BuiltScript:
 def _build(config_json: str, features_json: str) -> BuiltScript:
     # Keyed by canonical JSON: campaign objects hold dicts (unhashable), and only what reaches the
     # script may decide whether the script changes.
-    source = _env.get_template("sdk.js.j2").render(
-        cfg=json.loads(config_json), feature=json.loads(features_json), click_ids=CLICK_IDS)
+    source = _env.get_template("sdk.js.j2").render(cfg=json.loads(config_json), feature=json.loads(features_json))
     return _package(shorten_names(rjsmin.jsmin(source)).encode("utf-8"))
 
 
