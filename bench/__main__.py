@@ -213,7 +213,8 @@ def targets(results: dict[str, Any]) -> list[report.Target]:
 def settings(seconds: float, sustained_seconds: float, events: int, limits: dict[str, float]) -> list[str]:
     d = RelayConfig(upstream_url="http://x")
     knobs = ", ".join(f"{k}={getattr(d, k)}" for k in (
-        "inline_concurrency", "inline_timeout", "delivery_concurrency", "upstream_timeout") if hasattr(d, k))
+        "inline_concurrency", "inline_timeout", "delivery_concurrency", "max_in_flight", "upstream_timeout")
+        if hasattr(d, k))
     serve = servers.serve_defaults()
     return [
         f"relay: `pingtree-relay serve` defaults (workers {serve['workers'] or 'by CPU count'}, {serve['threads']} "
@@ -250,7 +251,12 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--before", help="results.json of an earlier run, shown next to this one")
     parser.add_argument("--no-profiles", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument("--from-results", help="measure nothing: rewrite the report from this results.json")
     args = parser.parse_args()
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    if args.from_results:
+        write_report(Path(args.out), json.loads(Path(args.from_results).read_text()), before)
+        return 0
     if args.quick:
         seconds, sustained_seconds, cap, events, limits = 1.0, 3.0, 15.0, 5000, {"sandbox": 30.0, "300ms": 30.0}
     else:
@@ -281,17 +287,19 @@ def main() -> int:
                 = row["peak_rss_mb"]
     results["seconds"] = time.perf_counter() - started
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    before = json.loads(Path(args.before).read_text()) if args.before else None
-    out = Path(args.out)
-    chart_path = out.parent / "img" / "benchmarks.png"
+    write_report(Path(args.out), results, before)
+    print(f"[bench] wrote {args.out} in {results['seconds']:.0f} s (raw: {workdir / 'results.json'})", flush=True)
+    return 0
+
+
+def write_report(out: Path, results: dict[str, Any], before: dict[str, Any] | None) -> None:
+    """docs/benchmarks.md (and its chart, next to it in img/) from one run's results."""
     chart_ref = None
     if "error" not in results["accept"]:
-        report.chart(chart_path, results["accept"])
+        report.chart(out.parent / "img" / "benchmarks.png", results["accept"])
         chart_ref = "img/benchmarks.png"
     report.write_markdown(out, results, targets(results), chart_ref,
                           before=(before, targets(before)) if before else None)
-    print(f"[bench] wrote {out} and {chart_path} in {results['seconds']:.0f} s", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -148,11 +148,12 @@ async def _held_posts(base: str, count: int) -> list[int]:
 
 
 def test_a_thousand_delayed_answers_are_held_at_once(live: httpx.Client, server: str) -> None:
-    """1,000 answers each held 3 s by a delay fault are all waiting together, then all answered.
+    """1,000 answers each held 10 s by a delay fault are all waiting together, then all answered.
 
-    With 64 server threads, at most 64 could be held: ``held`` could never reach 1,000.
+    With 64 server threads, at most 64 could be held: ``held`` could never reach 1,000. (10 s: time
+    for 1,000 connections to send their request on a loaded machine before the first answer is due.)
     """
-    live.post("/_sandbox/faults", json={"delay_ms": 3000, "when": "before"})
+    live.post("/_sandbox/faults", json={"delay_ms": 10_000, "when": "before"})
     seen: list[int] = []
 
     def all_held() -> bool:
@@ -174,7 +175,7 @@ def test_a_thousand_delayed_answers_are_held_at_once(live: httpx.Client, server:
 def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
     proc, base = _start(tmp_path)
     try:
-        httpx.post(base + "/_sandbox/faults", json={"delay_ms": 1500, "when": "after"}).raise_for_status()
+        httpx.post(base + "/_sandbox/faults", json={"delay_ms": 4000, "when": "after"}).raise_for_status()
 
         async def held_then_term() -> int:
             task = asyncio.ensure_future(_held_posts(base, 1))
