@@ -13,10 +13,13 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from server.config import RelayConfig
 
@@ -142,6 +145,29 @@ def _profile_hook(workdir: Path, results: dict[str, Any], seconds: float) -> Cal
         results["profiles"]["sustained 1,000 ev/s, 300 ms upstream"] = {
             "load": "wrk paced at 1,000 ev/s", **summary, "dumps": dumps}
     return hook
+
+
+def sandbox_part(workdir: Path, seconds: float) -> dict[str, Any]:
+    """The sandbox itself, with every answer held 300 ms: 1,500 ev/s offered straight to it, open loop."""
+    with servers.sandbox(workdir) as sandbox:
+        httpx.post(sandbox.url + "/_sandbox/faults", json={"delay_ms": 300, "when": "before"},
+                   timeout=10).raise_for_status()
+        peak = {"held": 0}
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.2):
+                held = httpx.get(sandbox.url + "/_sandbox/stats", timeout=10).json()["held"]
+                peak["held"] = max(peak["held"], held)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        row = measured(sandbox, lambda: load.run_paced(sandbox.url, PATH, rate=1500, seconds=seconds,
+                                                       origin=servers.ORIGIN, connections=1000))
+        stop.set()
+        sampler.join()
+        stats = httpx.get(sandbox.url + "/_sandbox/stats", timeout=10).json()
+    return {**row, "rate": 1500, "peak_held": peak["held"], "accepted_by_sandbox": stats["accepted"]}
 
 
 def drain_part(workdir: Path, events: int, limits: dict[str, float]) -> list[dict[str, Any]]:
@@ -277,6 +303,7 @@ def main() -> int:
     part("sdk", "sdk weight", lambda: sdk_part(workdir))
     part("accept", "accept path", lambda: accept_part(workdir, seconds, results, profiles))
     part("sustained", "sustained delivery", lambda: sustained_part(workdir, sustained_seconds, cap, results, profiles))
+    part("sandbox", "sandbox capacity", lambda: sandbox_part(workdir, sustained_seconds / 3))
     part("drain", "drain", lambda: drain_part(workdir, events, limits))
     if isinstance(results["drain"], dict):  # the whole part failed (e.g. filling the store)
         results["drain"] = [{"store": "SQLite", "upstream": up, **results["drain"], "limit": limits[up]}

@@ -220,7 +220,21 @@ def _misc_section(results: dict[str, Any]) -> list[str]:
     out += [_table(["when", "per process MB"], [[k, ", ".join(f"{v:.0f}" for v in vals) or NA]
                                                for k, vals in mem.items()]), ""]
     out += _profile_section(results.get("profiles") or {})
+    out += _sandbox_section(results.get("sandbox"))
     return out
+
+
+def _sandbox_section(sandbox: dict[str, Any] | None) -> list[str]:
+    out = ["## 8. The sandbox's own capacity (`pingtree-relay sandbox`, every answer held 300 ms)", ""]
+    if not sandbox or "error" in sandbox:
+        return out + [f"n/a ({(sandbox or {}).get('error', 'not measured')})", ""]
+    return out + [
+        f"{sandbox['rate']:,} ev/s offered open loop on up to {sandbox['concurrency']:,} connections for "
+        f"{sandbox['seconds']:.0f} s: {sandbox['rps']:,.0f} answers/s, p50 {sandbox['p50_ms']:.0f} ms, "
+        f"p99 {sandbox['p99_ms']:.0f} ms, errors {sandbox['errors']}; at most {sandbox['peak_held']:,} answers held "
+        f"at once (sampled); {sandbox['accepted_by_sandbox']:,} events accepted; sandbox CPU "
+        f"{sandbox['server_cpu_ms_per_event']} ms per event. (Under gunicorn with 64 threads it could hold 64: "
+        "about 200 ev/s at 300 ms.)", ""]
 
 
 def _sustained_section(rows: list[dict[str, Any]] | dict[str, Any] | None) -> list[str]:

@@ -14,7 +14,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -66,7 +66,7 @@ def handle_event(state: SandboxState, req: EventRequest) -> EventSteps:
     record: dict[str, Any] = {
         "received_at": utc_now(), "method": req.method, "path": req.path,
         "headers": _recorded_headers(req.headers), "body": _recorded_body(req.raw), "accepted": False,
-        "fault": asdict(fault) if fault else None,
+        "fault": dict(fault.as_dict) if fault else None,
     }
     if fault and fault.when == "before":
         yield from _delay(state, fault)
