@@ -121,13 +121,15 @@ def cmd_snippet(args: argparse.Namespace) -> int:
     if args.cid not in config.campaigns:
         print(f"no campaign {args.cid!r} in {args.config}", file=sys.stderr)
         return 1
-    from .sdk import snippet_tag
+    from .sdk import pin, snippet_tag
 
     base = args.base_url or config.relay.public_url
     if not base:
         print("give --base-url (where the relay is reachable) or set relay.public_url", file=sys.stderr)
         return 1
-    print(snippet_tag(config, args.cid, base))
+    if args.integrity:
+        pin(config, args.cid)  # the relay can serve this build even if its config changes first
+    print(snippet_tag(config, args.cid, base, integrity=args.integrity))
     return 0
 
 
@@ -204,10 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("snippet", help="print a campaign's embed tag with SRI")
+    p = sub.add_parser("snippet", help="print a campaign's embed tag (stable URL; --integrity pins today's build)")
     p.add_argument("cid")
     p.add_argument("--config", required=True)
     p.add_argument("--base-url", default="")
+    p.add_argument("--integrity", action="store_true",
+                   help="pin today's build with SRI; servable 30 days after a config change or upgrade "
+                        "supersedes it, then the tag stops working (see docs/js-api.md)")
     p.set_defaults(func=cmd_snippet)
 
     p = sub.add_parser("outbox", help="inspect and operate the outbox")

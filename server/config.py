@@ -121,6 +121,9 @@ class RelayConfig:
     max_body_bytes: int = 16384
     admin_token: str = ""
     secret_key: str = ""
+    # Where superseded SDK builds are kept for pinned (--integrity) tags; "" = beside the SQLite
+    # store, or beside the config file with a Redis store (see server/sdk_archive.py).
+    sdk_archive_dir: str = ""
     rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
@@ -342,7 +345,7 @@ def _relay(path: str, raw: Any) -> RelayConfig:
         "inline_concurrency": lambda p, v: _int(p, v),
         "trusted_proxy_hops": lambda p, v: _int(p, v),
         "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
-        "admin_token": _str, "secret_key": _str,
+        "admin_token": _str, "secret_key": _str, "sdk_archive_dir": _str,
         "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
     })
     if "upstream_url" not in values:
@@ -387,6 +390,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir:
     relay = _relay("relay", data["relay"])
     if base_dir is not None and relay.store.startswith("sqlite:///"):
         relay = _resolve_sqlite(relay, base_dir)
+    if base_dir is not None and relay.sdk_archive_dir and not os.path.isabs(relay.sdk_archive_dir):
+        from dataclasses import replace
+
+        relay = replace(relay, sdk_archive_dir=str((base_dir / relay.sdk_archive_dir).resolve()))
     campaigns = {
         cid: _campaign(f"campaigns.{cid}", cid, raw) for cid, raw in data.get("campaigns", {}).items()
     }

@@ -9,7 +9,8 @@ shared store at scrape time, so every worker reports the same truth.
 
 Label values come only from the configuration (campaign ids, event ids) or from short reason
 labels written in the code, never from request input: a client posting random event ids must not
-be able to grow the number of time series.
+be able to grow the number of time series. SDK versions are content hashes the relay built itself
+(never the one a request names), at most ``MAX_SDK_VERSIONS`` per campaign per process.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from .relay import Relay
 UNKNOWN = "unknown"
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _REASON = re.compile(r"^[a-z0-9_]{1,40}$")
+MAX_SDK_VERSIONS = 8
+SDK_STATES = ("stable", "current", "superseded", "unknown")
 
 
 class Metrics:
@@ -55,6 +58,12 @@ class Metrics:
                                ce, registry=registry)
         self.latency = Histogram("pingtree_relay_upstream_latency_seconds", "Time Pingtree took to answer",
                                  ["state"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.sdk_requests = Counter(
+            "pingtree_relay_sdk_requests", "SDK script requests by campaign, build version and its state "
+            "(stable URL, pinned current, pinned superseded, pinned unknown or expired)",
+            ["cid", "version", "state"], registry=registry)
+        self._sdk_versions: dict[str, set[str]] = {}
+        self._sdk_children: dict[tuple[str, str, str], Any] = {}  # labels() is costly on the script path
         self._zeroes()
 
     def _zeroes(self) -> None:
@@ -62,6 +71,7 @@ class Metrics:
         # that appears only with its first event misses that first event.
         for cid, campaign in self.config.campaigns.items():
             self.received.labels(cid)
+            self.sdk_requests.labels(cid, UNKNOWN, "unknown")  # alert on any increase: a broken tag
             for event_id in campaign.events:
                 self.delivered.labels(cid, event_id)
                 self.dead.labels(cid, event_id)
@@ -88,6 +98,28 @@ class Metrics:
             self.filtered.labels(cid, event_id, _label(fields.get("reason"))).inc()
         elif kind == "delivery":
             self._delivery(cid, event_id, fields)
+        elif kind == "sdk":
+            self._sdk(cid, fields)
+
+    def _sdk(self, cid: str, fields: dict[str, Any]) -> None:
+        child = self._sdk_children.get((cid, fields.get("version"), fields.get("state")))  # type: ignore[arg-type]
+        if child is not None:
+            child.inc()
+            return
+        state = fields.get("state")
+        state = state if state in SDK_STATES else "unknown"
+        version = fields.get("version")
+        version = version if isinstance(version, str) and _REASON.match(version) else UNKNOWN
+        seen = self._sdk_versions.setdefault(cid, set())
+        if version not in seen:
+            if len(seen) >= MAX_SDK_VERSIONS:
+                version = "other"  # a long-lived process through many config changes
+            else:
+                seen.add(version)
+        child = self.sdk_requests.labels(cid, version, state)
+        if version != "other":  # an "other" version stays uncached: it must keep folding
+            self._sdk_children[(cid, fields["version"], fields["state"])] = child
+        child.inc()
 
     def _delivery(self, cid: str, event_id: str, fields: dict[str, Any]) -> None:
         state = fields.get("state")

@@ -7,8 +7,11 @@ Three layers, so the interesting parts are testable without Flask:
 * :func:`render_sdk` - the rendered, minified, pre-compressed script, cached per script config
   (not per request): a config reload that changes nothing reuses the cached build.
 * ``bp`` - ``GET /sdk/<cid>.js``, ``GET /sdk/<cid>/pingtree.js`` and each campaign's first-party
-  ``sdk.script_path``. The first-party paths are matched in a ``before_app_request`` hook rather than
-  a catch-all route, so they can be any path and never shadow the app's own 404/405 answers.
+  ``sdk.script_path`` (the stable URLs: always the current build), and ``GET /sdk/<cid>/v/<version>.js``
+  (one build by its content, for pinned tags; see :mod:`server.sdk_archive`). The first-party paths
+  are matched in a ``before_app_request`` hook rather than a catch-all route, so they can be any path
+  and never shadow the app's own 404/405 answers. Every script request is counted by version
+  (:mod:`server.sdk_versions`, and the ``sdk`` kind on the observer bus for ``/metrics``).
 
 :func:`snippet_tag` is what ``pingtree-relay snippet CID`` prints.
 """
@@ -21,6 +24,8 @@ import hashlib
 import html
 import json
 import re
+import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -32,6 +37,8 @@ from flask import Blueprint, Response, current_app, request
 
 from .config import CampaignConfig, Config, RelayConfig
 from .paths import JS_TEMPLATES
+from .sdk_archive import VERSION_RE, BuildArchive, default_dir
+from .sdk_versions import VersionLog
 
 bp = Blueprint("sdk", __name__)
 
@@ -48,6 +55,9 @@ URL_PARAMS: tuple[str, ...] = (
 # Short enough for a config change to reach every page within minutes, long enough that a busy
 # landing page does not fetch the script on every view.
 CACHE_CONTROL = "public, max-age=300"
+# A pinned build's URL names its content: it can never change, so caches may keep it for good.
+PINNED_CACHE_CONTROL = "public, max-age=31536000, immutable"
+UNKNOWN_VERSION_LOG_SECONDS = 60.0  # at most one log line per campaign per process this often
 
 # The one-line pre-load stub: calls made before the script arrives are queued with their resolver
 # (the SDK replays them and resolves each Promise once processed).
@@ -74,6 +84,11 @@ class BuiltScript:
     br: bytes
     etag: str  # hex digest of body; each encoding's ETag derives from it
     integrity: str  # "sha384-..." for Subresource Integrity
+
+    @property
+    def version(self) -> str:
+        """The content address of the build in pinned URLs (``/sdk/CID/v/VERSION.js``)."""
+        return self.etag[:16]
 
 
 def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any]:
@@ -125,7 +140,13 @@ def _build(config_json: str, features_json: str) -> BuiltScript:
     # Keyed by canonical JSON: campaign objects hold dicts (unhashable), and only what reaches the
     # script may decide whether the script changes.
     source = _env.get_template("sdk.js.j2").render(cfg=json.loads(config_json), feature=json.loads(features_json))
-    body = shorten_names(rjsmin.jsmin(source)).encode("utf-8")
+    return package(shorten_names(rjsmin.jsmin(source)).encode("utf-8"))
+
+
+@lru_cache(maxsize=128)
+def package(body: bytes) -> BuiltScript:
+    """A script body in every encoding, with its ETag and SRI hash (also for builds read back from
+    the archive)."""
     return BuiltScript(
         body=body,
         gzip=gzip.compress(body, compresslevel=9, mtime=0),  # mtime=0: same bytes on every worker
@@ -166,32 +187,105 @@ def _short_candidates() -> list[str]:
     return list(letters) + [a + b for a in letters for b in letters]
 
 
-def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: bool = True) -> str:
-    """The HTML to paste in a page's ``<head>``: the pre-load stub and the script tag with SRI.
+def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: bool = True,
+                integrity: bool = False) -> str:
+    """The HTML to paste in a page's ``<head>``: the pre-load stub and the script tag.
 
-    The ``integrity`` pins the script as the campaign's config makes it today: after an SDK-related
-    config change, print the snippet again (or drop the integrity attribute). ``base_url`` defaults
-    to ``relay.public_url``. Raises ``KeyError`` for an unknown campaign, ``ValueError`` without a base.
+    Default: the stable URL without ``integrity``. It keeps working across every config change and
+    upgrade (the page picks up the new build within ``CACHE_CONTROL``'s max-age). ``integrity=True``
+    pins today's build: its content-addressed URL with SRI, servable for ``RETENTION_DAYS`` after a
+    change supersedes it (the caller keeps the build: :func:`pin`). ``base_url`` defaults to
+    ``relay.public_url``. Raises ``KeyError`` for an unknown campaign, ``ValueError`` without a base.
     """
     campaign = config.campaigns[cid]
     base = (base_url or config.relay.public_url).rstrip("/")
     if not base:
         raise ValueError("no base URL: pass one or set relay.public_url")
-    path = campaign.sdk.script_path or f"/sdk/{cid}.js"
-    built = render_sdk(campaign, config.relay)
-    tag = (
-        f'<script async src="{html.escape(base + path)}" integrity="{built.integrity}" '
-        'crossorigin="anonymous"></script>'
-    )
+    if integrity:
+        built = render_sdk(campaign, config.relay)
+        # A pinned build is always on /sdk/: a first-party script_path names the current build only.
+        tag = (f'<script async src="{html.escape(base + pinned_path(cid, built.version))}" '
+               f'integrity="{built.integrity}" crossorigin="anonymous"></script>')
+    else:
+        path = campaign.sdk.script_path or f"/sdk/{cid}.js"
+        tag = f'<script async src="{html.escape(base + path)}"></script>'
     return f"<script>{STUB}</script>\n{tag}" if stub else tag
+
+
+def pinned_path(cid: str, version: str) -> str:
+    return f"/sdk/{cid}/v/{version}.js"
+
+
+def pin(config: Config, cid: str) -> None:
+    """Keep the campaign's current build in the archive, so a pinned tag printed now stays servable."""
+    built = render_sdk(config.campaigns[cid], config.relay)
+    BuildArchive(default_dir(config)).remember(cid, built.version, built.body)
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------
 
 
+class SdkState:
+    """Per app: the archive of builds and the log of versions seen."""
+
+    def __init__(self, config: Config | None) -> None:
+        directory = default_dir(config) if config is not None else None
+        self.archive = BuildArchive(directory) if directory is not None else None
+        self.versions = VersionLog(directory)
+        self._unknown_logged: dict[str, float] = {}
+        self._unknown_since: dict[str, int] = {}
+        if config is not None and self.archive is not None:
+            self.archive.prune()
+            for campaign in config.campaigns.values():
+                built = render_sdk(campaign, config.relay)
+                self.archive.remember(campaign.cid, built.version, built.body)
+
+    def unknown_version(self, cid: str, version: str) -> None:
+        """A warning line per campaign at most every minute, with how many requests it stands for."""
+        now = time.monotonic()
+        self._unknown_since[cid] = self._unknown_since.get(cid, 0) + 1
+        if now - self._unknown_logged.get(cid, -UNKNOWN_VERSION_LOG_SECONDS) < UNKNOWN_VERSION_LOG_SECONDS:
+            return
+        self._unknown_logged[cid] = now
+        count, self._unknown_since[cid] = self._unknown_since[cid], 0
+        from .logs import decision_logger
+
+        decision_logger().warning("sdk_version_unknown", extra={"fields": {
+            "cid": cid, "version": version if VERSION_RE.match(version) else "invalid", "requests": count,
+            "hint": f"a page loads a pinned tag whose build is unknown or expired; replace it with "
+                    f"the tag from: pingtree-relay snippet {cid}"}})
+
+
+_state_lock = threading.Lock()
+
+
+def _state() -> SdkState:
+    # Built at the first script request rather than at registration: the relay (its config) is
+    # attached to the app by then, and a process that never serves a script writes nothing.
+    state = current_app.extensions.get("sdk")
+    if state is None:
+        with _state_lock:
+            state = current_app.extensions.get("sdk")
+            if state is None:
+                state = current_app.extensions["sdk"] = SdkState(_config())
+    return state  # type: ignore[no-any-return]
+
+
+def versions_seen() -> dict[str, list[dict[str, Any]]]:
+    """For the dashboard: per campaign, the script versions pages loaded (latest first)."""
+    return _state().versions.recent()
+
+
 def _config() -> Config | None:
     relay = current_app.extensions.get("relay")
     return getattr(relay, "config", None)
+
+
+def _count(cid: str, version: str, state: str) -> None:
+    _state().versions.seen(cid, version, state)
+    observers = getattr(current_app.extensions.get("relay"), "observers", None)
+    if observers is not None:
+        observers.emit("sdk", cid=cid, version=version, state=state)
 
 
 @bp.get("/sdk/<cid>.js")
@@ -202,7 +296,33 @@ def script(cid: str) -> Response:
     campaign = config.campaigns.get(cid) if config else None
     if config is None or campaign is None:
         return _not_found()
-    return _script_response(render_sdk(campaign, config.relay))
+    return _current(campaign, config)
+
+
+@bp.get("/sdk/<cid>/v/<version>.js")
+def pinned_script(cid: str, version: str) -> Response:
+    """One build by its content address: current, superseded (from the archive) or unknown."""
+    config = _config()
+    campaign = config.campaigns.get(cid) if config else None
+    if config is None or campaign is None:
+        return _not_found()
+    current = render_sdk(campaign, config.relay)
+    state = _state()
+    if version == current.version:
+        _remember(state, cid, current)
+        _count(cid, version, "current")
+        return _script_response(current, PINNED_CACHE_CONTROL)
+    body = state.archive.get(cid, version) if state.archive is not None else None
+    if body is not None:
+        _count(cid, version, "superseded")
+        return _script_response(package(body), PINNED_CACHE_CONTROL)
+    _count(cid, "unknown", "unknown")
+    state.unknown_version(cid, version)
+    # Under SRI nothing but the old bytes can run, so the page's console shows the integrity error;
+    # a page without integrity gets the current build, working, with a console warning.
+    response = _script_response(_with_warning(current, cid), "no-store")
+    response.headers["X-Pingtree-Relay-Sdk"] = "unknown-version"
+    return response
 
 
 @bp.before_app_request
@@ -215,11 +335,31 @@ def first_party_script() -> Response | None:
         return None
     for campaign in config.campaigns.values():
         if campaign.sdk.script_path and campaign.sdk.script_path == request.path:
-            return _script_response(render_sdk(campaign, config.relay))
+            return _current(campaign, config)
     return None
 
 
-def _script_response(built: BuiltScript) -> Response:
+def _current(campaign: CampaignConfig, config: Config) -> Response:
+    built = render_sdk(campaign, config.relay)
+    _remember(_state(), campaign.cid, built)
+    _count(campaign.cid, built.version, "stable")
+    return _script_response(built)
+
+
+def _remember(state: SdkState, cid: str, built: BuiltScript) -> None:
+    if state.archive is not None:
+        state.archive.remember(cid, built.version, built.body)
+
+
+@lru_cache(maxsize=64)
+def _with_warning(current: BuiltScript, cid: str) -> BuiltScript:
+    warning = ("console.warn(" + json.dumps(
+        f"[pingtree] this page's pinned SDK build is unknown or expired; it gets the current one "
+        f"(an integrity attribute blocks it). Replace the tag: pingtree-relay snippet {cid}") + ");")
+    return package(warning.encode("utf-8") + current.body)
+
+
+def _script_response(built: BuiltScript, cache_control: str = CACHE_CONTROL) -> Response:
     encoding = _pick_encoding()
     etag = built.etag + ("" if encoding == "identity" else "-" + encoding)
     # A strong ETag belongs to one representation, hence one per encoding; any of them still
@@ -234,7 +374,7 @@ def _script_response(built: BuiltScript) -> Response:
         if encoding != "identity":
             response.headers["Content-Encoding"] = encoding
     response.set_etag(etag)
-    response.headers["Cache-Control"] = CACHE_CONTROL
+    response.headers["Cache-Control"] = cache_control
     response.headers["Vary"] = "Accept-Encoding"
     _public_headers(response)
     return response

@@ -141,12 +141,36 @@ def test_pages_are_csp_clean(make_app: Callable[..., Flask]) -> None:
     assert client.get("/admin/static/admin.js").status_code == 200
 
 
+def test_campaigns_page_shows_the_script_versions_pages_load(make_app: Callable[..., Flask]) -> None:
+    app = make_app()
+    client = logged_in(app)
+    page = client.get("/admin/campaigns").text
+    pinned = re.search(r"/sdk/cmp_a/v/([0-9a-f]{16})\.js", page)
+    assert pinned
+    for url in ("/sdk/cmp_a.js", "/sdk/cmp_a.js", "/sdk/cmp_a.js", f"/sdk/cmp_a/v/{pinned.group(1)}.js",
+                "/sdk/cmp_a/v/0123456789abcdef.js"):
+        assert client.get(url).status_code == 200
+    page = client.get("/admin/campaigns").text
+    rows = {state: re.sub(r"<[^>]+>", " ", row) for state, row in
+            re.findall(r'<tr data-state="(\w+)">(.*?)</tr>', page, re.S)}
+    assert set(rows) == {"stable", "current", "unknown"}, rows
+    assert pinned.group(1) in rows["stable"] and " 3 " in rows["stable"] and "default tag" in rows["stable"]
+    assert " 1 " in rows["current"] and "pinned, current" in rows["current"]
+    assert "unknown or expired: events lost" in rows["unknown"] and " 1 " in rows["unknown"]
+    assert "s ago" in rows["unknown"]
+
+
 def test_campaigns_page_and_test_event(make_app: Callable[..., Flask], upstream: Upstream) -> None:
     app = make_app()
     client = logged_in(app)
     page = client.get("/admin/campaigns").text
     assert "cmp_a" in page and "https://shop.example.com" in page and "conversion" in page
-    assert "integrity=&#34;sha384-" in page or "No SRI hash" in page
+    # The default tag is the stable URL without integrity; the pinned variant is offered beside it.
+    default, pinned = re.findall(r'<textarea class="snippet" id="(?:snippet|pinned)-cmp_a"[^>]*>(.*?)</textarea>',
+                                 page, re.S)
+    assert "/sdk/cmp_a.js&#34;&gt;&lt;/script&gt;" in default and "integrity" not in default
+    assert re.search(r"/sdk/cmp_a/v/[0-9a-f]{16}\.js&#34; integrity=&#34;sha384-", pinned), pinned
+    assert "No page has loaded this campaign's script yet." in page
     sent = client.post("/admin/campaigns/cmp_a/test", data={
         "csrf_token": csrf(client, "/admin/campaigns"), "event_id": "sale", "transaction_id": "t-dash-1",
         "amount": "12.50"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -58,3 +59,24 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     bad.write_text("[relay]\n")
     result = run_cli("serve", "--config", str(bad), "--port", str(free_port()))
     assert result.returncode != 0 and "relay.upstream_url: required" in result.stderr
+
+
+def test_snippet_prints_the_stable_tag_and_pins_on_request(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\nstore = "sqlite:///outbox.sqlite3"\n'
+                      'public_url = "https://track.example.com"\n[campaigns.cmp_x.events.view]\n')
+    stable = run_cli("snippet", "cmp_x", "--config", str(config))
+    assert stable.returncode == 0, stable.stderr
+    assert stable.stdout.splitlines()[1] == '<script async src="https://track.example.com/sdk/cmp_x.js"></script>'
+    assert not (tmp_path / "sdk-builds").exists()  # nothing to keep for the stable tag
+
+    pinned = run_cli("snippet", "cmp_x", "--config", str(config), "--integrity", "--base-url", "http://r.example")
+    assert pinned.returncode == 0, pinned.stderr
+    match = re.search(r'src="http://r\.example/sdk/cmp_x/v/([0-9a-f]{16})\.js" integrity="sha384-', pinned.stdout)
+    assert match, pinned.stdout
+    # Kept beside the SQLite store, so the relay serves this build even after the config changes.
+    assert [p.name for p in (tmp_path / "sdk-builds").glob("*.js")] == [f"cmp_x.{match.group(1)}.js"]
+
+    config.write_text(config.read_text().replace('public_url = "https://track.example.com"\n', ""))
+    refused = run_cli("snippet", "cmp_x", "--config", str(config))
+    assert refused.returncode == 1 and "--base-url" in refused.stderr

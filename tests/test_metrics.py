@@ -141,3 +141,31 @@ def test_single_process_registry_per_app(make_app: Callable[[str, list[int]], An
     assert value(samples, "pingtree_relay_queue_depth") == 1
     assert value(samples, "pingtree_relay_queue_oldest_pending_age_seconds") > 0
     assert value(scrape(second.test_client().get("/metrics").text), "pingtree_relay_queue_depth") == 0
+
+
+def test_sdk_requests_by_version_with_bounded_labels(make_app: Callable[[str, list[int]], Any]) -> None:
+    """Each script request is counted by the build it got; a requested hash never becomes a label."""
+    import re
+
+    app = make_app("a", [])
+    client = app.test_client()
+    current = re.search(r"/sdk/cmp_a/v/([0-9a-f]{16})\.js", _pinned_path(app)).group(1)
+    client.get("/sdk/cmp_a.js")
+    assert value(scrape(client.get("/metrics").text), "pingtree_relay_sdk_requests_total", cid="cmp_a",
+                 version="unknown", state="unknown") == 0  # present from the start, for alerts
+    client.get("/sdk/cmp_a.js")
+    client.get(f"/sdk/cmp_a/v/{current}.js")
+    for i in range(20):
+        client.get(f"/sdk/cmp_a/v/{i:016x}.js")
+    text = client.get("/metrics").text
+    samples = scrape(text)
+    assert value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version=current, state="stable") == 2
+    assert value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version=current, state="current") == 1
+    assert value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version="unknown", state="unknown") == 20
+    assert f"{3:016x}" not in text
+
+
+def _pinned_path(app: Any) -> str:
+    from server.sdk import snippet_tag
+
+    return snippet_tag(app.extensions["relay"].config, "cmp_a", "https://r.example", integrity=True)

@@ -10,6 +10,7 @@ import base64
 import gzip
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,6 +27,14 @@ from server.config import Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = "</script><script>alert(1)</script>\"'\u2028\u2029`${x}`<!--"
+
+
+@pytest.fixture(autouse=True)
+def archive_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """SDK builds are archived under the test's tmp_path, never beside a config in the checkout."""
+    folder = tmp_path / "sdk-builds"
+    monkeypatch.setattr(sdk, "default_dir", lambda config: folder)
+    return folder
 
 
 def make_config(sdk_table: dict | None = None, **relay: str) -> Config:
@@ -250,26 +259,118 @@ def test_first_party_script_path() -> None:
 
 # --- the snippet -------------------------------------------------------------------------------------
 
-def test_snippet_has_stub_and_matching_sri() -> None:
+def test_default_snippet_is_the_stable_url_without_integrity() -> None:
+    # The tag a marketer pastes once: any SRI hash on this URL breaks at the next config change.
     config = demo_config()
     html = sdk.snippet_tag(config, "cmp_demo", "https://relay.example.com/")
     stub, tag = html.splitlines()
     assert stub == f"<script>{sdk.STUB}</script>"
-    body = client_for(config).get("/sdk/cmp_demo.js").data
-    digest = base64.b64encode(hashlib.sha384(body).digest()).decode()
-    assert tag == (f'<script async src="https://relay.example.com/sdk/cmp_demo.js" integrity="sha384-{digest}" '
-                   'crossorigin="anonymous"></script>')
+    assert tag == '<script async src="https://relay.example.com/sdk/cmp_demo.js"></script>'
     assert sdk.snippet_tag(config, "cmp_demo", "https://r.example", stub=False) == tag.replace(
         "https://relay.example.com", "https://r.example")
+
+
+def test_pinned_snippet_names_its_build_and_matches_its_sri() -> None:
+    config = demo_config()
+    tag = sdk.snippet_tag(config, "cmp_demo", "https://relay.example.com", stub=False, integrity=True)
+    match = re.fullmatch(r'<script async src="https://relay\.example\.com(/sdk/cmp_demo/v/([0-9a-f]{16})\.js)" '
+                         r'integrity="sha384-([A-Za-z0-9+/=]+)" crossorigin="anonymous"></script>', tag)
+    assert match, tag
+    r = client_for(config).get(match.group(1))
+    assert r.status_code == 200
+    assert base64.b64encode(hashlib.sha384(r.data).digest()).decode() == match.group(3)
+    assert hashlib.sha256(r.data).hexdigest()[:16] == match.group(2)
+    assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
 
 
 def test_snippet_uses_script_path_and_public_url() -> None:
     config = make_config({"script_path": "/p/lib.js"}, public_url="https://relay.example.com")
     assert 'src="https://relay.example.com/p/lib.js"' in sdk.snippet_tag(config, "cmp_a")
+    # A pinned build lives on /sdk/ only: script_path always names the current build.
+    assert 'src="https://relay.example.com/sdk/cmp_a/v/' in sdk.snippet_tag(config, "cmp_a", integrity=True)
     with pytest.raises(KeyError):
         sdk.snippet_tag(config, "cmp_missing")
     with pytest.raises(ValueError):
         sdk.snippet_tag(make_config(), "cmp_a")
+
+
+# --- pinned builds after a change --------------------------------------------------------------------
+
+def pinned_url(config: Config, cid: str = "cmp_a") -> str:
+    tag = sdk.snippet_tag(config, cid, "https://r.example", stub=False, integrity=True)
+    return re.search(r'src="https://r\.example([^"]+)"', tag).group(1)
+
+
+def with_days(config: Config, days: int) -> Config:
+    campaign = config.campaigns["cmp_a"]
+    return replace(config, campaigns={"cmp_a": replace(campaign, sdk=replace(campaign.sdk, cookie_days=days))})
+
+
+def test_superseded_build_is_served_after_a_config_change_and_a_restart(archive_in_tmp: Path) -> None:
+    before = make_config()
+    old_body = client_for(before).get(pinned_url(before)).data  # served once: archived
+    after = with_days(before, 7)
+    assert pinned_url(after) != pinned_url(before)
+    sdk.package.cache_clear()  # a fresh process: nothing of the old build left in memory
+    client = client_for(after)  # a new app, as after a restart with the new config
+    r = client.get(pinned_url(before))
+    assert r.status_code == 200 and r.data == old_body
+    assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert client.get("/sdk/cmp_a.js").data == sdk.render_sdk(after.campaigns["cmp_a"], after.relay).body
+    assert sorted(p.name for p in archive_in_tmp.glob("*.js")) == sorted(
+        f"cmp_a.{v}.js" for v in (pinned_url(before)[-19:-3], pinned_url(after)[-19:-3]))
+
+
+def test_pin_keeps_a_build_the_relay_never_served(archive_in_tmp: Path) -> None:
+    # snippet --integrity, then the config changes before any page loads the tag.
+    before = make_config()
+    sdk.pin(before, "cmp_a")
+    r = client_for(with_days(before, 9)).get(pinned_url(before))
+    assert r.status_code == 200 and "X-Pingtree-Relay-Sdk" not in r.headers
+
+
+def test_expired_or_unknown_build_gets_the_current_one_with_a_warning(archive_in_tmp: Path) -> None:
+    before = make_config()
+    client_for(before).get(pinned_url(before))
+    for path in archive_in_tmp.glob("*.js"):  # last current 31 days ago: past the retention
+        old = path.stat().st_mtime - 31 * 86400
+        os.utime(path, (old, old))
+    after = with_days(before, 7)
+    client = client_for(after)
+    current = sdk.render_sdk(after.campaigns["cmp_a"], after.relay).body
+    for url in (pinned_url(before), "/sdk/cmp_a/v/0123456789abcdef.js", "/sdk/cmp_a/v/not-a-hash.js"):
+        r = client.get(url)
+        assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store", url
+        assert r.headers["X-Pingtree-Relay-Sdk"] == "unknown-version"
+        assert r.data.startswith(b"console.warn(") and b"pingtree-relay snippet cmp_a" in r.data
+        assert r.data.endswith(current)
+    _node_check(r.data.decode())
+    assert client.get("/sdk/cmp_nope/v/0123456789abcdef.js").status_code == 404
+
+
+def test_a_damaged_archive_file_is_not_served(archive_in_tmp: Path) -> None:
+    config = make_config()
+    url = pinned_url(config)
+    client_for(config).get(url)
+    next(archive_in_tmp.glob("*.js")).write_bytes(b"alert('tampered')")
+    r = client_for(with_days(config, 3)).get(url)
+    assert r.headers["X-Pingtree-Relay-Sdk"] == "unknown-version" and b"tampered" not in r.data
+
+
+def test_versions_seen_counts_each_tag_kind() -> None:
+    before = make_config()
+    old = pinned_url(before)
+    client_for(before).get(old)
+    after = with_days(before, 7)
+    app_client = client_for(after)
+    for url in ("/sdk/cmp_a.js", "/sdk/cmp_a.js", pinned_url(after), old, "/sdk/cmp_a/v/0123456789abcdef.js"):
+        app_client.get(url)
+    with app_client.application.test_request_context():
+        rows = sdk.versions_seen()["cmp_a"]
+    got = sorted((r["state"], r["version"], r["count"]) for r in rows)
+    new_version = pinned_url(after)[-19:-3]
+    assert (("current", new_version, 1) in got and ("stable", new_version, 2) in got
+            and ("superseded", old[-19:-3], 1) in got and ("unknown", "unknown", 1) in got), got
 
 
 def test_stub_is_valid_javascript() -> None:

@@ -9,10 +9,12 @@ from typing import Any
 from flask import Response, flash, jsonify, redirect, render_template, request, session, url_for
 
 from ..errors import ApiError
+from ..sdk import snippet_tag, versions_seen
+from ..sdk_archive import RETENTION_DAYS
 from ..validation import validate_event
 from . import bp, log_in, relay, token_matches
 from .chart import build_chart
-from .present import DISPLAY_STATES, STORE_STATE, feed_row, masked_payload, matches_state
+from .present import DISPLAY_STATES, STORE_STATE, age, feed_row, masked_payload, matches_state
 
 FEED_LIMIT = 100
 
@@ -55,24 +57,23 @@ def overview() -> str:
 
 @bp.get("/campaigns")
 def campaigns() -> str:
-    """Every campaign: its tag, events, origins and a test-event form."""
+    """Every campaign: its tag (and the pinned variant), script versions pages load, events, origins
+    and a test-event form."""
     config = relay().config
     base = config.relay.public_url or request.host_url.rstrip("/")
-    items = [{"campaign": c, "snippet": _snippet(c.cid, base)} for c in config.campaigns.values()]
-    return render_template("admin/campaigns.html", items=items, page="campaigns",
+    seen = versions_seen()
+    now = time.time()
+    items = [{"campaign": c, "snippet": _snippet(c.cid, base),
+              "versions": [{**row, "age": age(now - row["last_seen"])} for row in seen.get(c.cid, [])]}
+             for c in config.campaigns.values()]
+    return render_template("admin/campaigns.html", items=items, page="campaigns", retention_days=RETENTION_DAYS,
                            suggested_txn=f"test-{secrets.token_hex(4)}")
 
 
-def _snippet(cid: str, base: str) -> dict[str, Any]:
-    """The embed tag with SRI when the SDK module can build it, else the plain tag and why."""
-    try:
-        from ..sdk import snippet_tag
-
-        return {"html": snippet_tag(relay().config, cid, base), "sri": True, "note": ""}
-    except Exception as exc:  # the SDK is optional (and its templates may be missing in a dev tree)
-        path = relay().config.campaigns[cid].sdk.script_path or f"/sdk/{cid}.js"
-        return {"html": f'<script async src="{base}{path}"></script>', "sri": False,
-                "note": f"No SRI hash: the SDK could not be built here ({type(exc).__name__})."}
+def _snippet(cid: str, base: str) -> dict[str, str]:
+    """The default tag (stable URL) and the pinned one (SRI, content-addressed URL)."""
+    config = relay().config
+    return {"html": snippet_tag(config, cid, base), "pinned": snippet_tag(config, cid, base, integrity=True)}
 
 
 @bp.post("/campaigns/<cid>/test")

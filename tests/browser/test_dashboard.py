@@ -6,8 +6,10 @@ with two gunicorn workers, so a session and its CSRF token must hold whichever w
 
 from __future__ import annotations
 
+import re
 import uuid
 
+import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -53,7 +55,11 @@ def test_test_event_appears_delivered(page: Page, relay: Relay, sandbox: Sandbox
     log_in(page, relay)
     page.get_by_role("link", name="Campaigns").click()
     campaign = page.locator("section#cmp_test")
-    expect(campaign.locator("textarea.snippet")).to_contain_text('integrity="sha384-')
+    # The default tag is the stable URL, no integrity; the pinned one waits behind its trade-off.
+    expect(campaign.locator("#snippet-cmp_test")).to_have_value(re.compile(r'/sdk/cmp_test\.js"></script>$'))
+    expect(campaign.locator("#pinned-cmp_test")).to_be_hidden()
+    campaign.get_by_text("Pinned variant with").click()
+    expect(campaign.locator("#pinned-cmp_test")).to_have_value(re.compile(r'/sdk/cmp_test/v/[0-9a-f]{16}\.js" integrity="sha384-'))
     txn = f"dash-{uuid.uuid4().hex[:10]}"
     campaign.get_by_label("Event").select_option("quote_viewed")
     campaign.get_by_label("transaction_id").fill(txn)
@@ -105,3 +111,22 @@ def test_overview_chart(page: Page, relay: Relay, console: list[str]) -> None:
     expect(page.locator("#chart rect.bar.delivered").first).to_be_visible()
     no_csp_violations(console)
 
+
+
+def test_script_versions_summed_over_workers(page: Page, relay: Relay, console: list[str]) -> None:
+    """Pages' script loads reach the campaigns page whichever of the two workers served them."""
+    for _ in range(6):  # a fresh connection each time: the workers take turns
+        assert httpx.get(relay.url + "/sdk/cmp_test.js", headers={"Connection": "close"}, timeout=5).status_code == 200
+    assert httpx.get(relay.url + "/sdk/cmp_test/v/0123456789abcdef.js", timeout=5).status_code == 200
+    log_in(page, relay)
+
+    def rows() -> dict[str, str]:
+        page.goto(relay.url + "/admin/campaigns")
+        table = page.locator("section#cmp_test table.versions tr[data-state]")
+        return {row.get_attribute("data-state") or "": row.inner_text() for row in table.all()}
+
+    # Each worker writes its counts every few seconds: poll, never sleep.
+    seen = wait_for(lambda: (r := rows()) and "\t6\t" in r.get("stable", "") and "unknown" in r and r,
+                    timeout=30, message="6 stable loads and 1 unknown on the dashboard")
+    assert "default tag" in seen["stable"] and "events lost" in seen["unknown"]
+    no_csp_violations(console)
