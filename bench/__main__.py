@@ -266,6 +266,10 @@ def settings(seconds: float, sustained_seconds: float, events: int, limits: dict
         f"{limits['sandbox']:g} s (sandbox) and {limits['300ms']:g} s (300 ms); a capped run's rate is what it "
         "delivered over the cap. Redis: redis-server with appendonly yes, appendfsync everysec.",
         "CPU: user + system time of each server's processes (/proc), and of wrk (wait4), over each point.",
+        f"priority: wrk, the fake upstreams and the sandbox run at nice {servers.BOOST_NICE} (their session's "
+        "autogroup too): they stand for browsers and Pingtree, use a few % of a core, and must not be starved by "
+        "the machine's other work; the relay, the baselines and redis-server keep the normal priority, each "
+        "server in its own session (so each gets one autogroup's share of the machine, whatever its processes).",
         "everything on 127.0.0.1; load generator, relay, upstream (and Redis) share the same two cores, with "
         "other engineers' test runs on the same machine (load average at each part in the run log).",
     ]
