@@ -239,7 +239,7 @@ def targets(results: dict[str, Any]) -> list[report.Target]:
 def settings(seconds: float, sustained_seconds: float, events: int, limits: dict[str, float]) -> list[str]:
     d = RelayConfig(upstream_url="http://x")
     knobs = ", ".join(f"{k}={getattr(d, k)}" for k in (
-        "inline_concurrency", "inline_timeout", "delivery_concurrency", "max_in_flight", "upstream_timeout")
+        "inline_concurrency", "inline_timeout", "max_in_flight", "upstream_timeout")
         if hasattr(d, k))
     serve = servers.serve_defaults()
     return [

@@ -231,6 +231,15 @@ def test_malformed_requests_get_a_pingtree_shaped_error_and_a_close(server: str,
     assert tail == b""
 
 
+def test_global_endpoint_is_served_on_the_loop(live: httpx.Client) -> None:
+    unknown = live.post("/api/event/global/org_1", json=json.loads(_event("nolead")))
+    assert (unknown.status_code, unknown.json()["message"]) == (404, "Lead Not Found")
+    assert live.post("/api/event/cmp_test", json=json.loads(_event("lead"))).status_code == 200
+    again = live.post("/api/event/global/org_1", json=json.loads(_event("lead")))
+    # The lead named its campaign, whose rules then apply: the same event again is a duplicate.
+    assert (again.status_code, again.json()["message"]) == (400, "Duplicate event for this transaction_id")
+
+
 def test_other_routes_go_through_flask(live: httpx.Client) -> None:
     wrong_method = live.get("/api/event/cmp_test")
     assert wrong_method.status_code == 405 and set(wrong_method.json()) == ANSWER_KEYS

@@ -1,7 +1,8 @@
 """The emulated Event Postback API: both documented endpoints, with faults and request recording.
 
-``POST /api/event/{campaign-id}`` (revenue as ``amount``) and ``POST /api/event/trigger`` (``cid``
-in the body, revenue as ``revenue``). The rules are in :mod:`~server.sandbox.rules`, the lock and
+``POST /api/event/{campaign-id}`` (revenue as ``amount``), ``POST /api/event/trigger`` (``cid``
+in the body, revenue as ``revenue``) and ``POST /api/event/global/{org-id}`` (the lead names the
+campaign). The rules are in :mod:`~server.sandbox.rules`, the lock and
 deduplication in :mod:`~server.sandbox.state`; :func:`handle_event` here is the whole request
 without any I/O. It *yields* each fault delay instead of sleeping, so whoever serves it decides how
 to wait: the Flask views below sleep in their thread (the demo, the test client), the sandbox's own
@@ -45,6 +46,7 @@ class EventRequest:
     raw: bytes
     mimetype: str  # the Content-Type without parameters, lowercase ("" when absent)
     path_cid: str | None
+    global_org: str | None = None  # set for ``/api/event/global/{org-id}``: the lead names the campaign
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,16 @@ def event_for_campaign(cid: str) -> Response:
     return _respond(path_cid=cid)
 
 
-def _respond(path_cid: str | None) -> Response:
+@bp.post("/api/event/global/<org_id>")
+def global_event(org_id: str) -> Response:
+    """The Global Event Postback API: no cid; the lead (and so its campaign) is found by transaction_id."""
+    return _respond(path_cid=None, global_org=org_id)
+
+
+def _respond(path_cid: str | None, global_org: str | None = None) -> Response:
     state: SandboxState = current_app.extensions["sandbox"]
     req = EventRequest(method=request.method, path=request.path, headers=request.headers.items(),
-                       raw=request.get_data(), mimetype=request.mimetype, path_cid=path_cid)
+                       raw=request.get_data(), mimetype=request.mimetype, path_cid=path_cid, global_org=global_org)
     outcome = run_blocking(handle_event(state, req))
     if outcome.status is None:
         request.environ[DROP_KEY] = True  # DropConnection closes the socket once Flask returns
@@ -125,7 +133,10 @@ def _respond(path_cid: str | None) -> Response:
 def _process(state: SandboxState, req: EventRequest) -> tuple[int, dict[str, Any]]:
     try:
         body = rules.parse_body(req.raw, req.mimetype)
-        accepted = rules.check_event(state.campaigns, body, path_cid=req.path_cid)
+        if req.global_org is not None:
+            accepted = rules.check_global_event(state.campaigns, body, find_lead=state.lead_campaign)
+        else:
+            accepted = rules.check_event(state.campaigns, body, path_cid=req.path_cid)
         return 200, state.fire(accepted, body)
     except ApiError as exc:
         return exc.status, exc.body()

@@ -31,7 +31,7 @@ from server.sandbox.app import MAX_BODY_BYTES, create_sandbox_app
 from server.sandbox.http11 import HttpServer, Request, Respond, Response
 from server.sandbox.state import SandboxState
 
-_EVENT_PATH = re.compile(r"/api/event/([^/]+)")
+_EVENT_PATH = re.compile(r"/api/event/(?:global/(?P<org>[^/]+)|(?P<cid>[^/]+))")
 _JSON = [("content-type", "application/json")]
 SHUTDOWN_GRACE_SECONDS = 5.0  # held answers get this long to go out on SIGTERM
 
@@ -56,24 +56,17 @@ class SandboxHandler:
         self.pool = pool
 
     def __call__(self, request: Request, respond: Respond) -> None:
-        path_cid = self._event_route(request)
-        if path_cid is None:
+        match = _EVENT_PATH.fullmatch(request.path) if request.method == "POST" else None
+        if match is None:
             self._wsgi(request, respond)
             return
+        cid, org = match.group("cid"), match.group("org")
         req = api.EventRequest(
             method=request.method, path=request.path, headers=request.headers, raw=request.body,
             mimetype=request.header("content-type").split(";", 1)[0].strip().lower(),
-            path_cid=None if path_cid == "trigger" else path_cid,
+            path_cid=None if cid in (None, "trigger") else cid, global_org=org,
         )
         _advance(api.handle_event(self.state, req), respond)
-
-    @staticmethod
-    def _event_route(request: Request) -> str | None:
-        """The campaign id (or "trigger") of a POST to an event endpoint, else None (Flask answers)."""
-        if request.method != "POST":
-            return None
-        match = _EVENT_PATH.fullmatch(request.path)
-        return match.group(1) if match else None
 
     def _wsgi(self, request: Request, respond: Respond) -> None:
         loop = asyncio.get_running_loop()
