@@ -7,6 +7,7 @@ Loading is strict: every key is checked, and an error names the key path that is
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Pingtree's conversion_timezone values are fixed UTC offsets (hours), not IANA zones:
 # they never shift for daylight saving.
@@ -142,6 +144,7 @@ class RelayConfig:
     max_body_bytes: int = 16384
     admin_token: str = ""
     secret_key: str = ""
+    access_log: bool = False  # one JSON line per request, besides the decision lines
     # Where superseded SDK builds are kept for pinned (--integrity) tags; "" = beside the SQLite
     # store, or beside the config file with a Redis store (see server/sdk_archive.py).
     sdk_archive_dir: str = ""
@@ -153,6 +156,9 @@ class Config:
     relay: RelayConfig
     campaigns: Mapping[str, CampaignConfig]
     source: str = "<memory>"
+    # Risky but allowed values, each "key.path: why" (see server/config_risks.py): check-config
+    # prints them, serve logs them at start.
+    warnings: tuple[str, ...] = ()
 
 
 # --- a tiny checker: each function takes (path, value) and returns the clean value ---------------
@@ -218,9 +224,17 @@ def _fields(path: str, raw: Any, schema: Mapping[str, Check]) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         if key not in schema:
-            raise ConfigError(f"{path}.{key}", "unknown key")
+            raise ConfigError(f"{path}.{key}".lstrip("."), _unknown_key(key, schema))
         out[key] = schema[key](f"{path}.{key}", value)
     return out
+
+
+def _unknown_key(key: str, schema: Mapping[str, Check]) -> str:
+    """``unknown key``, with the nearest valid key when one is close: typos are the usual cause."""
+    nearest = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+    if nearest:
+        return f"unknown key; did you mean `{nearest[0]}`?"
+    return "unknown key; expected one of " + ", ".join(sorted(schema))
 
 
 def _identifier(path: str, v: Any) -> str:
@@ -424,7 +438,7 @@ def _relay(path: str, raw: Any) -> RelayConfig:
         "inline_concurrency": lambda p, v: _int(p, v),
         "trusted_proxy_hops": lambda p, v: _int(p, v),
         "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
-        "admin_token": _str, "secret_key": _str, "sdk_archive_dir": _str,
+        "admin_token": _str, "secret_key": _str, "access_log": _bool, "sdk_archive_dir": _str,
         "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
     })
     if "upstream_url" not in values:
@@ -461,8 +475,25 @@ def _check_endpoint_paths(campaigns: Mapping[str, CampaignConfig]) -> None:
 
 def _store_url(path: str, v: Any) -> str:
     if not isinstance(v, str) or not re.match(r"^(sqlite:///.+|redis://[^\s]+)$", v):
-        raise ConfigError(path, 'expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
+        raise ConfigError(path, 'expected "sqlite:///relative/path", "sqlite:////absolute/path" '
+                                'or "redis://HOST:PORT/DB"')
+    if v == "sqlite:///:memory:":
+        # Each connection (one per thread) would get its own empty database: every event 503.
+        raise ConfigError(path, "an in-memory SQLite database is private to each thread and lost at exit; "
+                                'give a file, e.g. "sqlite:////var/lib/pingtree-relay/outbox.sqlite3"')
     return v
+
+
+def store_location(url: str) -> str:
+    """Where the store is, for people: a SQLite file's absolute path, or the Redis URL without its password."""
+    if url.startswith("sqlite:///"):
+        return "SQLite file " + os.path.abspath(url[len("sqlite:///"):])
+    parts = urlsplit(url)
+    if parts.password:
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        url = parts._replace(netloc=netloc).geturl()
+    return "Redis " + url
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir: Path | None = None) -> Config:
@@ -481,7 +512,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir:
         cid: _campaign(f"campaigns.{cid}", cid, raw) for cid, raw in data.get("campaigns", {}).items()
     }
     _check_endpoint_paths(campaigns)
-    return Config(relay=relay, campaigns=campaigns, source=source)
+    from .config_risks import check_campaigns, check_relay  # here: config_risks imports this module
+
+    warnings = check_relay(relay) + check_campaigns(campaigns)
+    return Config(relay=relay, campaigns=campaigns, source=source, warnings=tuple(warnings))
 
 
 def _resolve_sqlite(relay: RelayConfig, base_dir: Path) -> RelayConfig:
@@ -494,11 +528,15 @@ def _resolve_sqlite(relay: RelayConfig, base_dir: Path) -> RelayConfig:
     return replace(relay, store="sqlite:///" + path)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and check a TOML config file. Raises :class:`ConfigError` (or ``OSError``)."""
+def load_config(path: str | os.PathLike[str], *, text: str | None = None) -> Config:
+    """Read and check a TOML config file. Raises :class:`ConfigError` (or ``OSError``).
+
+    ``text`` stands in for the file's content (the copy a ``serve`` master validated); relative
+    paths in it are still resolved against ``path``'s folder.
+    """
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_text(encoding="utf-8") if text is None else text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(file)", f"not valid TOML: {exc}") from None
     config = parse_config(data, source=str(p), base_dir=p.parent.resolve())
@@ -506,5 +544,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if token:
         from dataclasses import replace
 
+        from .config_risks import MIN_SECRET_LENGTH
+
+        if len(token) < MIN_SECRET_LENGTH:
+            raise ConfigError("PINGTREE_RELAY_ADMIN_TOKEN", f"at least {MIN_SECRET_LENGTH} characters")
         config = replace(config, relay=replace(config.relay, admin_token=token))
     return config

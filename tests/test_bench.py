@@ -165,3 +165,17 @@ Thread 13 (active): "MainThread"
     summary = profile.summarise_dump(dump)
     assert summary["threads"] == 3
     assert summary["where"][0] == ("idle: read (httpcore/_backends/sync.py) <- _receive_event (httpcore/_sync/http11.py)", 2)
+
+
+def test_durability_figures_are_in_the_docs_for_both_stores_and_faults() -> None:
+    from pathlib import Path
+
+    from bench.durability import MARKERS, Figures, markdown
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "durability.md").read_text()
+    table = text[text.index(MARKERS[0]):text.index(MARKERS[1])]
+    for store in ("sqlite", "redis"):
+        for fault in ("relay kill -9", "store outage"):
+            assert f"| {store} | {fault} |" in table, f"no {store}/{fault} figures in docs/durability.md"
+    row = markdown([Figures("sqlite", "store outage", 10, 9, 9, 0, 1, 2, 3)], 10).splitlines()[-1]
+    assert row == "| sqlite | store outage | 10 | 9 | 9 | 0 | 1 | 2 | 3 |"
