@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -29,6 +30,7 @@ upstream_url = "http://127.0.0.1:9"
 [campaigns.cmp_test.events.quote_viewed]
 """
 ANSWER_KEYS = {"status", "type", "message", "data", "missingFields", "invalidFields"}
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -133,6 +135,13 @@ def _exchange(base: str, raw: bytes, *, answers: int = 1, expect_open: bool = Fa
 # --- capacity: a delay is a timer, not a thread ---------------------------------------------------
 
 
+def run_in_thread(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """``asyncio.run(coro_fn())`` in a thread of its own: the main thread may already run a loop
+    (Playwright's sync API, when browser tests share this xdist worker), and asyncio.run refuses to nest."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(coro_fn())).result()
+
+
 async def _held_posts(base: str, count: int) -> list[int]:
     host, port = base.removeprefix("http://").split(":")
 
@@ -166,7 +175,7 @@ def test_a_thousand_delayed_answers_are_held_at_once(live: httpx.Client, server:
         await asyncio.to_thread(wait_for, all_held, 60, 0.05, "1,000 answers held at once")
         return await posts
 
-    statuses = asyncio.run(scenario())
+    statuses = run_in_thread(scenario)
     assert statuses == [200] * 1000
     stats = live.get("/_sandbox/stats").json()
     assert (stats["accepted"], stats["held"], stats["faults_applied"]) == (1000, 0, 1000), seen[-5:]
@@ -184,7 +193,7 @@ def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             return (await task)[0]
 
-        assert asyncio.run(held_then_term()) == 200
+        assert run_in_thread(held_then_term) == 200
         assert proc.wait(timeout=15) == 0
     finally:
         _stop(proc)
