@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from .build import store_kind, version
 from .config import Config
-from .relay import Relay
+from .relay import Relay, relay_of
 
 UNKNOWN = "unknown"
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,6 +63,9 @@ class Metrics:
                                  registry=registry)
         self.postbacks_refused = Counter("pingtree_relay_postbacks_refused", "Postbacks refused, by source "
                                          "and reason", ["cid", "source", "reason"], registry=registry)
+        # Test traffic (staging origins) is counted apart: it must not inflate what reached Pingtree.
+        self.test = Counter("pingtree_relay_test_events", "Test events (staging origins), by outcome; never sent to Pingtree",
+                            [*ce, "outcome"], registry=registry)
         self.latency = Histogram("pingtree_relay_upstream_latency_seconds", "Time Pingtree took to answer",
                                  ["state"], buckets=LATENCY_BUCKETS, registry=registry)
         self.sdk_requests = Counter(
@@ -91,14 +94,19 @@ class Metrics:
         if campaign is None:
             return UNKNOWN, UNKNOWN
         event_id = fields.get("event_id")
-        known = isinstance(event_id, str) and event_id in campaign.events
-        return campaign.cid, event_id if known else UNKNOWN
+        if isinstance(event_id, str) and event_id in campaign.events:
+            return campaign.cid, event_id
+        return campaign.cid, UNKNOWN
 
     def observe(self, kind: str, fields: dict[str, Any]) -> None:
         """Observer for :class:`server.observe.Observers`."""
         cid, event_id = self.labels(fields)
         if kind == "received":
             self.received.labels(cid).inc()
+        elif fields.get("test"):
+            # Neither accepted nor delivered to Pingtree: counted once, apart, when answered.
+            if kind == "accepted":
+                self.test.labels(cid, event_id, _label(fields.get("outcome"))).inc()
         elif kind == "accepted" and fields.get("outcome") == "duplicate":
             # Answered 400 "Duplicate event" (the lead already had it): a refusal, not an acceptance.
             self.rejected.labels(cid, event_id, "duplicate").inc()
@@ -146,7 +154,7 @@ class Metrics:
         child.inc()
 
     def _delivery(self, cid: str, event_id: str, fields: dict[str, Any]) -> None:
-        state = fields.get("state")
+        state = str(fields.get("state"))
         {"delivered": self.delivered, "dead": self.dead, "retry": self.retries}.get(
             state, self.retries).labels(cid, event_id).inc()
         latency_ms = fields.get("latency_ms")
@@ -218,7 +226,7 @@ def multiprocess_dir() -> str | None:
 
 def init_app(app: Flask) -> None:
     """Count decisions from the observer bus and serve ``GET /metrics``."""
-    relay: Relay = app.extensions["relay"]
+    relay = relay_of(app)
     # The *_created series double the output and no dashboard of ours reads them.
     disable_created_metrics()
     shared = multiprocess_dir() is not None

@@ -35,6 +35,7 @@ import jinja2
 import rjsmin
 from flask import Blueprint, Response, current_app, request
 
+from .attribution import CLICK_IDS
 from .config import CampaignConfig, Config, RelayConfig
 from .paths import JS_TEMPLATES
 from .sdk_archive import VERSION_RE, BuildArchive, default_dir
@@ -73,6 +74,8 @@ _env = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+# Not a campaign value: the relay's one list of ad click ids, the same in every campaign's script.
+_env.globals["click_ids"] = CLICK_IDS
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,10 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "last": sdk.attribution == "last",
         "ptCookie": sdk.pingtree_cookie,
         "generate": sdk.generate_transaction_id,
-        "extra": [p for p in sdk.extra_params if p not in URL_PARAMS],
+        "extra": [p for p in sdk.extra_params if p not in URL_PARAMS and p not in CLICK_IDS],
         "call": sdk.call_event,
         "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
+        "consent": sdk.consent,  # the debug panel says "waiting for consent" only where it applies
     }
     return {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
 
@@ -121,7 +125,8 @@ def script_features(campaign: CampaignConfig) -> dict[str, bool]:
     sdk = campaign.sdk
     return {
         "consent": sdk.consent,
-        "fill": sdk.fill_forms,
+        "fill": sdk.fill_forms or sdk.add_hidden_fields,  # the inputs it adds are filled like any
+        "hidden": sdk.add_hidden_fields,
         "call": bool(sdk.call_event),
         "selectors": bool(sdk.selectors),
     }
@@ -165,6 +170,7 @@ SHORT_NAMES: tuple[str, ...] = (
     "held", "track", "deliver", "retry", "flush", "leave", "fire", "fill", "api", "stub", "touched",
     "got", "old", "tid", "ans", "res", "pick", "list", "fields", "amount", "why", "wait", "after",
     "root", "closest", "consent", "today", "log", "now", "name", "set", "two", "fly", "later", "ms", "cmd",
+    "trail", "both",
 )
 _TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[A-Za-z_$][\w$]*|[\s\S]""")
 
@@ -220,9 +226,34 @@ def pin(config: Config, cid: str) -> None:
     """Keep the campaign's current build in the archive, so a pinned tag printed now stays servable."""
     built = render_sdk(config.campaigns[cid], config.relay)
     BuildArchive(default_dir(config)).remember(cid, built.version, built.body)
+def csp_sources(config: Config, cid: str, base_url: str | None = None) -> dict[str, list[str]]:
+    """What a page's Content-Security-Policy must allow for the tag ``snippet_tag`` prints.
+
+    For hosts that cannot serve a file of the merchant's own (Webflow): the inline stub is allowed
+    by its hash, the script (and the debug panel) by the relay's origin, the events by the origin
+    they are posted to. Without the stub (``snippet --no-stub``) the hash is not needed.
+    """
+    if cid not in config.campaigns:
+        raise KeyError(cid)  # like snippet_tag; every campaign needs the same sources
+    base = (base_url or config.relay.public_url).rstrip("/")
+    if not base:
+        raise ValueError("no base URL: pass one or set relay.public_url")
+    relay = _origin(base)
+    # The SDK posts to relay.public_url when set, else to where it was loaded from (script_config).
+    endpoint = _origin(config.relay.public_url) if config.relay.public_url else relay
+    stub_hash = "'sha256-" + base64.b64encode(hashlib.sha256(STUB.encode("utf-8")).digest()).decode("ascii") + "'"
+    return {"script-src": [stub_hash, relay], "connect-src": sorted({relay, endpoint})}
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------
+
+# Outside /sdk/<cid>.js's namespace: a campaign id has no dot, so no campaign can shadow it.
+DEBUG_PANEL_PATH = "/sdk/pingtree.debug.js"
 
 
 class SdkState:
@@ -401,3 +432,18 @@ def _not_found() -> Response:
     response.headers["Cache-Control"] = "no-store"
     _public_headers(response)
     return response
+
+
+# --- the debug panel: a separate script, loaded by the SDK in debug mode only ------------------------
+
+
+@lru_cache(maxsize=1)
+def debug_panel_script() -> BuiltScript:
+    """js_templates/debug_panel.js, minified: the same for every campaign (it reads the SDK's trail)."""
+    return package(rjsmin.jsmin((JS_TEMPLATES / "debug_panel.js").read_text(encoding="utf-8")).encode("utf-8"))
+
+
+@bp.get(DEBUG_PANEL_PATH)
+def debug_panel() -> Response:
+    """The ``?pt_debug=1`` panel. Loaded with ``import()``: a module, fetched with CORS (hence ACAO *)."""
+    return _script_response(debug_panel_script())

@@ -22,7 +22,7 @@ TRICKLE_SECONDS = 3.0
 def open_slow(relay: Relay, index: int) -> socket.socket:
     """Half send their headers a line at a time and never finish; half declare a body and send little."""
     sock = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
-    head = f"POST /api/event/cmp_test HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://www.example.com\r\n"
+    head = "POST /api/event/cmp_test HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://www.example.com\r\n"
     if index % 2:
         head += "Content-Type: text/plain\r\nContent-Length: 400\r\n\r\n{\"event_id\":"
     sock.sendall(head.encode())
