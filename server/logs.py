@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Flask, Response, g, has_request_context, request
+from flask import Flask, Response, has_request_context, request
 
 from .jsonlog import JsonFormatter, mask_ip
 from .relay import relay_of
@@ -142,7 +142,7 @@ def _new_request_id() -> str:
 
 
 def _echo_request_id(response: Response) -> Response:
-    if "request_id" not in g:  # an earlier before_request hook answered before ours ran
+    if request_state().request_id is None:  # an earlier before_request hook answered before ours ran
         _assign_request_id()
     response.headers["X-Request-Id"] = request_state().request_id or ""
     return response

@@ -8,14 +8,17 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from gunicorn.config import Config as GunicornConfig
 
 from server.jsonlog import GunicornLogger, JsonFormatter, mask_addresses
+from server.outbox.sqlite import MAX_PAGE_COUNT_ENV, SQLiteStore
 from tests.conftest import Relay, RelayFactory, wait_for
 
 VISITOR_IP = "203.0.113.77"
@@ -42,8 +45,13 @@ def workers_of(relay: Relay) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_every_line_serve_writes_is_json(relay_factory: RelayFactory) -> None:
-    relay = relay_factory(trusted_proxy_hops=1, access_log=True, workers=2)
+def test_every_line_serve_writes_is_json(relay_factory: RelayFactory, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "small.sqlite3"
+    SQLiteStore(str(store)).close()
+    pages = sqlite3.connect(store).execute("PRAGMA page_count").fetchone()[0]
+    monkeypatch.setenv(MAX_PAGE_COUNT_ENV, str(pages + 8))  # a small "disk": it fills, with a traceback
+    relay = relay_factory(trusted_proxy_hops=1, access_log=True, workers=2, store=f"sqlite:///{store}")
     proxy = {"X-Forwarded-For": VISITOR_IP}
     accepted = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex}, headers=proxy)
     refused = relay.post({"event_id": "nope", "transaction_id": "t"}, headers={"X-Forwarded-For": VISITOR_V6})
@@ -54,11 +62,18 @@ def test_every_line_serve_writes_is_json(relay_factory: RelayFactory) -> None:
 
     wait_for(lambda: any(x.get("event") == "request" and x["status"] == 400 for x in json_lines(relay.log_path)),
              message="the access line of the refused event")
-    # A worker that cannot boot: the config became invalid, and gunicorn replaces a killed worker.
+    # An edited-but-invalid config and a SIGHUP: the master's refusal is a JSON line too.
     relay.config_path.write_text(relay.config_path.read_text() + "\n[relay.oops\n")
-    os.kill(workers_of(relay)[0], signal.SIGKILL)
     assert relay.proc is not None
-    relay.proc.wait(60)  # gunicorn stops when a worker fails to boot
+    os.kill(relay.proc.pid, signal.SIGHUP)
+    wait_for(lambda: any("reload refused" in x["message"] for x in json_lines(relay.log_path)),
+             message="the refused reload")
+    # A traceback: the store's "disk" fills up (each refusal logs why, with its traceback).
+    for n in range(400):
+        if relay.post({"event_id": "quote_viewed", "transaction_id": f"fill-{n}"}, headers=proxy).status_code == 503:
+            break
+    wait_for(lambda: any("Traceback (most recent call last)" in x.get("error", "") for x in json_lines(relay.log_path)),
+             message="a traceback line")
 
     lines = json_lines(relay.log_path)
     text = relay.log_path.read_text()
@@ -73,7 +88,7 @@ def test_every_line_serve_writes_is_json(relay_factory: RelayFactory) -> None:
     assert {a["client"] for a in events} == {"203.0.113.0/24", "2001:db8:85a3::/48"}
     assert all(a["request_id"] and a["duration_ms"] >= 0 for a in access)
     tracebacks = [line for line in lines if "Traceback (most recent call last)" in line.get("error", "")]
-    assert tracebacks and "not valid TOML" in tracebacks[0]["error"], messages
+    assert tracebacks and "full" in tracebacks[0]["error"], messages
     assert any(line.get("event") == "accepted" for line in lines)  # the decision lines, in the same form
 
 
