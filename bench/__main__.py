@@ -138,7 +138,7 @@ def settings(seconds: float, events: int, limit: float) -> list[str]:
     return [
         "relay: `pingtree-relay serve` defaults: gunicorn gthread, workers = max(2, min(8, 2 x nproc)), 8 threads; "
         f"inline_concurrency={d.inline_concurrency}, inline_timeout={d.inline_timeout} s, "
-        f"delivery_concurrency={d.delivery_concurrency}, upstream_timeout={d.upstream_timeout} s; "
+        f"max_in_flight={d.max_in_flight} per box, upstream_timeout={d.upstream_timeout} s; "
         "SQLite store in WAL mode, synchronous=NORMAL, on the local disk; upstream = the sandbox "
         "(`pingtree-relay sandbox`: one gthread worker, 64 threads) on the same machine.",
         "rate limits off (`per_ip = \"\"`, `per_campaign = \"\"`): all the load comes from 127.0.0.1.",

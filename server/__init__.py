@@ -29,8 +29,11 @@ def create_app(
 ) -> Flask:
     """The relay's Flask app. ``config`` defaults to the file named by ``PINGTREE_RELAY_CONFIG``.
 
-    ``start_delivery`` starts this process's background delivery now (a server worker wants that,
-    so a backlog left by a crash drains without waiting for traffic); unit tests may leave it off.
+    ``start_delivery`` runs the delivery engine in this process, from now on (so a backlog left by
+    a crash drains without waiting for traffic), and again in a child after a fork: the demo, tests,
+    one process that serves and delivers. ``False``: no delivery in this process at all, ever
+    (``serve``'s workers: ``pingtree-relay deliver`` delivers beside them); the inline attempt of
+    the accept path still happens.
     """
     if config is None:
         config = load_config(os.environ["PINGTREE_RELAY_CONFIG"])
@@ -52,7 +55,7 @@ def create_app(
     app.extensions["relay"] = relay
     _register(app)
     if start_delivery:
-        relay.dispatcher.start()
+        relay.start_delivery()
         atexit.register(relay.close)
     return app
 
@@ -68,7 +71,7 @@ def _register(app: Flask) -> None:
         sdk = None  # type: ignore[assignment]
     if sdk is not None and hasattr(sdk, "bp"):
         app.register_blueprint(sdk.bp)
-    for name in ("logs", "limits", "metrics", "admin", "openapi"):
+    for name in ("logs", "limits", "metrics", "postbacks", "admin", "openapi"):
         _register_optional(app, name)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -91,8 +94,8 @@ def _register_optional(app: Flask, name: str) -> None:
 
 
 def _event_request() -> bool:
-    """An event endpoint: /api/event/... or a campaign's first-party endpoint_path."""
-    return request.blueprint == "events" or request.path.startswith("/api/event")
+    """An event endpoint: /api/event/..., a campaign's first-party endpoint_path, or a postback."""
+    return request.blueprint in ("events", "postbacks") or request.path.startswith("/api/event")
 
 
 def _api_error(exc: ApiError) -> Response:

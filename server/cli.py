@@ -1,9 +1,10 @@
-"""The ``pingtree-relay`` command: serve, demo, sandbox, check-config, snippet, outbox, sign."""
+"""The ``pingtree-relay`` command: serve, deliver, demo, sandbox, check-config, snippet, outbox, sign."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,11 +28,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     from . import create_app, wsgi
 
-    print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {config.relay.upstream_url})",
+    workers = args.workers or wsgi.default_workers()
+    settings = config.relay
+    inline = settings.inline_concurrency if settings.inline_concurrency and settings.inline_timeout else 0
+    if workers * inline >= settings.max_in_flight:
+        # Every worker's inline attempts come out of the box's one in-flight budget.
+        sys.exit(f"{args.config}: relay.max_in_flight: must be more than workers x inline_concurrency "
+                 f"({workers} x {inline}); raise it or lower inline_concurrency")
+    deliver = [sys.executable, "-m", "server.cli", "deliver", "--config", args.config,
+               "--inline-workers", str(workers), "--parent-pid", str(os.getpid())]
+    print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {settings.upstream_url})",
           flush=True)
-    wsgi.run(lambda: create_app(load_config(args.config)), host=args.host, port=args.port,
-             workers=args.workers, threads=args.threads, multiprocess_metrics=True)
+    wsgi.run(lambda: create_app(load_config(args.config), start_delivery=False), host=args.host, port=args.port,
+             workers=workers, threads=args.threads, multiprocess_metrics=True, sidecar=deliver)
     return 0
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """The box's delivery engine, in the foreground, until SIGTERM (then it finishes or hands back
+    every lease). ``serve`` runs and supervises it; run it yourself beside another WSGI server."""
+    config = _load(args.config)
+    from . import create_app
+
+    relay = create_app(config, start_delivery=False).extensions["relay"]  # observers as in a worker
+    cap = relay.delivery_cap(args.inline_workers)
+    if args.parent_pid:
+        _stop_when_orphaned(relay.dispatcher, args.parent_pid)
+    print(f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight", flush=True)
+    relay.dispatcher.run(cap, handle_signals=True)
+    relay.close()
+    return 0
+
+
+def _stop_when_orphaned(dispatcher: Any, parent_pid: int) -> None:
+    """A delivery process whose ``serve`` master died (SIGKILL) stops cleanly instead of lingering."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        dispatcher.request_stop()
+
+    threading.Thread(target=watch, name="pt-parent-watch", daemon=True).start()
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -93,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  demo funnel:     {base}/demo/?utm_source=google&utm_campaign=spring&sub1=ad42&pid=src_demo\n"
         f"  relay endpoint:  {base}/api/event/cmp_demo\n"
         f"  SDK:             {base}/sdk/cmp_demo.js\n"
+        f"  call postback:   {base}/postback/cmp_demo/ringba  (the thank-you page's \"Simulate a completed call\")\n"
         f"  sandbox (fake Pingtree, what it received): {base}/sandbox/\n"
         f"  dashboard:       {base}/admin/  (token: {config.relay.admin_token})\n"
         "Press Ctrl+C to stop.",
@@ -190,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="default: 2-4 by CPU count")
     p.add_argument("--threads", type=int, default=8)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deliver", help="run the delivery engine (serve starts one itself)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--inline-workers", type=int, default=0,
+                   help="processes making inline attempts: their inline_concurrency comes out of max_in_flight")
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_deliver)
 
     p = sub.add_parser("demo", help="relay + sandbox + demo pages, no config needed")
     p.add_argument("--host", default="127.0.0.1")

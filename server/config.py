@@ -36,7 +36,7 @@ _PATH_RE = re.compile(r"^/[A-Za-z0-9_\-/.]*$")
 # any of them, or one campaign's config could take over another surface of the relay.
 RESERVED_PATHS: tuple[str, ...] = (
     "/api", "/sdk", "/admin", "/healthz", "/readyz", "/metrics", "/openapi.json",
-    "/_sandbox", "/sandbox", "/demo", "/static",
+    "/_sandbox", "/sandbox", "/demo", "/static", "/postback",
 )
 
 
@@ -80,6 +80,24 @@ class SdkConfig:
 
 
 @dataclass(frozen=True)
+class PostbackConfig:
+    """One server-to-server source of conversions (a call-tracking platform, a buyer): its URL is
+    ``/postback/{cid}/{name}``, its credential ``token``. See docs/postbacks.md."""
+
+    name: str
+    token: str
+    event: str = ""  # the event it fires, or ...
+    event_param: str = ""  # ... the parameter that names it
+    min_duration: float | None = None  # seconds; shorter calls are not conversions
+    duration_param: str = ""
+    call_id_param: str = ""  # the platform's id of one call: two calls are two conversions
+    amount_format: str = "strict"  # "lenient": read "$1,234.50" as 1234.50
+    params: Mapping[str, str] = field(default_factory=dict)  # platform's name -> Pingtree's name
+    ignore_params: tuple[str, ...] = ()  # sent by the platform, not forwarded
+    global_org_id: str = ""  # forward to Pingtree's POST /api/event/global/{org-id} instead
+
+
+@dataclass(frozen=True)
 class CampaignConfig:
     """One campaign: who may post, what it accepts, what the server adds."""
 
@@ -96,6 +114,7 @@ class CampaignConfig:
     secret: str = ""  # HMAC key for signed revenue
     bot_filter: bool = False
     sdk: SdkConfig = field(default_factory=SdkConfig)
+    postbacks: Mapping[str, PostbackConfig] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,7 +134,9 @@ class RelayConfig:
     lease_seconds: float = 30.0
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 300.0
-    delivery_concurrency: int = 8  # per worker process; 2 per core by default: 32 in flight on 2 cores
+    # Requests in flight to Pingtree per box (delivery engine + inline attempts): throughput is at
+    # most max_in_flight / Pingtree's latency (400 at 300 ms: 1,333 events/s).
+    max_in_flight: int = 400
     inline_concurrency: int = 4  # per worker: half its threads at most wait on a slow Pingtree
     trusted_proxy_hops: int = 0
     max_body_bytes: int = 16384
@@ -159,11 +180,13 @@ def _number(path: str, v: Any, *, minimum: float = 0.0) -> float:
     return float(v)
 
 
-def _int(path: str, v: Any, *, minimum: int = 0) -> int:
+def _int(path: str, v: Any, *, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(path, "expected a whole number")
     if v < minimum:
         raise ConfigError(path, f"expected a whole number >= {minimum}")
+    if maximum is not None and v > maximum:
+        raise ConfigError(path, f"expected a whole number <= {maximum}")
     return v
 
 
@@ -301,13 +324,16 @@ def _campaign(path: str, cid: str, raw: Any) -> CampaignConfig:
         "server_fields": _scalar_map, "events": _table,
         "inactive_sources": _str_list(), "extra_fields": _str_list(_identifier),
         "unknown_fields": _choice("reject", "drop"), "allow_server_calls": _bool,
-        "server_key": _str, "secret": _str, "bot_filter": _bool, "sdk": _table,
+        "server_key": _str, "secret": _str, "bot_filter": _bool, "sdk": _table, "postbacks": _table,
     })
     values["events"] = {
         name: _event(f"{path}.events.{name}", name, ev) for name, ev in values.get("events", {}).items()
     }
     values["inactive_sources"] = frozenset(values.get("inactive_sources", ()))
     values["sdk"] = _sdk(f"{path}.sdk", values.get("sdk", {}))
+    values["postbacks"] = {
+        name: _postback(f"{path}.postbacks.{name}", name, pb) for name, pb in values.get("postbacks", {}).items()
+    }
     campaign = CampaignConfig(cid=cid, **values)
     _check_campaign(path, campaign)
     return campaign
@@ -330,6 +356,58 @@ def _check_campaign(path: str, c: CampaignConfig) -> None:
         # The SDK would capture it and send it with every event, and the relay would refuse them all.
         if name not in ATTRIBUTION_FIELDS and name not in c.extra_fields:
             raise ConfigError(f"{path}.sdk.extra_params", f"{name!r} must also be listed in extra_fields")
+    _check_postbacks(path, c)
+
+
+MIN_POSTBACK_TOKEN = 32  # characters: the token is the only credential of a postback URL
+
+
+def _postback(path: str, name: str, raw: Any) -> PostbackConfig:
+    _identifier(path, name)
+    values = _fields(path, raw, {
+        "token": _str, "event": _identifier, "event_param": _identifier,
+        "min_duration": lambda p, v: _number(p, v), "duration_param": _identifier,
+        "call_id_param": _identifier, "amount_format": _choice("strict", "lenient"),
+        "params": lambda p, v: {_identifier(f"{p}.{k}", k): _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()},
+        "ignore_params": _str_list(_identifier), "global_org_id": _identifier,
+    })
+    if len(values.get("token", "")) < MIN_POSTBACK_TOKEN:
+        raise ConfigError(f"{path}.token", f"required, at least {MIN_POSTBACK_TOKEN} random characters")
+    if bool(values.get("event")) == bool(values.get("event_param")):
+        raise ConfigError(f"{path}.event", "set exactly one of event (the event it fires) or event_param")
+    if "min_duration" in values and not values.get("duration_param"):
+        raise ConfigError(f"{path}.duration_param", "required because min_duration is set")
+    return PostbackConfig(name=name, **values)
+
+
+def _check_postbacks(path: str, c: CampaignConfig) -> None:
+    """Each source's mapping against its campaign: the event exists, every name is a field Pingtree takes."""
+    from .postbacks.mapping import postback_fields  # here: it imports this module
+
+    accepted = postback_fields(c)
+    for name, pb in c.postbacks.items():
+        key = f"{path}.postbacks.{name}"
+        if pb.event and pb.event not in c.events:
+            raise ConfigError(f"{key}.event", f"no event named {pb.event!r} in this campaign")
+        if pb.event and c.events[pb.event].revenue == "signed":
+            raise ConfigError(f"{key}.event", f"events.{pb.event}.revenue is \"signed\": a postback cannot sign")
+        if pb.event and c.events[pb.event].allow_duplicates and not pb.call_id_param:
+            # A retry and a second call would have the same idempotency key: the second call would be lost.
+            raise ConfigError(f"{key}.call_id_param", f"required because events.{pb.event}.allow_duplicates is "
+                                                      "true (it tells a second call from a retry of the first)")
+        for platform, target in pb.params.items():
+            if target not in accepted:
+                raise ConfigError(f"{key}.params.{platform}", f"{target!r} is not a Pingtree field this campaign accepts")
+
+
+# Each request in flight holds a socket and a few KB: far beyond this, a box runs out of file
+# descriptors (a default ulimit of 1,024) before it runs out of throughput.
+MAX_IN_FLIGHT_LIMIT = 5000
+
+
+def _replaced_by_max_in_flight(path: str, value: Any) -> Any:
+    raise ConfigError(path, "replaced by relay.max_in_flight: requests in flight to Pingtree per box "
+                            "(default 400), no longer per worker")
 
 
 def _relay(path: str, raw: Any) -> RelayConfig:
@@ -341,7 +419,8 @@ def _relay(path: str, raw: Any) -> RelayConfig:
         "lease_seconds": lambda p, v: _number(p, v, minimum=1),
         "retry_base_seconds": lambda p, v: _number(p, v, minimum=0.01),
         "retry_cap_seconds": lambda p, v: _number(p, v, minimum=0.01),
-        "delivery_concurrency": lambda p, v: _int(p, v, minimum=1),
+        "max_in_flight": lambda p, v: _int(p, v, minimum=1, maximum=MAX_IN_FLIGHT_LIMIT),
+        "delivery_concurrency": _replaced_by_max_in_flight,
         "inline_concurrency": lambda p, v: _int(p, v),
         "trusted_proxy_hops": lambda p, v: _int(p, v),
         "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
@@ -355,6 +434,10 @@ def _relay(path: str, raw: Any) -> RelayConfig:
         # A lease that ends while its attempt can still be running would let a second worker send
         # the same event at the same time.
         raise ConfigError(f"{path}.lease_seconds", f"must be longer than upstream_timeout ({relay.upstream_timeout} s)")
+    if relay.inline_concurrency and relay.inline_timeout and relay.max_in_flight <= relay.inline_concurrency:
+        # Inline attempts are part of the box's in-flight budget: the engine needs a share too.
+        raise ConfigError(f"{path}.max_in_flight",
+                          f"must be more than inline_concurrency ({relay.inline_concurrency})")
     return relay
 
 

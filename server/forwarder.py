@@ -1,4 +1,5 @@
-"""Forwarding to Pingtree: one shared httpx client, and a pure classification of each answer.
+"""Forwarding to Pingtree: httpx clients (sync for the inline attempt, async for the delivery engine),
+and a pure classification of each answer.
 
 The classification is the heart of "retry until Pingtree answers" without counting twice:
 
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from .upstream import ROUTE_KEY, route
 
 DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
@@ -94,8 +97,43 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-class Forwarder:
-    """Posts events to ``{upstream_url}/api/event/{cid}`` over one pooled client.
+_HEADERS = {"user-agent": "pingtree-relay/0.1", "content-type": "application/json"}
+
+
+def _timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=min(seconds, 3.0))
+
+
+class _Upstream:
+    """What both forwarders share: where events go, and how an answer or an error becomes an Attempt."""
+
+    def __init__(self, upstream_url: str, timeout: float) -> None:
+        self.upstream_url = upstream_url.rstrip("/")
+        self.timeout = timeout
+        # The latest attempt's outcome, for /readyz: (unix time, answered at all, status or error).
+        self.last: tuple[float, bool, str] | None = None
+
+    def url_for(self, cid: str) -> str:
+        return f"{self.upstream_url}/api/event/{cid}"
+
+    def _answered(self, response: httpx.Response, started: float) -> Attempt:
+        self.last = (time.time(), response.status_code < 500, f"HTTP {response.status_code}")
+        return Attempt(
+            response.status_code, answer=_json_or_none(response), uncertain=response.status_code >= 500,
+            retry_after=_retry_after(response), latency_ms=_ms(started),
+        )
+
+    def _failed(self, exc: httpx.TransportError, started: float) -> Attempt:
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            # Never left this machine: certainly not processed.
+            self.last = (time.time(), False, f"connect: {type(exc).__name__}")
+            return Attempt(None, error=f"connect: {type(exc).__name__}", latency_ms=_ms(started))
+        self.last = (time.time(), False, type(exc).__name__)
+        return Attempt(None, error=f"{type(exc).__name__}", uncertain=True, latency_ms=_ms(started))
+
+
+class Forwarder(_Upstream):
+    """Posts events to ``{upstream_url}/api/event/{cid}`` over one pooled client (the inline attempt).
 
     The upstream URL comes from configuration only; nothing in a request can change where the
     relay connects (no open proxy). ``transport`` lets unit tests use ``httpx.MockTransport``.
@@ -105,42 +143,70 @@ class Forwarder:
         self, upstream_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
         max_connections: int = 100,
     ) -> None:
-        self.upstream_url = upstream_url.rstrip("/")
-        self.timeout = timeout
-        # The latest attempt's outcome, for /readyz: (unix time, answered at all, status or error).
-        self.last: tuple[float, bool, str] | None = None
+        super().__init__(upstream_url, timeout)
         self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+            timeout=_timeout(timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-            headers={"user-agent": "pingtree-relay/0.1", "content-type": "application/json"},
-            follow_redirects=False,
+            transport=transport, headers=_HEADERS, follow_redirects=False,
         )
-
-    def url_for(self, cid: str) -> str:
-        return f"{self.upstream_url}/api/event/{cid}"
 
     def send(self, cid: str, body: dict[str, Any], *, timeout: float | None = None) -> Attempt:
         """One attempt. Never raises for network trouble: it is reported in the :class:`Attempt`."""
         started = time.perf_counter()
-        request_timeout = self._client.timeout if timeout is None else httpx.Timeout(timeout, connect=min(timeout, 3.0))
+        request_timeout = self._client.timeout if timeout is None else _timeout(timeout)
+        url, body = route(self.upstream_url, cid, body)  # campaign form, or Pingtree's global API
         try:
-            response = self._client.post(self.url_for(cid), content=json.dumps(body), timeout=request_timeout)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            # Never left this machine: certainly not processed.
-            self.last = (time.time(), False, f"connect: {type(exc).__name__}")
-            return Attempt(None, error=f"connect: {type(exc).__name__}", latency_ms=_ms(started))
+            response = self._client.post(url, content=json.dumps(body), timeout=request_timeout)
         except httpx.TransportError as exc:
-            self.last = (time.time(), False, type(exc).__name__)
-            return Attempt(None, error=f"{type(exc).__name__}", uncertain=True, latency_ms=_ms(started))
-        self.last = (time.time(), response.status_code < 500, f"HTTP {response.status_code}")
-        return Attempt(
-            response.status_code, answer=_json_or_none(response), uncertain=response.status_code >= 500,
-            retry_after=_retry_after(response), latency_ms=_ms(started),
-        )
+            return self._failed(exc, started)
+        return self._answered(response, started)
 
     def close(self) -> None:
         self._client.close()
+
+
+class AsyncForwarder(_Upstream):
+    """The delivery engine's forwarder: the same requests and answers, hundreds at once on one loop.
+
+    It speaks httpx's transport interface directly (``httpx.Request`` in, ``httpx.Response`` out,
+    httpx's timeouts and errors) rather than through ``httpx.AsyncClient``: the client's per-request
+    layers (URL merging, cookies, auth, redirect handling) cost more CPU than the whole transport
+    (docs/durability.md) and none applies here: no auth, no cookies, redirects are not followed.
+    The transport (:class:`server.transport.AsyncH11Transport` by default) is built inside the
+    engine's event loop and belongs to it.
+    """
+
+    def __init__(
+        self, upstream_url: str, *, timeout: float = 10.0, max_connections: int = 400,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        from .transport import AsyncH11Transport
+
+        super().__init__(upstream_url, timeout)
+        self._transport = transport or AsyncH11Transport(max_connections=max_connections)
+        connect = min(timeout, 3.0)
+        self._extensions = {"timeout": {"connect": connect, "read": timeout, "write": timeout, "pool": timeout}}
+        self._urls: dict[str, httpx.URL] = {}  # parsed once per campaign
+
+    async def send(self, cid: str, body: dict[str, Any]) -> Attempt:
+        """One attempt; never raises for network trouble (see :class:`Forwarder`)."""
+        started = time.perf_counter()
+        if ROUTE_KEY in body:  # a postback source routed to Pingtree's global API
+            target, body = route(self.upstream_url, cid, body)
+            url = httpx.URL(target)
+        else:
+            url = self._urls.get(cid) or self._urls.setdefault(cid, httpx.URL(self.url_for(cid)))
+        request = httpx.Request("POST", url, headers=_HEADERS, content=json.dumps(body).encode(),
+                                extensions=self._extensions)
+        try:
+            response = await self._transport.handle_async_request(request)
+            await response.aread()
+        except httpx.TransportError as exc:
+            return self._failed(exc, started)
+        return self._answered(response, started)
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
 
 
 def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ def readyz() -> Response:
     body = {
         "status": "ok" if store_ok else "unavailable",
         "store": "ok" if store_ok else "unreachable",
-        "upstream": _upstream(relay.forwarder.last),
+        "upstream": _upstream(relay.upstream_last()),
         "queue": stats.to_dict() if stats else None,
     }
     response = jsonify(body)

@@ -41,6 +41,7 @@ class Metrics:
 
     def __init__(self, config: Config, registry: CollectorRegistry | None) -> None:
         self.config = config
+        self.registry = registry  # None: multiprocess, the values live in PROMETHEUS_MULTIPROC_DIR
         ce = ["cid", "event_id"]
         self.received = Counter("pingtree_relay_events_received", "Event requests received, by campaign",
                                 ["cid"], registry=registry)
@@ -56,6 +57,11 @@ class Metrics:
                             ce, registry=registry)
         self.retries = Counter("pingtree_relay_delivery_retries", "Delivery attempts that will be retried",
                                ce, registry=registry)
+        self.postbacks = Counter("pingtree_relay_postbacks", "Postback requests, by source and outcome "
+                                 "(refused, or the outcome of an accepted one)", ["cid", "source", "outcome"],
+                                 registry=registry)
+        self.postbacks_refused = Counter("pingtree_relay_postbacks_refused", "Postbacks refused, by source "
+                                         "and reason", ["cid", "source", "reason"], registry=registry)
         self.latency = Histogram("pingtree_relay_upstream_latency_seconds", "Time Pingtree took to answer",
                                  ["state"], buckets=LATENCY_BUCKETS, registry=registry)
         self.sdk_requests = Counter(
@@ -75,6 +81,8 @@ class Metrics:
             for event_id in campaign.events:
                 self.delivered.labels(cid, event_id)
                 self.dead.labels(cid, event_id)
+            for source in campaign.postbacks:
+                self.postbacks.labels(cid, source, "refused")
 
     def labels(self, fields: dict[str, Any]) -> tuple[str, str]:
         """(cid, event_id) as label values: configured ones, else ``unknown``."""
@@ -98,8 +106,20 @@ class Metrics:
             self.filtered.labels(cid, event_id, _label(fields.get("reason"))).inc()
         elif kind == "delivery":
             self._delivery(cid, event_id, fields)
+        elif kind == "postback":
+            self._postback(cid, fields)
         elif kind == "sdk":
             self._sdk(cid, fields)
+
+    def _postback(self, cid: str, fields: dict[str, Any]) -> None:
+        campaign = self.config.campaigns.get(cid)
+        source = fields.get("source")
+        # Only a configured source becomes a label, like campaign and event ids.
+        source = source if campaign is not None and source in campaign.postbacks else UNKNOWN
+        outcome = _label(fields.get("outcome"))
+        self.postbacks.labels(cid, source, outcome).inc()
+        if outcome == "refused":
+            self.postbacks_refused.labels(cid, source, _label(fields.get("reason"))).inc()
 
     def _sdk(self, cid: str, fields: dict[str, Any]) -> None:
         child = self._sdk_children.get((cid, fields.get("version"), fields.get("state")))  # type: ignore[arg-type]
@@ -129,6 +149,19 @@ class Metrics:
         if fields.get("status") is not None and isinstance(latency_ms, (int, float)):
             # Only attempts Pingtree answered: a connection refused in 1 ms is not a latency.
             self.latency.labels(_label(state)).observe(latency_ms / 1000.0)
+
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """``(labels, value)`` of every series of counter ``name`` (without ``_total``), summed over
+        workers the way a scrape is: what the dashboard shows agrees with /metrics."""
+        registry = self.registry
+        if registry is None:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return [(dict(sample.labels), sample.value) for family in registry.collect() if family.name == name
+                for sample in family.samples if sample.name == name + "_total"]
 
 
 def _label(value: Any) -> str:

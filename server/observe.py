@@ -9,6 +9,8 @@ Kinds and their fields:
 - ``rejected``: cid, event_id, reason (a short label), status.
 - ``delivery``: cid, event_id, event_uuid, state (delivered, dead, retry), status, latency_ms, attempts, reason, inline.
 - ``filtered``: cid, event_id, reason (e.g. bot): accepted with 202 but deliberately not forwarded.
+- ``postback``: cid, source, event_id, outcome (an ``accepted`` outcome, or ``refused``), reason, status:
+  one per postback request, beside its ``accepted`` or ``rejected``.
 - ``sdk``: cid, version (a build's content hash, or ``unknown``), state (stable, current, superseded,
   unknown): a script request (see :mod:`server.sdk_versions`).
 """

@@ -45,6 +45,7 @@ def build_spec(config: Config, *, has_metrics: bool = False) -> dict[str, Any]:
             "post": _event_post("Fire an event (Pingtree's trigger form; `cid` in the body, revenue as `revenue`)",
                                 "eventTrigger", [], "revenue", cid_in_body=example_cid),
         },
+        "/postback/{cid}/{source}": _postback(example_cid, config),
         "/sdk/{cid}.js": {"get": _script("The campaign's browser SDK", "sdkScript", [_cid_param(example_cid)])},
         "/sdk/{cid}/pingtree.js": {
             "get": _script("The campaign's browser SDK (alternate name)", "sdkScriptAlt", [_cid_param(example_cid)]),
@@ -97,6 +98,56 @@ def _first_party(paths: dict[str, Any], cid: str, campaign: CampaignConfig) -> N
     if sdk.script_path:
         paths[sdk.script_path] = {"get": _script(f"The SDK of {cid} at its first-party path",
                                                  f"sdkFirstParty_{cid}", [])}
+
+
+def _postback(example_cid: str, config: Config) -> dict[str, Any]:
+    """``GET|POST /postback/{cid}/{source}``: the same answers for both methods."""
+    campaign = config.campaigns.get(example_cid)
+    example_source = next(iter(campaign.postbacks), "ringba") if campaign is not None else "ringba"
+    params = [
+        _cid_param(example_cid),
+        {"name": "source", "in": "path", "required": True, "example": example_source,
+         "description": "A source configured under [campaigns.{cid}.postbacks.{source}]",
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}},
+        {"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "The source's token (or send X-Postback-Token)"},
+        _header("X-Postback-Token", "The source's token (instead of ?token=)"),
+    ]
+    description = ("A conversion reported by a server (call tracking, a buyer). Parameters in the query string "
+                   "and/or the body, named the platform's way; the source's params table maps them to "
+                   "Pingtree's names, and the result goes through the same validation, store and delivery as "
+                   "a browser's event. No Origin needed: the token is the credential. See docs/postbacks.md.")
+    responses = {
+        "200": _json("Delivered to Pingtree (or a repeat of a delivered postback: same ids)", ANSWER),
+        "202": _json("Accepted and queued for delivery", ANSWER),
+        "400": _json("Call shorter than min_duration, no transaction id, an amount with a currency symbol, an "
+                     "unfilled macro, a parameter given twice, invalid fields, or Pingtree's own rejection", ANSWER),
+        "401": _json("No token", ANSWER),
+        "403": _json("Wrong token, or Source Inactive", ANSWER),
+        "404": _json("Campaign or postback source not found (or, through the global API, Lead Not Found)", ANSWER),
+        "405": _json("HEAD: only GET and POST fire a postback", ANSWER),
+        "413": _json("Body larger than relay.max_body_bytes", ANSWER),
+        "415": _json("A body that is neither JSON nor a form", ANSWER),
+        "4XX": _json("Another rejection passed through from Pingtree", ANSWER),
+        "500": _json("Internal error (never a stack trace)", ANSWER),
+        "503": _json("The store is unreachable: nothing was accepted, retry after Retry-After", ANSWER,
+                     RETRY_AFTER),
+        "5XX": _json("Pingtree's permanent failure passed through", ANSWER),
+    }
+    scalar = {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+    body_schema = {"type": "object", "additionalProperties": scalar,
+                   "example": {"tid": "txn_7f3a2b1c", "payout": "25.00", "duration": 184}}
+    form_schema = {"type": "object", "additionalProperties": {"type": "string"}}
+    return {
+        "get": {"operationId": "postbackGet", "summary": "A postback as a GET URL with macros filled in",
+                "description": description, "parameters": params, "responses": responses},
+        "post": {"operationId": "postbackPost", "summary": "A postback as a POST (JSON or form body)",
+                 "description": description, "parameters": params, "responses": responses,
+                 "requestBody": {"required": False, "content": {
+                     JSON: {"schema": body_schema},
+                     "application/x-www-form-urlencoded": {"schema": form_schema},
+                 }}},
+    }
 
 
 def _cid_param(example: str) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """The relay's moving parts wired together, kept in ``app.extensions["relay"]``.
 
 The accept path (``accept``) is: validate -> enrich -> store durably -> one bounded inline attempt
--> answer. Inline attempts are capped per process (``inline_concurrency``) and time-boxed
-(``inline_timeout``): when Pingtree is slow, the few threads allowed to wait on it are busy and
-every other request is answered 202 at once from the store, so a slow upstream costs latency
-only to the requests that were going to get a conversion_id back anyway, never throughput.
+-> answer. Inline attempts are capped per process (``inline_concurrency``), time-boxed
+(``inline_timeout``) and skipped while the delivery engine is behind (``BACKLOG_EVENTS`` due and
+unclaimed): then every request is answered 202 at once from the store, so a slow or saturated
+Pingtree costs latency only to the requests that were going to get a conversion_id back anyway,
+never accept throughput. Background delivery is the engine's (:mod:`server.outbox.dispatcher`),
+in this process or in ``pingtree-relay deliver``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from .config import CampaignConfig, Config
 from .enrichment import dedupe_key, forward_body
 from .errors import ApiError, answer
-from .forwarder import DUPLICATE_MESSAGE, Attempt, Decision, Forwarder
+from .forwarder import DUPLICATE_MESSAGE, AsyncForwarder, Attempt, Decision, Forwarder
 from .observe import Observers
 from .outbox import Record, Store, open_store
 from .outbox.dispatcher import Dispatcher
@@ -35,33 +39,74 @@ class Reply:
     outcome: str  # delivered, queued, dead, duplicate, replay: for metrics and logs
 
 
-class Relay:
-    """Owns the store, the forwarder and the dispatcher of one process."""
+BACKLOG_EVENTS = 200  # due and unclaimed: ~0.2 s of traffic at 1,000/s means the engine is behind
+BACKLOG_CHECK_SECONDS = 0.25  # how stale the accept path's view of the backlog may be
 
-    def __init__(self, config: Config, *, store: Store | None = None, forwarder: Forwarder | None = None) -> None:
+
+class Relay:
+    """Owns the store, the inline forwarder and the delivery engine of one process."""
+
+    def __init__(self, config: Config, *, store: Store | None = None, forwarder: Forwarder | None = None,
+                 delivery_transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``forwarder`` (the inline attempt's) and ``delivery_transport`` (the engine's) let unit
+        tests answer for Pingtree with ``httpx.MockTransport``."""
         settings = config.relay
         self.config = config
         self.observers = Observers()
         self.store = store or open_store(settings.store)
-        self.forwarder = forwarder or Forwarder(
+        self.forwarder = forwarder or Forwarder(  # the inline attempt's; the engine builds its own
             settings.upstream_url, timeout=settings.upstream_timeout,
-            max_connections=settings.delivery_concurrency + settings.inline_concurrency + 4,
+            max_connections=settings.inline_concurrency + 2,
         )
         self.dispatcher = Dispatcher(
-            self.store, self.forwarder, concurrency=settings.delivery_concurrency,
+            self.store, forwarder_factory=lambda connections: AsyncForwarder(
+                settings.upstream_url, timeout=settings.upstream_timeout, max_connections=connections,
+                transport=delivery_transport),
+            upstream_timeout=settings.upstream_timeout,
             lease=settings.lease_seconds, max_age=settings.max_age_hours * 3600,
             retry_base=settings.retry_base_seconds, retry_cap=settings.retry_cap_seconds,
             observer=self._delivered,
         )
         self._inline = threading.BoundedSemaphore(max(1, settings.inline_concurrency))
         self._inline_enabled = settings.inline_concurrency > 0 and settings.inline_timeout > 0
+        self._backlog_checked_at = 0.0
+        self._backlogged = False
 
-    def _delivered(self, record: Record, attempt: Attempt, decision: Decision) -> None:
+    def delivery_cap(self, inline_processes: int) -> int:
+        """The engine's share of ``max_in_flight``: the box's cap less what ``inline_processes``
+        processes may have in flight inline, so engine plus inline never exceed the one knob."""
+        inline = self.config.relay.inline_concurrency if self._inline_enabled else 0
+        return max(1, self.config.relay.max_in_flight - inline_processes * inline)
+
+    def start_delivery(self) -> None:
+        """Run the delivery engine in this process (one process serves and delivers)."""
+        self.dispatcher.start(self.delivery_cap(1))
+
+    def upstream_last(self) -> tuple[float, bool, str] | None:
+        """The latest attempt upstream from this process, inline or engine: for /readyz."""
+        seen = [last for last in (self.forwarder.last, getattr(self.dispatcher.forwarder, "last", None)) if last]
+        return max(seen) if seen else None
+
+    def _delivered(self, record: Record, attempt: Attempt, decision: Decision, inline: bool) -> None:
         self.observers.emit(
             "delivery", cid=record.cid, event_id=record.event_id, event_uuid=record.id,
             state=decision.state, status=attempt.status, latency_ms=attempt.latency_ms,
-            attempts=record.attempts, reason=decision.reason or attempt.error or "",
+            attempts=record.attempts, reason=decision.reason or attempt.error or "", inline=inline,
         )
+
+    def _engine_behind(self) -> bool:
+        """True while the delivery engine has a backlog: the inline attempt would only add load.
+
+        Read from the store, so it works whichever process runs the engine; at most every
+        ``BACKLOG_CHECK_SECONDS`` per process (a racy refresh by two threads is harmless)."""
+        now = time.monotonic()
+        if now - self._backlog_checked_at >= BACKLOG_CHECK_SECONDS:
+            self._backlog_checked_at = now
+            try:
+                self._backlogged = self.store.backlog(BACKLOG_EVENTS) >= BACKLOG_EVENTS
+            except Exception:  # the add below reports a store that is down
+                self._backlogged = True
+        return self._backlogged
 
     def campaign(self, cid: str | None) -> CampaignConfig:
         campaign = self.config.campaigns.get(cid or "")
@@ -74,7 +119,6 @@ class Relay:
         ip_address: str | None, user_agent: str | None,
     ) -> Reply:
         """Store the event, try it once inline, and say what happened."""
-        self.dispatcher.start()
         received_at = time.time()
         record = Record(
             id=event.event_uuid or idempotency_key or uuid.uuid4().hex,
@@ -83,7 +127,7 @@ class Relay:
                                  ip_address=ip_address, user_agent=user_agent),
             received_at=received_at, dedupe_key=dedupe_key(event),
         )
-        inline = self._inline_enabled and self._inline.acquire(blocking=False)
+        inline = self._inline_enabled and not self._engine_behind() and self._inline.acquire(blocking=False)
         owner = self.dispatcher.owner if inline else None
         try:
             stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)
@@ -105,10 +149,10 @@ class Relay:
             self.dispatcher.wake()
             return _queued(stored)
         try:
-            attempt, decision = self.dispatcher.deliver(
-                stored, owner=owner or "", timeout=self.config.relay.inline_timeout)
+            attempt = self.forwarder.send(stored.cid, stored.payload, timeout=self.config.relay.inline_timeout)
         finally:
             self._inline.release()
+        decision = self.dispatcher.settle(stored, attempt, owner=owner or "")
         if decision.state == "delivered":
             return Reply(200, _success(stored, attempt.answer), "delivered")
         if decision.state == "dead":

@@ -2,31 +2,48 @@
 
 Worker model, chosen for the accept path (see docs/benchmarks.md): ``gthread`` workers. The accept
 path is a short SQLite/Redis write plus, at most, one bounded inline attempt upstream; threads let a
-worker keep accepting while a few of its threads wait on a slow Pingtree, and nothing here needs an
-event loop. SIGTERM makes gunicorn stop accepting, finish requests in flight (``graceful_timeout``)
-and run each worker's ``atexit``/shutdown hooks, which drain the delivery threads.
+worker keep accepting while a few of its threads wait on a slow Pingtree. Background delivery is
+not the workers' job: ``serve`` runs one delivery engine per box as a supervised sidecar process
+(``pingtree-relay deliver``, see :class:`_SidecarArbiter`). SIGTERM makes gunicorn stop accepting,
+finish requests in flight (``graceful_timeout``), and the delivery process finish its sends.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 
 _METRICS_PREFIX = "pingtree-relay-metrics-"
 
 
 class _App(BaseApplication):  # type: ignore[misc]
-    def __init__(self, factory: Callable[[], Any], options: dict[str, Any]) -> None:
+    def __init__(self, factory: Callable[[], Any], options: dict[str, Any],
+                 sidecar: list[str] | None = None) -> None:
         self._factory = factory
         self._options = options
+        self._sidecar = sidecar
         super().__init__()
+
+    def run(self) -> None:
+        if self._sidecar is None:
+            super().run()
+            return
+        try:
+            _SidecarArbiter(self, self._sidecar).run()
+        except RuntimeError as exc:
+            sys.exit(f"Error: {exc}")
 
     def load_config(self) -> None:
         for key, value in self._options.items():
@@ -35,6 +52,48 @@ class _App(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         return self._factory()
+
+
+class _SidecarArbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's master, also supervising one more process: ``pingtree-relay deliver``.
+
+    Started after the workers (never forked from them: it is a fresh ``exec``), restarted if it
+    dies (at most once a second), and on shutdown sent SIGTERM first and given the graceful timeout
+    to finish its sends and give its leases back. gunicorn's own reaping (``waitpid(-1)``) may
+    collect its exit status; ``Popen.poll`` then reports 0, which is still "not running".
+    """
+
+    def __init__(self, app: _App, command: list[str]) -> None:
+        self._command = command
+        self._sidecar: subprocess.Popen[bytes] | None = None
+        self._next_start = 0.0
+        super().__init__(app)
+
+    def manage_workers(self) -> None:
+        super().manage_workers()
+        self._supervise()
+
+    def _supervise(self) -> None:
+        if self._sidecar is not None and self._sidecar.poll() is None:
+            return
+        if time.monotonic() < self._next_start:
+            return
+        if self._sidecar is not None:
+            self.log.error("delivery process (pid:%s) exited; restarting it", self._sidecar.pid)
+        self._next_start = time.monotonic() + 1.0
+        self._sidecar = subprocess.Popen(self._command)
+
+    def stop(self, graceful: bool = True) -> None:
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        sidecar, self._next_start = self._sidecar, float("inf")  # no restart while stopping
+        if sidecar is not None and sidecar.poll() is None:
+            sidecar.send_signal(signal.SIGTERM)
+        super().stop(graceful)
+        while sidecar is not None and sidecar.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if sidecar is not None and sidecar.poll() is None:
+            self.log.error("delivery process (pid:%s) did not stop in time; killing it", sidecar.pid)
+            sidecar.kill()
 
 
 def default_workers() -> int:
@@ -58,12 +117,15 @@ def run(
     threads: int = 8,
     graceful_timeout: int = 15,
     multiprocess_metrics: bool = False,
+    sidecar: list[str] | None = None,
     **extra: Any,
 ) -> None:
     """Serve ``factory()`` until SIGTERM/SIGINT. The app is built in each worker after the fork.
 
     ``multiprocess_metrics`` gives the workers one fresh prometheus-client directory for this run
     (see :func:`metrics_dir`), so ``/metrics`` adds up every worker whichever one answers.
+    ``sidecar`` is a command the master runs beside the workers and supervises (``serve``'s
+    delivery process).
     """
     options = {
         "bind": f"{host}:{port}",
@@ -81,11 +143,11 @@ def run(
     }
     options.update(extra)
     if not multiprocess_metrics:
-        _App(factory, options).run()
+        _App(factory, options, sidecar).run()
         return
     with metrics_dir():
         options.setdefault("child_exit", _child_exit)
-        _App(factory, options).run()
+        _App(factory, options, sidecar).run()
 
 
 @contextmanager

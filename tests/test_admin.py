@@ -52,7 +52,8 @@ def upstream() -> Upstream:
 def make_app(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Flask]]:
     apps: list[Flask] = []
 
-    def make(**relay_keys: Any) -> Flask:
+    def make(*, deliver: bool = False, **relay_keys: Any) -> Flask:
+        """``deliver``: run the delivery engine in this process too (its Pingtree is ``upstream``)."""
         relay_keys.setdefault("admin_token", TOKEN)
         config = parse_config({
             "relay": {"upstream_url": "http://pingtree.invalid", "retry_base_seconds": 0.05,
@@ -60,8 +61,9 @@ def make_app(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Flask
             "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"],
                                     "events": {"view": {}, "sale": {"conversion": True}}}},
         })
-        relay = Relay(config, forwarder=Forwarder(config.relay.upstream_url, transport=httpx.MockTransport(upstream)))
-        app = create_app(config, relay=relay, start_delivery=False)
+        relay = Relay(config, forwarder=Forwarder(config.relay.upstream_url, transport=httpx.MockTransport(upstream)),
+                      delivery_transport=httpx.MockTransport(upstream))
+        app = create_app(config, relay=relay, start_delivery=deliver)
         apps.append(app)
         return app
 
@@ -191,7 +193,7 @@ def test_test_event_is_validated(make_app: Callable[..., Flask], upstream: Upstr
 
 
 def test_dead_letters_masked_and_requeued(make_app: Callable[..., Flask], upstream: Upstream) -> None:
-    app = make_app()
+    app = make_app(deliver=True)
     upstream.answers.append((400, "Invalid pid"))
     visitor = app.test_client()
     dead = visitor.post("/api/event/cmp_a", json={"event_id": "view", "transaction_id": "t-dead"},

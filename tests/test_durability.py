@@ -160,7 +160,7 @@ def test_a_processed_but_unanswered_event_is_counted_once(
 @pytest.mark.redis
 def test_two_relays_on_one_redis_survive_losing_one(
         relay_factory: RelayFactory, sandbox: Sandbox, redis_url: str) -> None:
-    keys = {"store": redis_url, "inline_concurrency": 0, "delivery_concurrency": 4, "lease_seconds": 1,
+    keys = {"store": redis_url, "inline_concurrency": 0, "max_in_flight": 8, "lease_seconds": 1,
             "upstream_timeout": 0.8}
     a, b = relay_factory(**keys), relay_factory(**keys)
     sandbox.fault(delay_ms=100)  # every delivery takes a while: some are in flight at the kill
@@ -195,7 +195,7 @@ def test_two_relays_on_one_redis_survive_losing_one(
     requests = requests_by_txn(sandbox)
     resent = [t for t in records if requests[t] > 1 and not records[t].uncertain]
     assert not resent, f"sent twice without a lost attempt: {resent[:5]}"
-    # Only what A had in flight when it died may be uncertain: 2 workers x 4 senders.
+    # Only what A had in flight when it died may be uncertain: its engine holds at most 8.
     uncertain = [t for t in records if records[t].uncertain]
     assert len(uncertain) <= 8, f"{len(uncertain)} uncertain records: leases were not respected"
     store.close()
@@ -230,7 +230,7 @@ def test_a_redis_restart_stalls_nothing(
 # --- d. several gunicorn workers on one SQLite file --------------------------------------------
 
 def test_many_workers_on_one_sqlite_file(relay_factory: RelayFactory, sandbox: Sandbox) -> None:
-    relay = relay_factory(workers=4, inline_timeout=1.0, delivery_concurrency=4)
+    relay = relay_factory(workers=4, inline_timeout=1.0)
     sandbox.fault(status=503, count=40)  # some go to the background, claimed by all four workers
     txns = new_txns(200, "workers")
     results = post_many([relay], ({"event_id": "call_clicked", "transaction_id": t} for t in txns), threads=12)
@@ -292,7 +292,7 @@ def test_one_lead_one_event_posted_twice_at_once_is_delivered_once(
 def test_sigterm_while_delivering_then_restart_delivers_everything_once(
         relay_factory: RelayFactory, sandbox: Sandbox) -> None:
     # A long lease: were a lease left behind by the shutdown, the restart would wait it out and time out.
-    relay = relay_factory(inline_concurrency=0, delivery_concurrency=2, lease_seconds=60)
+    relay = relay_factory(inline_concurrency=0, max_in_flight=2, lease_seconds=60)
     sandbox.fault(delay_ms=700)
     txns = new_txns(20, "sigterm")
     results = post_many([relay], ({"event_id": "call_clicked", "transaction_id": t} for t in txns))

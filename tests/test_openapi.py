@@ -43,6 +43,8 @@ def make_config(upstream: str, store: Path) -> Config:
                 "secret": "s3cret", "allow_server_calls": True, "server_key": "sk_0123456789",
                 "events": {"quote_viewed": {}, "sale_completed": {"conversion": True, "max_revenue": 5000}},
                 "sdk": {"endpoint_path": "/p/collect"},
+                "postbacks": {"ringba": {"token": "t" * 32, "event": "sale_completed", "min_duration": 30,
+                                         "duration_param": "duration", "params": {"tid": "transaction_id"}}},
             },
             "cmp_other": {"allowed_origins": ["https://other.example.org"], "bot_filter": True,
                           "events": {"signup": {}}},
@@ -83,7 +85,7 @@ def test_the_document_covers_the_relay(spec: dict[str, Any], app: Flask) -> None
     for path, methods in {"/api/event/{cid}": {"post", "options"}, "/api/event/trigger": {"post"},
                           "/p/collect": {"post", "options"}, "/sdk/{cid}.js": {"get"},
                           "/sdk/{cid}/pingtree.js": {"get"}, "/healthz": {"get"}, "/readyz": {"get"},
-                          "/openapi.json": {"get"}}.items():
+                          "/openapi.json": {"get"}, "/postback/{cid}/{source}": {"get", "post"}}.items():
         assert methods <= set(paths[path]), path
     codes = set(paths["/api/event/{cid}"]["post"]["responses"])
     assert {"200", "202", "400", "403", "404", "413", "415", "429", "500"} <= codes

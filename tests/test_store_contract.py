@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from server.outbox import Record, Store, open_store
+from server.outbox import Outcome, Record, Store, open_store
 from server.outbox.redis import RedisStore
 from server.outbox.sqlite import SQLiteStore
 from tests.conftest import wait_for
+from tests.store_counting import count_store_writes
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -280,6 +281,61 @@ def test_finish_refuses_a_state_that_does_not_exist(store: Store, state: str) ->
     store.add(r, owner="w", lease=30)
     with pytest.raises(ValueError):
         finish(store, r, "w", state)
+
+
+def test_finish_many_settles_a_batch_in_order_and_checks_each_owner(store: Store) -> None:
+    records = [rec() for _ in range(5)]
+    for r in records:
+        store.add(r, owner=None, lease=30)
+    assert len(store.claim("w", 5, 30)) == 5
+    a, b, c, d, e = records
+    later = time.time() + 3600
+    flags = store.finish_many([
+        Outcome(a.id, "w", "delivered", time.time(), 200, {"data": {"conversion_id": "c1"}}, None, False, 5.0),
+        Outcome(b.id, "intruder", "delivered", time.time(), 200),  # not the lease owner
+        Outcome(c.id, "w", "dead", time.time(), 400, {"message": "no"}, "400 no", True),
+        Outcome(d.id, "w", "pending", later, 503, None, "503", True),  # a retry, due in an hour
+        Outcome("no-such-id", "w", "delivered", time.time()),
+        Outcome(e.id, "w", "pending", time.time() - 1, None, None, "connect: ConnectError", False),
+    ])
+    assert flags == [True, False, True, True, False, True]
+    got = {r.id: store.get(r.id) for r in records}
+    assert (got[a.id].state, got[a.id].last_answer, got[a.id].latency_ms) == \
+        ("delivered", {"data": {"conversion_id": "c1"}}, 5.0)
+    assert got[a.id].delivered_at is not None
+    assert (got[b.id].state, got[b.id].lease_owner) == ("pending", "w")
+    assert (got[c.id].state, got[c.id].last_error, got[c.id].uncertain) == ("dead", "400 no", True)
+    assert (got[d.id].state, got[d.id].lease_owner, got[d.id].uncertain) == ("pending", None, True)
+    assert got[d.id].next_at == pytest.approx(later)
+    assert store.stats().counts == {"pending": 3, "delivered": 1, "dead": 1}
+    assert [r.id for r in store.claim("w2", 10, 30)] == [e.id]  # due now; d waits for its hour
+    assert store.finish_many([]) == []
+    with pytest.raises(ValueError):
+        store.finish_many([Outcome(e.id, "w2", "retry", time.time())])
+
+
+def test_finish_many_is_one_transaction_or_one_round_trip(store: Store) -> None:
+    records = [rec() for _ in range(50)]
+    for r in records:
+        store.add(r, owner="w", lease=30)
+    outcomes = [Outcome(r.id, "w", "delivered", time.time(), 200) for r in records]
+    with count_store_writes(store) as writes:
+        assert store.finish_many(outcomes) == [True] * 50
+    assert writes() == 1, writes()
+    assert store.stats().counts["delivered"] == 50
+
+
+def test_backlog_counts_due_unleased_records_up_to_a_limit(store: Store) -> None:
+    assert store.backlog(10) == 0
+    records = [rec() for _ in range(6)]
+    for r in records[:5]:
+        store.add(r, owner=None, lease=30)
+    store.add(records[5], owner="inline", lease=30)  # leased: being delivered, not waiting
+    assert store.backlog(100) == 5 and store.backlog(3) == 3
+    [taken] = store.claim("w", 1, 30)
+    assert store.backlog(100) == 4
+    finish(store, taken, "w", "pending", next_at=time.time() + 3600)  # a retry, not due yet
+    assert store.backlog(100) == 4
 
 
 def test_release_gives_leases_back_unattempted(store: Store) -> None:

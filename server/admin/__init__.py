@@ -146,7 +146,7 @@ def _secret_key(app: Flask, relay: Relay) -> None:
 
 def init_app(app: Flask) -> None:
     """Register the dashboard and make the session cookie fit for it."""
-    from . import views  # noqa: F401  (routes attach themselves to bp)
+    from . import postbacks, views  # noqa: F401  (routes attach themselves to bp)
 
     relay_: Relay = app.extensions["relay"]
     _secret_key(app, relay_)

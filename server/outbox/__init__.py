@@ -12,7 +12,7 @@ is in the future), ``delivered`` and ``dead`` (with ``last_error`` as the reason
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +56,22 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """One attempt's result as the store records it (``Store.finish_many``): ``state`` is a stored
+    state (a classifier's "retry" is ``pending`` with ``next_at`` in the future)."""
+
+    record_id: str
+    owner: str
+    state: str
+    next_at: float
+    status: int | None = None
+    answer: dict[str, Any] | None = None
+    error: str | None = None
+    uncertain: bool = False
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
 class Stats:
     counts: dict[str, int]
     oldest_pending_age: float  # seconds; 0 when nothing is pending
@@ -80,6 +96,14 @@ class Store(Protocol):
         answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
     ) -> bool:
         """Record an attempt's outcome and drop the lease; False when ``owner`` no longer holds it."""
+
+    def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """``finish`` for a batch, in one transaction (SQLite) or one round trip (Redis) per batch;
+        one flag per outcome, in order. The delivery engine settles everything through this."""
+
+    def backlog(self, limit: int) -> int:
+        """How many pending records are due and unleased (waiting for the delivery engine), counted
+        up to ``limit``: cheap (an index range), for the accept path's "is the engine behind?"."""
 
     def release(self, record_ids: Iterable[str], owner: str) -> int:
         """Give leased records back unattempted (shutdown), claimable at once."""

@@ -36,14 +36,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from . import STATES, Record, Stats
+from . import STATES, Outcome, Record, Stats
 
 # --- Lua ----------------------------------------------------------------------------------------
 # ARGV[1] is always the key prefix. "" stands for None in arguments.
@@ -117,34 +117,42 @@ end
 return out
 """
 
-# ARGV: prefix, id, owner, state, next_at, status, answer, error, uncertain (0/1), latency_ms.
+# ARGV: prefix, then per outcome 9 values: id, owner, state, next_at, status, answer, error,
+# uncertain (0/1), latency_ms. Returns one 1/0 per outcome (0: the owner no longer held the lease).
 _FINISH = _PRELUDE + """
-local id, owner, state, next_at = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ev = P .. 'ev:' .. id
-local cur = redis.call('HMGET', ev, 'state', 'lease_owner', 'received_at', 'dedupe_key')
-if cur[1] ~= 'pending' or cur[2] ~= owner then return 0 end
 local t = fmt(now())
-redis.call('HDEL', ev, 'lease_owner')
-redis.call('HSET', ev, 'state', state, 'next_at', next_at, 'updated_at', t)
-set_or_del(ev, 'last_status', ARGV[6])
-set_or_del(ev, 'last_answer', ARGV[7])
-set_or_del(ev, 'last_error', ARGV[8])
-set_or_del(ev, 'latency_ms', ARGV[10])
-if ARGV[9] == '1' then redis.call('HSET', ev, 'uncertain', '1') end
-if state == 'pending' then
-  redis.call('ZADD', P .. 'due', next_at, id)
+local function finish(id, owner, state, next_at, status, answer, err, uncertain, latency)
+  local ev = P .. 'ev:' .. id
+  local cur = redis.call('HMGET', ev, 'state', 'lease_owner', 'received_at', 'dedupe_key')
+  if cur[1] ~= 'pending' or cur[2] ~= owner then return 0 end
+  redis.call('HDEL', ev, 'lease_owner')
+  redis.call('HSET', ev, 'state', state, 'next_at', next_at, 'updated_at', t)
+  set_or_del(ev, 'last_status', status)
+  set_or_del(ev, 'last_answer', answer)
+  set_or_del(ev, 'last_error', err)
+  set_or_del(ev, 'latency_ms', latency)
+  if uncertain == '1' then redis.call('HSET', ev, 'uncertain', '1') end
+  if state == 'pending' then
+    redis.call('ZADD', P .. 'due', next_at, id)
+    return 1
+  end
+  if state == 'delivered' then redis.call('HSET', ev, 'delivered_at', t) end
+  redis.call('ZREM', P .. 'due', id)
+  redis.call('ZREM', P .. 'state:pending', id)
+  redis.call('ZADD', P .. 'state:' .. state, cur[3], id)
+  redis.call('ZADD', P .. 'upd:' .. state, t, id)
+  -- A dead record gives its dedupe key up, so the lead can fire the event again.
+  if state == 'dead' and cur[4] and redis.call('GET', P .. 'dedupe:' .. cur[4]) == id then
+    redis.call('DEL', P .. 'dedupe:' .. cur[4])
+  end
   return 1
 end
-if state == 'delivered' then redis.call('HSET', ev, 'delivered_at', t) end
-redis.call('ZREM', P .. 'due', id)
-redis.call('ZREM', P .. 'state:pending', id)
-redis.call('ZADD', P .. 'state:' .. state, cur[3], id)
-redis.call('ZADD', P .. 'upd:' .. state, t, id)
--- A dead record gives its dedupe key up, so the lead can fire the event again.
-if state == 'dead' and cur[4] and redis.call('GET', P .. 'dedupe:' .. cur[4]) == id then
-  redis.call('DEL', P .. 'dedupe:' .. cur[4])
+local out = {}
+for i = 2, #ARGV, 9 do
+  out[#out + 1] = finish(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
+                         ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
 end
-return 1
+return out
 """
 
 # ARGV: prefix, owner, ids...
@@ -315,14 +323,27 @@ class RedisStore:
         self, record_id: str, owner: str, *, state: str, next_at: float, status: int | None,
         answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
     ) -> bool:
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
-        reply = self._run(
-            "finish", record_id, owner, state, repr(float(next_at)), _opt(status),
-            json.dumps(answer) if answer is not None else "", error or "",
-            "1" if uncertain else "0", _opt(None if latency_ms is None else float(latency_ms)),
-        )
-        return int(reply) == 1
+        return self.finish_many([Outcome(record_id, owner, state, next_at, status, answer, error,
+                                         uncertain, latency_ms)])[0]
+
+    def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        for outcome in outcomes:
+            if outcome.state not in STATES:
+                raise ValueError(f"unknown state {outcome.state!r}; expected one of {', '.join(STATES)}")
+        done: list[bool] = []
+        for i in range(0, len(outcomes), _BATCH):  # one script call (one round trip) per batch
+            args: list[str] = []
+            for o in outcomes[i:i + _BATCH]:
+                args += [o.record_id, o.owner, o.state, repr(float(o.next_at)), _opt(o.status),
+                         json.dumps(o.answer) if o.answer is not None else "", o.error or "",
+                         "1" if o.uncertain else "0", _opt(None if o.latency_ms is None else float(o.latency_ms))]
+            done += [int(flag) == 1 for flag in self._run("finish", *args)]
+        return done
+
+    def backlog(self, limit: int) -> int:
+        # Leased records score at their lease end, so "due now" is exactly the unclaimed backlog.
+        # This process's clock, not Redis TIME: skew only shifts the moment a retry counts.
+        return min(limit, int(self._client().zcount(self._key("due"), "-inf", repr(time.time()))))
 
     def release(self, record_ids: Iterable[str], owner: str) -> int:
         ids = list(record_ids)

@@ -16,10 +16,10 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from . import STATES, Record, Stats
+from . import STATES, Outcome, Record, Stats
 
 T = TypeVar("T")
 
@@ -68,6 +68,13 @@ def _row_to_record(row: sqlite3.Row) -> Record:
     return Record(**data)
 
 
+_FINISH_SQL = (
+    "UPDATE events SET state = ?, next_at = ?, lease_owner = NULL, last_status = ?, last_answer = ?, "
+    "last_error = ?, uncertain = (uncertain OR ?), updated_at = ?, latency_ms = ?, "
+    "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
+    "WHERE id = ? AND lease_owner = ? AND state = 'pending'"
+)
+
 BUSY_WAIT_SECONDS = 30.0
 
 
@@ -111,8 +118,12 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         # A connection must not cross a fork: gunicorn workers each open their own.
         conn = getattr(self._local, "conn", None)
-        if conn is None or self._pid != os.getpid():
-            self._pid = os.getpid()
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            if self._pid != os.getpid():
+                # Forked: another thread of the parent may have held the write lock at the fork.
+                self._wlock = threading.Lock()
+                self._pid = os.getpid()
+            self._local.pid = os.getpid()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")  # under connect()'s 30 s busy timeout: may wait
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -188,18 +199,38 @@ class SQLiteStore:
         self, record_id: str, owner: str, *, state: str, next_at: float, status: int | None,
         answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
     ) -> bool:
-        if state not in STATES:  # e.g. a Decision's "retry" must be stored as "pending"
-            raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
+        return self.finish_many([Outcome(record_id, owner, state, next_at, status, answer, error,
+                                         uncertain, latency_ms)])[0]
+
+    def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        for outcome in outcomes:
+            if outcome.state not in STATES:  # e.g. a Decision's "retry" must be stored as "pending"
+                raise ValueError(f"unknown state {outcome.state!r}; expected one of {', '.join(STATES)}")
+        if not outcomes:
+            return []
+        conn = self._conn()
+        with self._wlock:
+            return _busy_retry(lambda: self._finish_many(conn, outcomes))
+
+    def _finish_many(self, conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[bool]:
+        # One write transaction per batch: a commit (and its WAL append) is most of an UPDATE's cost.
         now = time.time()
-        cur = self._write(
-            "UPDATE events SET state = ?, next_at = ?, lease_owner = NULL, last_status = ?, last_answer = ?, "
-            "last_error = ?, uncertain = (uncertain OR ?), updated_at = ?, latency_ms = ?, "
-            "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
-            "WHERE id = ? AND lease_owner = ? AND state = 'pending'",
-            (state, next_at, status, json.dumps(answer) if answer is not None else None, error,
-             1 if uncertain else 0, now, latency_ms, state, now, record_id, owner),
-        )
-        return cur.rowcount == 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = [conn.execute(_FINISH_SQL, (
+                o.state, o.next_at, o.status, json.dumps(o.answer) if o.answer is not None else None, o.error,
+                1 if o.uncertain else 0, now, o.latency_ms, o.state, now, o.record_id, o.owner,
+            )).rowcount == 1 for o in outcomes]
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return done
+
+    def backlog(self, limit: int) -> int:
+        rows = self._read("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE state = 'pending' AND next_at <= ? "
+                          "LIMIT ?)", (time.time(), limit))
+        return int(rows[0][0])
 
     def release(self, record_ids: Iterable[str], owner: str) -> int:
         ids = list(record_ids)

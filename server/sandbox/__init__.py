@@ -10,6 +10,9 @@ Emulated API (answers always ``{"status","type","message","data","missingFields"
 
 - ``POST /api/event/{campaign-id}`` -- revenue field ``amount``.
 - ``POST /api/event/trigger`` -- ``cid`` in the body, revenue field ``revenue`` (``amount`` accepted).
+- ``POST /api/event/global/{org-id}`` -- the Global Event Postback API: no cid; the campaign is the one
+  of the lead named by ``transaction_id`` (a lead exists once an event for it was accepted), else
+  404 "Lead Not Found"; then the campaign form's rules. Any org id is accepted.
 
 Rules, in the order applied (see :mod:`server.sandbox.rules`): body not a JSON object ->
 400 "Invalid JSON body"; 400 "cid is required" / "Invalid cid"; 400 "event_id is required";

@@ -42,7 +42,13 @@ def event_for_campaign(cid: str) -> Response:
     return _handle(path_cid=cid)
 
 
-def _handle(path_cid: str | None) -> Response:
+@bp.post("/api/event/global/<org_id>")
+def global_event(org_id: str) -> Response:
+    """The Global Event Postback API: no cid; the lead (and so its campaign) is found by transaction_id."""
+    return _handle(path_cid=None, global_org=org_id)
+
+
+def _handle(path_cid: str | None, global_org: str | None = None) -> Response:
     state: SandboxState = current_app.extensions["sandbox"]
     started = time.monotonic()
     raw = request.get_data()  # read the whole body first, so even a drop happens after the upload
@@ -56,7 +62,7 @@ def _handle(path_cid: str | None) -> Response:
         _sleep(fault)
         if not fault.processes_event:
             return _finish(state, record, started, _fault_answer(fault))
-    status, result = _process(state, raw, path_cid)
+    status, result = _process(state, raw, path_cid, global_org)
     record["accepted"] = status == 200  # processed and recorded as an event
     if fault and fault.when == "after":
         _sleep(fault)
@@ -65,10 +71,13 @@ def _handle(path_cid: str | None) -> Response:
     return _finish(state, record, started, (status, result))
 
 
-def _process(state: SandboxState, raw: bytes, path_cid: str | None) -> tuple[int, dict[str, Any]]:
+def _process(state: SandboxState, raw: bytes, path_cid: str | None, global_org: str | None) -> tuple[int, dict[str, Any]]:
     try:
         body = rules.parse_body(raw, request.mimetype)
-        accepted = rules.check_event(state.campaigns, body, path_cid=path_cid)
+        if global_org is not None:
+            accepted = rules.check_global_event(state.campaigns, body, find_lead=state.lead_campaign)
+        else:
+            accepted = rules.check_event(state.campaigns, body, path_cid=path_cid)
         return 200, state.fire(accepted, body)
     except ApiError as exc:
         return exc.status, exc.body()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,6 +35,7 @@ INVALID_REVENUE = "Invalid revenue"
 CONCURRENT = "Concurrent event in progress"
 DUPLICATE = "Duplicate event for this transaction_id"
 SUCCESS = "Event triggered successfully"
+LEAD_NOT_FOUND = "Lead Not Found"  # the global form's own error; its status is undocumented: 404 here
 
 # Pingtree parses sendBeacon-style text/plain JSON too; form posts are not JSON and are refused.
 _JSON_MIMETYPES = frozenset({"", "application/json", "text/plain"})
@@ -87,6 +88,23 @@ def check_event(
     _check_fields(body)
     revenue = _revenue(body, _revenue_field(body, path_cid)) if event.conversion else None
     return Accepted(cid=campaign.cid, event=event, transaction_id=transaction_id, pid=pid, revenue=revenue)
+
+
+def check_global_event(
+    campaigns: Mapping[str, CampaignConfig], body: Mapping[str, Any], *, find_lead: Callable[[str], str | None]
+) -> Accepted:
+    """``POST /api/event/global/{org-id}``: the campaign is the one of the lead ``transaction_id`` names
+    (``find_lead``); then the campaign form's rules apply, revenue as ``amount`` (or ``revenue``)."""
+    _required(body, "event_id", EVENT_ID_REQUIRED)
+    transaction_id = _required(body, "transaction_id", TRANSACTION_ID_REQUIRED)
+    if not isinstance(transaction_id, str):
+        raise ApiError(400, "Invalid transaction_id", invalid={"transaction_id": "must be a string"})
+    cid = find_lead(transaction_id)
+    if cid is None:
+        raise ApiError(404, LEAD_NOT_FOUND)
+    if not _present(body.get("amount")) and _present(body.get("revenue")):
+        body = {**body, "amount": body["revenue"]}
+    return check_event(campaigns, body, path_cid=cid)
 
 
 def _present(value: Any) -> bool:

@@ -46,6 +46,7 @@ class SandboxState:
         self._requests: deque[dict[str, Any]] = deque(maxlen=self._max_records)
         self._locks: dict[Key, float] = {}  # key -> monotonic time the lock expires
         self._fired: set[Key] = set()
+        self._leads: dict[str, str] = {}  # transaction_id -> cid of its first event (the global API's lookup)
         self._faults: list[list[Any]] = []  # [Fault, remaining count or None]
         self._counts: Counter[str] = Counter()
         self._by_status: Counter[str] = Counter()
@@ -70,6 +71,7 @@ class SandboxState:
             if not accepted.event.allow_duplicates and key in self._fired:
                 raise ApiError(400, rules.DUPLICATE)
             self._fired.add(key)
+            self._leads.setdefault(accepted.transaction_id, accepted.cid)
             result = answer(200, rules.SUCCESS, data={
                 "cid": accepted.cid, "pid": accepted.pid, "transaction_id": accepted.transaction_id,
                 "conversion_id": f"conv_{uuid.uuid4()}" if accepted.event.conversion else "",
@@ -85,6 +87,11 @@ class SandboxState:
             self._counts["accepted"] += 1
             self._counts["conversions"] += accepted.event.conversion
             return result
+
+    def lead_campaign(self, transaction_id: str) -> str | None:
+        """The campaign of the lead ``transaction_id`` names: the one its first accepted event went to."""
+        with self._mutex:
+            return self._leads.get(transaction_id)
 
     def _take_lock(self, key: Key, now: float) -> None:
         # Expired locks are swept now and then so a long demo does not grow the dict forever.

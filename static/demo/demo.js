@@ -61,6 +61,39 @@
         if (id) show('#conversion-id', id);
       });
     }
-    window.pingtree('transactionId').then(function (tid) { show('#tid', tid); });
+    window.pingtree('transactionId').then(function (tid) {
+      show('#tid', tid);
+      // The recipe of docs/postbacks.md: where Ringba's JS tag reads tags from, so the call's
+      // postback carries the lead's transaction id back ([tag:transaction_id]).
+      (window._rgba_tags = window._rgba_tags || []).push({ transaction_id: tid });
+    });
+
+    var call = $('#simulate-call');
+    if (call) call.addEventListener('click', function () { simulateCall(call); });
   });
+
+  // Plays Ringba after a completed call: its macros filled in, one GET to the postback URL.
+  function simulateCall(button) {
+    var tags = {};
+    (window._rgba_tags || []).forEach(function (t) { for (var k in t) tags[k] = t[k]; });
+    var macros = {
+      'tag:transaction_id': tags.transaction_id || '',
+      'Call:ConversionPayout': '30.00',
+      'Call:CallLengthInSeconds': '184',
+      'Call:InboundCallId': 'RGB' + Math.random().toString(16).slice(2, 12)
+    };
+    var url = button.getAttribute('data-postback').replace(/\[([^\]]+)\]/g, function (m, name) {
+      return name in macros ? encodeURIComponent(macros[name]) : m;
+    });
+    button.disabled = true;
+    show('#call-status', 'Ringba is reporting the call…');
+    fetch(relay + url, { credentials: 'omit' }).then(function (r) { return r.json(); }).then(function (answer) {
+      document.body.setAttribute('data-call-answer', JSON.stringify(answer));
+      var id = answer.data && answer.data.conversion_id;
+      show('#call-status', answer.type === 'error' ? 'Call not counted: ' + answer.message :
+        id ? 'Call conversion recorded: ' + id : 'Call conversion queued; it will reach Pingtree shortly.');
+    }, function () { show('#call-status', 'The relay did not answer.'); }).then(function () {
+      button.disabled = false;
+    });
+  }
 })();

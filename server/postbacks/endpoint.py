@@ -1,0 +1,133 @@
+"""``GET|POST /postback/{cid}/{source}``: conversions reported by servers (call tracking, buyers).
+
+A thin adapter, like :mod:`server.api`: it reads the parameters (query string, JSON or form body),
+checks the source's token, asks :mod:`.mapping` for the event body, then takes the browser's path
+unchanged: :func:`~server.validation.validate_event`, enrichment, the durable store, delivery,
+deduplication and Pingtree-shaped answers. The caller is a server: no Origin is needed (the token
+is the credential) and no visitor IP or user agent is added.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException
+
+from ..api import _read_body
+from ..config import CampaignConfig, PostbackConfig
+from ..errors import ApiError
+from ..relay import Relay
+from ..upstream import with_global_route
+from ..validation import parse_json_body, validate_event
+from .mapping import TOKEN_PARAM, map_postback
+
+bp = Blueprint("postbacks", __name__)
+
+TOKEN_HEADER = "X-Postback-Token"
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def relay() -> Relay:
+    return current_app.extensions["relay"]  # type: ignore[no-any-return]
+
+
+@bp.route("/postback/<cid>/<source>", methods=["GET", "POST"], provide_automatic_options=False)
+def postback(cid: str, source: str) -> Response:
+    """One postback; every refusal is reported with its reason (metrics, dashboard) and re-raised."""
+    rel = relay()
+    rel.observers.emit("received", cid=cid if cid in rel.config.campaigns else None)
+    g.postback_source = None
+    try:
+        return _accept(rel, cid, source)
+    except (ApiError, HTTPException) as exc:
+        status = exc.status if isinstance(exc, ApiError) else (exc.code or 500)
+        reason = exc.reason if isinstance(exc, ApiError) else {413: "body_too_large"}.get(status, str(status))
+        rel.observers.emit("postback", cid=g.get("cid"), source=g.postback_source, event_id=g.get("event_id"),
+                           outcome="refused", reason=reason, status=status)
+        raise
+
+
+def _accept(rel: Relay, cid: str, source_name: str) -> Response:
+    if request.method == "HEAD":  # a link checker must not fire a conversion
+        raise ApiError(405, "Use GET or POST", headers={"Allow": "GET, POST"}, reason="method")
+    campaign = rel.campaign(cid)
+    g.cid = campaign.cid
+    source = campaign.postbacks.get(source_name)
+    if source is None:
+        raise ApiError(404, "Postback source not found", reason="unknown_source")
+    g.postback_source = source.name
+    _check_token(source, request.headers.get(TOKEN_HEADER) or request.args.get(TOKEN_PARAM))
+    mapped = map_postback(campaign, source, _params())
+    g.event_id = mapped.body["event_id"] if isinstance(mapped.body["event_id"], str) else None
+    event = validate_event(campaign, mapped.body, revenue_key="amount", trusted=False)
+    if source.global_org_id:
+        event = with_global_route(event, source.global_org_id)
+    reply = rel.accept(campaign, event, idempotency_key=mapped.idempotency_key, ip_address=None, user_agent=None)
+    g.outcome = reply.outcome
+    fields = {"cid": campaign.cid, "event_id": event.event_id, "outcome": reply.outcome, "status": reply.status}
+    rel.observers.emit("accepted", **fields, event_uuid=reply.body["data"].get("event_uuid"))
+    rel.observers.emit("postback", **fields, source=source.name, reason="")
+    response = jsonify(reply.body)
+    response.status_code = reply.status
+    response.headers["Cache-Control"] = "no-store"  # a GET that fires a conversion must not be cached
+    return response
+
+
+def _check_token(source: PostbackConfig, sent: str | None) -> None:
+    """The token is the postback URL's only credential: compared in constant time, never logged."""
+    if not sent:
+        raise ApiError(401, "Postback token required (?token= or X-Postback-Token)", reason="token_missing")
+    if not hmac.compare_digest(sent.encode(), source.token.encode()):
+        raise ApiError(403, "Invalid postback token", reason="token_invalid")
+
+
+def _params() -> dict[str, Any]:
+    """Query string and body as one flat mapping. A name given twice (in the query, or in both the
+    query and the body) is refused rather than guessed at."""
+    params = _single(request.args, "query string")
+    if request.method == "POST":
+        for name, value in _body_params().items():
+            if name in params and params[name] != value:
+                raise _given_twice(name)
+            params[name] = value
+    return params
+
+
+def _body_params() -> dict[str, Any]:
+    raw = _read_body()
+    mime = (request.mimetype or "").lower()
+    if mime in _FORM_TYPES:
+        return _single(request.form, "body")
+    if not raw.strip():
+        return {}  # a POST with everything in the query string
+    body = parse_json_body(raw, request.content_type)
+    nested = sorted(k for k, v in body.items() if isinstance(v, (dict, list)))
+    if nested:
+        raise ApiError(400, "Invalid parameters: " + ", ".join(nested[:5]),
+                       invalid={k[:64]: "expected a string or a number" for k in nested[:5]},
+                       reason="invalid_parameter")
+    return body
+
+
+def _single(values: MultiDict[str, str], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name in values:
+        if len(values.getlist(name)) > 1:
+            raise _given_twice(name)
+        flat[name] = values[name]
+    return flat
+
+
+def _given_twice(name: str) -> ApiError:
+    return ApiError(400, f"Parameter {name[:64]} given more than once", invalid={name[:64]: "given more than once"},
+                    reason="repeated_parameter")
+
+
+def source_url(base: str, campaign: CampaignConfig, source: PostbackConfig) -> str:
+    """The URL to paste in the platform, with placeholders for the token and for each macro."""
+    names = [*source.params, source.event_param, source.duration_param, source.call_id_param]
+    query = "".join(f"&{name}=MACRO" for name in dict.fromkeys(n for n in names if n))
+    return f"{base}/postback/{campaign.cid}/{source.name}?token=YOUR_TOKEN{query}"

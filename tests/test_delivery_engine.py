@@ -1,0 +1,328 @@
+"""Issue 11's engine contract, on SQLite and on Redis, over real processes.
+
+The upstream is ``tests/slow_upstream.py`` in its own process: it holds every answer for a set
+delay, counts requests in flight (and their peak) and, like Pingtree, counts an event once however
+often it is resent (a resend is answered "Duplicate event"). Relays are ``pingtree-relay serve``
+(gunicorn workers plus the supervised ``pingtree-relay deliver``), killed or stopped for real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.config import load_config
+from server.forwarder import AsyncForwarder
+from server.outbox import Record, Store, open_store
+from server.outbox.dispatcher import Dispatcher
+from tests.conftest import ROOT, Relay, campaigns_toml, free_port, make_relay, wait_for, write_relay_config
+from tests.store_counting import count_store_writes
+
+pytest_plugins = ["tests.redis_fixture"]
+
+
+class Upstream:
+    """``tests.slow_upstream`` in a process of its own."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.slow_upstream", "--port", str(self.port)],
+                                     cwd=ROOT, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+        wait_for(self._up, timeout=15, message="the upstream to listen")
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/_stats", timeout=10).json())
+
+    def delay(self, ms: float) -> None:
+        httpx.post(self.url + "/_config", json={"delay_ms": ms}, timeout=5).raise_for_status()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Upstream]:
+    server = Upstream(tmp_path / "upstream.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'relay.sqlite3'}"
+    return str(request.getfixturevalue("redis_url"))
+
+
+RelayFactory = Callable[..., Relay]
+
+
+@pytest.fixture
+def relays(tmp_path: Path, upstream: Upstream, pages_port: int, store_url: str) -> Iterator[RelayFactory]:
+    """``serve`` relays on ``store_url`` with ``upstream`` as their Pingtree."""
+    started: list[Relay] = []
+
+    def make(**relay_keys: Any) -> Relay:
+        relay = make_relay(tmp_path, upstream.url, pages_port, store=store_url, name=f"relay{len(started)}",
+                           **relay_keys)
+        started.append(relay)
+        return relay.start()
+
+    yield make
+    for relay in started:
+        relay.kill()
+
+
+def post_all(relay: Relay, txns: list[str], *, threads: int = 16) -> list[int | None]:
+    def one(txn: str) -> int | None:
+        try:
+            return relay.post({"event_id": "form_submitted", "transaction_id": txn}).status_code
+        except httpx.TransportError:
+            return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, txns))
+
+
+def backlog_of(store_url: str, txns: list[str]) -> None:
+    """Events stored while Pingtree was away: the drain starts the moment a relay does (posting
+    hundreds through a loaded machine would be slower than the engine, leaving no backlog)."""
+    store = open_store(store_url)
+    for t in txns:
+        store.add(Record(id=uuid.uuid4().hex, cid="cmp_test", event_id="form_submitted", transaction_id=t,
+                         payload={"event_id": "form_submitted", "transaction_id": t}, received_at=time.time(),
+                         dedupe_key=f"cmp_test|{t}|form_submitted"), owner=None, lease=30)
+    store.close()
+
+
+def new_txns(n: int, tag: str) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    return [f"txn_{tag}_{run}_{i}" for i in range(n)]
+
+
+def store_of(relay: Relay) -> Store:
+    return open_store(load_config(relay.config_path).relay.store)
+
+
+def all_settled(store: Store, expected: int) -> bool:
+    counts = store.stats().counts
+    return counts["pending"] == 0 and counts["delivered"] >= expected
+
+
+def deliver_pid(relay: Relay) -> int | None:
+    """The pid of the relay's ``pingtree-relay deliver`` process (a child of the serve master)."""
+    assert relay.proc is not None
+    children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
+    for pid in children:
+        try:
+            if b"deliver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def assert_each_counted_once(upstream: Upstream, store: Store, txns: list[str]) -> None:
+    """Nothing lost (every event delivered, counted by the upstream) and nothing doubled: the upstream
+    counted each event once, and only a record with an unknown earlier outcome was sent twice."""
+    stats = upstream.stats()
+    counted = stats["counted"]
+    assert all(counted.get(t) == 1 for t in txns), {t: counted.get(t) for t in txns if counted.get(t) != 1}
+    records = {r.transaction_id: r for r in store.list(limit=len(txns) + 10)}
+    assert set(records) == set(txns)
+    assert {r.state for r in records.values()} == {"delivered"}
+    resent = [t for t in txns if stats["by_txn"][t] > 1 and not records[t].uncertain]
+    assert not resent, f"sent twice without a lost attempt: {resent[:5]}"
+
+
+# --- the cap ---------------------------------------------------------------------------------------
+
+def test_in_flight_never_exceeds_max_in_flight(relays: RelayFactory, upstream: Upstream, store_url: str) -> None:
+    # 2 workers x 4 inline + the engine's share = 60 in flight at most, engine and inline together.
+    upstream.delay(1000)
+    txns = new_txns(300, "cap")
+    backlog_of(store_url, txns)
+    relay = relays(workers=2, max_in_flight=60, inline_timeout=5.0, upstream_timeout=8)
+    fresh = new_txns(40, "cap_fresh")
+    assert set(post_all(relay, fresh)) <= {200, 202}  # inline attempts, where not skipped, share the cap
+    store = store_of(relay)
+    wait_for(lambda: all_settled(store, 340), timeout=120, message="all 340 delivered")
+    peak = upstream.stats()["peak"]
+    assert peak <= 60, f"{peak} requests in flight with max_in_flight = 60"
+    # Honest only if the cap was reached: 300 events held 1 s each would otherwise all be in flight.
+    assert peak >= 45, f"peak in flight {peak}: the cap was never approached"
+    assert_each_counted_once(upstream, store, txns + fresh)
+    store.close()
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+def test_outcomes_are_settled_in_batches(store_url: str, upstream: Upstream) -> None:
+    """The engine in this process (real store, real upstream): count the store's write transactions
+    (SQLite commits) or script calls (Redis) for 300 deliveries: claims and settles, batched."""
+    upstream.delay(300)
+    store = open_store(store_url)
+    records = [Record(id=uuid.uuid4().hex, cid="cmp_test", event_id="form_submitted", transaction_id=t,
+                      payload={"event_id": "form_submitted", "transaction_id": t}, received_at=time.time(),
+                      dedupe_key=f"cmp_test|{t}|form_submitted") for t in new_txns(300, "batch")]
+    for record in records:
+        store.add(record, owner=None, lease=30)
+    engine = Dispatcher(store, forwarder_factory=lambda n: AsyncForwarder(upstream.url, max_connections=n))
+    with count_store_writes(store) as writes:
+        engine.start(300)
+        try:
+            wait_for(lambda: store.stats().counts["delivered"] == 300, timeout=60, message="300 delivered")
+        finally:
+            engine.stop()
+        used = writes()
+    assert upstream.stats()["requests"] == 300
+    # One per event would be 300 settles + claims; batched, a few dozen at most (idle polls included).
+    assert used <= 60, f"{used} store writes for 300 deliveries"
+    store.close()
+
+
+# --- shutdown --------------------------------------------------------------------------------------
+
+def test_sigterm_with_hundreds_in_flight_finishes_or_hands_back_every_lease(
+        relays: RelayFactory, upstream: Upstream, store_url: str) -> None:
+    upstream.delay(2000)
+    txns = new_txns(400, "term")
+    backlog_of(store_url, txns)
+    relay = relays(workers=2, max_in_flight=250, inline_concurrency=0, upstream_timeout=5, lease_seconds=60)
+    wait_for(lambda: upstream.stats()["in_flight"] >= 150, timeout=30, message="hundreds in flight")
+    assert relay.stop(timeout=40) == 0
+    store = store_of(relay)
+    records = store.list(limit=500)
+    assert len(records) == 400
+    assert all(r.lease_owner is None for r in records), "a lease outlived the shutdown"
+    requests = upstream.stats()["by_txn"]
+    for r in records:  # sent: its answer was awaited and stored; not sent: given back, unattempted
+        if r.state == "delivered":
+            assert requests.get(r.transaction_id) == 1 and r.attempts == 1
+        else:
+            assert (r.state, r.attempts, requests.get(r.transaction_id)) == ("pending", 0, None), r
+    assert sum(r.state == "delivered" for r in records) >= 150
+    upstream.delay(0)
+    relay.start()  # a lease left behind would hold its event for 60 s: the drain below would time out
+    wait_for(lambda: all_settled(store, 400), timeout=40, message="the rest delivered after the restart")
+    assert upstream.stats()["by_txn"] == {t: 1 for t in txns}
+    store.close()
+
+
+# --- fork ------------------------------------------------------------------------------------------
+
+APP_BUILT_BEFORE_THE_FORK = """
+import sys
+from server import create_app, wsgi
+from server.config import load_config
+
+app = create_app(load_config(sys.argv[1]))  # the engine starts here, in the master, before any fork
+wsgi.run(lambda: app, host="127.0.0.1", port=int(sys.argv[2]), workers=2, preload_app=True)
+"""
+
+
+def test_an_engine_started_before_gunicorns_fork_delivers_in_the_workers(
+        tmp_path: Path, upstream: Upstream, pages_port: int, store_url: str) -> None:
+    upstream.delay(1500)
+    # A small cap per engine: the master's engine (still running: it was started there) cannot take
+    # everything, so the workers' engines must show up among the lease owners.
+    cfg = write_relay_config(tmp_path / "fork.toml", upstream=upstream.url, store=store_url,
+                             campaigns=campaigns_toml(pages_port), inline_concurrency=0, max_in_flight=10,
+                             rate_limits={"per_ip": "", "per_campaign": ""})
+    txns = new_txns(300, "fork")
+    backlog_of(store_url, txns)  # 45 s of work for the master's engine alone: the workers' must join
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", APP_BUILT_BEFORE_THE_FORK, str(cfg), str(port)], cwd=ROOT,
+                              stdout=open(tmp_path / "fork.log", "ab"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    relay = Relay([], port, tmp_path / "fork.log")
+    relay.proc = server
+    store = open_store(store_url)
+    try:
+        wait_for(lambda: _healthy(relay.url), timeout=30, message="the preloaded relay to answer")
+        workers = set(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split())
+        # While the upstream holds answers, the leases show who is delivering: owners carry their pid.
+        owners = wait_for(lambda: {r.lease_owner.split(":")[1] for r in store.list(state="pending", limit=200)
+                                   if r.lease_owner} & workers, timeout=20, message="a worker's engine leasing")
+        assert owners, workers
+        upstream.delay(0)
+        assert relay.post({"event_id": "form_submitted", "transaction_id": txns[0] + "_new"}).status_code == 202
+        wait_for(lambda: all_settled(store, 301), timeout=60, message="all delivered")
+        assert upstream.stats()["counted"] == {t: 1 for t in [*txns, txns[0] + "_new"]}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        store.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+# --- accepting while hundreds wait ------------------------------------------------------------------
+
+def test_a_slow_upstream_with_hundreds_in_flight_does_not_stop_accepting(
+        relays: RelayFactory, upstream: Upstream, store_url: str) -> None:
+    upstream.delay(15000)  # longer than everything below takes, even on a loaded machine
+    backlog = new_txns(500, "slow")
+    backlog_of(store_url, backlog)
+    relay = relays(workers=2, max_in_flight=300, upstream_timeout=20, lease_seconds=40)
+    wait_for(lambda: upstream.stats()["in_flight"] >= 250, timeout=30, message="hundreds in flight")
+    fresh = new_txns(60, "fresh")
+    answers = post_all(relay, fresh, threads=8)
+    assert answers == [202] * 60, answers  # answered, from the store, while Pingtree holds 250+
+    assert upstream.stats()["in_flight"] >= 250, "the upstream let go before the test was done"
+    store = store_of(relay)
+    upstream.delay(0)
+    wait_for(lambda: all_settled(store, 560), timeout=120, message="everything delivered")
+    assert_each_counted_once(upstream, store, backlog + fresh)
+    store.close()
+
+
+# --- kill -9 -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("victim", ["deliver", "relay"])
+def test_kill_9_during_a_drain_loses_and_doubles_nothing(
+        relays: RelayFactory, upstream: Upstream, store_url: str, victim: str) -> None:
+    upstream.delay(3000)
+    txns = new_txns(500, f"kill_{victim}")
+    backlog_of(store_url, txns)
+    relay = relays(workers=2, max_in_flight=300, inline_concurrency=0, upstream_timeout=4, lease_seconds=5)
+    wait_for(lambda: upstream.stats()["in_flight"] >= 150, timeout=30, message="hundreds in flight")
+    if victim == "deliver":
+        pid = deliver_pid(relay)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # serve's master starts another; the leases expire, then go again
+        wait_for(lambda: (p := deliver_pid(relay)) is not None and p != pid, timeout=15,
+                 message="the delivery process restarted")
+    else:
+        relay.kill()  # the whole process group: master, workers, delivery process
+        relay.start()
+    store = store_of(relay)
+    upstream.delay(0)
+    wait_for(lambda: all_settled(store, 500), timeout=120, message="all 500 delivered after the kill")
+    assert_each_counted_once(upstream, store, txns)
+    assert any(r.uncertain for r in store.list(limit=600)), "nothing was in flight at the kill"
+    store.close()
