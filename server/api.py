@@ -6,8 +6,8 @@ A thin adapter: it reads the request, asks the pure core (validation, enrichment
 
 from __future__ import annotations
 
-import hmac
 import logging
+import time
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -15,7 +15,9 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .bots import bot_marker
+from .callers import check_caller, visitor
 from .config import CampaignConfig
+from .enrichment import forward_body, relay_fields
 from .errors import ApiError, answer
 from .origins import origin_allowed
 from .relay import Relay
@@ -50,7 +52,7 @@ def event(cid: str) -> Response:
     """Pingtree's campaign form: ``POST /api/event/{campaign-id}``, revenue as ``amount``."""
     relay().observers.emit("received", cid=cid if cid in relay().config.campaigns else None)
     campaign = relay().campaign(cid)
-    trusted = _check_caller(campaign)
+    trusted = check_caller(campaign)
     body = parse_json_body(_read_body(), request.content_type)
     return _handle(campaign, body, revenue_key="amount", trusted=trusted)
 
@@ -110,44 +112,25 @@ def _read_body() -> bytes:
     return data
 
 
-def _check_caller(campaign: CampaignConfig) -> bool:
-    """Who may post for this campaign. Returns True for a trusted server-side caller.
-
-    Browsers always send an Origin on POST (fetch and sendBeacon alike): it must be one of the
-    campaign's allowed_origins. A request without Origin is a server-side caller and needs the
-    campaign's server key; so does any caller that wants to set server-only fields.
-    """
-    key = request.headers.get("X-Server-Key", "")
-    if key and campaign.allow_server_calls and campaign.server_key:
-        if hmac.compare_digest(key.encode(), campaign.server_key.encode()):
-            return True
-        raise ApiError(403, "Invalid server key", reason="server_key")
-    origin = request.headers.get("Origin")
-    if origin is None:
-        if campaign.allow_server_calls:
-            raise ApiError(403, "Requests without an Origin need the campaign's server key", reason="server_key")
-        raise ApiError(403, "Origin not allowed", reason="origin")
-    if not origin_allowed(origin, campaign.allowed_origins):
-        raise ApiError(403, "Origin not allowed", reason="origin")
-    g.cors_origin = origin
-    return False
-
-
 def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str, trusted: bool | None = None) -> Response:
     event_id = body.get("event_id")
     # Only a string may become a label: a list here would break whoever reads g.event_id later.
     g.cid, g.event_id = campaign.cid, event_id if isinstance(event_id, str) else None
     if trusted is None:
-        trusted = _check_caller(campaign)
+        trusted = check_caller(campaign)
     event = validate_event(campaign, body, revenue_key=revenue_key, trusted=trusted)
     if campaign.bot_filter and not trusted:
         filtered = _filter_bot(campaign, event.event_id)
         if filtered is not None:
             return filtered
+    ip_address, user_agent = visitor(trusted, event.fields, request.remote_addr, request.headers.get("User-Agent"))
     reply = relay().accept(
-        campaign, event, idempotency_key=_idempotency_key(),
-        ip_address=request.remote_addr, user_agent=request.headers.get("User-Agent"),
+        campaign, event, idempotency_key=_idempotency_key(), ip_address=ip_address, user_agent=user_agent,
     )
+    if trusted:  # say which server-decided fields are the relay's, not the caller's
+        forwarded = forward_body(campaign, event, received_at=time.time(), ip_address=ip_address,
+                                 user_agent=user_agent)
+        reply.body["data"]["relay_fields"] = relay_fields(campaign, body, event, forwarded)
     g.outcome = reply.outcome
     relay().observers.emit("accepted", cid=campaign.cid, event_id=event.event_id, outcome=reply.outcome,
                            status=reply.status, event_uuid=reply.body["data"].get("event_uuid"))

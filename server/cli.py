@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config, parse_config
+
+# --help shows this as it is: plain text, no reST markup.
+DESCRIPTION = "pingtree-relay: a durable relay and browser SDK for Pingtree's Event Postback API."
 
 
 def _load(path: str) -> Config:
@@ -25,7 +29,20 @@ def _load(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    # From here on every line this process tree writes is JSON (server/jsonlog.py), the refusals too.
+    from . import jsonlog
+
+    jsonlog.configure()
+    log = logging.getLogger("pingtree_relay")
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as exc:
+        log.error("%s: %s", args.config, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        return 1
+    problem = _store_problem(config)
+    if problem:
+        log.error("%s: %s", args.config, problem)
+        return 1
     from . import create_app, wsgi
 
     workers = args.workers or wsgi.default_workers()
@@ -33,27 +50,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     inline = settings.inline_concurrency if settings.inline_concurrency and settings.inline_timeout else 0
     if workers * inline >= settings.max_in_flight:
         # Every worker's inline attempts come out of the box's one in-flight budget.
-        sys.exit(f"{args.config}: relay.max_in_flight: must be more than workers x inline_concurrency "
-                 f"({workers} x {inline}); raise it or lower inline_concurrency")
+        log.error("%s: relay.max_in_flight: must be more than workers x inline_concurrency (%s x %s); raise it "
+                  "or lower inline_concurrency", args.config, workers, inline)
+        return 1
     deliver = [sys.executable, "-m", "server.cli", "deliver", "--config", args.config,
                "--inline-workers", str(workers), "--parent-pid", str(os.getpid())]
-    print(f"pingtree-relay serving on http://{args.host}:{args.port} (upstream {settings.upstream_url})",
-          flush=True)
+    log.info("pingtree-relay %s serving on http://%s:%s (upstream %s)", _version(), args.host, args.port,
+             settings.upstream_url)
     wsgi.run(lambda: create_app(load_config(args.config), start_delivery=False), host=args.host, port=args.port,
-             workers=workers, threads=args.threads, multiprocess_metrics=True, sidecar=deliver)
+             workers=workers, threads=args.threads, multiprocess_metrics=True, sidecar=deliver,
+             logger_class=jsonlog.GunicornLogger)
     return 0
+
+
+def _version() -> str:
+    from .build import version
+
+    return version()
+
+
+def _store_problem(config: Config) -> str | None:
+    """Open the store once in the master: migrations run now, and a store written by a newer release
+    stops ``serve`` with a sentence, not with workers failing to boot one after another."""
+    from .outbox import open_store
+    from .outbox.schema import StoreTooNew
+
+    try:
+        open_store(config.relay.store).close()
+    except StoreTooNew as exc:
+        return str(exc)
+    return None
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
     """The box's delivery engine, in the foreground, until SIGTERM (then it finishes or hands back
     every lease). ``serve`` runs and supervises it; run it yourself beside another WSGI server."""
-    config = _load(args.config)
-    from . import create_app
+    from . import create_app, jsonlog
 
+    if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
+        jsonlog.configure()
+    config = _load(args.config)
     relay = create_app(config, start_delivery=False).extensions["relay"]  # observers as in a worker
     cap = relay.delivery_cap(args.inline_workers)
     if args.parent_pid:
         _stop_when_orphaned(relay.dispatcher, args.parent_pid)
+    # Under serve, stdout is jsonlog's: this line comes out as JSON too.
     print(f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight", flush=True)
     relay.dispatcher.run(cap, handle_signals=True)
     relay.close()
@@ -142,16 +183,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.file or args.config_option
+    if not path or (args.file and args.config_option and args.file != args.config_option):
+        print("give one config file: check-config FILE (or --config FILE)", file=sys.stderr)
+        return 2
     try:
-        config = load_config(args.file)
+        config = load_config(path)
     except ConfigError as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+        print(f"{path}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"{args.file}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     events = sum(len(c.events) for c in config.campaigns.values())
-    print(f"{args.file}: OK ({len(config.campaigns)} campaigns, {events} events)")
+    print(f"{path}: OK ({len(config.campaigns)} campaigns, {events} events)")
     return 0
 
 
@@ -172,33 +217,114 @@ def cmd_snippet(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_outbox(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+def _open_store(args: argparse.Namespace) -> Any:
     from .outbox import open_store
 
-    store = open_store(config.relay.store)
-    if args.action == "stats":
-        print(json.dumps(store.stats().to_dict(), indent=2))
-    elif args.action == "list":
-        for record in store.list(state=args.state, cid=args.cid, limit=args.limit):
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.received_at))
-            reason = f"  {record.last_error}" if record.last_error and record.state != "delivered" else ""
-            print(f"{record.id}  {when}  {record.cid}  {record.event_id}  {record.display_state()}"
-                  f"  attempts={record.attempts}{reason}")
-    elif args.action == "retry":
-        if not (args.ids or args.cid or args.all):
-            print("say which dead letters: IDs, --cid CID or --all", file=sys.stderr)
-            return 1
-        count = store.requeue(ids=args.ids, cid=args.cid, everything=args.all)
-        print(f"re-queued {count} dead letters")
-    elif args.action == "purge":
-        if args.state == "pending":  # undelivered events are never deleted by an operator's typo
-            print("only delivered or dead events can be purged", file=sys.stderr)
-            return 1
-        count = store.purge(state=args.state or "delivered", older_than=args.older_than_hours * 3600)
-        print(f"purged {count} {args.state or 'delivered'} events")
+    return open_store(_load(args.config).relay.store)
+
+
+def cmd_outbox_stats(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    print(json.dumps(store.stats().to_dict(), indent=2))
     store.close()
     return 0
+
+
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    for record in store.list(state=args.state, cid=args.cid, limit=args.limit):
+        # The zone is printed: an operator comparing with Pingtree's or nginx's times must not guess.
+        when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(record.received_at))
+        reason = f"  {record.last_error}" if record.last_error and record.state != "delivered" else ""
+        print(f"{record.id}  {when}  {record.cid}  {record.event_id}  {record.display_state()}"
+              f"  attempts={record.attempts}{reason}")
+    store.close()
+    return 0
+
+
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    if not (args.ids or args.cid or args.all):
+        print("say which dead letters: IDs, --cid CID or --all", file=sys.stderr)
+        return 1
+    store = _open_store(args)
+    count = store.requeue(ids=args.ids, cid=args.cid, everything=args.all)
+    store.close()
+    print(f"re-queued {count} dead letters")
+    return 0
+
+
+def cmd_outbox_purge(args: argparse.Namespace) -> int:
+    if args.state == "pending":  # undelivered events are never deleted by an operator's typo
+        print("only delivered or dead events can be purged", file=sys.stderr)
+        return 1
+    state = args.state or "delivered"
+    older_than = args.older_than if args.older_than is not None else (
+        args.older_than_hours * 3600 if args.older_than_hours is not None else None)
+    if older_than is None and not args.all:
+        # Deleting is not undone: an age, or --all spelled out, is the operator's decision.
+        print(f"purge deletes {state} events from the outbox; say which: --older-than 7d (last updated "
+              f"more than 7 days ago; also h, m, s) or --all (every {state} event). Nothing was deleted.",
+              file=sys.stderr)
+        return 2
+    store = _open_store(args)
+    count = store.purge(state=state, older_than=older_than or 0.0)
+    store.close()
+    scope = f"last updated more than {_human(older_than)} ago" if older_than else "all of them"
+    print(f"purged {count} {state} events ({scope})")
+    return 0
+
+
+def cmd_outbox_backup(args: argparse.Namespace) -> int:
+    from .outbox.backup import BackupError, backup
+
+    try:
+        pages = backup(_load(args.config).relay.store, args.destination)
+    except BackupError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"backed up the outbox to {args.destination} ({pages} pages)")
+    return 0
+
+
+def cmd_outbox_move(args: argparse.Namespace) -> int:
+    from .migrate import StoreInUse, move_events
+    from .outbox import open_store
+
+    target_url = _load(args.config).relay.store
+    if args.source == target_url:
+        print(f"--from is the store {args.config} already uses; give the old store's URL", file=sys.stderr)
+        return 1
+    source, target = open_store(args.source), open_store(target_url)
+    try:
+        report = move_events(source, target, include_history=args.history)
+    except StoreInUse as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    finally:
+        source.close()
+        target.close()
+    print(report.summary())
+    return 0
+
+
+def _duration(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` -> seconds (argparse type: its error names the option)."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 7d, 12h, 30m or 90s, not {text!r}")
+    return value * units[unit]
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -219,68 +345,126 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pingtree-relay", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="pingtree-relay", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"pingtree-relay {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the relay under gunicorn")
-    p.add_argument("--config", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=None, help="default: 2-4 by CPU count")
-    p.add_argument("--threads", type=int, default=8)
+    p = sub.add_parser("serve", help="run the relay under gunicorn", description="Run the relay under "
+                       "gunicorn (gthread workers). SIGTERM drains gracefully, SIGHUP reloads.")
+    _config_option(p)
+    _listen_options(p, 8000)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: 2 per CPU core, 2 to 8)")
+    p.add_argument("--threads", type=int, default=8, help="threads per worker (default: 8)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deliver", help="run the delivery engine (serve starts one itself)")
-    p.add_argument("--config", required=True)
+    _config_option(p)
     p.add_argument("--inline-workers", type=int, default=0,
                    help="processes making inline attempts: their inline_concurrency comes out of max_in_flight")
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_deliver)
 
     p = sub.add_parser("demo", help="relay + sandbox + demo pages, no config needed")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    _listen_options(p, 8000)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sandbox", help="run the Pingtree sandbox alone")
-    p.add_argument("--config", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9000)
+    _config_option(p)
+    _listen_options(p, 9000)
     p.set_defaults(func=cmd_sandbox)
 
-    p = sub.add_parser("check-config", help="validate a config file")
-    p.add_argument("file")
+    p = sub.add_parser("check-config", help="validate a config file",
+                       description="Exit 0 when the file is valid, else 1 naming the key to fix.")
+    p.add_argument("file", nargs="?", metavar="FILE", help="the relay's TOML config (or give --config)")
+    p.add_argument("--config", dest="config_option", metavar="FILE", help="the same, as an option")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("snippet", help="print a campaign's embed tag (stable URL; --integrity pins today's build)")
-    p.add_argument("cid")
-    p.add_argument("--config", required=True)
-    p.add_argument("--base-url", default="")
+    p.add_argument("cid", metavar="CID", help="the campaign id, as in [campaigns.CID]")
+    _config_option(p)
+    p.add_argument("--base-url", default="", metavar="URL",
+                   help="where browsers reach the relay (default: relay.public_url)")
     p.add_argument("--integrity", action="store_true",
                    help="pin today's build with SRI; servable 30 days after a config change or upgrade "
                         "supersedes it, then the tag stops working (see docs/js-api.md)")
     p.set_defaults(func=cmd_snippet)
 
-    p = sub.add_parser("outbox", help="inspect and operate the outbox")
-    p.add_argument("action", choices=("stats", "list", "retry", "purge"))
-    p.add_argument("ids", nargs="*", help="retry: dead-letter ids")
-    p.add_argument("--config", required=True)
-    p.add_argument("--state", choices=("pending", "delivered", "dead"))
-    p.add_argument("--cid")
-    p.add_argument("--all", action="store_true", help="retry: every dead letter")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--older-than-hours", type=float, default=0.0)
-    p.set_defaults(func=cmd_outbox)
+    _outbox_parser(sub)
 
     p = sub.add_parser("sign", help="sign a conversion's revenue (HMAC-SHA256)")
-    p.add_argument("--cid", required=True)
-    p.add_argument("--transaction-id", required=True)
-    p.add_argument("--event-id", required=True)
-    p.add_argument("--amount", required=True)
-    p.add_argument("--secret", default="")
-    p.add_argument("--config", default="")
+    p.add_argument("--cid", required=True, help="the campaign id")
+    p.add_argument("--transaction-id", required=True, help="the lead's transaction_id")
+    p.add_argument("--event-id", required=True, help="the conversion event's id")
+    p.add_argument("--amount", required=True, help="the revenue, e.g. 45.00")
+    p.add_argument("--secret", default="", help="the campaign's secret (default: read from --config)")
+    p.add_argument("--config", default="", metavar="FILE", help="the relay's TOML config, for the secret")
     p.set_defaults(func=cmd_sign)
     return parser
+
+
+def _outbox_parser(sub: Any) -> None:
+    outbox = sub.add_parser("outbox", help="inspect and operate the outbox",
+                            description="Inspect and operate the outbox (the durable queue of events).")
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = actions.add_parser("stats", help="counts by state and the oldest pending age, as JSON")
+    _config_option(p)
+    p.set_defaults(func=cmd_outbox_stats)
+
+    p = actions.add_parser("list", help="the latest events, newest first")
+    _config_option(p)
+    p.add_argument("--state", choices=("pending", "delivered", "dead"), help="only events in this state")
+    p.add_argument("--cid", help="only this campaign's events")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
+    p.set_defaults(func=cmd_outbox_list)
+
+    p = actions.add_parser("retry", help="re-queue dead letters")
+    p.add_argument("ids", nargs="*", metavar="ID", help="dead letters to re-queue, by event_uuid")
+    _config_option(p)
+    p.add_argument("--cid", help="every dead letter of this campaign")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.set_defaults(func=cmd_outbox_retry)
+
+    p = actions.add_parser("purge", help="delete delivered (or dead) events",
+                           description="Delete delivered events (or dead letters with --state dead). "
+                           "Pending events are never deleted. Give --older-than or --all.")
+    _config_option(p)
+    p.add_argument("--state", choices=("delivered", "dead", "pending"),
+                   help="which events: delivered (default) or dead")
+    p.add_argument("--older-than", type=_duration, metavar="AGE",
+                   help="only events last updated more than AGE ago: 7d, 12h, 30m, 90s")
+    p.add_argument("--older-than-hours", type=float, metavar="H", help="the same in hours (e.g. 168)")
+    p.add_argument("--all", action="store_true", help="every event in that state, whatever its age")
+    p.set_defaults(func=cmd_outbox_purge)
+
+    p = actions.add_parser("backup", help="copy the SQLite outbox to a file while the relay runs",
+                           description="A consistent copy of the SQLite outbox (SQLite's online backup), "
+                           "safe while the relay is running.")
+    p.add_argument("destination", metavar="DEST", help="the backup file to write (must not exist)")
+    _config_option(p)
+    p.set_defaults(func=cmd_outbox_backup)
+
+    p = actions.add_parser("move", help="move events from an old store into the configured one",
+                           description="Move events from another store (e.g. the SQLite file a box used "
+                           "before switching to Redis) into the store --config names. Pending events "
+                           "are moved and deleted from the old store; run it after the relay was "
+                           "restarted on the new store. Safe to run twice.")
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="the old store, e.g. sqlite:////var/lib/pingtree-relay/outbox.sqlite3")
+    _config_option(p)
+    p.add_argument("--history", action="store_true",
+                   help="also copy delivered and dead events (replays and the dashboard keep them)")
+    p.set_defaults(func=cmd_outbox_move)
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="the relay's TOML config file")
+
+
+def _listen_options(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

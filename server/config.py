@@ -7,6 +7,7 @@ Loading is strict: every key is checked, and an error names the key path that is
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -142,6 +143,7 @@ class RelayConfig:
     max_body_bytes: int = 16384
     admin_token: str = ""
     secret_key: str = ""
+    access_log: bool = False  # one JSON line per request, besides the decision lines
     # Where superseded SDK builds are kept for pinned (--integrity) tags; "" = beside the SQLite
     # store, or beside the config file with a Redis store (see server/sdk_archive.py).
     sdk_archive_dir: str = ""
@@ -218,9 +220,17 @@ def _fields(path: str, raw: Any, schema: Mapping[str, Check]) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         if key not in schema:
-            raise ConfigError(f"{path}.{key}", "unknown key")
+            raise ConfigError(f"{path}.{key}".lstrip("."), _unknown_key(key, schema))
         out[key] = schema[key](f"{path}.{key}", value)
     return out
+
+
+def _unknown_key(key: str, schema: Mapping[str, Check]) -> str:
+    """``unknown key``, with the nearest valid key when one is close: typos are the usual cause."""
+    nearest = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+    if nearest:
+        return f"unknown key; did you mean `{nearest[0]}`?"
+    return "unknown key; expected one of " + ", ".join(sorted(schema))
 
 
 def _identifier(path: str, v: Any) -> str:
@@ -424,7 +434,7 @@ def _relay(path: str, raw: Any) -> RelayConfig:
         "inline_concurrency": lambda p, v: _int(p, v),
         "trusted_proxy_hops": lambda p, v: _int(p, v),
         "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
-        "admin_token": _str, "secret_key": _str, "sdk_archive_dir": _str,
+        "admin_token": _str, "secret_key": _str, "access_log": _bool, "sdk_archive_dir": _str,
         "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
     })
     if "upstream_url" not in values:

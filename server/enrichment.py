@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from .config import TIMEZONES, CampaignConfig
+from .config import SERVER_ONLY_FIELDS, TIMEZONES, CampaignConfig
 from .validation import ATTRIBUTION_FIELDS, Event
 
 
@@ -49,6 +50,23 @@ def forward_body(
     return body
 
 
+def relay_fields(
+    campaign: CampaignConfig, sent: Mapping[str, Any], event: Event, forwarded: Mapping[str, Any]
+) -> dict[str, str]:
+    """Which server-decided fields of ``forwarded`` the relay ``set`` (the caller gave none) or
+    ``replaced`` (the caller's value is not the one forwarded): told to trusted callers, who may
+    send such fields and must not be left to guess which of theirs reached Pingtree."""
+    decided = SERVER_ONLY_FIELDS | frozenset(campaign.server_fields)
+    changes: dict[str, str] = {}
+    for name in sorted(decided & forwarded.keys()):
+        if name in event.fields:  # the caller's value, as validated
+            if event.fields[name] != forwarded[name]:
+                changes[name] = "replaced"
+        else:
+            changes[name] = "replaced" if name in sent else "set"
+    return changes
+
+
 def dedupe_key(event: Event) -> str | None:
     """Events that may fire once per lead share a key; Multi-Trigger events (isDuplicate) have none."""
     if event.event.allow_duplicates:
@@ -56,4 +74,4 @@ def dedupe_key(event: Event) -> str | None:
     return f"{event.cid}|{event.transaction_id}|{event.event_id}"
 
 
-__all__ = ["ATTRIBUTION_FIELDS", "conversion_date", "dedupe_key", "forward_body"]
+__all__ = ["ATTRIBUTION_FIELDS", "conversion_date", "dedupe_key", "forward_body", "relay_fields"]

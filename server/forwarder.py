@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from .upstream import ROUTE_KEY, route
+from .upstream_state import UpstreamState, shared_dir
 
 DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
@@ -110,14 +111,20 @@ class _Upstream:
     def __init__(self, upstream_url: str, timeout: float) -> None:
         self.upstream_url = upstream_url.rstrip("/")
         self.timeout = timeout
-        # The latest attempt's outcome, for /readyz: (unix time, answered at all, status or error).
+        # The latest attempt's outcome, for /readyz: (unix time, answered at all, status or error);
+        # also written for the whole box (every worker and the delivery engine) when under serve.
         self.last: tuple[float, bool, str] | None = None
+        self.upstream = UpstreamState(shared_dir())
+
+    def _note(self, answered: bool, detail: str) -> None:
+        self.last = (time.time(), answered, detail)
+        self.upstream.record(answered, detail)
 
     def url_for(self, cid: str) -> str:
         return f"{self.upstream_url}/api/event/{cid}"
 
     def _answered(self, response: httpx.Response, started: float) -> Attempt:
-        self.last = (time.time(), response.status_code < 500, f"HTTP {response.status_code}")
+        self._note(response.status_code < 500, f"HTTP {response.status_code}")
         return Attempt(
             response.status_code, answer=_json_or_none(response), uncertain=response.status_code >= 500,
             retry_after=_retry_after(response), latency_ms=_ms(started),
@@ -126,9 +133,9 @@ class _Upstream:
     def _failed(self, exc: httpx.TransportError, started: float) -> Attempt:
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
             # Never left this machine: certainly not processed.
-            self.last = (time.time(), False, f"connect: {type(exc).__name__}")
+            self._note(False, f"connect: {type(exc).__name__}")
             return Attempt(None, error=f"connect: {type(exc).__name__}", latency_ms=_ms(started))
-        self.last = (time.time(), False, type(exc).__name__)
+        self._note(False, type(exc).__name__)
         return Attempt(None, error=f"{type(exc).__name__}", uncertain=True, latency_ms=_ms(started))
 
 

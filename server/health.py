@@ -6,6 +6,8 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
+from .upstream_state import Outcome, latest
+
 bp = Blueprint("health", __name__)
 
 
@@ -25,7 +27,7 @@ def readyz() -> Response:
     body = {
         "status": "ok" if store_ok else "unavailable",
         "store": "ok" if store_ok else "unreachable",
-        "upstream": _upstream(relay.upstream_last()),
+        "upstream": _upstream(latest(relay.upstream_last(), relay.forwarder.upstream.read())),
         "queue": stats.to_dict() if stats else None,
     }
     response = jsonify(body)
@@ -33,10 +35,10 @@ def readyz() -> Response:
     return response
 
 
-def _upstream(last: tuple[float, bool, str] | None) -> dict[str, object]:
-    """What this process's latest attempt upstream said; "failing" still means events are queued."""
+def _upstream(last: Outcome | None) -> dict[str, object]:
+    """What the box's latest attempt upstream said (any worker's); "failing" still means events are queued."""
     if last is None:
-        return {"state": "unknown", "detail": "no attempt yet from this worker"}
+        return {"state": "unknown", "detail": "no attempt yet"}
     at, answered, detail = last
     return {"state": "ok" if answered else "failing", "detail": detail,
             "age_seconds": round(max(0.0, time.time() - at), 1),

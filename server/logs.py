@@ -5,7 +5,7 @@ request through; anything else is replaced) and answers with it in ``X-Request-I
 bus (:mod:`server.observe`) tells us each decision (accepted, rejected, filtered, delivery); each
 becomes one line on stderr, e.g.::
 
-    {"ts": "2024-05-01T12:00:00.123Z", "level": "info", "event": "accepted", "request_id": "...",
+    {"ts": "2024-05-01T12:00:00.123Z", "level": "info", "message": "accepted", "event": "accepted", "request_id": "...",
      "cid": "cmp_1", "event_id": "sale", "outcome": "delivered", "status": 200, "client": "203.0.113.0/24"}
 
 What is never logged: bodies (payloads carry personal data), user agents, and full IP addresses
@@ -17,11 +17,7 @@ enough to identify a visitor). Background deliveries run outside any request: th
 from __future__ import annotations
 
 import atexit
-import datetime as dt
-import functools
-import ipaddress
 import itertools
-import json
 import logging
 import logging.handlers
 import os
@@ -29,10 +25,13 @@ import queue
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask, Response, g, has_request_context, request
+
+from .jsonlog import JsonFormatter, mask_ip
 
 DECISION_LOGGER = "pingtree_relay.decisions"
 # Letters, digits and a few separators, bounded: the id is echoed in a header and written to logs,
@@ -45,42 +44,9 @@ _FIELDS = ("cid", "event_id", "outcome", "state", "reason", "status", "event_uui
            "inline")
 
 
-@functools.lru_cache(maxsize=4096)  # on every decision line; a page's events come from one address
-def mask_ip(address: str | None) -> str | None:
-    """The network, not the host: ``203.0.113.77`` -> ``203.0.113.0/24``, IPv6 -> its /48."""
-    if not address:
-        return None
-    try:
-        ip = ipaddress.ip_address(address.strip())
-    except ValueError:
-        return "invalid"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    prefix = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
-
-
 def request_id() -> str | None:
     """This request's id, or None outside a request."""
     return g.get("request_id") if has_request_context() else None
-
-
-class JsonFormatter(logging.Formatter):
-    """A record -> one JSON object per line; ``record.fields`` (a dict) is merged in."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
-        }
-        line.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            line["error"] = self.formatException(record.exc_info)
-        elif record.exc_text:  # formatted before it crossed the queue
-            line["error"] = record.exc_text
-        return json.dumps(line, default=str, separators=(",", ":"))
 
 
 def decision_logger() -> logging.Logger:
@@ -146,7 +112,7 @@ def log_decision(kind: str, fields: dict[str, Any]) -> None:
     """Observer: one line per decision; the bus swallows anything this raises."""
     if kind not in _DECISIONS:
         return
-    line: dict[str, Any] = {"request_id": request_id()}
+    line: dict[str, Any] = {"event": kind, "request_id": request_id()}
     line.update({key: fields[key] for key in _FIELDS if fields.get(key) is not None})
     if has_request_context():
         line["client"] = mask_ip(request.remote_addr)
@@ -180,9 +146,30 @@ def _echo_request_id(response: Response) -> Response:
     return response
 
 
+def _start_clock() -> None:
+    g.started = time.perf_counter()
+
+
+def _access_line(response: Response) -> Response:
+    """``relay.access_log``: one JSON line per request, in the decision lines' form (masked client,
+    request id; the path without its query string, which may carry a visitor's attribution)."""
+    started = g.get("started")
+    fields: dict[str, Any] = {
+        "event": "request", "request_id": g.get("request_id"), "method": request.method, "path": request.path,
+        "status": response.status_code, "bytes": response.calculate_content_length(),
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started is not None else None,
+        "client": mask_ip(request.remote_addr),
+    }
+    decision_logger().info(f"{request.method} {request.path} {response.status_code}", extra={"fields": fields})
+    return response
+
+
 def init_app(app: Flask) -> None:
-    """Request ids on every request, JSON decision lines from the observer bus."""
+    """Request ids on every request, JSON decision lines from the observer bus, the access log if asked."""
     app.before_request(_assign_request_id)
     app.after_request(_echo_request_id)
     decision_logger()
     app.extensions["relay"].observers.add(log_decision)
+    if app.extensions["relay"].config.relay.access_log:
+        app.before_request(_start_clock)
+        app.after_request(_access_line)

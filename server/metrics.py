@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .build import store_kind, version
 from .config import Config
 from .relay import Relay
 
@@ -98,6 +99,9 @@ class Metrics:
         cid, event_id = self.labels(fields)
         if kind == "received":
             self.received.labels(cid).inc()
+        elif kind == "accepted" and fields.get("outcome") == "duplicate":
+            # Answered 400 "Duplicate event" (the lead already had it): a refusal, not an acceptance.
+            self.rejected.labels(cid, event_id, "duplicate").inc()
         elif kind == "accepted":
             self.accepted.labels(cid, event_id, _label(fields.get("outcome"))).inc()
         elif kind == "rejected":
@@ -169,6 +173,22 @@ def _label(value: Any) -> str:
     return value if isinstance(value, str) and _REASON.match(value) else "other"
 
 
+class BuildInfoCollector(Collector):
+    """``pingtree_relay_build_info{version, store} 1``: which release runs, on which kind of store.
+
+    A constant, so it is produced at scrape time (never written to the multiprocess files, where a
+    gauge of every worker would add up to the number of workers)."""
+
+    def __init__(self, store_url: str) -> None:
+        self.labels = {"version": version(), "store": store_kind(store_url)}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily("pingtree_relay_build_info", "The running release and the kind of store",
+                                 labels=list(self.labels))
+        info.add_metric(list(self.labels.values()), 1)
+        yield info
+
+
 class QueueCollector(Collector):
     """Gauges read from the shared store at scrape time."""
 
@@ -209,8 +229,10 @@ def init_app(app: Flask) -> None:
     relay.observers.add(metrics.observe)
     app.extensions["metrics"] = metrics
     queue = QueueCollector(relay)
+    build = BuildInfoCollector(relay.config.relay.store)
     if own is not None:
         own.register(queue)
+        own.register(build)
 
     def scrape() -> Response:
         registry = own
@@ -220,6 +242,7 @@ def init_app(app: Flask) -> None:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             registry.register(queue)
+            registry.register(build)
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST,
                         headers={"Cache-Control": "no-store"})
 

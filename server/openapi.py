@@ -83,7 +83,7 @@ def build_spec(config: Config, *, has_metrics: bool = False) -> dict[str, Any]:
                            "serves. Every JSON answer of the event endpoints has Pingtree's shape.",
         },
         "paths": paths,
-        "components": {"schemas": _schemas()},
+        "components": {"schemas": _schemas(), "securitySchemes": SECURITY_SCHEMES},
     }
 
 
@@ -168,6 +168,14 @@ def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | No
 
 
 ANSWER = {"$ref": "#/components/schemas/Answer"}
+# Anonymous ({}) for browsers, or the campaign's server key in either header.
+SECURITY: list[dict[str, list[str]]] = [{}, {"serverKeyBearer": []}, {"serverKeyHeader": []}]
+SECURITY_SCHEMES = {
+    "serverKeyBearer": {"type": "http", "scheme": "bearer",
+                        "description": "The campaign's server_key, for server-side callers (no Origin)"},
+    "serverKeyHeader": {"type": "apiKey", "in": "header", "name": "X-Server-Key",
+                        "description": "The same key in a header of its own"},
+}
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}}
 
 
@@ -183,11 +191,15 @@ def _event_post(summary: str, operation_id: str, params: list[dict[str, Any]], r
         "operationId": operation_id,
         "summary": summary,
         "description": f"Revenue goes in `{revenue_key}` (both names are accepted). Browsers must send an allowed "
-                       "`Origin`; server-side callers send none and give `X-Server-Key` instead.",
+                       "`Origin` and need no key. Server-side callers send no `Origin` and give the campaign's "
+                       "server key instead (`Authorization: Bearer <key>` or `X-Server-Key`; the campaign needs "
+                       "`allow_server_calls`); they may also pass the visitor's `ip_address` and `user_agent`, "
+                       "and their answers carry `data.relay_fields`: each server-decided field the relay "
+                       "`set` or `replaced`.",
+        "security": SECURITY,
         "parameters": [
             *params,
             _header("Origin", "The page's origin; must be one of the campaign's allowed_origins"),
-            _header("X-Server-Key", "The campaign's server key (server-side callers only)"),
             _header("Idempotency-Key", "8-64 letters, digits, '-' or '_'; a retry with the same key is a replay"),
         ],
         "requestBody": {"required": True, "content": {
@@ -296,7 +308,7 @@ def _schemas() -> dict[str, Any]:
                 "store": {"type": "string", "enum": ["ok", "unreachable"]},
                 "upstream": {
                     "type": "object", "required": ["state", "detail"],
-                    "description": "This worker's latest attempt upstream; failing still means ready (it queues)",
+                    "description": "The latest attempt upstream from any worker of this box; failing still means ready (it queues)",
                     "properties": {"state": {"type": "string", "enum": ["ok", "failing", "unknown"]},
                                    "detail": {"type": "string"}, "age_seconds": {"type": "number"},
                                    "note": {"type": "string"}},

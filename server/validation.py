@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ BROWSER_FIELDS = frozenset(ATTRIBUTION_FIELDS) | frozenset(LEAD_FIELDS) | {"tcpa
 MAX_FIELDS = 64
 MAX_STRING = 255
 MAX_ID = 128
+MAX_USER_AGENT = 512  # what the relay forwards of a browser's own User-Agent header
 MAX_REVENUE = Decimal("1000000000")
 _UUID_RE = re.compile(r"^[A-Za-z0-9_\-]{8,64}$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -253,8 +255,21 @@ def _check_server_only(fields: dict[str, Any], invalid: dict[str, str]) -> None:
     op = fields.get("cost_operation")
     if op is not None and op not in ("add", "substract", "override"):
         invalid["cost_operation"] = "expected add, substract or override"
-    for name in ("conversion_date", "conversion_timezone", "ip_address", "user_agent"):
-        fields.pop(name, None)  # always the relay's own
+    for name in ("conversion_date", "conversion_timezone"):
+        fields.pop(name, None)  # always the relay's own: the moment it received the event
+    # The visitor's address and browser: the backend has them, the relay (seeing the backend) does not.
+    if "ip_address" in fields:
+        ip = fields["ip_address"]
+        try:
+            fields["ip_address"] = str(ipaddress.ip_address(ip.strip())) if isinstance(ip, str) else None
+        except ValueError:
+            fields["ip_address"] = None
+        if fields["ip_address"] is None:
+            invalid["ip_address"] = "expected an IPv4 or IPv6 address"
+    if "user_agent" in fields:
+        ua = fields["user_agent"]
+        if not isinstance(ua, str) or len(ua) > MAX_USER_AGENT:
+            invalid["user_agent"] = f"expected a string of at most {MAX_USER_AGENT} characters"
 
 
 def _safe_key(name: str) -> str:

@@ -269,3 +269,26 @@ def test_presenting() -> None:
     assert masked_payload({"ip_address": "2001:db8:1:2::9", "sub1": "x"}) == {
         "ip_address": "2001:db8:1::/48", "sub1": "x"}
     assert [age(s) for s in (5, 125, 7300, 200000)] == ["5s", "2m", "2h", "2d"]
+
+
+@pytest.mark.parametrize("tz, zone_text", [("UTC", "UTC"), ("Europe/Paris", "UTC+01:00"), ("America/New_York", "UTC-05:00")])
+def test_dashboard_times_carry_their_zone(monkeypatch: pytest.MonkeyPatch, tz: str, zone_text: str) -> None:
+    """Times on the dashboard say whose clock they are on: the server's zone, as an offset."""
+    import time as time_module
+
+    from server.admin.present import clock, feed_row, iso_time
+    from server.outbox import Record
+
+    monkeypatch.setenv("TZ", tz)
+    time_module.tzset()
+    try:
+        winter = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: no daylight saving anywhere above
+        assert clock(winter).endswith(" " + zone_text) and len(clock(winter).split()[0]) == 8
+        assert iso_time(winter)[-6:] == ("+00:00" if zone_text == "UTC" else zone_text[3:])
+        row = feed_row(Record(id="r", cid="c", event_id="e", transaction_id="t", payload={}, received_at=winter))
+        assert row["received"] == clock(winter)
+        chart = build_chart([], winter)
+        assert chart.x_ticks[0].label.endswith(" " + zone_text)
+    finally:
+        monkeypatch.delenv("TZ")
+        time_module.tzset()

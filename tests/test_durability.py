@@ -334,7 +334,7 @@ def test_dead_letters_can_be_listed_retried_and_purged(
 
     wait_for(dead_again, timeout=15, message="the re-queued dead letter to be re-sent")
     assert requests_by_txn(sandbox)[txn] == 2
-    assert outbox_cli(relay, "purge", "--state", "dead").strip() == "purged 1 dead events"
+    assert outbox_cli(relay, "purge", "--state", "dead", "--all").strip() == "purged 1 dead events (all of them)"
     assert store.get(uuid_) is None and outbox_cli(relay, "list") == ""
     store.close()
 

@@ -13,8 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import create_app
+from server.build import version
 from server.config import parse_config
-from server.forwarder import Forwarder
+from server.forwarder import DUPLICATE_MESSAGE, Forwarder
 from server.relay import Relay as CoreRelay
 from tests.conftest import RelayFactory, Sandbox
 
@@ -52,6 +53,8 @@ def expected_counts(samples: Samples) -> dict[str, float]:
         "queue_depth": value(samples, "pingtree_relay_queue_depth"),
         "outbox_delivered": value(samples, "pingtree_relay_outbox_events", state="delivered"),
         "outbox_dead": value(samples, "pingtree_relay_outbox_events", state="dead"),
+        # A constant, once per box however many workers add their files up.
+        "build_info": value(samples, "pingtree_relay_build_info", version=version(), store="sqlite"),
     }
 
 
@@ -76,7 +79,7 @@ def test_counts_after_known_traffic(relay_factory: RelayFactory, sandbox: Sandbo
 
     want = {"received": 6, "delivered_answers": 3, "dead_answers": 1, "bad_event": 1, "bad_origin": 1,
             "delivered": 3, "dead": 1, "latency_delivered": 3, "latency_dead": 1, "queue_depth": 0,
-            "outbox_delivered": 3, "outbox_dead": 1}
+            "outbox_delivered": 3, "outbox_dead": 1, "build_info": 1}
     # A fresh connection per scrape, so the two workers take turns answering.
     pages = [httpx.get(relay.url + "/metrics", headers={"Connection": "close"}, timeout=5) for _ in range(6)]
     for page in pages:
@@ -141,6 +144,24 @@ def test_single_process_registry_per_app(make_app: Callable[[str, list[int]], An
     assert value(samples, "pingtree_relay_queue_depth") == 1
     assert value(samples, "pingtree_relay_queue_oldest_pending_age_seconds") > 0
     assert value(scrape(second.test_client().get("/metrics").text), "pingtree_relay_queue_depth") == 0
+
+
+def test_build_info_and_duplicates_are_not_accepted(make_app: Callable[[str, list[int]], Any]) -> None:
+    """build_info names the release and the store kind; a "Duplicate event" answer counts as refused."""
+    client = make_app("d", []).test_client()
+    origin = {"Origin": "https://shop.example.com"}
+    body = {"event_id": "view", "transaction_id": "t-dup"}
+    assert client.post("/api/event/cmp_a", json=body, headers=origin).status_code == 200
+    again = client.post("/api/event/cmp_a", json=body, headers=origin)
+    assert again.status_code == 400 and again.get_json()["message"] == DUPLICATE_MESSAGE
+    samples = scrape(client.get("/metrics").text)
+    assert value(samples, "pingtree_relay_build_info", version=version(), store="sqlite") == 1
+    ev = {"cid": "cmp_a", "event_id": "view"}
+    assert value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="delivered") == 1
+    assert value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="duplicate") == 0
+    assert value(samples, "pingtree_relay_events_rejected_total", **ev, reason="duplicate") == 1
+    assert not [key for key in samples if key[0] == "pingtree_relay_events_accepted_total"
+                and ("outcome", "duplicate") in key[1]]
 
 
 def test_sdk_requests_by_version_with_bounded_labels(make_app: Callable[[str, list[int]], Any]) -> None:

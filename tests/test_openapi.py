@@ -152,3 +152,13 @@ def test_the_endpoint_never_answers_5xx(app: Flask, answer_schema: dict[str, Any
     response = app.test_client().post(path, data=raw, headers=headers)
     assert response.status_code < 500, response.get_data(as_text=True)
     jsonschema_rs.validate(answer_schema, response.get_json())
+
+
+def test_the_server_key_is_a_security_scheme(spec: dict[str, Any]) -> None:
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["serverKeyBearer"] == {"type": "http", "scheme": "bearer", "description": schemes[
+        "serverKeyBearer"]["description"]}
+    assert (schemes["serverKeyHeader"]["in"], schemes["serverKeyHeader"]["name"]) == ("header", "X-Server-Key")
+    post = spec["paths"]["/api/event/{cid}"]["post"]
+    assert {} in post["security"] and {"serverKeyBearer": []} in post["security"]  # browsers need no key
+    assert "Authorization: Bearer <key>" in post["description"] and "relay_fields" in post["description"]

@@ -105,9 +105,10 @@ def test_retry_by_id_by_campaign_and_all(store: Store, config: Path, capsys: pyt
 
 
 def test_purge(store: Store, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert outbox(capsys, config, "purge", "--older-than-hours", "1")[1] == "purged 0 delivered events\n"
-    assert outbox(capsys, config, "purge")[1] == "purged 1 delivered events\n"
-    assert outbox(capsys, config, "purge", "--state", "dead")[1] == "purged 3 dead events\n"
+    assert outbox(capsys, config, "purge", "--older-than-hours", "1")[1] == (
+        "purged 0 delivered events (last updated more than 1h ago)\n")
+    assert outbox(capsys, config, "purge", "--all")[1] == "purged 1 delivered events (all of them)\n"
+    assert outbox(capsys, config, "purge", "--state", "dead", "--all")[1] == "purged 3 dead events (all of them)\n"
     assert store.stats().counts == {"pending": 2, "delivered": 0, "dead": 0}
     assert store.get("ev-queued") is not None and store.get("ev-delivered") is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -43,7 +44,22 @@ def serve(handler: Handler, test: Callable[[str, list[int]], Awaitable[None]]) -
         async with server:
             await test(f"http://127.0.0.1:{port}", connections)
 
-    asyncio.run(main())
+    # In a thread of its own: a browser test earlier in this process may have left an event loop
+    # running in the main thread (Playwright's sync API), and asyncio.run refuses to nest.
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # re-raised in the test's thread below
+            failures.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the loopback exchange hung"
+    if failures:
+        raise failures[0]
     return connections
 
 

@@ -12,6 +12,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .present import zone
+
 OUTCOMES = ("delivered", "queued", "retrying", "dead")  # bottom to top
 MINUTES = 60
 WIDTH, HEIGHT = 720, 200
@@ -82,13 +84,16 @@ def build_chart(rows: list[tuple[int, str, int]], now: float | None = None) -> C
                 continue
             h = plot_h * count / top
             base -= h
-            label = time.strftime("%H:%M", time.localtime(minute))
+            label = f"{time.strftime('%H:%M', time.localtime(minute))} {zone(minute)}"
             chart.bars.append(Bar(round(LEFT + i * slot + 1, 2), round(base, 2), round(slot - 2, 2),
                                   round(h, 2), outcome, f"{label}: {count} {outcome}"))
     chart.y_ticks = [Tick(round(HEIGHT - BOTTOM - plot_h * f, 2), _count(top * f)) for f in (0, 0.5, 1)]
     chart.x_ticks = [Tick(round(LEFT + i * slot + slot / 2, 2),
                           time.strftime("%H:%M", time.localtime(first_minute + i * 60)))
                      for i in range(0, MINUTES, 15)] + [Tick(WIDTH, "now", "end")]
+    # The axis's zone once, on its first tick: the times are the server's clock, not the viewer's.
+    first = chart.x_ticks[0]
+    chart.x_ticks[0] = Tick(first.position, f"{first.label} {zone(first_minute)}", first.anchor)
     return chart
 
 

@@ -32,7 +32,8 @@ def feed_row(record: Record, now: float | None = None) -> dict[str, Any]:
     return {
         "id": record.id,
         "received_at": record.received_at,
-        "received": time.strftime("%H:%M:%S", time.localtime(record.received_at)),
+        "received": clock(record.received_at),
+        "received_iso": iso_time(record.received_at),
         "age": age(now - record.received_at),
         "cid": record.cid,
         "event_id": record.event_id,
@@ -43,6 +44,23 @@ def feed_row(record: Record, now: float | None = None) -> dict[str, Any]:
         "message": upstream_message(record),
         "latency_ms": round(record.latency_ms) if record.latency_ms is not None else None,
     }
+
+
+def zone(at: float) -> str:
+    """The server's zone at ``at`` as an offset: ``UTC`` or ``UTC+02:00`` (names like CST are ambiguous)."""
+    offset = time.strftime("%z", time.localtime(at))  # +0200
+    return "UTC" if offset in ("+0000", "-0000", "") else f"UTC{offset[:3]}:{offset[3:]}"
+
+
+def clock(at: float) -> str:
+    """``14:03:07 UTC``: a time of day that says which day's clock it is."""
+    return f"{time.strftime('%H:%M:%S', time.localtime(at))} {zone(at)}"
+
+
+def iso_time(at: float) -> str:
+    """ISO 8601 with the offset, for the title attribute (the full date on hover)."""
+    offset = time.strftime("%z", time.localtime(at))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)) + f"{offset[:3]}:{offset[3:]}"
 
 
 def masked_payload(payload: dict[str, Any]) -> dict[str, Any]:

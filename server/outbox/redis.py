@@ -44,6 +44,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from . import STATES, Outcome, Record, Stats
+from .schema import check_redis
 
 # --- Lua ----------------------------------------------------------------------------------------
 # ARGV[1] is always the key prefix. "" stands for None in arguments.
@@ -269,6 +270,10 @@ class RedisStore:
         self._redis: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._client()  # fail at start-up, not on the first event, when the URL is wrong
+        try:
+            check_redis(self._client(), prefix, f"the Redis outbox {redis_location(url)}")
+        except redis.ConnectionError:
+            pass  # Redis down at start: /readyz says so; the version is checked at the next start
 
     def _client(self) -> redis.Redis:
         # A pool's sockets must not cross a fork: each gunicorn worker builds its own client.
@@ -458,3 +463,9 @@ class RedisStore:
         if self._redis is not None and self._pid == os.getpid():
             self._redis.close()
         self._redis = None
+
+
+def redis_location(url: str) -> str:
+    """``host:port/db`` of a Redis URL, without a password (for messages)."""
+    rest = url.split("://", 1)[-1]
+    return rest.rsplit("@", 1)[-1]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from . import STATES, Outcome, Record, Stats
+from .schema import upgrade_sqlite
 
 T = TypeVar("T")
 
@@ -52,6 +53,10 @@ CREATE INDEX IF NOT EXISTS events_due ON events(state, next_at);
 CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
 CREATE INDEX IF NOT EXISTS events_txn ON events(transaction_id);
 """
+
+# Schema migrations, in order: entry N brings a store from version N to N+1 (schema.py applies them
+# at start). Never edit an entry once released; append one instead.
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
 
 _COLUMNS = (
     "id", "cid", "event_id", "transaction_id", "dedupe_key", "payload", "received_at", "state",
@@ -113,7 +118,7 @@ class SQLiteStore:
         self._wlock = threading.Lock()
         self._pid = os.getpid()
         conn = self._conn()
-        _busy_retry(lambda: conn.executescript(_SCHEMA))
+        _busy_retry(lambda: upgrade_sqlite(conn, _MIGRATIONS, f"the outbox {path}"))
 
     def _conn(self) -> sqlite3.Connection:
         # A connection must not cross a fork: gunicorn workers each open their own.
@@ -125,7 +130,10 @@ class SQLiteStore:
                 self._pid = os.getpid()
             self._local.pid = os.getpid()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")  # under connect()'s 30 s busy timeout: may wait
+            # Under connect()'s 30 s busy timeout; retried as well, because switching a new file to
+            # WAL while another process opens it can fail at once with "locked" (workers and the
+            # delivery process all open the file at start-up).
+            _busy_retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=0")  # from here on, _busy_retry waits instead
             self._local.conn = conn
@@ -308,6 +316,10 @@ class SQLiteStore:
             "FROM events WHERE received_at >= ? GROUP BY minute, outcome ORDER BY minute", (since,)
         )
         return [(int(m), o, int(n)) for m, o, n in rows]
+
+    def delete(self, record_ids: Iterable[str]) -> int:
+        """Delete records whatever their state: only ``outbox move`` does, after copying them elsewhere."""
+        return sum(self._write("DELETE FROM events WHERE id = ?", (rid,)).rowcount for rid in record_ids)
 
     def ping(self) -> bool:
         try:

@@ -33,7 +33,7 @@
       tr.setAttribute("data-id", ev.id);
       tr.setAttribute("data-state", ev.state);
       var when = cell(tr, ev.received + " ");
-      when.title = ev.id;
+      when.title = ev.id + " -- " + ev.received_iso;
       var age = document.createElement("span");
       age.className = "muted";
       age.textContent = ev.age;
