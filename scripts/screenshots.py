@@ -90,7 +90,7 @@ def dashboard(browser: Browser, base: str, out: Path) -> None:
     context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.goto(f"{base}/admin/")
-    page.fill("#token", "demo")
+    page.fill("#token", "demo-admin-token")
     page.click("button[type=submit]")
     page.wait_for_url(f"{base}/admin/")
 

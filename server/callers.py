@@ -14,15 +14,18 @@ visitor's ``ip_address`` and ``user_agent``, and the relay never substitutes its
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import g, request
 from werkzeug.datastructures import Headers
 
 from .config import CampaignConfig
 from .errors import ApiError
-from .origins import origin_allowed
+from .origins import origin_allowed, well_formed_origin
+
+log = logging.getLogger("pingtree_relay.events")
 
 BEARER = "bearer "
 
@@ -49,9 +52,19 @@ def check_caller(campaign: CampaignConfig) -> bool:
         raise ApiError(403, _no_origin_message(campaign), reason="server_key" if campaign.allow_server_calls
                        else "origin")
     if not origin_allowed(origin, campaign.allowed_origins):
-        raise ApiError(403, "Origin not allowed", reason="origin")
+        _refuse_origin(campaign, origin)
     g.cors_origin = origin
     return False
+
+
+def _refuse_origin(campaign: CampaignConfig, origin: str) -> NoReturn:
+    """403, readable by the refused page: the answer holds nothing secret, and a page that can read
+    it stops (the SDK treats any 4xx but 408/429 as final) where a CORS failure looks like a network
+    error to retry forever. Only a well-formed origin is echoed; the log says which one was refused."""
+    if well_formed_origin(origin):
+        g.cors_origin = origin
+    log.warning("origin %r refused for campaign %s (not in its allowed_origins)", origin[:120], campaign.cid)
+    raise ApiError(403, "Origin not allowed", reason="origin")
 
 
 def _no_origin_message(campaign: CampaignConfig) -> str:

@@ -13,15 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, load_config, parse_config, store_location
 
 # --help shows this as it is: plain text, no reST markup.
 DESCRIPTION = "pingtree-relay: a durable relay and browser SDK for Pingtree's Event Postback API."
 
 
-def _load(path: str) -> Config:
+def _load(path: str, *, text: str | None = None) -> Config:
     try:
-        return load_config(path)
+        return load_config(path, text=text)
     except ConfigError as exc:
         sys.exit(f"{path}: {exc}")
     except OSError as exc:
@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("%s: %s", args.config, problem)
         return 1
     from . import create_app, wsgi
+    from .reload import LastGoodConfig
 
     workers = args.workers or wsgi.default_workers()
     settings = config.relay
@@ -53,12 +54,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("%s: relay.max_in_flight: must be more than workers x inline_concurrency (%s x %s); raise it "
                   "or lower inline_concurrency", args.config, workers, inline)
         return 1
+    # Workers and the delivery process build from the config the master validated, never from the
+    # file as it is now: an invalid edit followed by SIGHUP or a respawn keeps the last good one.
+    last_good = LastGoodConfig(args.config, config)
     deliver = [sys.executable, "-m", "server.cli", "deliver", "--config", args.config,
                "--inline-workers", str(workers), "--parent-pid", str(os.getpid())]
-    log.info("pingtree-relay %s serving on http://%s:%s (upstream %s)", _version(), args.host, args.port,
-             settings.upstream_url)
-    wsgi.run(lambda: create_app(load_config(args.config), start_delivery=False), host=args.host, port=args.port,
-             workers=workers, threads=args.threads, multiprocess_metrics=True, sidecar=deliver,
+    log.info("pingtree-relay %s serving on http://%s:%s (upstream %s; store: %s)", _version(), args.host,
+             args.port, settings.upstream_url, store_location(settings.store))
+    _warn(config)
+    wsgi.run(lambda: create_app(last_good.config, start_delivery=False), host=args.host, port=args.port,
+             workers=workers, threads=args.threads, multiprocess_metrics=True,
+             sidecar=deliver, sidecar_env=last_good.environment, on_reload=last_good.reload,
              logger_class=jsonlog.GunicornLogger)
     return 0
 
@@ -89,7 +95,10 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
     if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
         jsonlog.configure()
-    config = _load(args.config)
+    from .reload import CONFIG_TEXT_ENV
+
+    # Under serve: the config its master validated (the file may have been edited since, even badly).
+    config = _load(args.config, text=os.environ.pop(CONFIG_TEXT_ENV, None) if args.parent_pid else None)
     relay = create_app(config, start_delivery=False).extensions["relay"]  # observers as in a worker
     cap = relay.delivery_cap(args.inline_workers)
     if args.parent_pid:
@@ -132,7 +141,7 @@ def demo_config(port: int, store_dir: str | None = None) -> Config:
     data["relay"]["upstream_url"] = f"http://127.0.0.1:{port}/sandbox"
     store_dir = store_dir or tempfile.gettempdir()
     data["relay"]["store"] = f"sqlite:///{Path(store_dir) / f'pingtree-relay-demo-{port}.sqlite3'}"
-    data["relay"].setdefault("admin_token", "demo")
+    data["relay"].setdefault("admin_token", "demo-admin-token")
     for campaign in data["campaigns"].values():
         campaign["allowed_origins"] = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
     return parse_config(data, source="demo")
@@ -197,7 +206,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     events = sum(len(c.events) for c in config.campaigns.values())
     print(f"{path}: OK ({len(config.campaigns)} campaigns, {events} events)")
+    print(f"store: {store_location(config.relay.store)}")
+    _warn(config)
     return 0
+
+
+def _warn(config: Config) -> None:
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def cmd_snippet(args: argparse.Namespace) -> int:

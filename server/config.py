@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Pingtree's conversion_timezone values are fixed UTC offsets (hours), not IANA zones:
 # they never shift for daylight saving.
@@ -155,6 +156,9 @@ class Config:
     relay: RelayConfig
     campaigns: Mapping[str, CampaignConfig]
     source: str = "<memory>"
+    # Risky but allowed values, each "key.path: why" (see server/config_risks.py): check-config
+    # prints them, serve logs them at start.
+    warnings: tuple[str, ...] = ()
 
 
 # --- a tiny checker: each function takes (path, value) and returns the clean value ---------------
@@ -471,8 +475,25 @@ def _check_endpoint_paths(campaigns: Mapping[str, CampaignConfig]) -> None:
 
 def _store_url(path: str, v: Any) -> str:
     if not isinstance(v, str) or not re.match(r"^(sqlite:///.+|redis://[^\s]+)$", v):
-        raise ConfigError(path, 'expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
+        raise ConfigError(path, 'expected "sqlite:///relative/path", "sqlite:////absolute/path" '
+                                'or "redis://HOST:PORT/DB"')
+    if v == "sqlite:///:memory:":
+        # Each connection (one per thread) would get its own empty database: every event 503.
+        raise ConfigError(path, "an in-memory SQLite database is private to each thread and lost at exit; "
+                                'give a file, e.g. "sqlite:////var/lib/pingtree-relay/outbox.sqlite3"')
     return v
+
+
+def store_location(url: str) -> str:
+    """Where the store is, for people: a SQLite file's absolute path, or the Redis URL without its password."""
+    if url.startswith("sqlite:///"):
+        return "SQLite file " + os.path.abspath(url[len("sqlite:///"):])
+    parts = urlsplit(url)
+    if parts.password:
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        url = parts._replace(netloc=netloc).geturl()
+    return "Redis " + url
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir: Path | None = None) -> Config:
@@ -491,7 +512,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir:
         cid: _campaign(f"campaigns.{cid}", cid, raw) for cid, raw in data.get("campaigns", {}).items()
     }
     _check_endpoint_paths(campaigns)
-    return Config(relay=relay, campaigns=campaigns, source=source)
+    from .config_risks import check_campaigns, check_relay  # here: config_risks imports this module
+
+    warnings = check_relay(relay) + check_campaigns(campaigns)
+    return Config(relay=relay, campaigns=campaigns, source=source, warnings=tuple(warnings))
 
 
 def _resolve_sqlite(relay: RelayConfig, base_dir: Path) -> RelayConfig:
@@ -504,11 +528,15 @@ def _resolve_sqlite(relay: RelayConfig, base_dir: Path) -> RelayConfig:
     return replace(relay, store="sqlite:///" + path)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and check a TOML config file. Raises :class:`ConfigError` (or ``OSError``)."""
+def load_config(path: str | os.PathLike[str], *, text: str | None = None) -> Config:
+    """Read and check a TOML config file. Raises :class:`ConfigError` (or ``OSError``).
+
+    ``text`` stands in for the file's content (the copy a ``serve`` master validated); relative
+    paths in it are still resolved against ``path``'s folder.
+    """
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_text(encoding="utf-8") if text is None else text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(file)", f"not valid TOML: {exc}") from None
     config = parse_config(data, source=str(p), base_dir=p.parent.resolve())
@@ -516,5 +544,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if token:
         from dataclasses import replace
 
+        from .config_risks import MIN_SECRET_LENGTH
+
+        if len(token) < MIN_SECRET_LENGTH:
+            raise ConfigError("PINGTREE_RELAY_ADMIN_TOKEN", f"at least {MIN_SECRET_LENGTH} characters")
         config = replace(config, relay=replace(config.relay, admin_token=token))
     return config

@@ -55,10 +55,10 @@ def build_spec(config: Config, *, has_metrics: bool = False) -> dict[str, Any]:
             "responses": {"200": _json("The process serves", {"$ref": "#/components/schemas/Health"})},
         }},
         "/readyz": {"get": {
-            "operationId": "readyz", "summary": "Readiness: the store answers",
+            "operationId": "readyz", "summary": "Readiness: the store takes a write",
             "responses": {
                 "200": _json("Ready", {"$ref": "#/components/schemas/Ready"}),
-                "503": _json("The store is unreachable", {"$ref": "#/components/schemas/Ready"}),
+                "503": _json("The store is unreachable or refuses writes", {"$ref": "#/components/schemas/Ready"}),
             },
         }},
         "/openapi.json": {"get": {
@@ -217,6 +217,7 @@ def _event_post(summary: str, operation_id: str, params: list[dict[str, Any]], r
             "404": _json("Campaign not found", ANSWER),
             "413": _json("Body larger than relay.max_body_bytes", ANSWER),
             "415": _json("Content type other than application/json or text/plain", ANSWER),
+            "422": _json("event_uuid / Idempotency-Key already used in this campaign for a different event", ANSWER),
             "429": _json("Rate limit per client IP or per campaign", ANSWER, RETRY_AFTER),
             "4XX": _json("Another rejection passed through from Pingtree", ANSWER),
             "500": _json("Internal error (never a stack trace)", ANSWER),
@@ -305,7 +306,15 @@ def _schemas() -> dict[str, Any]:
             "required": ["status", "store"],
             "properties": {
                 "status": {"type": "string", "enum": ["ok", "unavailable"]},
-                "store": {"type": "string", "enum": ["ok", "unreachable"]},
+                "store": {"type": "string", "enum": ["ok", "unwritable", "unreachable"]},
+                "store_error": {"type": "string", "description": "Why the store refuses writes (full disk, Redis OOM)"},
+                "persistence": {
+                    "type": "object", "nullable": True, "required": ["state", "detail"],
+                    "description": ("Whether a restart of the store keeps queued events "
+                                    "(reported; not a reason to be unready)"),
+                    "properties": {"state": {"type": "string", "enum": ["ok", "snapshots", "off", "unknown"]},
+                                   "detail": {"type": "string"}},
+                },
                 "upstream": {
                     "type": "object", "required": ["state", "detail"],
                     "description": "The latest attempt upstream from any worker of this box; failing still means ready (it queues)",

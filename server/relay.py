@@ -25,7 +25,7 @@ from .enrichment import dedupe_key, forward_body
 from .errors import ApiError, answer
 from .forwarder import DUPLICATE_MESSAGE, AsyncForwarder, Attempt, Decision, Forwarder
 from .observe import Observers
-from .outbox import Record, Store, open_store
+from .outbox import Record, Store, open_store, scoped_id
 from .outbox.dispatcher import Dispatcher
 from .validation import Event
 
@@ -89,7 +89,7 @@ class Relay:
 
     def _delivered(self, record: Record, attempt: Attempt, decision: Decision, inline: bool) -> None:
         self.observers.emit(
-            "delivery", cid=record.cid, event_id=record.event_id, event_uuid=record.id,
+            "delivery", cid=record.cid, event_id=record.event_id, event_uuid=record.event_uuid,
             state=decision.state, status=attempt.status, latency_ms=attempt.latency_ms,
             attempts=record.attempts, reason=decision.reason or attempt.error or "", inline=inline,
         )
@@ -121,11 +121,11 @@ class Relay:
         """Store the event, try it once inline, and say what happened."""
         received_at = time.time()
         record = Record(
-            id=event.event_uuid or idempotency_key or uuid.uuid4().hex,
+            id=scoped_id(campaign.cid, event.event_uuid or idempotency_key or uuid.uuid4().hex),
             cid=campaign.cid, event_id=event.event_id, transaction_id=event.transaction_id,
             payload=forward_body(campaign, event, received_at=received_at,
                                  ip_address=ip_address, user_agent=user_agent),
-            received_at=received_at, dedupe_key=dedupe_key(event),
+            received_at=received_at, dedupe_key=dedupe_key(event), fingerprint=event.fingerprint(),
         )
         inline = self._inline_enabled and not self._engine_behind() and self._inline.acquire(blocking=False)
         owner = self.dispatcher.owner if inline else None
@@ -149,10 +149,17 @@ class Relay:
             self.dispatcher.wake()
             return _queued(stored)
         try:
-            attempt = self.forwarder.send(stored.cid, stored.payload, timeout=self.config.relay.inline_timeout)
-        finally:
-            self._inline.release()
-        decision = self.dispatcher.settle(stored, attempt, owner=owner or "")
+            try:
+                attempt = self.forwarder.send(stored.cid, stored.payload, timeout=self.config.relay.inline_timeout)
+            finally:
+                self._inline.release()
+            decision = self.dispatcher.settle(stored, attempt, owner=owner or "")
+        except Exception:
+            # The event is stored, and the attempt may have reached Pingtree before the write of its
+            # outcome failed: a 500 would make the page resend what the outbox will deliver anyway.
+            log.exception("outcome of the inline attempt for %s could not be stored", stored.id)
+            self._mark_uncertain(stored, owner or "")
+            return _queued(stored)
         if decision.state == "delivered":
             return Reply(200, _success(stored, attempt.answer), "delivered")
         if decision.state == "dead":
@@ -160,14 +167,31 @@ class Relay:
         self.dispatcher.wake()
         return _queued(stored)
 
+    def _mark_uncertain(self, stored: Record, owner: str) -> None:
+        """Best effort: the next attempt goes out as uncertain (a "Duplicate event" then means it
+        got there). Should this write fail too, the lease stays set and its expiry does the same."""
+        try:
+            self.store.finish(
+                stored.id, owner, state="pending", next_at=time.time() + self.config.relay.retry_base_seconds,
+                status=None, answer=None, error="outcome of the inline attempt unknown (store write failed)",
+                uncertain=True, latency_ms=None)
+        except Exception:
+            log.exception("could not mark %s uncertain; its lease expiry will", stored.id)
+        self.dispatcher.wake()
+
     def _existing(self, stored: Record, new: Record) -> Reply:
         """The answer for an event the relay already has: a replay (same event_uuid) or a collapse."""
-        if stored.id != new.id:
+        if stored.id != new.id and stored.event_uuid != new.event_uuid:
             if stored.state == "delivered":
-                body = answer(400, DUPLICATE_MESSAGE, data={"event_uuid": stored.id})
+                body = answer(400, DUPLICATE_MESSAGE, data={"event_uuid": stored.event_uuid})
                 return Reply(400, body, "duplicate")
             return Reply(202, answer(202, "Collapsed into an event already queued for this transaction_id",
-                                     type="queued", data={"event_uuid": stored.id}), "collapsed")
+                                     type="queued", data={"event_uuid": stored.event_uuid}), "collapsed")
+        if stored.fingerprint and stored.fingerprint != new.fingerprint:
+            # Stripe's rule for a reused idempotency key: same request or an error, never a replay.
+            raise ApiError(422, "event_uuid (or Idempotency-Key) already used for a different event; "
+                           "a new event needs a new one",
+                           invalid={"event_uuid": "already used with a different body"}, reason="reused_event_uuid")
         if stored.state == "delivered":
             return Reply(200, _success(stored, stored.last_answer), "replay")
         if stored.state == "dead":
@@ -182,14 +206,14 @@ class Relay:
 
 
 def _queued(record: Record) -> Reply:
-    body = answer(202, "Event accepted and queued for delivery", type="queued", data={"event_uuid": record.id})
+    body = answer(202, "Event accepted and queued for delivery", type="queued", data={"event_uuid": record.event_uuid})
     return Reply(202, body, "queued")
 
 
 def _success(record: Record, upstream: dict[str, Any] | None) -> dict[str, Any]:
     upstream = upstream or {}
     data = dict(upstream.get("data") or {}) if isinstance(upstream.get("data"), dict) else {}
-    data["event_uuid"] = record.id
+    data["event_uuid"] = record.event_uuid
     return answer(200, str(upstream.get("message") or "Event triggered successfully"), data=data)
 
 
@@ -198,7 +222,7 @@ def _upstream_error(record: Record, upstream: dict[str, Any] | None, reason: str
     status = upstream.get("status") if isinstance(upstream.get("status"), int) else 502
     body = answer(
         status, str(upstream.get("message") or reason or "Upstream rejected the event"),
-        data={"event_uuid": record.id},
+        data={"event_uuid": record.event_uuid},
         missing=upstream.get("missingFields") if isinstance(upstream.get("missingFields"), dict) else None,
         invalid=upstream.get("invalidFields") if isinstance(upstream.get("invalidFields"), dict) else None,
     )

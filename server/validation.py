@@ -45,8 +45,9 @@ MAX_ID = 128
 MAX_USER_AGENT = 512  # what the relay forwards of a browser's own User-Agent header
 MAX_REVENUE = Decimal("1000000000")
 _UUID_RE = re.compile(r"^[A-Za-z0-9_\-]{8,64}$")
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_DECIMAL_RE = re.compile(r"^\d{1,10}(\.\d{1,2})?$")
+# [0-9], not \d: \d also matches other scripts' digits ("١٢" would pass as 12).
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_DECIMAL_RE = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,2})?$")
 CENT = Decimal("0.01")
 
 
@@ -64,6 +65,17 @@ class Event:
     @property
     def event_id(self) -> str:
         return self.event.name
+
+    def fingerprint(self) -> str:
+        """What makes a resent request the same event, for a reused event_uuid: a digest of the
+        validated event, not of the raw bytes (key order, or 12 against "12", must not matter) and
+        not of what the server adds (the time, the client's IP: a retry may change both)."""
+        canonical = json.dumps(
+            {"cid": self.cid, "event_id": self.event_id, "transaction_id": self.transaction_id,
+             "amount": None if self.amount is None else str(self.amount.quantize(CENT)), "fields": dict(self.fields)},
+            sort_keys=True, separators=(",", ":"), default=str,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def _reject_constant(name: str) -> Any:
@@ -194,8 +206,9 @@ def validate_event(
     if event is None:
         raise ApiError(400, "Invalid event_id for this campaign", invalid={"event_id": "not configured"},
                        reason="invalid_event_id")
-    pid = body.get("pid")
-    if isinstance(pid, str) and pid in campaign.inactive_sources:
+    # Normalised the way the forwarded pid is (12345 and "12345" are one source), then checked.
+    pid = _string(body.get("pid"), MAX_STRING)
+    if pid is not None and pid in campaign.inactive_sources:
         raise ApiError(403, "Source Inactive", reason="source_inactive")
 
     fields, invalid = _check_fields(campaign, body, trusted=trusted)
@@ -315,7 +328,8 @@ def _check_signature(
     if amount is None or not isinstance(token, str) or not token:
         raise ApiError(403, "Missing revenue signature", reason="signature")
     expected = sign_revenue(campaign.secret, campaign.cid, transaction_id, event_id, amount)
-    if not hmac.compare_digest(expected, token.lower()):
+    # A hex token is ASCII; compare_digest raises on non-ASCII text, which must be a 403, not a 500.
+    if not token.isascii() or not hmac.compare_digest(expected.encode(), token.lower().encode()):
         raise ApiError(403, "Invalid revenue signature", reason="signature")
 
 

@@ -1,6 +1,8 @@
 """Run a WSGI app under gunicorn from inside our own CLI (no gunicorn command line to get right).
 
-Worker model, chosen for the accept path (see docs/benchmarks.md): ``gthread`` workers. The accept
+Worker model, chosen for the accept path (see docs/benchmarks.md): ``gthread`` workers (our
+:class:`server.worker.ReadAheadWorker`, which reads each request whole before a thread takes it,
+so slow clients cannot hold the threads). The accept
 path is a short SQLite/Redis write plus, at most, one bounded inline attempt upstream; threads let a
 worker keep accepting while a few of its threads wait on a slow Pingtree. Background delivery is
 not the workers' job: ``serve`` runs one delivery engine per box as a supervised sidecar process
@@ -25,15 +27,20 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
+from .worker import ReadAheadWorker
+
 _METRICS_PREFIX = "pingtree-relay-metrics-"
 
 
 class _App(BaseApplication):  # type: ignore[misc]
     def __init__(self, factory: Callable[[], Any], options: dict[str, Any],
-                 sidecar: list[str] | None = None) -> None:
+                 sidecar: list[str] | None = None, on_reload: Callable[[], None] | None = None,
+                 sidecar_env: Callable[[], dict[str, str]] | None = None) -> None:
         self._factory = factory
         self._options = options
         self._sidecar = sidecar
+        self._sidecar_env = sidecar_env
+        self._on_reload = on_reload
         super().__init__()
 
     def run(self) -> None:
@@ -41,9 +48,15 @@ class _App(BaseApplication):  # type: ignore[misc]
             super().run()
             return
         try:
-            _SidecarArbiter(self, self._sidecar).run()
+            _SidecarArbiter(self, self._sidecar, self._sidecar_env).run()
         except RuntimeError as exc:
             sys.exit(f"Error: {exc}")
+
+    def reload(self) -> None:
+        # Runs in the master on SIGHUP, before gunicorn starts the new workers.
+        if self._on_reload is not None:
+            self._on_reload()
+        super().reload()
 
     def load_config(self) -> None:
         for key, value in self._options.items():
@@ -63,8 +76,10 @@ class _SidecarArbiter(Arbiter):  # type: ignore[misc]
     collect its exit status; ``Popen.poll`` then reports 0, which is still "not running".
     """
 
-    def __init__(self, app: _App, command: list[str]) -> None:
+    def __init__(self, app: _App, command: list[str], env: Callable[[], dict[str, str]] | None = None) -> None:
         self._command = command
+        self._env = env
+        self._reloading = False
         self._sidecar: subprocess.Popen[bytes] | None = None
         self._next_start = 0.0
         super().__init__(app)
@@ -78,10 +93,22 @@ class _SidecarArbiter(Arbiter):  # type: ignore[misc]
             return
         if time.monotonic() < self._next_start:
             return
-        if self._sidecar is not None:
+        if self._sidecar is not None and self._reloading:
+            self.log.info("delivery process (pid:%s) stopped for the reload; starting it again", self._sidecar.pid)
+        elif self._sidecar is not None:
             self.log.error("delivery process (pid:%s) exited; restarting it", self._sidecar.pid)
+        self._reloading = False
         self._next_start = time.monotonic() + 1.0
-        self._sidecar = subprocess.Popen(self._command)
+        env = {**os.environ, **self._env()} if self._env is not None else None
+        self._sidecar = subprocess.Popen(self._command, env=env)
+
+    def reload(self) -> None:
+        # SIGHUP: new workers get the (validated) config; so does the delivery process, restarted by
+        # the supervisor once it has finished its sends and handed back its leases.
+        super().reload()
+        if self._sidecar is not None and self._sidecar.poll() is None:
+            self._sidecar.send_signal(signal.SIGTERM)
+            self._next_start, self._reloading = 0.0, True
 
     def stop(self, graceful: bool = True) -> None:
         deadline = time.monotonic() + self.cfg.graceful_timeout
@@ -118,6 +145,8 @@ def run(
     graceful_timeout: int = 15,
     multiprocess_metrics: bool = False,
     sidecar: list[str] | None = None,
+    sidecar_env: Callable[[], dict[str, str]] | None = None,
+    on_reload: Callable[[], None] | None = None,
     **extra: Any,
 ) -> None:
     """Serve ``factory()`` until SIGTERM/SIGINT. The app is built in each worker after the fork.
@@ -125,12 +154,12 @@ def run(
     ``multiprocess_metrics`` gives the workers one fresh prometheus-client directory for this run
     (see :func:`metrics_dir`), so ``/metrics`` adds up every worker whichever one answers.
     ``sidecar`` is a command the master runs beside the workers and supervises (``serve``'s
-    delivery process).
+    delivery process). ``on_reload`` runs in the master on SIGHUP, before the new workers are forked.
     """
     options = {
         "bind": f"{host}:{port}",
         "workers": workers or default_workers(),
-        "worker_class": "gthread",
+        "worker_class": ReadAheadWorker,
         "threads": threads,
         "graceful_timeout": graceful_timeout,
         "timeout": 60,
@@ -143,11 +172,11 @@ def run(
     }
     options.update(extra)
     if not multiprocess_metrics:
-        _App(factory, options, sidecar).run()
+        _App(factory, options, sidecar, on_reload, sidecar_env).run()
         return
     with metrics_dir():
         options.setdefault("child_exit", _child_exit)
-        _App(factory, options, sidecar).run()
+        _App(factory, options, sidecar, on_reload, sidecar_env).run()
 
 
 @contextmanager

@@ -203,7 +203,7 @@ def test_dead_letters_masked_and_requeued(make_app: Callable[..., Flask], upstre
     page = client.get("/admin/dead").text
     assert "Invalid pid" in page and "t-dead" in page
     assert "198.51.100.0/24" in page and "198.51.100.23" not in page
-    record_id = dead.json["data"]["event_uuid"]
+    record_id = "cmp_a:" + dead.json["data"]["event_uuid"]  # the store's id: scoped to the campaign
     requeued = client.post("/admin/dead/requeue", follow_redirects=True,
                            data={"csrf_token": csrf(client, "/admin/dead"), "id": record_id})
     assert "Re-queued 1 dead letter." in requeued.text

@@ -24,3 +24,17 @@ def test_wrk_summary_is_parsed() -> None:
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 99), percentile([], 50)) == (50.0, 99.0, 0.0)
+
+
+def test_durability_figures_are_in_the_docs_for_both_stores_and_faults() -> None:
+    from pathlib import Path
+
+    from bench.durability import MARKERS, Figures, markdown
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "durability.md").read_text()
+    table = text[text.index(MARKERS[0]):text.index(MARKERS[1])]
+    for store in ("sqlite", "redis"):
+        for fault in ("relay kill -9", "store outage"):
+            assert f"| {store} | {fault} |" in table, f"no {store}/{fault} figures in docs/durability.md"
+    row = markdown([Figures("sqlite", "store outage", 10, 9, 9, 0, 1, 2, 3)], 10).splitlines()[-1]
+    assert row == "| sqlite | store outage | 10 | 9 | 9 | 0 | 1 | 2 | 3 |"

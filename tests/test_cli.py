@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from server.validation import sign_revenue
-from tests.conftest import ROOT, Relay, ServerProcess, free_port, wait_for
+from tests.conftest import ROOT, Relay, RelayFactory, ServerProcess, campaigns_toml, free_port, wait_for
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -59,6 +59,16 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     bad.write_text("[relay]\n")
     result = run_cli("serve", "--config", str(bad), "--port", str(free_port()))
     assert result.returncode != 0 and "relay.upstream_url: required" in result.stderr
+
+
+def test_serve_banner_names_the_resolved_store_and_logs_the_warnings(relay_factory: RelayFactory,
+                                                                     pages_port: int) -> None:
+    campaigns = campaigns_toml(pages_port) + "\n[campaigns.cmp_empty]\nallowed_origins = [\"https://e.example.com\"]\n"
+    relay = relay_factory(campaigns)
+    log = relay.log()
+    assert f"store: SQLite file {relay.store_path})" in log, log
+    assert "warning: campaigns.cmp_empty.events: none" in log, log
+    assert "warning: campaigns.cmp_test.allowed_origins[2]: *.webflow.io is a hosting platform" in log, log
 
 
 def test_snippet_prints_the_stable_tag_and_pins_on_request(tmp_path: Path) -> None:

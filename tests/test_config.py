@@ -73,6 +73,26 @@ def test_the_issue_example_is_valid(tmp_path: Path) -> None:
     (("[campaigns.cmp_demo]", "[campaigns.trigger]"), "campaigns.trigger: 'trigger' is reserved"),
     (("[campaigns.cmp_demo]", '[campaigns.cmp_demo.sdk]\ncookie_domain = "x.com;Secure"\n[campaigns.cmp_demo]'),
      "campaigns.cmp_demo.sdk.cookie_domain: expected a domain"),
+    # Values that can never be right.
+    (('store = "sqlite:///var/relay.sqlite3"', 'store = "sqlite:///:memory:"'),
+     "relay.store: an in-memory SQLite database is private to each thread"),
+    (('upstream_url = "https://api.pingtree.com"', 'upstream_url = "http://169.254.169.254/latest"'),
+     "relay.upstream_url: 169.254.169.254 is a link-local or cloud metadata address"),
+    (('upstream_url = "https://api.pingtree.com"', 'upstream_url = "http://metadata.google.internal"'),
+     "relay.upstream_url: metadata.google.internal is a link-local or cloud metadata address"),
+    (('upstream_url = "https://api.pingtree.com"', 'upstream_url = "http://[fe80::1]:8080"'),
+     "relay.upstream_url: fe80::1 is a link-local"),
+    (('upstream_url = "https://api.pingtree.com"', 'upstream_url = "https://api.pingtree.com/api/event"'),
+     "relay.upstream_url: give the base URL"),
+    (('"https://*.webflow.io"', '"https://*.com"'), "campaigns.cmp_demo.allowed_origins[1]: *.com is a public suffix"),
+    (('"https://*.webflow.io"', '"https://*.co.uk"'), "campaigns.cmp_demo.allowed_origins[1]: *.co.uk is a public suffix"),
+    (("[relay]", '[relay]\nadmin_token = "x"'), "relay.admin_token: at least 16 characters"),
+    (("[campaigns.cmp_demo]", '[campaigns.cmp_demo]\nallow_server_calls = true\nserver_key = "k"'),
+     "campaigns.cmp_demo.server_key: at least 16 characters"),
+    (("cost = 1.25", 'cost = 1.25\ntransaction_id = "t1"'),
+     "campaigns.cmp_demo.server_fields.transaction_id: may not be fixed by the server"),
+    (("cost = 1.25", 'cost = 1.25\nconversion_date = "2024-01-01 00:00:00"'),
+     "campaigns.cmp_demo.server_fields.conversion_date: may not be fixed by the server"),
 ])
 def test_check_config_names_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     old, new = change
@@ -110,5 +130,55 @@ def test_selector_must_name_an_event() -> None:
 def test_admin_token_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "r.toml"
     path.write_text(GOOD)
-    monkeypatch.setenv("PINGTREE_RELAY_ADMIN_TOKEN", "from-env")
-    assert load_config(path).relay.admin_token == "from-env"
+    monkeypatch.setenv("PINGTREE_RELAY_ADMIN_TOKEN", "from-env-0123456789")
+    assert load_config(path).relay.admin_token == "from-env-0123456789"
+    monkeypatch.setenv("PINGTREE_RELAY_ADMIN_TOKEN", "short")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.path == "PINGTREE_RELAY_ADMIN_TOKEN"
+
+
+@pytest.mark.parametrize(("change", "warning"), [
+    (('upstream_url = "https://api.pingtree.com"', 'upstream_url = "https://user:pw@api.pingtree.com"'),
+     "relay.upstream_url: has credentials in it"),
+    (("[campaigns.cmp_demo.events.quote_viewed]\n[campaigns.cmp_demo.events.sale_completed]\n"
+      "conversion = true\nallow_duplicates = false\n", ""),
+     "campaigns.cmp_demo.events: none; every event sent to this campaign will be refused"),
+    (('allowed_origins = ["https://www.example.com", "https://*.webflow.io"]', "allowed_origins = []"),
+     "campaigns.cmp_demo.allowed_origins: none, and allow_server_calls is off"),
+])
+def test_check_config_warns_on_risky_values_naming_the_key(tmp_path: Path, change: tuple[str, str],
+                                                           warning: str) -> None:
+    old, new = change
+    assert old in GOOD
+    result = check(tmp_path, GOOD.replace(old, new, 1))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {warning}" in result.stderr, result.stderr
+
+
+def test_a_wildcard_on_a_platform_domain_is_a_warning(tmp_path: Path) -> None:
+    result = check(tmp_path, GOOD)
+    assert result.returncode == 0
+    assert ("warning: campaigns.cmp_demo.allowed_origins[1]: *.webflow.io is a hosting platform's shared domain"
+            in result.stderr), result.stderr
+
+
+@pytest.mark.parametrize(("store", "where"), [
+    ("sqlite:///var/relay.sqlite3", "{tmp}/var/relay.sqlite3"),  # three slashes: next to the config file
+    ("sqlite:////{tmp}/abs/relay.sqlite3", "/{tmp}/abs/relay.sqlite3"),  # four: absolute
+])
+def test_check_config_prints_where_the_store_resolved(tmp_path: Path, store: str, where: str) -> None:
+    tmp = str(tmp_path.resolve()).lstrip("/")
+    text = GOOD.replace('store = "sqlite:///var/relay.sqlite3"', f'store = "{store.format(tmp=tmp)}"')
+    result = check(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    expected = where.format(tmp=tmp)
+    expected = expected if expected.startswith("/") else "/" + expected
+    assert f"store: SQLite file {expected}\n" in result.stdout, result.stdout
+
+
+def test_check_config_never_prints_a_redis_password(tmp_path: Path) -> None:
+    text = GOOD.replace('store = "sqlite:///var/relay.sqlite3"', 'store = "redis://:hunter2@127.0.0.1:6399/0"')
+    result = check(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    assert "store: Redis redis://:***@127.0.0.1:6399/0" in result.stdout and "hunter2" not in result.stdout

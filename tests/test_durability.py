@@ -142,7 +142,7 @@ def test_a_processed_but_unanswered_event_is_counted_once(
     [txn] = new_txns(1, "late")
     response = relay.post({"event_id": "form_submitted", "transaction_id": txn})
     assert response.status_code == 202, response.text
-    uuid_ = response.json()["data"]["event_uuid"]
+    uuid_ = "cmp_test:" + response.json()["data"]["event_uuid"]  # the store's id: scoped to the campaign
     store = store_of(relay)
     record = wait_for(lambda: (r := store.get(uuid_)) is not None and r.state != "pending" and r,
                       timeout=20, message="an outcome for the late-answered event")
@@ -320,7 +320,7 @@ def test_dead_letters_can_be_listed_retried_and_purged(
     [txn] = new_txns(1, "dead")
     response = relay.post({"event_id": "relay_only", "transaction_id": txn})
     assert response.status_code == 400, response.text
-    uuid_ = response.json()["data"]["event_uuid"]
+    uuid_ = "cmp_test:" + response.json()["data"]["event_uuid"]  # the store's id: scoped to the campaign
     listed = outbox_cli(relay, "list", "--state", "dead")
     assert uuid_ in listed and "400 Invalid event_id for this campaign" in listed
     assert json.loads(outbox_cli(relay, "stats"))["counts"]["dead"] == 1
@@ -346,7 +346,7 @@ def test_an_event_older_than_max_age_is_given_up(relay_factory: RelayFactory, sa
     response = relay.post({"event_id": "form_submitted", "transaction_id": txn})
     assert response.status_code == 202
     store = store_of(relay)
-    record = wait_for(lambda: (r := store.get(response.json()["data"]["event_uuid"])) and r.state == "dead" and r,
+    record = wait_for(lambda: (r := store.get("cmp_test:" + response.json()["data"]["event_uuid"])) and r.state == "dead" and r,
                       timeout=15, message="the event to be given up")
     assert record.last_error.startswith("gave up after ") and "500" in record.last_error
     assert events_by_txn(sandbox)[txn] == 0

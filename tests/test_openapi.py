@@ -40,7 +40,7 @@ def make_config(upstream: str, store: Path) -> Config:
         "campaigns": {
             "cmp_test": {
                 "allowed_origins": [ORIGIN], "inactive_sources": ["src_paused"], "extra_fields": ["quote_id"],
-                "secret": "s3cret", "allow_server_calls": True, "server_key": "sk_0123456789",
+                "secret": "s3cret", "allow_server_calls": True, "server_key": "sk_0123456789abcdef",
                 "events": {"quote_viewed": {}, "sale_completed": {"conversion": True, "max_revenue": 5000}},
                 "sdk": {"endpoint_path": "/p/collect"},
                 "postbacks": {"ringba": {"token": "t" * 32, "event": "sale_completed", "min_duration": 30,

@@ -197,8 +197,28 @@ def test_origins(shared_relay: Relay, sandbox: Sandbox, origin: str | None, allo
         assert "Origin" in response.headers["Vary"]
     else:
         assert response.status_code == 403
-        assert "Access-Control-Allow-Origin" not in response.headers
+        # Readable by the refused page (so its SDK stops retrying); nothing to echo for null or none.
+        assert response.headers.get("Access-Control-Allow-Origin") == (origin if origin != "null" else None)
         assert sandbox.requests() == []
+
+
+def test_a_refused_page_can_read_its_403_and_the_log_names_the_origin(shared_relay: Relay) -> None:
+    origin = "https://not-listed.example.net"
+    response = post(shared_relay, {"event_id": "quote_viewed", "transaction_id": txn()}, origin=origin)
+    assert response.status_code == 403 and response.json()["message"] == "Origin not allowed"
+    assert response.headers["Access-Control-Allow-Origin"] == origin and "Origin" in response.headers["Vary"]
+    wait_for(lambda: f"origin '{origin}' refused for campaign cmp_test" in shared_relay.log(),
+             message="the refused origin in the relay's log")
+
+
+@pytest.mark.parametrize("origin", ["https://evil.com?.webflow.io", "https://user@evil.webflow.io",
+                                    "https://evil .webflow.io", "https://evil.com/.webflow.io"])
+def test_malformed_wildcard_origins_are_refused_and_never_echoed(shared_relay: Relay, sandbox: Sandbox,
+                                                                origin: str) -> None:
+    response = post(shared_relay, {"event_id": "quote_viewed", "transaction_id": txn()}, origin=origin)
+    assert response.status_code == 403 and response.json()["message"] == "Origin not allowed"
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert sandbox.requests() == []
 
 
 def test_errors_are_readable_by_allowed_pages(shared_relay: Relay) -> None:

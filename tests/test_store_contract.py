@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from server.outbox import Outcome, Record, Store, open_store
+from server.outbox import Outcome, Record, Store, open_store, scoped_id
 from server.outbox.redis import RedisStore
 from server.outbox.sqlite import SQLiteStore
 from tests.conftest import wait_for
@@ -174,6 +174,75 @@ def test_concurrent_adds_of_one_dedupe_key_keep_exactly_one(store_factory: Store
     assert len(results) == 8
     assert sum(created for _, created in results) == 1
     assert len({rid for rid, _ in results}) == 1
+
+
+# --- ids scoped to their campaign, with the event's fingerprint -----------------------------------
+
+def test_one_client_id_in_two_campaigns_is_two_records(store: Store) -> None:
+    a = rec(id=scoped_id("cmp_a", "same-client-id"), cid="cmp_a", txn="t1")
+    b = rec(id=scoped_id("cmp_b", "same-client-id"), cid="cmp_b", txn="t1")
+    assert store.add(a, owner=None, lease=30)[1]
+    stored, created = store.add(b, owner=None, lease=30)
+    assert created and stored.cid == "cmp_b"
+    got_a, got_b = store.get(a.id), store.get(b.id)
+    assert got_a is not None and got_b is not None
+    assert (got_a.cid, got_b.cid) == ("cmp_a", "cmp_b")
+    assert got_a.event_uuid == got_b.event_uuid == "same-client-id"
+
+
+def test_the_fingerprint_is_kept_and_comes_back_with_the_existing_record(store: Store) -> None:
+    r = rec(id=scoped_id("cmp_test", "fp-client-id"))
+    r.fingerprint = "f" * 32
+    store.add(r, owner=None, lease=30)
+    got = store.get(r.id)
+    assert got is not None and got.fingerprint == "f" * 32
+    again = rec(id=r.id)
+    again.fingerprint = "0" * 32
+    stored, created = store.add(again, owner=None, lease=30)
+    assert not created and stored.fingerprint == "f" * 32
+
+
+def test_a_record_stored_before_ids_were_scoped_is_found_for_its_own_campaign_only(store: Store) -> None:
+    legacy = rec(id="legacy-client-id", cid="cmp_a", dedupe=False)  # the bare event_uuid, as before
+    store.add(legacy, owner=None, lease=30)
+    stored, created = store.add(rec(id=scoped_id("cmp_a", "legacy-client-id"), cid="cmp_a", dedupe=False),
+                                owner=None, lease=30)
+    assert not created and stored.id == "legacy-client-id" and stored.event_uuid == "legacy-client-id"
+    stored, created = store.add(rec(id=scoped_id("cmp_b", "legacy-client-id"), cid="cmp_b", dedupe=False),
+                                owner=None, lease=30)
+    assert created and stored.cid == "cmp_b"
+
+
+def test_sqlite_file_of_an_older_relay_gets_the_new_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:  # the schema before fingerprints, with one pending event
+        conn.executescript(OLD_SQLITE_SCHEMA)
+        conn.execute("INSERT INTO events (id, cid, event_id, transaction_id, payload, received_at, updated_at) "
+                     "VALUES ('old-client-id', 'cmp_a', 'view', 't1', '{}', 1.0, 1.0)")
+    conn.close()
+    store = SQLiteStore(str(path))
+    try:
+        old = store.get("old-client-id")
+        assert old is not None and old.fingerprint is None and old.state == "pending"
+        stored, created = store.add(rec(id=scoped_id("cmp_a", "old-client-id"), cid="cmp_a", dedupe=False),
+                                    owner=None, lease=30)
+        assert not created and stored.id == "old-client-id"
+        assert [r.id for r in store.claim("w", 10, 30)] == ["old-client-id"]
+    finally:
+        store.close()
+
+
+OLD_SQLITE_SCHEMA = """
+CREATE TABLE events (
+    id TEXT PRIMARY KEY, cid TEXT NOT NULL, event_id TEXT NOT NULL, transaction_id TEXT NOT NULL,
+    dedupe_key TEXT, payload TEXT NOT NULL, received_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0, lease_owner TEXT,
+    uncertain INTEGER NOT NULL DEFAULT 0, last_status INTEGER, last_answer TEXT, last_error TEXT,
+    updated_at REAL NOT NULL, delivered_at REAL, latency_ms REAL
+);
+"""
 
 
 # --- claim, leases, finish, release ----------------------------------------------------------------

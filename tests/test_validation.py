@@ -16,7 +16,7 @@ CONFIG = parse_config({
     "relay": {"upstream_url": "http://127.0.0.1:9"},
     "campaigns": {
         "cmp_v": {
-            "inactive_sources": ["src_off"],
+            "inactive_sources": ["src_off", "12345"],
             "extra_fields": ["quote_id"],
             "server_fields": {"cost": 2, "sub5": "srv"},
             "secret": "s3cret",
@@ -76,6 +76,19 @@ def err(body: dict[str, Any], **kw: Any) -> ApiError:
     ({"event_id": "signed", "transaction_id": "t", "amount": 10, "signature": "00" * 32}, 403,
      "Invalid revenue signature"),
     ({**OK, **{f"f{i}": "x" for i in range(70)}}, 400, "Too many fields (at most 64)"),
+    # pid as a JSON number is the same source as the string: checked after normalising.
+    ({**OK, "pid": 12345}, 403, "Source Inactive"),
+    ({**OK, "pid": "12345"}, 403, "Source Inactive"),
+    # A signature is hex: non-ASCII text is a wrong signature (it used to raise inside compare_digest).
+    ({"event_id": "signed", "transaction_id": "t", "amount": 10, "signature": "é" * 64}, 403,
+     "Invalid revenue signature"),
+    ({"event_id": "signed", "transaction_id": "t", "amount": 10, "signature": "\ud800" * 64}, 403,
+     "Invalid revenue signature"),
+    # Digits of other scripts are not ASCII digits: "١٢" is not 12.
+    ({"event_id": "sale", "transaction_id": "t", "amount": "١٢"}, 400, "Invalid fields: amount"),
+    ({"event_id": "sale", "transaction_id": "t", "amount": "١٢.٥٠"}, 400, "Invalid fields: amount"),
+    ({"event_id": "sale", "transaction_id": "t", "amount": "１２"}, 400, "Invalid fields: amount"),
+    ({**OK, "tcpa_consent_date": "٢٠٢٤-٠١-٠٢"}, 400, "Invalid fields: tcpa_consent_date"),
 ])
 def test_rejections(body: dict[str, Any], status: int, message: str) -> None:
     error = err(body)
@@ -161,3 +174,12 @@ def test_bodies(raw: bytes, ctype: str, status: int, message: str) -> None:
 def test_text_plain_json_is_accepted() -> None:
     body = parse_json_body(json.dumps({"a": 1.5}).encode(), "text/plain;charset=UTF-8")
     assert body == {"a": Decimal("1.5")}
+
+
+def test_the_fingerprint_is_the_event_not_its_spelling() -> None:
+    sale = {"event_id": "sale", "transaction_id": "t", "amount": 20, "sub1": "x"}
+    same = validate_event(CAMPAIGN, {"sub1": "x", "amount": "20.00", "transaction_id": "t", "event_id": "sale",
+                                     "event_uuid": "another-uuid-1"})
+    assert validate_event(CAMPAIGN, sale).fingerprint() == same.fingerprint()
+    for change in ({"amount": 21}, {"sub1": "y"}, {"transaction_id": "u"}, {"event_id": "view"}):
+        assert validate_event(CAMPAIGN, {**sale, **change}).fingerprint() != same.fingerprint(), change

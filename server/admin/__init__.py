@@ -4,11 +4,13 @@ Server-rendered Jinja pages with one small script (copy buttons, feed refresh), 
 blueprint so the strict Content-Security-Policy of the app holds (no inline script or style, no CDN).
 
 Access: the admin token (``relay.admin_token`` or ``PINGTREE_RELAY_ADMIN_TOKEN``) is typed once on
-the login page and compared in constant time; the session then carries a flag bound to that token
-(change the token and every session ends). The session cookie is ``HttpOnly``, ``SameSite=Strict``,
-scoped to ``/admin`` and ``Secure`` on https. Every POST carries a per-session CSRF token. Without a
-token configured the dashboard does not exist: every ``/admin/`` page answers 404 and says how to
-enable it.
+the login page and compared in constant time; failed logins are logged (the client's network, never
+its address) and, past ``MAX_FAILED_LOGINS`` from one client in ``LOGIN_WINDOW_SECONDS``, refused
+with 429 until the window ends. A login opens a server-side session (:mod:`.sessions`): the cookie
+holds a random session id, logout deletes its record, and changing the token ends every session.
+The session cookie is ``HttpOnly``, ``SameSite=Strict``, scoped to ``/admin`` and ``Secure`` on
+https. Every POST carries a per-session CSRF token. Without a token configured the dashboard does
+not exist: every ``/admin/`` page answers 404 and says how to enable it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flask import (
     Flask,
     Response,
     current_app,
+    g,
     redirect,
     render_template,
     request,
@@ -33,11 +36,14 @@ from flask import (
 from flask.sessions import SecureCookieSessionInterface
 
 from ..relay import Relay
+from .sessions import SessionStore, open_sessions
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates",
                static_folder="static", static_url_path="/static")
 
 SESSION_HOURS = 12
+MAX_FAILED_LOGINS = 5  # per client and window: enough for typos, hopeless for guessing
+LOGIN_WINDOW_SECONDS = 300
 _OPEN_ENDPOINTS = frozenset({"admin.login", "admin.static"})
 
 
@@ -49,15 +55,16 @@ def admin_token() -> str:
     return str(relay().config.relay.admin_token or "")
 
 
-def _fingerprint(token: str) -> str:
-    # The session holds a digest of the token, never the token: the cookie is signed, not encrypted.
-    return hashlib.sha256(b"pingtree-relay admin|" + token.encode()).hexdigest()[:32]
+def sessions() -> SessionStore:
+    return current_app.extensions["admin_sessions"]  # type: ignore[no-any-return]
 
 
 def logged_in() -> bool:
-    token = admin_token()
-    flag = session.get("admin")
-    return bool(token) and isinstance(flag, str) and hmac.compare_digest(flag, _fingerprint(token))
+    """Per request, once: a session id in the cookie whose server-side record is live for this token."""
+    if "admin_logged_in" not in g:
+        token, sid = admin_token(), session.get("sid")
+        g.admin_logged_in = bool(token) and isinstance(sid, str) and sessions().valid(sid, token)
+    return bool(g.admin_logged_in)
 
 
 def token_matches(candidate: str) -> bool:
@@ -69,8 +76,26 @@ def token_matches(candidate: str) -> bool:
 def log_in() -> None:
     session.clear()  # a fresh session (and CSRF token) at the privilege change: no fixation
     session.permanent = True
-    session["admin"] = _fingerprint(admin_token())
+    session["sid"] = sessions().open(admin_token(), SESSION_HOURS * 3600)
+    g.admin_logged_in = True
     csrf_token()
+
+
+def log_out() -> None:
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        sessions().revoke(sid)  # a copy of the cookie is worth nothing from now on
+    session.clear()
+    g.admin_logged_in = False
+
+
+def login_blocked(client: str) -> bool:
+    """True while ``client`` has used up its failed logins for this window."""
+    return sessions().failures(client, LOGIN_WINDOW_SECONDS) >= MAX_FAILED_LOGINS
+
+
+def count_failed_login(client: str) -> int:
+    return sessions().count_failure(client, LOGIN_WINDOW_SECONDS)
 
 
 def csrf_token() -> str:
@@ -150,6 +175,7 @@ def init_app(app: Flask) -> None:
 
     relay_: Relay = app.extensions["relay"]
     _secret_key(app, relay_)
+    app.extensions["admin_sessions"] = open_sessions(relay_.config.relay.store)
     app.config.update(
         SESSION_COOKIE_NAME="pingtree_admin",
         SESSION_COOKIE_HTTPONLY=True,

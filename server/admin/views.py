@@ -2,31 +2,59 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any
 
-from flask import Response, flash, jsonify, redirect, render_template, request, session, url_for
+from flask import Response, current_app, flash, jsonify, redirect, render_template, request, url_for
 
 from ..errors import ApiError
+from ..health import write_probe
+from ..logs import mask_ip
 from ..sdk import snippet_tag, versions_seen
 from ..sdk_archive import RETENTION_DAYS
 from ..validation import validate_event
-from . import bp, log_in, relay, token_matches
+from . import (
+    LOGIN_WINDOW_SECONDS,
+    MAX_FAILED_LOGINS,
+    bp,
+    count_failed_login,
+    log_in,
+    log_out,
+    login_blocked,
+    relay,
+    token_matches,
+)
 from .chart import build_chart
 from .present import DISPLAY_STATES, STORE_STATE, age, feed_row, masked_payload, matches_state
 
 FEED_LIMIT = 100
+log = logging.getLogger("pingtree_relay.admin")
 
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    """The token form. A wrong token answers 401 with the form again, and nothing else."""
-    target = _safe_next(request.values.get("next", ""))
+    """The token form. A wrong token answers 401 with the form again, and is logged; too many from
+    one client answer 429 (even with the right token) until the window ends."""
+    raw_next = request.values.get("next", "")
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw_next):  # CR/LF would split the Location header
+        return Response("next: not a dashboard path (it holds control characters)\n", status=400,
+                        mimetype="text/plain")
+    target = _safe_next(raw_next)
     if request.method == "POST":
+        client = request.remote_addr or "unknown"
+        if login_blocked(client):
+            log.warning("admin login refused from %s: too many failed logins", mask_ip(client))
+            page = render_template("admin/login.html", next=target,
+                                   error=f"Too many failed logins; try again in {LOGIN_WINDOW_SECONDS // 60} minutes.")
+            return page, 429, {"Retry-After": str(LOGIN_WINDOW_SECONDS)}
         if token_matches(request.form.get("token", "")):
             log_in()
             return redirect(target)
+        failures = count_failed_login(client)
+        log.warning("admin login failed from %s (%d of %d allowed in %d s)", mask_ip(client), failures,
+                    MAX_FAILED_LOGINS, LOGIN_WINDOW_SECONDS)
         return render_template("admin/login.html", error="That token is not right.", next=target), 401
     return render_template("admin/login.html", error=None, next=target)
 
@@ -40,7 +68,7 @@ def _safe_next(target: str) -> str:
 
 @bp.post("/logout")
 def logout() -> Response:
-    session.clear()
+    log_out()
     return redirect(url_for("admin.login"))
 
 
@@ -51,8 +79,10 @@ def overview() -> str:
     now = time.time()
     chart = build_chart(store.timeline(now - 3600), now)
     recent = [feed_row(r, now) for r in store.list(limit=10)]
+    # The same cached write probe as /readyz: a full disk or a Redis refusing writes shows here too.
+    write_error = write_probe(current_app).error()
     return render_template("admin/overview.html", stats=store.stats(), chart=chart, recent=recent,
-                           page="overview")
+                           write_error=write_error, persistence=store.persistence(), page="overview")
 
 
 @bp.get("/campaigns")

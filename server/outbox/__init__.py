@@ -23,13 +23,14 @@ STATES = ("pending", "delivered", "dead")
 class Record:
     """One event in the outbox, with the exact body to forward (``payload``)."""
 
-    id: str  # the event_uuid: the idempotency key
+    id: str  # the store key: scoped_id(cid, the client's event_uuid or Idempotency-Key)
     cid: str
     event_id: str
     transaction_id: str
     payload: dict[str, Any]
     received_at: float
     dedupe_key: str | None = None
+    fingerprint: str | None = None  # Event.fingerprint(): a reused id must come with the same event
     state: str = "pending"
     attempts: int = 0
     next_at: float = 0.0
@@ -42,6 +43,12 @@ class Record:
     delivered_at: float | None = None
     latency_ms: float | None = None
 
+    @property
+    def event_uuid(self) -> str:
+        """The client's id, as answers give it back (records stored before ids were scoped: the id)."""
+        prefix = self.cid + ":"
+        return self.id[len(prefix):] if self.id.startswith(prefix) else self.id
+
     def display_state(self, now: float | None = None) -> str:
         """What an operator wants to see: queued, delivering, retrying, delivered or dead."""
         if self.state != "pending":
@@ -53,6 +60,13 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def scoped_id(cid: str, event_uuid: str) -> str:
+    """The store key of a client's id: one per campaign, so an id that campaign B's page sends can
+    neither read campaign A's stored answer nor pass for A's event. (Records stored before this
+    carry the bare event_uuid; ``add`` still finds those for their own campaign.)"""
+    return f"{cid}:{event_uuid}"
 
 
 @dataclass(frozen=True)
@@ -80,12 +94,24 @@ class Stats:
         return {"counts": dict(self.counts), "oldest_pending_age": round(self.oldest_pending_age, 3)}
 
 
+@dataclass(frozen=True)
+class Persistence:
+    """Whether what the store holds survives a restart of the store itself (not of the relay)."""
+
+    state: str  # "ok", "snapshots" (may lose the last minutes), "off" or "unknown" (cannot be verified)
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"state": self.state, "detail": self.detail}
+
+
 class Store(Protocol):
     """What the relay needs of a durable queue. Every method is safe across threads and processes."""
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         """Insert ``record``; leased to ``owner`` for ``lease`` seconds when owner is given (the inline
-        attempt). Returns ``(stored, created)``: when ``record.id`` or a live record with the same
+        attempt). Returns ``(stored, created)``: when ``record.id`` (or, stored before ids were
+        scoped, ``record.event_uuid`` with the same ``cid``) or a live record with the same
         ``dedupe_key`` exists, nothing is inserted and the existing record comes back."""
 
     def claim(self, owner: str, limit: int, lease: float) -> list[Record]:
@@ -128,6 +154,15 @@ class Store(Protocol):
         """``(minute_start, display outcome, count)`` of events received since ``since``."""
 
     def ping(self) -> bool: ...
+
+    def check_writable(self) -> str | None:
+        """Make one small real write: None when it was taken, else why not (a full disk, Redis OOM).
+
+        Readiness must mean "can take an event": a store that still answers reads (``ping``) while
+        refusing every write would keep a load balancer sending traffic that all gets 503."""
+
+    def persistence(self) -> Persistence:
+        """Whether the store's own restart keeps queued events (Redis without AOF or RDB loses them)."""
 
     def close(self) -> None: ...
 

@@ -29,11 +29,17 @@ early (``next_at`` given to ``finish`` is the worker's clock; skew only shifts a
 Limits: the scripts touch keys they compute, so this needs one Redis primary (standalone or
 Sentinel), not Redis Cluster. Durability is Redis's: run it with ``appendonly yes`` and
 ``appendfsync everysec`` (or ``always``) or an acknowledged event can be lost with the Redis host.
+The store checks this at start (``CONFIG GET appendonly`` / ``save``), warns when it is off or
+cannot be verified (managed Redis often forbids CONFIG), and readiness reports it.
+
+A Redis that refuses writes (``OOM`` at ``maxmemory``, ``MISCONF`` after a failed snapshot) still
+answers PING: readiness is a real write (:meth:`RedisStore.check_writable`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -43,8 +49,12 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from . import STATES, Outcome, Record, Stats
+from . import STATES, Outcome, Persistence, Record, Stats
 from .schema import check_redis
+
+log = logging.getLogger("pingtree_relay.outbox")
+
+PERSISTENCE_RECHECK_SECONDS = 60.0  # CONFIG can change at run time; no need to ask on every probe
 
 # --- Lua ----------------------------------------------------------------------------------------
 # ARGV[1] is always the key prefix. "" stands for None in arguments.
@@ -66,11 +76,15 @@ local function is_live(id)
 end
 """
 
-# KEYS: none. ARGV: prefix, id, dedupe_key, owner, lease, then field/value pairs of the new record.
+# KEYS: none. ARGV: prefix, id, dedupe_key, owner, lease, legacy id, cid, then field/value pairs of
+# the new record. The legacy id is the bare event_uuid a record stored before ids were scoped has:
+# for its own campaign it is the same event.
 _ADD = _PRELUDE + """
 local id, dkey, owner, lease = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local legacy, cid = ARGV[6], ARGV[7]
 local ev = P .. 'ev:' .. id
 if redis.call('EXISTS', ev) == 1 then return {0, id} end
+if legacy ~= '' and redis.call('HGET', P .. 'ev:' .. legacy, 'cid') == cid then return {0, legacy} end
 if dkey ~= '' then
   local holder = redis.call('GET', P .. 'dedupe:' .. dkey)
   if holder and is_live(holder) then return {0, holder} end
@@ -79,7 +93,7 @@ local t = now()
 local next_at, attempts = t, 0
 if owner ~= '' then next_at, attempts = t + lease, 1 end
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', ev, unpack(fields))
 redis.call('HSET', ev, 'state', 'pending', 'attempts', attempts, 'next_at', fmt(next_at),
            'uncertain', '0', 'updated_at', fmt(t))
@@ -274,6 +288,10 @@ class RedisStore:
             check_redis(self._client(), prefix, f"the Redis outbox {redis_location(url)}")
         except redis.ConnectionError:
             pass  # Redis down at start: /readyz says so; the version is checked at the next start
+        self._persistence: tuple[float, Persistence] | None = None
+        found = self.persistence()
+        if found.state != "ok":
+            log.warning("Redis persistence: %s", found.detail)
 
     def _client(self) -> redis.Redis:
         # A pool's sockets must not cross a fork: each gunicorn worker builds its own client.
@@ -306,7 +324,11 @@ class RedisStore:
                   "received_at", repr(float(record.received_at))]
         if record.dedupe_key:
             fields += ["dedupe_key", record.dedupe_key]
-        reply = self._run("add", record.id, record.dedupe_key or "", owner or "", repr(float(lease)), *fields)
+        if record.fingerprint:
+            fields += ["fingerprint", record.fingerprint]
+        legacy = record.event_uuid if record.event_uuid != record.id else ""
+        reply = self._run("add", record.id, record.dedupe_key or "", owner or "", repr(float(lease)),
+                          legacy, record.cid, *fields)
         if int(reply[0]) == 1:
             now, next_at = float(reply[1]), float(reply[2])
             record.state, record.lease_owner, record.updated_at = "pending", owner, now
@@ -458,6 +480,39 @@ class RedisStore:
             return bool(self._client().ping())
         except redis.RedisError:
             return False
+
+    def check_writable(self) -> str | None:
+        try:
+            # A plain write Redis refuses in the same cases as the scripts: OOM, MISCONF, READONLY.
+            self._client().set(self._key("write_probe"), repr(time.time()), px=60_000)
+        except redis.RedisError as exc:
+            return f"Redis refuses writes: {type(exc).__name__}: {exc}"
+        return None
+
+    def persistence(self) -> Persistence:
+        now = time.monotonic()
+        if self._persistence is None or now - self._persistence[0] > PERSISTENCE_RECHECK_SECONDS:
+            self._persistence = (now, self._ask_persistence())
+        return self._persistence[1]
+
+    def _ask_persistence(self) -> Persistence:
+        try:
+            client = self._client()
+            aof = client.config_get("appendonly").get("appendonly")
+            fsync = client.config_get("appendfsync").get("appendfsync")
+            save = client.config_get("save").get("save")
+        except redis.ResponseError as exc:  # CONFIG renamed away or not permitted (managed Redis, ACL)
+            return Persistence("unknown", f"cannot verify (CONFIG GET refused: {exc}); make sure Redis "
+                                          "runs with appendonly yes, or a restart loses queued events")
+        except redis.RedisError as exc:
+            return Persistence("unknown", f"cannot verify: {exc}")
+        if aof == "yes":
+            return Persistence("ok", f"appendonly yes, appendfsync {fsync}")
+        if save:
+            return Persistence("snapshots", f"RDB snapshots only (save {save}): a Redis restart loses the "
+                                            "events queued since the last snapshot; set appendonly yes")
+        return Persistence("off", "appendonly no and no RDB snapshots: a Redis restart loses every "
+                                  "queued event; set appendonly yes")
 
     def close(self) -> None:
         if self._redis is not None and self._pid == os.getpid():

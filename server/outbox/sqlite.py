@@ -6,11 +6,19 @@ what keeps the accept path above 1,000 events/s; only an OS crash or power cut m
 moments of commits. ``BEGIN IMMEDIATE`` takes the write lock up front so that two processes
 claiming at once serialise instead of deadlocking on a lock upgrade; ``busy_timeout`` makes them
 wait for each other rather than fail.
+
+A full disk: a write fails with SQLITE_FULL, and the WAL that grew meanwhile keeps the space even
+once the disk has room again (SQLite reuses a WAL file but never shrinks it by itself). So after
+such a failure, and once a minute anyway, the store runs ``wal_checkpoint(TRUNCATE)``, and
+readiness is a real write (:meth:`SQLiteStore.check_writable`), not a ``SELECT 1``.
+``PINGTREE_RELAY_SQLITE_MAX_PAGE_COUNT`` caps the file's pages on every connection: how the tests
+fill a "disk" without a mount.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -19,10 +27,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from . import STATES, Outcome, Record, Stats
+from . import STATES, Outcome, Persistence, Record, Stats
 from .schema import upgrade_sqlite
 
 T = TypeVar("T")
+log = logging.getLogger("pingtree_relay.outbox")
+
+MAX_PAGE_COUNT_ENV = "PINGTREE_RELAY_SQLITE_MAX_PAGE_COUNT"
+CHECKPOINT_INTERVAL = 60.0  # seconds between two WAL truncations while writes succeed
+# The readiness write: larger than a typical stored event (~1 KB), so "ready" means there is
+# room for events, not merely for one tiny row in a page that already exists.
+PROBE_BYTES = 8192
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -52,14 +67,21 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(dedupe_key)
 CREATE INDEX IF NOT EXISTS events_due ON events(state, next_at);
 CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
 CREATE INDEX IF NOT EXISTS events_txn ON events(transaction_id);
+-- Readiness probes write here (one row kept): see SQLiteStore.check_writable.
+CREATE TABLE IF NOT EXISTS write_probe (at REAL NOT NULL, filler BLOB NOT NULL);
 """
 
 # Schema migrations, in order: entry N brings a store from version N to N+1 (schema.py applies them
 # at start). Never edit an entry once released; append one instead.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
+_MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA,
+    # 2: each record keeps a fingerprint of its validated event, so a reused event_uuid with another
+    # body is refused instead of replayed (rows stored before have none and replay as before).
+    "ALTER TABLE events ADD COLUMN fingerprint TEXT;",
+)
 
 _COLUMNS = (
-    "id", "cid", "event_id", "transaction_id", "dedupe_key", "payload", "received_at", "state",
+    "id", "cid", "event_id", "transaction_id", "dedupe_key", "fingerprint", "payload", "received_at", "state",
     "attempts", "next_at", "lease_owner", "uncertain", "last_status", "last_answer", "last_error",
     "updated_at", "delivered_at", "latency_ms",
 )
@@ -103,6 +125,14 @@ def _busy_retry(operation: Callable[[], T]) -> T:
         pause = min(pause * 2, 0.005)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """SQLITE_FULL, or an I/O error (what a full disk gives when the WAL cannot grow)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+    return isinstance(exc, sqlite3.OperationalError) and ("full" in str(exc) or "disk I/O" in str(exc))
+
+
 class SQLiteStore:
     """:class:`server.outbox.Store` on one SQLite file; a connection per thread."""
 
@@ -117,6 +147,7 @@ class SQLiteStore:
         # measured without this lock, under load). Only the other processes' writers remain to wait on.
         self._wlock = threading.Lock()
         self._pid = os.getpid()
+        self._checkpointed_at = time.monotonic()
         conn = self._conn()
         _busy_retry(lambda: upgrade_sqlite(conn, _MIGRATIONS, f"the outbox {path}"))
 
@@ -136,13 +167,67 @@ class SQLiteStore:
             _busy_retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=0")  # from here on, _busy_retry waits instead
+            max_pages = os.environ.get(MAX_PAGE_COUNT_ENV)
+            if max_pages:
+                conn.execute(f"PRAGMA max_page_count={int(max_pages)}")
             self._local.conn = conn
         return conn
+
+    def _drop_conn(self) -> None:
+        """Forget this thread's connection (closing it ends whatever transaction it still holds)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        """End a failed transaction without hiding why it failed.
+
+        SQLite rolls a transaction back by itself on some errors (SQLITE_FULL at COMMIT among
+        them), and a ROLLBACK then raises "cannot rollback - no transaction is active" in place
+        of the real error. If ROLLBACK itself fails, the connection is closed: a transaction left
+        open would hold the write lock and stall every other process's writes.
+        """
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.warning("ROLLBACK failed; closing this thread's connection", exc_info=True)
+            self._drop_conn()
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         conn = self._conn()
         with self._wlock:
-            return _busy_retry(lambda: conn.execute(sql, params))
+            try:
+                cursor = _busy_retry(lambda: conn.execute(sql, params))
+            except sqlite3.Error as exc:
+                self._after_write_error(exc)
+                raise
+            self._checkpoint_if_due()
+            return cursor
+
+    def _after_write_error(self, exc: sqlite3.Error) -> None:
+        """A write failed: when for lack of space, give the WAL's space back for the next one."""
+        if _disk_full(exc):
+            log.error("outbox write failed (%s): truncating the WAL to give its space back", exc)
+            self._checkpoint()
+
+    def _checkpoint_if_due(self) -> None:
+        if time.monotonic() - self._checkpointed_at >= CHECKPOINT_INTERVAL:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """``wal_checkpoint(TRUNCATE)``, best effort: it gives up at once while a reader is active
+        (busy_timeout=0) and is tried again after the next failure or interval. Caller holds _wlock."""
+        self._checkpointed_at = time.monotonic()
+        try:
+            self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("WAL checkpoint failed: %s", exc)
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         conn = self._conn()
@@ -152,13 +237,16 @@ class SQLiteStore:
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         now = time.time()
+        # The NOT EXISTS: a record stored before ids were scoped has the bare event_uuid as id; for
+        # its own campaign it is the same event. (The WHERE also lets SQLite parse the ON CONFLICT.)
         cur = self._write(
-            f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-            "ON CONFLICT DO NOTHING",
+            f"INSERT INTO events ({', '.join(_COLUMNS)}) SELECT {', '.join('?' * len(_COLUMNS))} "
+            "WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = ? AND cid = ?) ON CONFLICT DO NOTHING",
             (
                 record.id, record.cid, record.event_id, record.transaction_id, record.dedupe_key,
-                json.dumps(record.payload, separators=(",", ":")), record.received_at, "pending",
-                1 if owner else 0, now + lease if owner else now, owner, 0, None, None, None, now, None, None,
+                record.fingerprint, json.dumps(record.payload, separators=(",", ":")), record.received_at,
+                "pending", 1 if owner else 0, now + lease if owner else now, owner, 0, None, None, None, now,
+                None, None, record.event_uuid, record.cid,
             ),
         )
         if cur.rowcount == 1:
@@ -166,6 +254,9 @@ class SQLiteStore:
             record.attempts, record.next_at = (1 if owner else 0), (now + lease if owner else now)
             return record, True
         existing = self.get(record.id)
+        if existing is None and record.event_uuid != record.id:
+            legacy = self.get(record.event_uuid)
+            existing = legacy if legacy is not None and legacy.cid == record.cid else None
         if existing is None and record.dedupe_key:
             rows = self._read(
                 f"SELECT {', '.join(_COLUMNS)} FROM events WHERE dedupe_key = ? AND state != 'dead'",
@@ -181,7 +272,11 @@ class SQLiteStore:
     def claim(self, owner: str, limit: int, lease: float) -> list[Record]:
         conn = self._conn()
         with self._wlock:
-            return _busy_retry(lambda: self._claim(conn, owner, limit, lease))
+            try:
+                return _busy_retry(lambda: self._claim(conn, owner, limit, lease))
+            except sqlite3.Error as exc:
+                self._after_write_error(exc)
+                raise
 
     def _claim(self, conn: sqlite3.Connection, owner: str, limit: int, lease: float) -> list[Record]:
         now = time.time()
@@ -199,7 +294,7 @@ class SQLiteStore:
             ).fetchall()
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._rollback(conn)
             raise
         return [_row_to_record(r) for r in rows]
 
@@ -218,7 +313,11 @@ class SQLiteStore:
             return []
         conn = self._conn()
         with self._wlock:
-            return _busy_retry(lambda: self._finish_many(conn, outcomes))
+            try:
+                return _busy_retry(lambda: self._finish_many(conn, outcomes))
+            except sqlite3.Error as exc:
+                self._after_write_error(exc)
+                raise
 
     def _finish_many(self, conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[bool]:
         # One write transaction per batch: a commit (and its WAL append) is most of an UPDATE's cost.
@@ -231,7 +330,7 @@ class SQLiteStore:
             )).rowcount == 1 for o in outcomes]
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._rollback(conn)
             raise
         return done
 
@@ -327,6 +426,31 @@ class SQLiteStore:
         except sqlite3.Error:
             return False
         return True
+
+    def check_writable(self) -> str | None:
+        conn = self._conn()
+        try:
+            with self._wlock:
+                _busy_retry(lambda: self._probe(conn))
+        except sqlite3.Error as exc:
+            with self._wlock:
+                self._after_write_error(exc)
+            return f"the outbox refuses writes: {exc}"
+        return None
+
+    def _probe(self, conn: sqlite3.Connection) -> None:
+        # Insert before delete: the new row needs space of its own, as an event would.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT INTO write_probe (at, filler) VALUES (?, zeroblob(?))", (time.time(), PROBE_BYTES))
+            conn.execute("DELETE FROM write_probe WHERE rowid != last_insert_rowid()")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+
+    def persistence(self) -> Persistence:
+        return Persistence("ok", "SQLite file in WAL mode (synchronous=NORMAL): survives a process crash")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
