@@ -59,7 +59,7 @@ def all_features_config() -> Config:
                        "sale_completed": {"conversion": True}},
             "sdk": {"cookie_domain": "example.com", "attribution": "last", "extra_params": ["gclid", "fbclid"],
                     "call_event": "call_clicked", "selectors": {"#buy": "sale_completed", ".quote": "quote_viewed"},
-                    "consent": True, "fill_forms": True, "script_path": "/p/t.js", "endpoint_path": "/p/e"},
+                    "consent": True, "fill_forms": True, "add_hidden_fields": True, "script_path": "/p/t.js", "endpoint_path": "/p/e"},
         }},
     })
 

@@ -3,9 +3,10 @@
 Starts ``python -m server.cli demo`` on a free port, walks a few visitors through the demo funnel in
 Chromium (landing -> multi-step form -> thank-you page with its conversion), lets Pingtree's sandbox
 refuse one event so the dashboard has a dead letter to show, then logs in to the dashboard.
-Writes ``docs/img/demo.png`` (the thank-you page, conversion recorded) and ``docs/img/dashboard.png``.
+Writes ``docs/img/demo.png`` (the thank-you page, conversion recorded), ``docs/img/dashboard.png``
+and ``docs/img/debug-panel.png`` (the ``?pt_debug=1`` panel on the thank-you page).
 
-    scripts/screenshots            # or: python scripts/screenshots.py [--out docs/img]
+    scripts/screenshots            # or: python scripts/screenshots.py [--out docs/img] [--only debug-panel]
 """
 
 from __future__ import annotations
@@ -104,9 +105,30 @@ def dashboard(browser: Browser, base: str, out: Path) -> None:
     context.close()
 
 
+def debug_panel(browser: Browser, base: str, out: Path) -> None:
+    """A visitor from a Google ad reaches the thank-you page with ?pt_debug=1: the panel shows the
+    attribution and where it came from, the conversion's answer, a refusal, and an event held offline."""
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.goto(f"{base}/demo/{LANDING_QUERY}&gclid=Cj0KCQiA-demo")
+    page.wait_for_function("() => window.pingtree && window.pingtree.loaded")
+    page.goto(f"{base}/demo/thanks.html?pt_debug=1")
+    page.locator("#conversion-id").wait_for(state="visible", timeout=15_000)
+    page.evaluate("() => pingtree('set', { sub2: 'thanks-upsell' })")
+    page.click("#upsell")  # sale_completed again: Pingtree refuses the duplicate
+    panel = page.locator("#pingtree-debug")
+    until(lambda: "refused" in panel.inner_text(), 20, "the refusal in the panel")
+    context.set_offline(True)
+    page.evaluate("() => { pingtree('event', 'call_clicked'); }")
+    until(lambda: "held: offline" in panel.inner_text(), 20, "the held event in the panel")
+    page.screenshot(path=str(out / "debug-panel.png"))
+    context.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "img"))
+    parser.add_argument("--only", choices=("debug-panel",), help="take this picture only")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +142,10 @@ def main() -> int:
             if os.path.exists(CHROMIUM):
                 launch["executable_path"] = CHROMIUM
             browser = p.chromium.launch(**launch)
+            debug_panel(browser, base, out)
+            if args.only:
+                browser.close()
+                return 0
             for convert in (False, True, False, True):
                 visitor(browser, base, convert=convert).context.close()
             # Pingtree refuses the next event (as it would for a misconfigured campaign): a dead letter.
@@ -135,7 +161,7 @@ def main() -> int:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
-    print(f"wrote {out / 'demo.png'} and {out / 'dashboard.png'} (demo log: {log})")
+    print(f"wrote {out / 'demo.png'}, {out / 'dashboard.png'} and {out / 'debug-panel.png'} (demo log: {log})")
     return 0
 
 

@@ -15,11 +15,10 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .bots import bot_marker
-from .callers import check_caller, visitor
+from .callers import check_caller, origin_allowed_for, visitor
 from .config import CampaignConfig
 from .enrichment import forward_body, relay_fields
 from .errors import ApiError, answer
-from .origins import origin_allowed
 from .relay import Relay
 from .validation import _UUID_RE, parse_json_body, validate_event
 
@@ -83,9 +82,9 @@ def preflight(cid: str) -> Response:
     origin = request.headers.get("Origin")
     campaign = relay().config.campaigns.get(cid)
     if cid == "trigger":
-        allowed = any(origin_allowed(origin, c.allowed_origins) for c in relay().config.campaigns.values())
+        allowed = any(origin_allowed_for(origin, c) for c in relay().config.campaigns.values())
     else:
-        allowed = campaign is not None and origin_allowed(origin, campaign.allowed_origins)
+        allowed = campaign is not None and origin_allowed_for(origin, campaign)
     if not allowed:
         raise ApiError(403, "Origin not allowed", reason="origin")
     response = Response(status=204)
@@ -126,6 +125,7 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
     ip_address, user_agent = visitor(trusted, event.fields, request.remote_addr, request.headers.get("User-Agent"))
     reply = relay().accept(
         campaign, event, idempotency_key=_idempotency_key(), ip_address=ip_address, user_agent=user_agent,
+        test=getattr(g, "test_traffic", False),
     )
     if trusted:  # say which server-decided fields are the relay's, not the caller's
         forwarded = forward_body(campaign, event, received_at=time.time(), ip_address=ip_address,
@@ -133,7 +133,8 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
         reply.body["data"]["relay_fields"] = relay_fields(campaign, body, event, forwarded)
     g.outcome = reply.outcome
     relay().observers.emit("accepted", cid=campaign.cid, event_id=event.event_id, outcome=reply.outcome,
-                           status=reply.status, event_uuid=reply.body["data"].get("event_uuid"))
+                           status=reply.status, event_uuid=reply.body["data"].get("event_uuid"),
+                           test=True if g.get("test_traffic") else None)
     response = jsonify(reply.body)
     response.status_code = reply.status
     return response

@@ -51,10 +51,17 @@ def check_caller(campaign: CampaignConfig) -> bool:
     if origin is None:
         raise ApiError(403, _no_origin_message(campaign), reason="server_key" if campaign.allow_server_calls
                        else "origin")
-    if not origin_allowed(origin, campaign.allowed_origins):
+    if not origin_allowed_for(origin, campaign):
         _refuse_origin(campaign, origin)
     g.cors_origin = origin
+    # A staging origin is test traffic even when allowed_origins also matches it: never Pingtree.
+    g.test_traffic = origin_allowed(origin, campaign.staging_origins)
     return False
+
+
+def origin_allowed_for(origin: str | None, campaign: CampaignConfig) -> bool:
+    """allowed_origins and staging_origins are allowed alike (staging events are test traffic)."""
+    return origin_allowed(origin, campaign.allowed_origins) or origin_allowed(origin, campaign.staging_origins)
 
 
 def _refuse_origin(campaign: CampaignConfig, origin: str) -> NoReturn:

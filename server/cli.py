@@ -221,15 +221,23 @@ def cmd_snippet(args: argparse.Namespace) -> int:
     if args.cid not in config.campaigns:
         print(f"no campaign {args.cid!r} in {args.config}", file=sys.stderr)
         return 1
-    from .sdk import pin, snippet_tag
+    from .sdk import csp_sources, pin, snippet_tag
 
     base = args.base_url or config.relay.public_url
     if not base:
         print("give --base-url (where the relay is reachable) or set relay.public_url", file=sys.stderr)
         return 1
+    if args.csp:
+        # The sources a strict Content-Security-Policy needs for this tag, one directive a line.
+        sources = csp_sources(config, args.cid, base)
+        if args.no_stub:
+            sources["script-src"] = [s for s in sources["script-src"] if not s.startswith("'sha256-")]
+        for directive, values in sources.items():
+            print(f"{directive} {' '.join(values)}")
+        return 0
     if args.integrity:
         pin(config, args.cid)  # the relay can serve this build even if its config changes first
-    print(snippet_tag(config, args.cid, base, integrity=args.integrity))
+    print(snippet_tag(config, args.cid, base, integrity=args.integrity, stub=not args.no_stub))
     return 0
 
 
@@ -404,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integrity", action="store_true",
                    help="pin today's build with SRI; servable 30 days after a config change or upgrade "
                         "supersedes it, then the tag stops working (see docs/js-api.md)")
+    p.add_argument("--csp", action="store_true",
+                   help="print the Content-Security-Policy sources the tag needs instead of the tag")
+    p.add_argument("--no-stub", action="store_true",
+                   help="the script tag alone, no inline stub (pingtree() calls wait for the script's load)")
     p.set_defaults(func=cmd_snippet)
 
     _outbox_parser(sub)

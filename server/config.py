@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .attribution import CLICK_IDS
+
 # Pingtree's conversion_timezone values are fixed UTC offsets (hours), not IANA zones:
 # they never shift for daylight saving.
 TIMEZONES: dict[str, int] = {
@@ -77,6 +79,7 @@ class SdkConfig:
     selectors: Mapping[str, str] = field(default_factory=dict)  # CSS selector -> event_id
     consent: bool = False  # hold events until the page grants consent
     fill_forms: bool = True
+    add_hidden_fields: bool = False  # add the hidden inputs fill_forms fills to every form that lacks them
     script_path: str = ""  # first-party path that also serves the SDK (ad-blocker friendly)
     endpoint_path: str = ""  # first-party path the SDK posts to instead of /api/event/{cid}
 
@@ -115,6 +118,10 @@ class CampaignConfig:
     server_key: str = ""
     secret: str = ""  # HMAC key for signed revenue
     bot_filter: bool = False
+    # The first of these an event carries becomes Pingtree's external_clickid (unless it has one).
+    external_clickid_from: tuple[str, ...] = CLICK_IDS
+    # Origins allowed like allowed_origins, whose events are test traffic: never sent to Pingtree.
+    staging_origins: tuple[str, ...] = ()
     sdk: SdkConfig = field(default_factory=SdkConfig)
     postbacks: Mapping[str, PostbackConfig] = field(default_factory=dict)
 
@@ -145,6 +152,8 @@ class RelayConfig:
     admin_token: str = ""
     secret_key: str = ""
     access_log: bool = False  # one JSON line per request, besides the decision lines
+    # Where events from a campaign's staging_origins go; empty: nowhere (answered as the sandbox would).
+    staging_upstream_url: str = ""
     # Where superseded SDK builds are kept for pinned (--integrity) tags; "" = beside the SQLite
     # store, or beside the config file with a Redis store (see server/sdk_archive.py).
     sdk_archive_dir: str = ""
@@ -323,7 +332,7 @@ def _sdk(path: str, raw: Any) -> SdkConfig:
         "pingtree_cookie": _identifier, "generate_transaction_id": _bool,
         "extra_params": _str_list(_identifier), "call_event": _str,
         "selectors": lambda p, v: {k: _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()},
-        "consent": _bool, "fill_forms": _bool,
+        "consent": _bool, "fill_forms": _bool, "add_hidden_fields": _bool,
         "script_path": _first_party_path, "endpoint_path": _first_party_path,
     })
     return SdkConfig(**values)
@@ -339,6 +348,7 @@ def _campaign(path: str, cid: str, raw: Any) -> CampaignConfig:
         "inactive_sources": _str_list(), "extra_fields": _str_list(_identifier),
         "unknown_fields": _choice("reject", "drop"), "allow_server_calls": _bool,
         "server_key": _str, "secret": _str, "bot_filter": _bool, "sdk": _table, "postbacks": _table,
+        "external_clickid_from": _str_list(_identifier), "staging_origins": _str_list(_origin),
     })
     values["events"] = {
         name: _event(f"{path}.events.{name}", name, ev) for name, ev in values.get("events", {}).items()
@@ -368,8 +378,13 @@ def _check_campaign(path: str, c: CampaignConfig) -> None:
 
     for name in c.sdk.extra_params:
         # The SDK would capture it and send it with every event, and the relay would refuse them all.
-        if name not in ATTRIBUTION_FIELDS and name not in c.extra_fields:
+        if name not in ATTRIBUTION_FIELDS and name not in CLICK_IDS and name not in c.extra_fields:
             raise ConfigError(f"{path}.sdk.extra_params", f"{name!r} must also be listed in extra_fields")
+    for i, name in enumerate(c.external_clickid_from):
+        # A field the relay refuses can never be present: the mapping would silently never apply.
+        if name not in CLICK_IDS and name not in ATTRIBUTION_FIELDS and name not in c.extra_fields:
+            raise ConfigError(f"{path}.external_clickid_from[{i}]",
+                              f"{name!r} is not a click id, an attribution field or one of extra_fields")
     _check_postbacks(path, c)
 
 
@@ -423,7 +438,6 @@ def _replaced_by_max_in_flight(path: str, value: Any) -> Any:
     raise ConfigError(path, "replaced by relay.max_in_flight: requests in flight to Pingtree per box "
                             "(default 400), no longer per worker")
 
-
 def _relay(path: str, raw: Any) -> RelayConfig:
     values = _fields(path, raw, {
         "upstream_url": _url, "store": _store_url, "public_url": _url,
@@ -439,6 +453,7 @@ def _relay(path: str, raw: Any) -> RelayConfig:
         "trusted_proxy_hops": lambda p, v: _int(p, v),
         "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
         "admin_token": _str, "secret_key": _str, "access_log": _bool, "sdk_archive_dir": _str,
+        "staging_upstream_url": lambda p, v: _url(p, v) if v != "" else "",
         "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
     })
     if "upstream_url" not in values:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from .attribution import with_external_clickid
 from .config import SERVER_ONLY_FIELDS, TIMEZONES, CampaignConfig
 from .validation import ATTRIBUTION_FIELDS, Event
 
@@ -30,7 +31,9 @@ def forward_body(
     """The JSON body sent to ``POST {upstream}/api/event/{cid}``, in Pingtree's seed field names.
 
     ``conversion_date`` is the moment the relay received the event, fixed here once: a delivery
-    hours later (after an outage) still reports the original moment.
+    hours later (after an outage) still reports the original moment. ``external_clickid`` is filled
+    from the campaign's ``external_clickid_from`` here, on the server, so that events of server-side
+    callers get it too and the list lives in one place (server/attribution.py).
     """
     body: dict[str, Any] = {"transaction_id": event.transaction_id, "event_id": event.event_id}
     if "pid" in event.fields:
@@ -39,7 +42,7 @@ def forward_body(
         body["amount"] = float(event.amount)
     body["conversion_date"] = conversion_date(received_at, campaign.conversion_timezone)
     body["conversion_timezone"] = campaign.conversion_timezone
-    for name, value in event.fields.items():
+    for name, value in with_external_clickid(event.fields, campaign.external_clickid_from).items():
         if name != "pid":
             body[name] = value
     body.update(campaign.server_fields)  # the server's values win over anything the browser sent

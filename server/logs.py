@@ -41,7 +41,7 @@ _DECISIONS = ("accepted", "rejected", "filtered", "delivery")
 # Only these observer fields reach a log line: anything else an emitter adds later stays out until
 # someone decides it is safe to log.
 _FIELDS = ("cid", "event_id", "outcome", "state", "reason", "status", "event_uuid", "latency_ms", "attempts",
-           "inline")
+           "inline", "test")
 
 
 def request_id() -> str | None:

@@ -63,6 +63,9 @@ class Metrics:
                                  registry=registry)
         self.postbacks_refused = Counter("pingtree_relay_postbacks_refused", "Postbacks refused, by source "
                                          "and reason", ["cid", "source", "reason"], registry=registry)
+        # Test traffic (staging origins) is counted apart: it must not inflate what reached Pingtree.
+        self.test = Counter("pingtree_relay_test_events", "Test events (staging origins), by outcome; never sent to Pingtree",
+                            [*ce, "outcome"], registry=registry)
         self.latency = Histogram("pingtree_relay_upstream_latency_seconds", "Time Pingtree took to answer",
                                  ["state"], buckets=LATENCY_BUCKETS, registry=registry)
         self.sdk_requests = Counter(
@@ -99,6 +102,10 @@ class Metrics:
         cid, event_id = self.labels(fields)
         if kind == "received":
             self.received.labels(cid).inc()
+        elif fields.get("test"):
+            # Neither accepted nor delivered to Pingtree: counted once, apart, when answered.
+            if kind == "accepted":
+                self.test.labels(cid, event_id, _label(fields.get("outcome"))).inc()
         elif kind == "accepted" and fields.get("outcome") == "duplicate":
             # Answered 400 "Duplicate event" (the lead already had it): a refusal, not an acceptance.
             self.rejected.labels(cid, event_id, "duplicate").inc()

@@ -13,6 +13,8 @@ Kinds and their fields:
   one per postback request, beside its ``accepted`` or ``rejected``.
 - ``sdk``: cid, version (a build's content hash, or ``unknown``), state (stable, current, superseded,
   unknown): a script request (see :mod:`server.sdk_versions`).
+
+``accepted`` and ``delivery`` carry ``test=True`` for test traffic (a staging origin, server/staging.py).
 """
 
 from __future__ import annotations

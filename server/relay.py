@@ -27,6 +27,7 @@ from .forwarder import DUPLICATE_MESSAGE, AsyncForwarder, Attempt, Decision, For
 from .observe import Observers
 from .outbox import Record, Store, open_store, scoped_id
 from .outbox.dispatcher import Dispatcher
+from .staging import AsyncStagingRouter, StagingRouter, is_test, mark, staging_dedupe_key
 from .validation import Event
 
 log = logging.getLogger("pingtree_relay.relay")
@@ -58,10 +59,20 @@ class Relay:
             settings.upstream_url, timeout=settings.upstream_timeout,
             max_connections=settings.inline_concurrency + 2,
         )
+        # Test traffic (staging origins) is routed at send time, in one place: server/staging.py.
+        self.staging_forwarder = (
+            Forwarder(settings.staging_upstream_url, timeout=settings.upstream_timeout)
+            if settings.staging_upstream_url else None
+        )
+        self._inline_sender = StagingRouter(config, self.forwarder, self.staging_forwarder)
         self.dispatcher = Dispatcher(
-            self.store, forwarder_factory=lambda connections: AsyncForwarder(
-                settings.upstream_url, timeout=settings.upstream_timeout, max_connections=connections,
-                transport=delivery_transport),
+            self.store, forwarder_factory=lambda connections: AsyncStagingRouter(
+                config,
+                AsyncForwarder(settings.upstream_url, timeout=settings.upstream_timeout,
+                               max_connections=connections, transport=delivery_transport),
+                AsyncForwarder(settings.staging_upstream_url, timeout=settings.upstream_timeout,
+                               max_connections=connections, transport=delivery_transport)
+                if settings.staging_upstream_url else None),
             upstream_timeout=settings.upstream_timeout,
             lease=settings.lease_seconds, max_age=settings.max_age_hours * 3600,
             retry_base=settings.retry_base_seconds, retry_cap=settings.retry_cap_seconds,
@@ -92,6 +103,7 @@ class Relay:
             "delivery", cid=record.cid, event_id=record.event_id, event_uuid=record.event_uuid,
             state=decision.state, status=attempt.status, latency_ms=attempt.latency_ms,
             attempts=record.attempts, reason=decision.reason or attempt.error or "", inline=inline,
+            test=True if is_test(record.payload) else None,
         )
 
     def _engine_behind(self) -> bool:
@@ -116,16 +128,32 @@ class Relay:
 
     def accept(
         self, campaign: CampaignConfig, event: Event, *, idempotency_key: str | None,
-        ip_address: str | None, user_agent: str | None,
+        ip_address: str | None, user_agent: str | None, test: bool = False,
+    ) -> Reply:
+        """Store the event, try it once inline, and say what happened.
+
+        ``test``: from one of the campaign's staging_origins; stored flagged, never sent to the real
+        upstream (see server/staging.py), answered with ``"test": true`` in ``data``.
+        """
+        reply = self._accept(campaign, event, idempotency_key=idempotency_key, ip_address=ip_address,
+                             user_agent=user_agent, test=test)
+        if test:
+            reply.body["data"]["test"] = True
+        return reply
+
+    def _accept(
+        self, campaign: CampaignConfig, event: Event, *, idempotency_key: str | None,
+        ip_address: str | None, user_agent: str | None, test: bool,
     ) -> Reply:
         """Store the event, try it once inline, and say what happened."""
         received_at = time.time()
+        payload = forward_body(campaign, event, received_at=received_at, ip_address=ip_address, user_agent=user_agent)
         record = Record(
             id=scoped_id(campaign.cid, event.event_uuid or idempotency_key or uuid.uuid4().hex),
             cid=campaign.cid, event_id=event.event_id, transaction_id=event.transaction_id,
-            payload=forward_body(campaign, event, received_at=received_at,
-                                 ip_address=ip_address, user_agent=user_agent),
-            received_at=received_at, dedupe_key=dedupe_key(event), fingerprint=event.fingerprint(),
+            payload=mark(payload) if test else payload,
+            received_at=received_at, dedupe_key=staging_dedupe_key(dedupe_key(event)) if test else dedupe_key(event),
+            fingerprint=event.fingerprint(),
         )
         inline = self._inline_enabled and not self._engine_behind() and self._inline.acquire(blocking=False)
         owner = self.dispatcher.owner if inline else None
@@ -150,7 +178,8 @@ class Relay:
             return _queued(stored)
         try:
             try:
-                attempt = self.forwarder.send(stored.cid, stored.payload, timeout=self.config.relay.inline_timeout)
+                attempt = self._inline_sender.send(stored.cid, stored.payload,
+                                                   timeout=self.config.relay.inline_timeout)
             finally:
                 self._inline.release()
             decision = self.dispatcher.settle(stored, attempt, owner=owner or "")
@@ -202,6 +231,8 @@ class Relay:
     def close(self) -> None:
         self.dispatcher.stop()
         self.forwarder.close()
+        if self.staging_forwarder is not None:
+            self.staging_forwarder.close()
         self.store.close()
 
 

@@ -36,6 +36,7 @@ import brotli
 import jinja2
 from flask import Blueprint, Response, current_app, request
 
+from .attribution import CLICK_IDS
 from .config import CampaignConfig, Config, RelayConfig
 from .paths import JS_TEMPLATES
 from .sdk_archive import VERSION_RE, BuildArchive, default_dir
@@ -78,7 +79,11 @@ templates = jinja2.Environment(
 )
 # No spaces in the config's JSON: it ships to every visitor. Sorted: the same bytes on every worker.
 templates.policies["json.dumps_kwargs"] = {"sort_keys": True, "separators": (",", ":")}
+# Not a campaign value: the relay's one list of ad click ids, the same in every campaign's script
+# (rendered into the build; server/sdk_build.py hashes it with the sources).
+templates.globals["click_ids"] = CLICK_IDS
 COMPILED = "compiled"  # the build's folder in js_templates/
+DEBUG_PANEL_FILE = "debug_panel.js"  # in COMPILED: js_templates/debug_panel.js, minified by the build
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,10 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "last": sdk.attribution == "last",
         "ptCookie": sdk.pingtree_cookie,
         "generate": sdk.generate_transaction_id,
-        "extra": [p for p in sdk.extra_params if p not in URL_PARAMS],
+        "extra": [p for p in sdk.extra_params if p not in URL_PARAMS and p not in CLICK_IDS],
         "call": sdk.call_event,
         "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
+        "consent": sdk.consent,  # the debug panel says "waiting for consent" only where it applies
     }
     return {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
 
@@ -127,7 +133,8 @@ def script_features(campaign: CampaignConfig) -> dict[str, bool]:
     sdk = campaign.sdk
     return {
         "consent": sdk.consent,
-        "fill": sdk.fill_forms,
+        "fill": sdk.fill_forms or sdk.add_hidden_fields,  # the inputs it adds are filled like any
+        "hidden": sdk.add_hidden_fields,
         "call": bool(sdk.call_event),
         "selectors": bool(sdk.selectors),
     }
@@ -200,9 +207,34 @@ def pin(config: Config, cid: str) -> None:
     """Keep the campaign's current build in the archive, so a pinned tag printed now stays servable."""
     built = render_sdk(config.campaigns[cid], config.relay)
     BuildArchive(default_dir(config)).remember(cid, built.version, built.body)
+def csp_sources(config: Config, cid: str, base_url: str | None = None) -> dict[str, list[str]]:
+    """What a page's Content-Security-Policy must allow for the tag ``snippet_tag`` prints.
+
+    For hosts that cannot serve a file of the merchant's own (Webflow): the inline stub is allowed
+    by its hash, the script (and the debug panel) by the relay's origin, the events by the origin
+    they are posted to. Without the stub (``snippet --no-stub``) the hash is not needed.
+    """
+    if cid not in config.campaigns:
+        raise KeyError(cid)  # like snippet_tag; every campaign needs the same sources
+    base = (base_url or config.relay.public_url).rstrip("/")
+    if not base:
+        raise ValueError("no base URL: pass one or set relay.public_url")
+    relay = _origin(base)
+    # The SDK posts to relay.public_url when set, else to where it was loaded from (script_config).
+    endpoint = _origin(config.relay.public_url) if config.relay.public_url else relay
+    stub_hash = "'sha256-" + base64.b64encode(hashlib.sha256(STUB.encode("utf-8")).digest()).decode("ascii") + "'"
+    return {"script-src": [stub_hash, relay], "connect-src": sorted({relay, endpoint})}
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------
+
+# Outside /sdk/<cid>.js's namespace: a campaign id has no dot, so no campaign can shadow it.
+DEBUG_PANEL_PATH = "/sdk/pingtree.debug.js"
 
 
 class SdkState:
@@ -381,3 +413,19 @@ def _not_found() -> Response:
     response.headers["Cache-Control"] = "no-store"
     _public_headers(response)
     return response
+
+
+# --- the debug panel: a separate script, loaded by the SDK in debug mode only ------------------------
+
+
+@lru_cache(maxsize=1)
+def debug_panel_script() -> BuiltScript:
+    """js_templates/debug_panel.js as the build minified it: the same for every campaign (it reads the
+    SDK's trail)."""
+    return package((JS_TEMPLATES / COMPILED / DEBUG_PANEL_FILE).read_text(encoding="utf-8").rstrip("\n").encode("utf-8"))
+
+
+@bp.get(DEBUG_PANEL_PATH)
+def debug_panel() -> Response:
+    """The ``?pt_debug=1`` panel. Loaded with ``import()``: a module, fetched with CORS (hence ACAO *)."""
+    return _script_response(debug_panel_script())

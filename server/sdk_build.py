@@ -5,8 +5,8 @@ The way Plausible commits its compiled tracker variants: ``scripts/build-sdk`` r
 :func:`server.sdk.script_features` returns, with a placeholder where the campaign's config goes,
 minifies every variant with terser (``scripts/sdk-minify.mjs``, the version pinned in
 ``package-lock.json``) and writes ``js_templates/compiled/``: one tiny Jinja template per variant
-whose only placeholder is ``{{ cfg|tojson }}``, and ``manifest.json`` with the hash of every input
-of the build. The relay renders the campaign's variant (:func:`server.sdk.render_sdk`) and never
+whose only placeholder is ``{{ cfg|tojson }}``, the debug panel (``debug_panel.js``, the same for
+every campaign), and ``manifest.json`` with the hash of every input of the build. The relay renders the campaign's variant (:func:`server.sdk.render_sdk`) and never
 runs Node.js; ``tests/test_sdk_build.py`` checks that the committed build is fresh.
 """
 
@@ -27,13 +27,14 @@ from typing import Any
 
 from .config import CampaignConfig
 from .paths import JS_TEMPLATES
-from .sdk import COMPILED, script_features, templates, variant_name
+from .sdk import COMPILED, DEBUG_PANEL_FILE, script_features, templates, variant_name
 
 # A global name that survives minification (the minifier renames locals only); the build swaps it
 # for the Jinja slot that takes the campaign's config, as JSON, at serve time.
 PLACEHOLDER = "__PINGTREE_CONFIG__"
 CONFIG_SLOT = "{{ cfg|tojson }}"
 SOURCE = "sdk.js.j2"
+DEBUG_PANEL_SOURCE = "debug_panel.js"
 COMPILED_DIR = JS_TEMPLATES / COMPILED
 MANIFEST = "manifest.json"
 # In a source checkout (the build is a developer's step; a wheel carries its output only).
@@ -83,9 +84,15 @@ def source_files() -> list[Path]:
     return sorted(templates_) + [MINIFY_SCRIPT, LOCK_FILE, Path(__file__).resolve()]
 
 
+def template_constants() -> dict[str, Any]:
+    """The values the template gets besides the campaign's: the relay's own (``click_ids``), rendered
+    into every variant, so they are inputs of the build."""
+    return {name: value for name, value in templates.globals.items() if isinstance(value, str | int | tuple | list)}
+
+
 def sources_digest() -> str:
-    """sha256 over every input's path and content, and the flags: what manifest.json records."""
-    digest = hashlib.sha256(json.dumps(feature_flags()).encode())
+    """sha256 over every input's path and content, the flags and the constants: what manifest.json records."""
+    digest = hashlib.sha256(json.dumps([feature_flags(), template_constants()], sort_keys=True).encode())
     for path in source_files():
         digest.update(path.relative_to(CHECKOUT).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
@@ -113,17 +120,22 @@ def build(out_dir: Path) -> dict[str, Any]:
     """Write every variant and the manifest into ``out_dir`` (emptied first); return the manifest."""
     sets = feature_sets()
     names = [variant_name(features) for features in sets]
-    minified = minify({name: render_source(features) for name, features in zip(names, sets, strict=True)})
+    sources = {name: render_source(features) for name, features in zip(names, sets, strict=True)}
+    sources[DEBUG_PANEL_FILE] = (JS_TEMPLATES / DEBUG_PANEL_SOURCE).read_text(encoding="utf-8")
+    minified = minify(sources)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     for name in names:
         (out_dir / name).write_text(to_template(minified[name]), encoding="utf-8")
+    # Served as it is (no campaign value in it): plain JavaScript, not a template.
+    (out_dir / DEBUG_PANEL_FILE).write_text(minified[DEBUG_PANEL_FILE] + "\n", encoding="utf-8")
     manifest = {
         "generated_by": "scripts/build-sdk: do not edit, edit js_templates/sdk.js.j2 and rebuild",
         "minifier": minifier_version(),
         "sources_sha256": sources_digest(),
         "flags": list(feature_flags()),
         "variants": sorted(names),
+        "debug_panel": DEBUG_PANEL_FILE,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from .attribution import CLICK_IDS
 from .config import SERVER_ONLY_FIELDS, TIMEZONES, CampaignConfig, EventConfig
 from .errors import ApiError
 
@@ -29,15 +30,17 @@ ATTRIBUTION_FIELDS: tuple[str, ...] = (
     "utm_term", "utm_content", "utm_creative", "utm_placement",
     "external_clickid",
 )
-# Lead fields Pingtree documents for external forms and lead posts; anything else must be listed
-# in the campaign's extra_fields.
+# Lead fields Pingtree documents for external forms and lead posts (its gclid, fbclid and ttclid are
+# among the CLICK_IDS); anything else must be listed in the campaign's extra_fields.
 LEAD_FIELDS: tuple[str, ...] = (
     "first_name", "last_name", "email", "phone", "address", "city", "state", "zip",
-    "gclid", "fbclid", "ttclid", "jornaya", "xxTrustedFormCertUrl",
+    "jornaya", "xxTrustedFormCertUrl",
     "trustedFormCertUrl", "trustedFormToken", "trustedFormPingUrl", "econsent_company_id",
 )
 CONTROL_FIELDS = frozenset({"cid", "event_id", "transaction_id", "event_uuid", "amount", "revenue", "signature"})
-BROWSER_FIELDS = frozenset(ATTRIBUTION_FIELDS) | frozenset(LEAD_FIELDS) | {"tcpa_consent", "tcpa_consent_date"}
+# Click ids are attribution, not prices: every campaign accepts them with no configuration.
+BROWSER_FIELDS = (frozenset(ATTRIBUTION_FIELDS) | frozenset(LEAD_FIELDS) | frozenset(CLICK_IDS)
+                  | {"tcpa_consent", "tcpa_consent_date"})
 
 MAX_FIELDS = 64
 MAX_STRING = 255

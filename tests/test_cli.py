@@ -90,3 +90,23 @@ def test_snippet_prints_the_stable_tag_and_pins_on_request(tmp_path: Path) -> No
     config.write_text(config.read_text().replace('public_url = "https://track.example.com"\n', ""))
     refused = run_cli("snippet", "cmp_x", "--config", str(config))
     assert refused.returncode == 1 and "--base-url" in refused.stderr
+
+
+def test_snippet_csp_prints_the_sources_and_no_stub_drops_the_hash(tmp_path: Path) -> None:
+    import base64
+    import hashlib
+
+    from server.sdk import STUB
+
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\n[campaigns.cmp_a.events.lead]\n')
+    base = ["snippet", "cmp_a", "--config", str(cfg), "--base-url", "https://track.example.com/"]
+    stub_hash = "'sha256-" + base64.b64encode(hashlib.sha256(STUB.encode()).digest()).decode() + "'"
+    csp = run_cli(*base, "--csp")
+    assert csp.returncode == 0, csp.stderr
+    assert csp.stdout.splitlines() == [f"script-src {stub_hash} https://track.example.com",
+                                       "connect-src https://track.example.com"]
+    bare = run_cli(*base, "--csp", "--no-stub")
+    assert bare.stdout.splitlines()[0] == "script-src https://track.example.com"
+    tag = run_cli(*base, "--no-stub").stdout.strip()
+    assert tag.startswith('<script async src="https://track.example.com/sdk/cmp_a.js"') and "\n" not in tag

@@ -43,7 +43,7 @@ def make_config(sdk_table: dict | None = None, **relay: str) -> Config:
         "campaigns": {
             "cmp_a": {
                 "events": {"quote_viewed": {}, "call_clicked": {}, "sale": {"conversion": True}},
-                "extra_fields": ["gclid"],
+                "extra_fields": ["gclid", "promo_code"],
                 "sdk": sdk_table or {},
             },
         },
@@ -82,14 +82,16 @@ def test_script_config_of_the_demo_campaign() -> None:
 def test_script_config_carries_every_sdk_setting() -> None:
     config = make_config(
         {"cookie_name": "attr", "cookie_days": 7, "cookie_domain": ".example.com", "attribution": "last",
-         "pingtree_cookie": "ptid", "generate_transaction_id": False, "extra_params": ["gclid", "pid"],
+         "pingtree_cookie": "ptid", "generate_transaction_id": False,
+         # gclid and pid are captured by every campaign already: only promo_code is extra.
+         "extra_params": ["gclid", "pid", "promo_code"],
          "selectors": {".buy": "sale"}, "endpoint_path": "/t/e"},
         public_url="https://relay.example.com",
     )
     cfg = sdk.script_config(config.campaigns["cmp_a"], config.relay)
     assert cfg == {
         "cid": "cmp_a", "base": "https://relay.example.com", "path": "/t/e", "cookie": "attr", "days": 7,
-        "domain": ".example.com", "last": True, "ptCookie": "ptid", "extra": ["gclid"],
+        "domain": ".example.com", "last": True, "ptCookie": "ptid", "extra": ["promo_code"],
         "selectors": [[".buy", "sale"]],
     }
 
@@ -106,6 +108,9 @@ def test_server_only_fields_are_never_attribution_params() -> None:
     ({"consent": True}, ["tcpa_consent", '"consent"'], ["tel:"]),
     ({"selectors": {".buy": "sale"}}, ["bad selector"], ["tel:"]),
     ({"fill_forms": False}, ["data-pt-event"], ["input[type=hidden]"]),
+    ({}, ["data-pt-event"], ['createElement("input")']),
+    ({"add_hidden_fields": True}, ['createElement("input")', "input[type=hidden]"], []),
+    ({"add_hidden_fields": True, "fill_forms": False}, ['createElement("input")', "input[type=hidden]"], []),
 ])
 def test_unused_features_are_left_out(table: dict, present: list[str], absent: list[str]) -> None:
     config = make_config(table)
@@ -165,7 +170,7 @@ def test_hostile_values_through_the_renderer_directly() -> None:
 
 
 @pytest.mark.parametrize("table", [{}, {"consent": True, "selectors": {"a.b, #c": "sale"}, "call_event": "call_clicked",
-                                        "attribution": "last", "extra_params": ["gclid"]}])
+                                        "attribution": "last", "extra_params": ["gclid"], "add_hidden_fields": True}])
 def test_script_parses(table: dict) -> None:
     config = make_config(table)
     _node_check(sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode())
@@ -265,6 +270,40 @@ def test_pinned_snippet_names_its_build_and_matches_its_sri() -> None:
     assert base64.b64encode(hashlib.sha384(r.data).digest()).decode() == match.group(3)
     assert hashlib.sha256(r.data).hexdigest()[:16] == match.group(2)
     assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+
+
+def test_csp_sources_allow_the_stub_by_hash_and_the_relay_by_origin() -> None:
+    config = make_config(public_url="https://relay.example.com/base")
+    sources = sdk.csp_sources(config, "cmp_a")
+    digest = base64.b64encode(hashlib.sha256(sdk.STUB.encode()).digest()).decode()
+    assert sources == {"script-src": [f"'sha256-{digest}'", "https://relay.example.com"],
+                       "connect-src": ["https://relay.example.com"]}
+    # Served from a first-party host while posting to public_url: both are connect sources.
+    assert sdk.csp_sources(config, "cmp_a", "https://www.shop.example")["connect-src"] == [
+        "https://relay.example.com", "https://www.shop.example"]
+    with pytest.raises(KeyError):
+        sdk.csp_sources(config, "nope")
+
+
+def test_debug_panel_is_a_separate_script_served_with_cors() -> None:
+    client = client_for(demo_config())
+    answer = client.get(sdk.DEBUG_PANEL_PATH)
+    assert answer.status_code == 200 and answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert answer.headers["Content-Type"].startswith("application/javascript")
+    assert b"pingtree-debug" in answer.data
+    # The SDK only names it (loaded in debug mode); none of the panel's code is in the SDK.
+    config = demo_config()
+    js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay).body.decode()
+    assert sdk.DEBUG_PANEL_PATH in js and "pingtree-debug" not in js
+
+
+def test_debug_panel_parses() -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed to check the panel's syntax")
+    result = subprocess.run([node, "--input-type=module", "--check", "-"],
+                            input=sdk.debug_panel_script().body.decode(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def test_snippet_uses_script_path_and_public_url() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..logs import mask_ip
 from ..outbox import Record
+from ..staging import is_test
 
 DISPLAY_STATES = ("queued", "delivering", "retrying", "delivered", "dead")
 # Store states to ask for, per display state (the store filters on its own states only).
@@ -43,6 +44,7 @@ def feed_row(record: Record, now: float | None = None) -> dict[str, Any]:
         "status": record.last_status,
         "message": upstream_message(record),
         "latency_ms": round(record.latency_ms) if record.latency_ms is not None else None,
+        "test": is_test(record.payload),  # from a staging origin: never sent to Pingtree
     }
 
 

@@ -143,7 +143,8 @@ class Loads:
         page.on("request", lambda r: self.posts.append(r.url) if "/api/event/" in r.url else None)
 
     def _response(self, response: Any) -> None:
-        if "/sdk/" in response.url and response.request.resource_type == "script":
+        # The campaign's SDK only, not the ?pt_debug=1 panel (/sdk/pingtree.debug.js, loaded apart).
+        if "/sdk/cmp_test" in response.url and response.request.resource_type == "script":
             try:
                 self.scripts.append(response.body())
             except Exception:  # noqa: BLE001 - a blocked (SRI) response may have no body to read

@@ -39,7 +39,17 @@
       age.textContent = ev.age;
       when.appendChild(age);
       cell(tr, ev.cid);
-      cell(tr, ev.event_id);
+      var name = cell(tr, ev.event_id);
+      if (ev.test) {
+        // From a staging origin: never sent to Pingtree (server/staging.py).
+        tr.setAttribute("data-test", "1");
+        var tag = document.createElement("span");
+        tag.className = "test-traffic";
+        tag.title = "From a staging origin: not sent to Pingtree";
+        tag.textContent = "test";
+        name.appendChild(document.createTextNode(" "));
+        name.appendChild(tag);
+      }
       cell(tr, ev.transaction_id, "mono");
       var state = document.createElement("span");
       state.className = "state " + ev.state;
