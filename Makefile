@@ -1,8 +1,11 @@
 # Convenience targets; each script sets up what it needs on a fresh Debian machine.
-.PHONY: test demo bench
+.PHONY: test lint demo bench
 
 test:
 	scripts/test
+
+lint:
+	scripts/lint
 
 demo:
 	scripts/demo

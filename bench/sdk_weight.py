@@ -126,7 +126,7 @@ def _dcl_to_relay(browser: Any, base: str, store: Any) -> float:
     context.close()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        records = store.list(transaction_id=tid, limit=5)
+        records = store.find(transaction_id=tid, limit=5)
         if records:
             return round(min(r.received_at for r in records) * 1000 - dcl, 1)
         time.sleep(0.05)

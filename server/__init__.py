@@ -13,7 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import Config, load_config
 from .errors import ApiError, answer
-from .relay import Relay
+from .relay import Relay, current_relay
 
 __all__ = ["create_app", "Config", "load_config"]
 
@@ -61,36 +61,22 @@ def create_app(
 
 
 def _register(app: Flask) -> None:
-    from . import api, health
+    """Every surface of the relay, in order: blueprints, then the parts wired by ``init_app``."""
+    from . import admin, api, health, limits, logs, metrics, openapi, postbacks, sdk
 
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
-    try:
-        from . import sdk
-    except ImportError:  # pragma: no cover - the SDK module is optional while it is being built
-        sdk = None  # type: ignore[assignment]
-    if sdk is not None and hasattr(sdk, "bp"):
-        app.register_blueprint(sdk.bp)
-    for name in ("logs", "limits", "metrics", "postbacks", "admin", "openapi"):
-        _register_optional(app, name)
+    app.register_blueprint(sdk.bp)
+    logs.init_app(app)  # request ids and decision lines: first, so every later hook has an id
+    limits.init_app(app)
+    metrics.init_app(app)
+    postbacks.init_app(app)
+    admin.init_app(app)
+    openapi.init_app(app)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
     app.after_request(_security_headers)
-
-
-def _register_optional(app: Flask, name: str) -> None:
-    import importlib
-
-    try:
-        module = importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise
-        return
-    init = getattr(module, "init_app", None)
-    if init is not None:
-        init(app)
 
 
 def _event_request() -> bool:
@@ -100,34 +86,28 @@ def _event_request() -> bool:
 
 def _api_error(exc: ApiError) -> Response:
     if _event_request():
-        _relay().observers.emit("rejected", cid=_cid(), event_id=_event_id(), reason=exc.reason, status=exc.status)
+        current_relay().observers.emit("rejected", cid=_cid(), event_id=_event_id(), reason=exc.reason, status=exc.status)
     response = jsonify(exc.body())
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response
 
 
-def _relay() -> Relay:
-    from flask import current_app
-
-    return current_app.extensions["relay"]  # type: ignore[no-any-return]
-
-
 def _cid() -> str | None:
     cid = g.get("cid") or (request.view_args or {}).get("cid")
-    return cid if isinstance(cid, str) and cid in _relay().config.campaigns else None
+    return cid if isinstance(cid, str) and cid in current_relay().config.campaigns else None
 
 
 def _event_id() -> str | None:
     # Only a configured event id becomes a label: metrics must not grow with garbage input.
     cid, event_id = _cid(), g.get("event_id")
-    return event_id if cid and event_id in _relay().config.campaigns[cid].events else None
+    return event_id if cid and event_id in current_relay().config.campaigns[cid].events else None
 
 
 def _http_error(exc: HTTPException) -> Response:
     code = exc.code or 500
     if _event_request() and code >= 400:
-        _relay().observers.emit("rejected", cid=_cid(), event_id=None,
+        current_relay().observers.emit("rejected", cid=_cid(), event_id=None,
                                 reason={413: "body_too_large", 405: "method", 404: "not_found"}.get(code, str(code)),
                                 status=code)
     messages = {

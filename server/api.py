@@ -19,7 +19,7 @@ from .callers import check_caller, origin_allowed_for, visitor
 from .config import CampaignConfig
 from .enrichment import forward_body, relay_fields
 from .errors import ApiError, answer
-from .relay import Relay
+from .relay import current_relay
 from .validation import _UUID_RE, parse_json_body, validate_event
 
 bp = Blueprint("events", __name__)
@@ -28,29 +28,25 @@ log = logging.getLogger("pingtree_relay.events")
 PREFLIGHT_MAX_AGE = "600"
 
 
-def relay() -> Relay:
-    return current_app.extensions["relay"]  # type: ignore[no-any-return]
-
-
 @bp.post("/api/event/trigger", provide_automatic_options=False)
 def trigger() -> Response:
     """Pingtree's second form: ``cid`` in the body, revenue as ``revenue``."""
     body = parse_json_body(_read_body(), request.content_type)
     cid = body.get("cid")
-    relay().observers.emit("received", cid=cid if isinstance(cid, str) and cid in relay().config.campaigns else None)
+    current_relay().observers.emit("received", cid=cid if isinstance(cid, str) and cid in current_relay().config.campaigns else None)
     if cid is None or cid == "":
         raise ApiError(400, "cid is required", missing={"cid": "required"}, reason="missing_cid")
     if not isinstance(cid, str):
         raise ApiError(400, "Invalid cid", invalid={"cid": "expected a string"}, reason="invalid_cid")
-    campaign = relay().campaign(cid)
+    campaign = current_relay().campaign(cid)
     return _handle(campaign, body, revenue_key="revenue")
 
 
 @bp.post("/api/event/<cid>", provide_automatic_options=False)
 def event(cid: str) -> Response:
     """Pingtree's campaign form: ``POST /api/event/{campaign-id}``, revenue as ``amount``."""
-    relay().observers.emit("received", cid=cid if cid in relay().config.campaigns else None)
-    campaign = relay().campaign(cid)
+    current_relay().observers.emit("received", cid=cid if cid in current_relay().config.campaigns else None)
+    campaign = current_relay().campaign(cid)
     trusted = check_caller(campaign)
     body = parse_json_body(_read_body(), request.content_type)
     return _handle(campaign, body, revenue_key="amount", trusted=trusted)
@@ -80,9 +76,9 @@ def first_party_routes(state: BlueprintSetupState) -> None:
 def preflight(cid: str) -> Response:
     """CORS preflight; the SDK never needs one (text/plain bodies), other callers might."""
     origin = request.headers.get("Origin")
-    campaign = relay().config.campaigns.get(cid)
+    campaign = current_relay().config.campaigns.get(cid)
     if cid == "trigger":
-        allowed = any(origin_allowed_for(origin, c) for c in relay().config.campaigns.values())
+        allowed = any(origin_allowed_for(origin, c) for c in current_relay().config.campaigns.values())
     else:
         allowed = campaign is not None and origin_allowed_for(origin, campaign)
     if not allowed:
@@ -123,7 +119,7 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
         if filtered is not None:
             return filtered
     ip_address, user_agent = visitor(trusted, event.fields, request.remote_addr, request.headers.get("User-Agent"))
-    reply = relay().accept(
+    reply = current_relay().accept(
         campaign, event, idempotency_key=_idempotency_key(), ip_address=ip_address, user_agent=user_agent,
         test=getattr(g, "test_traffic", False),
     )
@@ -132,7 +128,7 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
                                  user_agent=user_agent)
         reply.body["data"]["relay_fields"] = relay_fields(campaign, body, event, forwarded)
     g.outcome = reply.outcome
-    relay().observers.emit("accepted", cid=campaign.cid, event_id=event.event_id, outcome=reply.outcome,
+    current_relay().observers.emit("accepted", cid=campaign.cid, event_id=event.event_id, outcome=reply.outcome,
                            status=reply.status, event_uuid=reply.body["data"].get("event_uuid"),
                            test=True if g.get("test_traffic") else None)
     response = jsonify(reply.body)
@@ -150,7 +146,7 @@ def _filter_bot(campaign: CampaignConfig, event_id: str) -> Response | None:
     if marker is None:
         return None
     g.outcome = "filtered"
-    relay().observers.emit("filtered", cid=campaign.cid, event_id=event_id, reason="bot")
+    current_relay().observers.emit("filtered", cid=campaign.cid, event_id=event_id, reason="bot")
     log.info("filtered %s/%s from an automated client (%s)", campaign.cid, event_id, marker)
     response = jsonify(answer(202, "Event accepted; not forwarded (automated client)", type="filtered"))
     response.status_code = 202

@@ -256,7 +256,7 @@ def cmd_outbox_stats(args: argparse.Namespace) -> int:
 
 def cmd_outbox_list(args: argparse.Namespace) -> int:
     store = _open_store(args)
-    for record in store.list(state=args.state, cid=args.cid, limit=args.limit):
+    for record in store.find(state=args.state, cid=args.cid, limit=args.limit):
         # The zone is printed: an operator comparing with Pingtree's or nginx's times must not guess.
         when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(record.received_at))
         reason = f"  {record.last_error}" if record.last_error and record.state != "delivered" else ""

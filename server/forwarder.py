@@ -23,7 +23,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -170,6 +170,17 @@ class Forwarder(_Upstream):
 
     def close(self) -> None:
         self._client.close()
+
+
+class AsyncSender(Protocol):
+    """What the delivery engine needs of a forwarder (:class:`AsyncForwarder`, or the staging gate)."""
+
+    @property
+    def last(self) -> tuple[float, bool, str] | None: ...
+
+    async def send(self, cid: str, body: dict[str, Any]) -> Attempt: ...
+
+    async def aclose(self) -> None: ...
 
 
 class AsyncForwarder(_Upstream):

@@ -8,6 +8,7 @@ import time
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from .outbox import Store
+from .relay import current_relay, relay_of
 from .upstream_state import Outcome, latest
 
 bp = Blueprint("health", __name__)
@@ -38,7 +39,7 @@ class WriteProbe:
 
 def write_probe(app: Flask) -> WriteProbe:
     """The app's probe, made on first use (after the fork: the store is opened per worker)."""
-    relay = app.extensions["relay"]
+    relay = relay_of(app)
     probe = app.extensions.get("write_probe")
     if probe is None or probe.store is not relay.store:
         probe = app.extensions["write_probe"] = WriteProbe(relay.store)
@@ -56,7 +57,7 @@ def readyz() -> Response:
     """Ready when the store takes a write: with the store up the relay accepts events even if
     Pingtree is down (it queues them), so upstream trouble is reported but does not make it unready;
     a store that answers but refuses writes (full disk, Redis OOM) does make it unready."""
-    relay = current_app.extensions["relay"]
+    relay = current_relay()
     store_ok = relay.store.ping()
     write_error = write_probe(current_app).error() if store_ok else None
     ready = store_ok and write_error is None

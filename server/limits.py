@@ -26,7 +26,7 @@ from flask_limiter import Limiter, RateLimitExceeded
 
 from .errors import answer
 from .origins import origin_allowed
-from .relay import Relay
+from .relay import current_relay, relay_of
 
 # Keys in a shared Redis must not collide with the outbox's.
 KEY_PREFIX = "pingtree-relay-limits"
@@ -36,7 +36,7 @@ def init_app(app: Flask) -> None:
     """Attach the limiter to the event endpoints (the ``events`` blueprint) of ``app``."""
     from . import api
 
-    settings = _relay(app).config.relay
+    settings = relay_of(app).config.relay
     limits = settings.rate_limits
     if not limits.per_ip and not limits.per_campaign:
         return  # both off: no limiter at all, not one that checks every request for nothing
@@ -60,10 +60,6 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(RateLimitExceeded, _too_many_requests)
 
 
-def _relay(app: Flask | None = None) -> Relay:
-    return (app or current_app).extensions["relay"]  # type: ignore[no-any-return]
-
-
 def client_ip() -> str:
     """The client's address: the socket's, or the one ProxyFix took from trusted X-Forwarded-For hops."""
     return request.remote_addr or "unknown"
@@ -78,7 +74,7 @@ def campaign_key() -> str:
     cid = (request.view_args or {}).get("cid")
     if cid is None:  # /api/event/trigger
         cid = _body_cid()
-    return cid if isinstance(cid, str) and cid in _relay().config.campaigns else ""
+    return cid if isinstance(cid, str) and cid in current_relay().config.campaigns else ""
 
 
 def _body_cid() -> object:
@@ -103,11 +99,11 @@ def _too_many_requests(exc: RateLimitExceeded) -> Response:
         retry_after = max(1, math.ceil(breached.reset_at - time.time()))
     scope = "campaign" if breached is not None and "per_campaign" in breached.key else "client"
     cid = campaign_key() or None
-    _relay().observers.emit("rejected", cid=cid, event_id=None, reason="rate_limited", status=429)
+    current_relay().observers.emit("rejected", cid=cid, event_id=None, reason="rate_limited", status=429)
     response = jsonify(answer(429, f"Too many requests for this {scope}; retry after {retry_after} seconds"))
     response.status_code = 429
     response.headers["Retry-After"] = str(retry_after)
     origin = request.headers.get("Origin")
-    if cid and origin_allowed(origin, _relay().config.campaigns[cid].allowed_origins):
+    if cid and origin_allowed(origin, current_relay().config.campaigns[cid].allowed_origins):
         g.cors_origin = origin  # let the campaign's own page read the 429 and back off
     return response

@@ -32,6 +32,7 @@ from typing import Any
 from flask import Flask, Response, g, has_request_context, request
 
 from .jsonlog import JsonFormatter, mask_ip
+from .relay import relay_of
 
 DECISION_LOGGER = "pingtree_relay.decisions"
 # Letters, digits and a few separators, bounded: the id is echoed in a header and written to logs,
@@ -169,7 +170,8 @@ def init_app(app: Flask) -> None:
     app.before_request(_assign_request_id)
     app.after_request(_echo_request_id)
     decision_logger()
-    app.extensions["relay"].observers.add(log_decision)
-    if app.extensions["relay"].config.relay.access_log:
+    relay = relay_of(app)
+    relay.observers.add(log_decision)
+    if relay.config.relay.access_log:
         app.before_request(_start_clock)
         app.after_request(_access_line)

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from .build import store_kind, version
 from .config import Config
-from .relay import Relay
+from .relay import Relay, relay_of
 
 UNKNOWN = "unknown"
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -94,8 +94,9 @@ class Metrics:
         if campaign is None:
             return UNKNOWN, UNKNOWN
         event_id = fields.get("event_id")
-        known = isinstance(event_id, str) and event_id in campaign.events
-        return campaign.cid, event_id if known else UNKNOWN
+        if isinstance(event_id, str) and event_id in campaign.events:
+            return campaign.cid, event_id
+        return campaign.cid, UNKNOWN
 
     def observe(self, kind: str, fields: dict[str, Any]) -> None:
         """Observer for :class:`server.observe.Observers`."""
@@ -153,7 +154,7 @@ class Metrics:
         child.inc()
 
     def _delivery(self, cid: str, event_id: str, fields: dict[str, Any]) -> None:
-        state = fields.get("state")
+        state = str(fields.get("state"))
         {"delivered": self.delivered, "dead": self.dead, "retry": self.retries}.get(
             state, self.retries).labels(cid, event_id).inc()
         latency_ms = fields.get("latency_ms")
@@ -225,7 +226,7 @@ def multiprocess_dir() -> str | None:
 
 def init_app(app: Flask) -> None:
     """Count decisions from the observer bus and serve ``GET /metrics``."""
-    relay: Relay = app.extensions["relay"]
+    relay = relay_of(app)
     # The *_created series double the output and no dashboard of ours reads them.
     disable_created_metrics()
     shared = multiprocess_dir() is not None

@@ -37,7 +37,7 @@ def move_events(source: Store, target: Store, *, include_history: bool = False) 
     """Move pending events (oldest first) from ``source`` to ``target``; see the module docstring."""
     if not callable(getattr(source, "delete", None)):  # only SQLite can give up a pending record
         raise StoreInUse(f"cannot move pending events out of {type(source).__name__}; the old store must be SQLite")
-    pending = list(reversed(source.list(state="pending", limit=2**31 - 1)))
+    pending = list(reversed(source.find(state="pending", limit=2**31 - 1)))
     now = time.time()
     busy = [r for r in pending if r.lease_owner and r.next_at > now]
     if busy:
@@ -51,7 +51,7 @@ def move_events(source: Store, target: Store, *, include_history: bool = False) 
         source.delete([record.id])  # type: ignore[attr-defined]
     if include_history:
         for state in ("delivered", "dead"):
-            for record in reversed(source.list(state=state, limit=2**31 - 1)):
+            for record in reversed(source.find(state=state, limit=2**31 - 1)):
                 report.history += _copy_final(target, record)
     return report
 

@@ -12,6 +12,7 @@ from typing import Any
 from flask import Flask, Response, current_app, jsonify
 
 from .config import CampaignConfig, Config
+from .relay import current_relay
 from .validation import ATTRIBUTION_FIELDS, LEAD_FIELDS, MAX_FIELDS, MAX_ID, MAX_STRING
 
 JSON = "application/json"
@@ -27,7 +28,7 @@ def _serve() -> Response:
     spec = current_app.extensions.get("openapi_spec")
     if spec is None:  # built on first use: every init_app has registered its routes by then
         routes = {rule.rule for rule in current_app.url_map.iter_rules()}
-        spec = build_spec(current_app.extensions["relay"].config, has_metrics="/metrics" in routes)
+        spec = build_spec(current_relay().config, has_metrics="/metrics" in routes)
         current_app.extensions["openapi_spec"] = spec
     return jsonify(spec)
 

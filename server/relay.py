@@ -16,9 +16,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
+from flask import Flask, current_app
 
 from .config import CampaignConfig, Config
 from .enrichment import dedupe_key, forward_body
@@ -250,7 +251,8 @@ def _success(record: Record, upstream: dict[str, Any] | None) -> dict[str, Any]:
 
 def _upstream_error(record: Record, upstream: dict[str, Any] | None, reason: str) -> dict[str, Any]:
     upstream = upstream or {}
-    status = upstream.get("status") if isinstance(upstream.get("status"), int) else 502
+    given = upstream.get("status")
+    status = given if isinstance(given, int) else 502
     body = answer(
         status, str(upstream.get("message") or reason or "Upstream rejected the event"),
         data={"event_uuid": record.event_uuid},
@@ -258,3 +260,13 @@ def _upstream_error(record: Record, upstream: dict[str, Any] | None, reason: str
         invalid=upstream.get("invalidFields") if isinstance(upstream.get("invalidFields"), dict) else None,
     )
     return body
+
+
+def relay_of(app: Flask) -> Relay:
+    """The app's relay: ``create_app`` keeps it in ``app.extensions["relay"]``."""
+    return cast(Relay, app.extensions["relay"])
+
+
+def current_relay() -> Relay:
+    """The relay of the app serving the current request."""
+    return relay_of(current_app)

@@ -178,7 +178,7 @@ def test_campaigns_page_and_test_event(make_app: Callable[..., Flask], upstream:
         "amount": "12.50"})
     assert sent.status_code == 302 and "transaction_id=t-dash-1" in sent.headers["Location"]
     assert upstream.bodies[-1]["transaction_id"] == "t-dash-1" and upstream.bodies[-1]["amount"] == 12.5
-    record = app.extensions["relay"].store.list(transaction_id="t-dash-1")[0]
+    record = app.extensions["relay"].store.find(transaction_id="t-dash-1")[0]
     assert record.state == "delivered"
     feed = client.get(sent.headers["Location"]).text
     assert "t-dash-1" in feed and 'class="state delivered"' in feed

@@ -184,7 +184,7 @@ def test_move_from_sqlite_to_redis(tmp_path: Path, redis_url: str) -> None:
     assert done.stdout == ("moved 4 pending events (1 were in the new store already); "
                            "copied 1 delivered or dead events\n")
     assert new.stats().counts == {"pending": 5, "delivered": 1, "dead": 0}
-    assert [r.id for r in reversed(new.list(state="pending"))] == [f"ev-{i}" for i in range(5)]
+    assert [r.id for r in reversed(new.find(state="pending"))] == [f"ev-{i}" for i in range(5)]
     assert new.get("ev-3").payload == {"n": "ev-3"}  # type: ignore[union-attr]
     assert old.stats().counts["pending"] == 0  # nothing left to be sent twice from the old file
     again = cli("outbox", "move", "--from", old_url, "--config", str(path))

@@ -147,7 +147,7 @@ def assert_each_counted_once(upstream: Upstream, store: Store, txns: list[str]) 
     stats = upstream.stats()
     counted = stats["counted"]
     assert all(counted.get(t) == 1 for t in txns), {t: counted.get(t) for t in txns if counted.get(t) != 1}
-    records = {r.transaction_id: r for r in store.list(limit=len(txns) + 10)}
+    records = {r.transaction_id: r for r in store.find(limit=len(txns) + 10)}
     assert set(records) == set(txns)
     assert {r.state for r in records.values()} == {"delivered"}
     resent = [t for t in txns if stats["by_txn"][t] > 1 and not records[t].uncertain]
@@ -211,7 +211,7 @@ def test_sigterm_with_hundreds_in_flight_finishes_or_hands_back_every_lease(
     wait_for(lambda: upstream.stats()["in_flight"] >= 150, timeout=30, message="hundreds in flight")
     assert relay.stop(timeout=40) == 0
     store = store_of(relay)
-    records = store.list(limit=500)
+    records = store.find(limit=500)
     assert len(records) == 400
     assert all(r.lease_owner is None for r in records), "a lease outlived the shutdown"
     requests = upstream.stats()["by_txn"]
@@ -267,7 +267,7 @@ def test_an_engine_started_before_gunicorns_fork_delivers_in_the_workers(
             return set(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split())
 
         # While the upstream holds answers, the leases show who is delivering: owners carry their pid.
-        wait_for(lambda: {r.lease_owner.split(":")[1] for r in store.list(state="pending", limit=700)
+        wait_for(lambda: {r.lease_owner.split(":")[1] for r in store.find(state="pending", limit=700)
                           if r.lease_owner} & workers(), timeout=60, message="a worker's engine leasing")
         upstream.delay(0)
         assert relay.post({"event_id": "form_submitted", "transaction_id": txns[0] + "_new"}).status_code == 202
@@ -329,5 +329,5 @@ def test_kill_9_during_a_drain_loses_and_doubles_nothing(
     upstream.delay(0)
     wait_for(lambda: all_settled(store, 500), timeout=120, message="all 500 delivered after the kill")
     assert_each_counted_once(upstream, store, txns)
-    assert any(r.uncertain for r in store.list(limit=600)), "nothing was in flight at the kill"
+    assert any(r.uncertain for r in store.find(limit=600)), "nothing was in flight at the kill"
     store.close()

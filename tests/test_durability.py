@@ -125,7 +125,7 @@ def test_outage_then_sigkill_then_restart_delivers_everything_once(
         before, after = windows[txn]
         receipt = {conversion_date(s, "EST") for s in range(int(before), int(after) + 1)}
         assert stamp in receipt, f"{txn}: conversion_date {stamp} is not its receipt time {receipt}"
-    assert all(r.state == "delivered" for r in store.list(limit=100))
+    assert all(r.state == "delivered" for r in store.find(limit=100))
     store.close()
 
 
@@ -189,7 +189,7 @@ def test_two_relays_on_one_redis_survive_losing_one(
     events = events_by_txn(sandbox)
     assert all(events[t] == 1 for t in accepted), {t: events[t] for t in accepted if events[t] != 1}
     assert set(events) <= set(accepted) | lost_answers and max(events.values()) == 1, events
-    records = {r.transaction_id: r for r in store.list(limit=1000)}
+    records = {r.transaction_id: r for r in store.find(limit=1000)}
     assert set(accepted) <= set(records) <= set(accepted) | lost_answers
     assert {r.state for r in records.values()} == {"delivered"}  # a double claim would end dead
     requests = requests_by_txn(sandbox)
@@ -239,7 +239,7 @@ def test_many_workers_on_one_sqlite_file(relay_factory: RelayFactory, sandbox: S
     wait_for(lambda: drained(store, 200), timeout=30, message="all 200 events delivered")
 
     assert events_by_txn(sandbox) == Counter({t: 1 for t in txns})  # Multi-Trigger: any resend shows
-    assert {r.state for r in store.list(limit=500)} == {"delivered"}
+    assert {r.state for r in store.find(limit=500)} == {"delivered"}
     import sqlite3
 
     with sqlite3.connect(relay.store_path) as db:
@@ -300,7 +300,7 @@ def test_sigterm_while_delivering_then_restart_delivers_everything_once(
     wait_for(lambda: len(sandbox.requests()) >= 2, timeout=10, message="deliveries in flight")
     assert relay.stop() == 0  # SIGTERM: finish what is in flight, give the rest back
     store = store_of(relay)
-    leftover = store.list(state="pending", limit=100)
+    leftover = store.find(state="pending", limit=100)
     assert leftover and all(r.lease_owner is None for r in leftover), [r.lease_owner for r in leftover]
     assert all(r.attempts == 0 for r in leftover)  # released claims do not count as attempts
     sandbox.clear_faults()

@@ -79,7 +79,7 @@ def ringba(relay: Relay, query: str, **kw: Any) -> httpx.Response:
 def stored(relay: Relay, transaction_id: str) -> list[Any]:
     store = SQLiteStore(str(relay.store_path))
     try:
-        return store.list(transaction_id=transaction_id)
+        return store.find(transaction_id=transaction_id)
     finally:
         store.close()
 

@@ -227,7 +227,7 @@ def test_filtered_is_reported_with_its_reason(tmp_path: Path) -> None:
     assert response.status_code == 202
     assert ("filtered", {"cid": "c1", "event_id": "view", "reason": "bot"}) in seen
     assert not [k for k, _ in seen if k == "accepted"]
-    assert app.extensions["relay"].store.list(cid="c1") == []  # never stored
+    assert app.extensions["relay"].store.find(cid="c1") == []  # never stored
     app.extensions["relay"].close()
 
 

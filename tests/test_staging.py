@@ -65,7 +65,7 @@ def test_staging_event_is_stored_flagged_answered_as_test_and_never_forwarded(
     relay_factory: Any, pages_port: int, sandbox: Sandbox,
 ) -> None:
     # *.webflow.io is in allowed_origins too: staging_origins wins (test traffic).
-    relay = relay_factory(staging_campaigns(pages_port), admin_token="tok")
+    relay = relay_factory(staging_campaigns(pages_port), admin_token="tok-0123456789abcdef")
     t = "txn_" + uuid.uuid4().hex[:10]
     r = relay.post(event(t, gclid="g1"), origin=STAGING)
     assert r.status_code == 200, r.text
@@ -84,7 +84,7 @@ def test_staging_event_is_stored_flagged_answered_as_test_and_never_forwarded(
     client = httpx.Client(base_url=relay.url, timeout=10)
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/admin/login").text)
     assert token, "no CSRF token on the login page"
-    client.post("/admin/login", data={"token": "tok", "csrf_token": token.group(1)})
+    client.post("/admin/login", data={"token": "tok-0123456789abcdef", "csrf_token": token.group(1)})
     rows = client.get("/admin/feed.json", params={"transaction_id": t}).json()["events"]
     assert sorted(row["test"] for row in rows) == [False, True], rows
     metrics = httpx.get(relay.url + "/metrics", timeout=10).text

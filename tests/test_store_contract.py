@@ -115,7 +115,7 @@ def test_add_is_idempotent_on_id(store: Store) -> None:
     stored, created = store.add(again, owner="x", lease=30)
     assert not created and stored.transaction_id == r.transaction_id and stored.payload == r.payload
     assert stored.lease_owner is None and stored.attempts == 0
-    assert len(store.list()) == 1
+    assert len(store.find()) == 1
 
 
 @pytest.mark.parametrize("final", ["delivered", "dead"])
@@ -153,7 +153,7 @@ def test_a_dead_record_frees_its_dedupe_key(store: Store) -> None:
 def test_events_without_a_dedupe_key_repeat(store: Store) -> None:
     a, b = rec(txn="t1", dedupe=False), rec(txn="t1", dedupe=False)
     assert store.add(a, owner=None, lease=30)[1] and store.add(b, owner=None, lease=30)[1]
-    assert {r.id for r in store.list(transaction_id="t1")} == {a.id, b.id}
+    assert {r.id for r in store.find(transaction_id="t1")} == {a.id, b.id}
 
 
 def test_concurrent_adds_of_one_dedupe_key_keep_exactly_one(store_factory: StoreFactory) -> None:
@@ -492,26 +492,26 @@ def test_list_is_newest_first_with_filters(store: Store) -> None:
         store.add(r, owner=None, lease=30)
     make_dead(store, rec(cid="cmp_b", event_id="signup", txn="t4", received_at=base + 5))
     ids = [r.id for r in records]
-    listed = store.list()
+    listed = store.find()
     assert [r.id for r in listed[1:]] == ids[::-1] and listed[0].state == "dead"
-    assert [r.id for r in store.list(limit=2)] == [listed[0].id, ids[3]]
-    assert [r.id for r in store.list(cid="cmp_a")] == [ids[3], ids[1], ids[0]]
-    assert [r.id for r in store.list(event_id="quote_viewed")] == [ids[3], ids[2], ids[0]]
-    assert [r.id for r in store.list(transaction_id="t1")] == [ids[1], ids[0]]
-    assert [r.id for r in store.list(cid="cmp_a", event_id="quote_viewed", limit=1)] == [ids[3]]
-    assert [r.id for r in store.list(state="dead")] == [listed[0].id]
-    assert [r.id for r in store.list(state="pending", cid="cmp_b")] == [ids[2]]
-    assert store.list(state="delivered") == [] and store.list(cid="nobody") == []
+    assert [r.id for r in store.find(limit=2)] == [listed[0].id, ids[3]]
+    assert [r.id for r in store.find(cid="cmp_a")] == [ids[3], ids[1], ids[0]]
+    assert [r.id for r in store.find(event_id="quote_viewed")] == [ids[3], ids[2], ids[0]]
+    assert [r.id for r in store.find(transaction_id="t1")] == [ids[1], ids[0]]
+    assert [r.id for r in store.find(cid="cmp_a", event_id="quote_viewed", limit=1)] == [ids[3]]
+    assert [r.id for r in store.find(state="dead")] == [listed[0].id]
+    assert [r.id for r in store.find(state="pending", cid="cmp_b")] == [ids[2]]
+    assert store.find(state="delivered") == [] and store.find(cid="nobody") == []
 
 
 def test_list_pages_through_a_long_index(store: Store) -> None:
     base = time.time() - 1000
     for i in range(150):
         store.add(rec(cid="cmp_a" if i % 10 else "cmp_b", received_at=base + i), owner=None, lease=30)
-    rare = store.list(cid="cmp_b", event_id="form_submitted", limit=100)
+    rare = store.find(cid="cmp_b", event_id="form_submitted", limit=100)
     assert len(rare) == 15
     assert [r.received_at for r in rare] == sorted((r.received_at for r in rare), reverse=True)
-    assert len(store.list(limit=120)) == 120
+    assert len(store.find(limit=120)) == 120
 
 
 def test_stats_counts_states_and_the_oldest_pending_age(store: Store) -> None:
@@ -580,7 +580,7 @@ def test_purge_deletes_finished_records_by_age(store: Store) -> None:
     assert store.purge(state="delivered") == 1
     assert store.get(delivered.id) is None and store.get(dead.id) is not None
     assert store.purge(state="dead") == 1
-    assert [r.id for r in store.list()] == [pending.id]
+    assert [r.id for r in store.find()] == [pending.id]
     assert store.stats().counts == {"pending": 1, "delivered": 0, "dead": 0}
     # a purged delivered event no longer holds its key: the relay forgets it entirely
     assert store.add(rec(txn="t1"), owner=None, lease=30)[1]

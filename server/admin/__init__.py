@@ -35,7 +35,7 @@ from flask import (
 )
 from flask.sessions import SecureCookieSessionInterface
 
-from ..relay import Relay
+from ..relay import Relay, current_relay, relay_of
 from .sessions import SessionStore, open_sessions
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates",
@@ -47,12 +47,8 @@ LOGIN_WINDOW_SECONDS = 300
 _OPEN_ENDPOINTS = frozenset({"admin.login", "admin.static"})
 
 
-def relay() -> Relay:
-    return current_app.extensions["relay"]  # type: ignore[no-any-return]
-
-
 def admin_token() -> str:
-    return str(relay().config.relay.admin_token or "")
+    return str(current_relay().config.relay.admin_token or "")
 
 
 def sessions() -> SessionStore:
@@ -173,7 +169,7 @@ def init_app(app: Flask) -> None:
     """Register the dashboard and make the session cookie fit for it."""
     from . import postbacks, views  # noqa: F401  (routes attach themselves to bp)
 
-    relay_: Relay = app.extensions["relay"]
+    relay_ = relay_of(app)
     _secret_key(app, relay_)
     app.extensions["admin_sessions"] = open_sessions(relay_.config.relay.store)
     app.config.update(

@@ -12,7 +12,8 @@ from typing import Any
 from flask import current_app, render_template, request
 
 from ..postbacks.endpoint import source_url
-from . import bp, relay
+from ..relay import current_relay
+from . import bp
 
 
 def postback_counts() -> tuple[dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], dict[str, float]]]:
@@ -34,7 +35,7 @@ def postback_counts() -> tuple[dict[tuple[str, str], dict[str, float]], dict[tup
 @bp.get("/postbacks")
 def postbacks() -> str:
     """Postback sources: where to point the platform, and what each one's postbacks became."""
-    config = relay().config
+    config = current_relay().config
     base = config.relay.public_url or request.host_url.rstrip("/")
     outcomes, reasons = postback_counts()
     rows: list[dict[str, Any]] = []

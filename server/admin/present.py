@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 from ..logs import mask_ip
-from ..outbox import Record
+from ..outbox import Record, State
 from ..staging import is_test
 
 DISPLAY_STATES = ("queued", "delivering", "retrying", "delivered", "dead")
 # Store states to ask for, per display state (the store filters on its own states only).
-STORE_STATE = {"queued": "pending", "delivering": "pending", "retrying": "pending",
+STORE_STATE: dict[str, State] = {"queued": "pending", "delivering": "pending", "retrying": "pending",
                "delivered": "delivered", "dead": "dead"}
 
 

@@ -7,11 +7,13 @@ import secrets
 import time
 from typing import Any
 
-from flask import Response, current_app, flash, jsonify, redirect, render_template, request, url_for
+from flask import current_app, flash, jsonify, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response  # flask.Response is one; redirect() returns the base class
 
 from ..errors import ApiError
 from ..health import write_probe
 from ..logs import mask_ip
+from ..relay import current_relay
 from ..sdk import snippet_tag, versions_seen
 from ..sdk_archive import RETENTION_DAYS
 from ..validation import validate_event
@@ -23,7 +25,6 @@ from . import (
     log_in,
     log_out,
     login_blocked,
-    relay,
     token_matches,
 )
 from .chart import build_chart
@@ -75,10 +76,10 @@ def logout() -> Response:
 @bp.get("/")
 def overview() -> str:
     """Queue at a glance and the last hour, per minute, by outcome."""
-    store = relay().store
+    store = current_relay().store
     now = time.time()
     chart = build_chart(store.timeline(now - 3600), now)
-    recent = [feed_row(r, now) for r in store.list(limit=10)]
+    recent = [feed_row(r, now) for r in store.find(limit=10)]
     # The same cached write probe as /readyz: a full disk or a Redis refusing writes shows here too.
     write_error = write_probe(current_app).error()
     return render_template("admin/overview.html", stats=store.stats(), chart=chart, recent=recent,
@@ -89,7 +90,7 @@ def overview() -> str:
 def campaigns() -> str:
     """Every campaign: its tag (and the pinned variant), script versions pages load, events, origins
     and a test-event form."""
-    config = relay().config
+    config = current_relay().config
     base = config.relay.public_url or request.host_url.rstrip("/")
     seen = versions_seen()
     now = time.time()
@@ -102,14 +103,14 @@ def campaigns() -> str:
 
 def _snippet(cid: str, base: str) -> dict[str, str]:
     """The default tag (stable URL) and the pinned one (SRI, content-addressed URL)."""
-    config = relay().config
+    config = current_relay().config
     return {"html": snippet_tag(config, cid, base), "pinned": snippet_tag(config, cid, base, integrity=True)}
 
 
 @bp.post("/campaigns/<cid>/test")
 def send_test_event(cid: str) -> Response:
     """A test event through the real accept path: validated, stored, forwarded upstream."""
-    rel = relay()
+    rel = current_relay()
     rel.observers.emit("received", cid=cid if cid in rel.config.campaigns else None)
     campaign = rel.campaign(cid)
     body: dict[str, Any] = {"event_id": request.form.get("event_id", ""),
@@ -138,7 +139,7 @@ def _feed_filters() -> dict[str, str]:
 
 def _feed_rows(filters: dict[str, str]) -> list[dict[str, Any]]:
     wanted = filters["state"] if filters["state"] in DISPLAY_STATES else ""
-    records = relay().store.list(
+    records = current_relay().store.find(
         state=STORE_STATE.get(wanted), cid=filters["cid"] or None, event_id=filters["event_id"] or None,
         transaction_id=filters["transaction_id"] or None,
         limit=FEED_LIMIT * (3 if wanted in ("queued", "delivering", "retrying") else 1),
@@ -151,7 +152,7 @@ def _feed_rows(filters: dict[str, str]) -> list[dict[str, Any]]:
 def feed() -> str:
     """The latest events, filterable; the table refreshes itself from ``feed.json``."""
     filters = _feed_filters()
-    config = relay().config
+    config = current_relay().config
     events = sorted({e for c in config.campaigns.values() for e in c.events})
     return render_template("admin/feed.html", rows=_feed_rows(filters), filters=filters, page="feed",
                            campaigns=list(config.campaigns), events=events, states=DISPLAY_STATES)
@@ -160,25 +161,25 @@ def feed() -> str:
 @bp.get("/feed.json")
 def feed_json() -> Response:
     """The feed as JSON (same filters as the page), for the page's refresh and for scripts."""
-    return jsonify({"events": _feed_rows(_feed_filters()), "stats": relay().store.stats().to_dict()})
+    return jsonify({"events": _feed_rows(_feed_filters()), "stats": current_relay().store.stats().to_dict()})
 
 
 @bp.get("/dead")
 def dead() -> str:
     """Dead letters: why each died, and the body it would send (IP cut to its network)."""
     rows = [{**feed_row(r), "reason": r.last_error or "", "payload": masked_payload(r.payload)}
-            for r in relay().store.list(state="dead", limit=200)]
+            for r in current_relay().store.find(state="dead", limit=200)]
     return render_template("admin/dead.html", rows=rows, page="dead")
 
 
 @bp.post("/dead/requeue")
 def requeue() -> Response:
     """Re-queue one dead letter (``id``) or all of them (``all``); delivery starts at once."""
-    store = relay().store
+    store = current_relay().store
     if request.form.get("all"):
         count = store.requeue(everything=True)
     else:
         count = store.requeue(ids=[i for i in request.form.getlist("id") if i])
-    relay().dispatcher.wake()
+    current_relay().dispatcher.wake()
     flash(f"Re-queued {count} dead letter{'s' if count != 1 else ''}.", "ok")
     return redirect(url_for("admin.dead"))

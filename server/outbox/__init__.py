@@ -14,9 +14,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
-STATES = ("pending", "delivered", "dead")
+State = Literal["pending", "delivered", "dead"]  # what the store keeps; "retry" is pending, due later
+STATES: tuple[State, ...] = get_args(State)
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Record:
     received_at: float
     dedupe_key: str | None = None
     fingerprint: str | None = None  # Event.fingerprint(): a reused id must come with the same event
-    state: str = "pending"
+    state: State = "pending"
     attempts: int = 0
     next_at: float = 0.0
     lease_owner: str | None = None
@@ -76,7 +77,7 @@ class Outcome:
 
     record_id: str
     owner: str
-    state: str
+    state: State
     next_at: float
     status: int | None = None
     answer: dict[str, Any] | None = None
@@ -118,7 +119,7 @@ class Store(Protocol):
         """Lease up to ``limit`` due pending records (including ones whose lease expired)."""
 
     def finish(
-        self, record_id: str, owner: str, *, state: str, next_at: float, status: int | None,
+        self, record_id: str, owner: str, *, state: State, next_at: float, status: int | None,
         answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
     ) -> bool:
         """Record an attempt's outcome and drop the lease; False when ``owner`` no longer holds it."""
@@ -136,8 +137,8 @@ class Store(Protocol):
 
     def get(self, record_id: str) -> Record | None: ...
 
-    def list(
-        self, *, state: str | None = None, cid: str | None = None, event_id: str | None = None,
+    def find(
+        self, *, state: State | None = None, cid: str | None = None, event_id: str | None = None,
         transaction_id: str | None = None, limit: int = 50,
     ) -> list[Record]:
         """Newest first."""

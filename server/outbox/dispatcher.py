@@ -36,13 +36,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..forwarder import AsyncForwarder, Attempt, Decision, classify
-from . import Outcome, Record, Store
+from ..forwarder import AsyncSender, Attempt, Decision, classify
+from . import Outcome, Record, State, Store
 
 log = logging.getLogger("pingtree_relay.delivery")
 
 Observer = Callable[[Record, Attempt, Decision, bool], None]  # record, attempt, decision, inline
-ForwarderFactory = Callable[[int], AsyncForwarder]  # max connections -> a forwarder, built in the loop
+ForwarderFactory = Callable[[int], AsyncSender]  # max connections -> a forwarder, built in the loop
 
 CLAIM_BATCH = 200  # records per claim: a claim is one store transaction however many it takes
 SETTLE_BATCH = 500  # outcomes per finish_many (Redis runs a script that long without other clients)
@@ -76,7 +76,7 @@ class Dispatcher:
         self.max_in_flight = 1
         self.in_flight = 0
         self.peak_in_flight = 0
-        self.forwarder: AsyncForwarder | None = None  # the running engine's (its .last feeds /readyz)
+        self.forwarder: AsyncSender | None = None  # the running engine's (its .last feeds /readyz)
         self._owner_pid = -1
         self._owner = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +86,12 @@ class Dispatcher:
         self._restart_after_fork = False
         self._lock = threading.Lock()
         me = weakref.ref(self)  # the hook must not keep a dropped engine alive
-        os.register_at_fork(after_in_child=lambda: (engine := me()) and engine._forget_parent_engine())
+        def forget_in_child() -> None:
+            engine = me()
+            if engine is not None:
+                engine._forget_parent_engine()
+
+        os.register_at_fork(after_in_child=forget_in_child)
 
     @property
     def owner(self) -> str:
@@ -204,7 +209,7 @@ class Dispatcher:
             executor.shutdown(wait=True)
             self._loop = None
 
-    async def _claimer(self, executor: ThreadPoolExecutor, forwarder: AsyncForwarder) -> None:
+    async def _claimer(self, executor: ThreadPoolExecutor, forwarder: AsyncSender) -> None:
         # Claim in batches: wait until a batch worth of room is free, unless nothing is in flight.
         min_claim = max(1, min(CLAIM_BATCH, self.max_in_flight // 8))
         failures, idle = 0, False
@@ -238,7 +243,7 @@ class Dispatcher:
             if idle:
                 await self._pause(IDLE_POLL_SECONDS)
 
-    def _launch(self, record: Record, forwarder: AsyncForwarder) -> None:
+    def _launch(self, record: Record, forwarder: AsyncSender) -> None:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self._unsent[record.id] = record
@@ -246,7 +251,7 @@ class Dispatcher:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    async def _send(self, record: Record, forwarder: AsyncForwarder) -> None:
+    async def _send(self, record: Record, forwarder: AsyncSender) -> None:
         self._unsent.pop(record.id, None)
         try:
             attempt = await forwarder.send(record.cid, record.payload)
@@ -307,7 +312,7 @@ class Dispatcher:
         now = time.time()
         if decision.state == "retry" and now - record.received_at + decision.delay > self.max_age:
             decision = Decision("dead", reason=f"gave up after {record.attempts} attempts: {decision.reason}")
-        state = "pending" if decision.state == "retry" else decision.state
+        state: State = "dead" if decision.state == "dead" else "delivered" if decision.state == "delivered" else "pending"
         return decision, Outcome(record.id, owner, state, now + decision.delay, attempt.status, attempt.answer,
                                  decision.reason or attempt.error, attempt.uncertain, attempt.latency_ms)
 

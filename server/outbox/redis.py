@@ -43,13 +43,13 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from . import STATES, Outcome, Persistence, Record, Stats
+from . import STATES, Outcome, Persistence, Record, State, Stats
 from .schema import check_redis
 
 log = logging.getLogger("pingtree_relay.outbox")
@@ -347,7 +347,7 @@ class RedisStore:
         return [_decode(flat) for flat in self._run("claim", owner, int(limit), repr(float(lease)))]
 
     def finish(
-        self, record_id: str, owner: str, *, state: str, next_at: float, status: int | None,
+        self, record_id: str, owner: str, *, state: State, next_at: float, status: int | None,
         answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
     ) -> bool:
         return self.finish_many([Outcome(record_id, owner, state, next_at, status, answer, error,
@@ -379,7 +379,8 @@ class RedisStore:
     # --- reading and operating ---------------------------------------------------------------------
 
     def get(self, record_id: str) -> Record | None:
-        raw = self._client().hgetall(self._key("ev", record_id))
+        # decode_responses=True: every reply is str (redis-py's types also allow bytes).
+        raw = cast(dict[str, str], self._client().hgetall(self._key("ev", record_id)))
         return _decode(raw) if raw else None
 
     def _get_many(self, ids: list[str]) -> list[Record | None]:
@@ -388,8 +389,8 @@ class RedisStore:
             pipe.hgetall(self._key("ev", rid))
         return [_decode(raw) if raw else None for raw in pipe.execute()]
 
-    def list(
-        self, *, state: str | None = None, cid: str | None = None, event_id: str | None = None,
+    def find(
+        self, *, state: State | None = None, cid: str | None = None, event_id: str | None = None,
         transaction_id: str | None = None, limit: int = 50,
     ) -> list[Record]:
         # Walk the smallest applicable index newest-first and filter the rest here.
@@ -407,7 +408,7 @@ class RedisStore:
         seen: set[str] = set()
         start, page = 0, max(limit * 2, 100)
         while len(out) < limit:
-            ids = self._client().zrevrange(index, start, start + page - 1)
+            ids = cast(list[str], self._client().zrevrange(index, start, start + page - 1))
             if not ids:
                 break
             for record in self._get_many(ids):
@@ -433,9 +434,9 @@ class RedisStore:
     def requeue(self, *, ids: Iterable[str] = (), cid: str | None = None, everything: bool = False) -> int:
         client = self._client()
         if everything:
-            targets = list(client.zrange(self._key("state", "dead"), 0, -1))
+            targets = cast(list[str], client.zrange(self._key("state", "dead"), 0, -1))
         elif cid:
-            ids_of_cid = client.zrange(self._key("cid", cid), 0, -1)
+            ids_of_cid = cast(list[str], client.zrange(self._key("cid", cid), 0, -1))
             pipe = client.pipeline(transaction=False)
             for rid in ids_of_cid:
                 pipe.zscore(self._key("state", "dead"), rid)
@@ -459,7 +460,7 @@ class RedisStore:
         counts: dict[tuple[int, str], int] = {}
         offset = 0
         while True:
-            ids = client.zrangebyscore(self._key("recv"), since, "+inf", start=offset, num=_BATCH)
+            ids = cast(list[str], client.zrangebyscore(self._key("recv"), since, "+inf", start=offset, num=_BATCH))
             if not ids:
                 break
             pipe = client.pipeline(transaction=False)

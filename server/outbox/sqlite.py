@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from . import STATES, Outcome, Persistence, Record, Stats
+from . import STATES, Outcome, Persistence, Record, State, Stats
 from .schema import upgrade_sqlite
 
 T = TypeVar("T")
@@ -299,7 +299,7 @@ class SQLiteStore:
         return [_row_to_record(r) for r in rows]
 
     def finish(
-        self, record_id: str, owner: str, *, state: str, next_at: float, status: int | None,
+        self, record_id: str, owner: str, *, state: State, next_at: float, status: int | None,
         answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
     ) -> bool:
         return self.finish_many([Outcome(record_id, owner, state, next_at, status, answer, error,
@@ -357,8 +357,8 @@ class SQLiteStore:
         rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM events WHERE id = ?", (record_id,))
         return _row_to_record(rows[0]) if rows else None
 
-    def list(
-        self, *, state: str | None = None, cid: str | None = None, event_id: str | None = None,
+    def find(
+        self, *, state: State | None = None, cid: str | None = None, event_id: str | None = None,
         transaction_id: str | None = None, limit: int = 50,
     ) -> list[Record]:
         where, params = [], []

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from ..api import _read_body
 from ..config import CampaignConfig, PostbackConfig
 from ..errors import ApiError
-from ..relay import Relay
+from ..relay import Relay, current_relay
 from ..upstream import with_global_route
 from ..validation import parse_json_body, validate_event
 from .mapping import TOKEN_PARAM, map_postback
@@ -30,14 +30,10 @@ TOKEN_HEADER = "X-Postback-Token"
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
-def relay() -> Relay:
-    return current_app.extensions["relay"]  # type: ignore[no-any-return]
-
-
 @bp.route("/postback/<cid>/<source>", methods=["GET", "POST"], provide_automatic_options=False)
 def postback(cid: str, source: str) -> Response:
     """One postback; every refusal is reported with its reason (metrics, dashboard) and re-raised."""
-    rel = relay()
+    rel = current_relay()
     rel.observers.emit("received", cid=cid if cid in rel.config.campaigns else None)
     g.postback_source = None
     try:
