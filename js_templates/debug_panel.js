@@ -7,7 +7,7 @@
    text (textContent, never innerHTML): attribution values come from the URL and must not run.
    Styles are set through the CSSOM (element.style), which a strict CSP without 'unsafe-inline'
    allows, so it works on the demo's pages and on any page that lets the SDK run.
-   Served minified by rjsmin: no template literals. */
+   Minified by the build (scripts/build-sdk) into js_templates/compiled/debug_panel.js. */
 const api = window.pingtree;
 const trail = (api && api.t) || [{}];
 const C = trail[0];

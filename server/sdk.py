@@ -4,8 +4,10 @@ Three layers, so the interesting parts are testable without Flask:
 
 * :func:`script_config` - pure: a campaign (and the relay settings) to the JSON object the script
   embeds. Everything in it is public: it ships to every visitor.
-* :func:`render_sdk` - the rendered, minified, pre-compressed script, cached per script config
-  (not per request): a config reload that changes nothing reuses the cached build.
+* :func:`render_sdk` - the campaign's variant of the committed, minified build
+  (``js_templates/compiled/``, made by ``scripts/build-sdk``: :mod:`server.sdk_build`) rendered
+  with its config, pre-compressed, cached per script config (not per request): a config reload
+  that changes nothing reuses the cached build.
 * ``bp`` - ``GET /sdk/<cid>.js``, ``GET /sdk/<cid>/pingtree.js`` and each campaign's first-party
   ``sdk.script_path`` (the stable URLs: always the current build), and ``GET /sdk/<cid>/v/<version>.js``
   (one build by its content, for pinned tags; see :mod:`server.sdk_archive`). The first-party paths
@@ -23,16 +25,15 @@ import gzip
 import hashlib
 import html
 import json
-import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import brotli
 import jinja2
-import rjsmin
 from flask import Blueprint, Response, current_app, request
 
 from .attribution import CLICK_IDS
@@ -67,15 +68,22 @@ STUB = (
     "return new Promise(function(r){(window.pingtree.q=window.pingtree.q||[]).push([a,r])})};"
 )
 
-_env = jinja2.Environment(
+# js_templates/: the SDK's readable source (rendered by the build) and its compiled variants
+# (rendered here, per campaign).
+templates = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(JS_TEMPLATES)),
     autoescape=False,  # JavaScript, not HTML: the one value that enters goes through |tojson
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
 )
-# Not a campaign value: the relay's one list of ad click ids, the same in every campaign's script.
-_env.globals["click_ids"] = CLICK_IDS
+# No spaces in the config's JSON: it ships to every visitor. Sorted: the same bytes on every worker.
+templates.policies["json.dumps_kwargs"] = {"sort_keys": True, "separators": (",", ":")}
+# Not a campaign value: the relay's one list of ad click ids, the same in every campaign's script
+# (rendered into the build; server/sdk_build.py hashes it with the sources).
+templates.globals["click_ids"] = CLICK_IDS
+COMPILED = "compiled"  # the build's folder in js_templates/
+DEBUG_PANEL_FILE = "debug_panel.js"  # in COMPILED: js_templates/debug_panel.js, minified by the build
 
 
 @dataclass(frozen=True)
@@ -140,12 +148,17 @@ def render_sdk(campaign: CampaignConfig, relay: RelayConfig) -> BuiltScript:
     )
 
 
+def variant_name(features: Mapping[str, bool]) -> str:
+    """The compiled variant's file for a feature set: ``sdk.call.fill.js.j2``, ``sdk.js.j2`` for none."""
+    return ".".join(["sdk", *sorted(flag for flag, on in features.items() if on), "js.j2"])
+
+
 @lru_cache(maxsize=512)
 def _build(config_json: str, features_json: str) -> BuiltScript:
     # Keyed by canonical JSON: campaign objects hold dicts (unhashable), and only what reaches the
     # script may decide whether the script changes.
-    source = _env.get_template("sdk.js.j2").render(cfg=json.loads(config_json), feature=json.loads(features_json))
-    return package(shorten_names(rjsmin.jsmin(source)).encode("utf-8"))
+    variant = templates.get_template(f"{COMPILED}/{variant_name(json.loads(features_json))}")
+    return package(variant.render(cfg=json.loads(config_json)).encode("utf-8"))
 
 
 @lru_cache(maxsize=128)
@@ -159,38 +172,6 @@ def package(body: bytes) -> BuiltScript:
         etag=hashlib.sha256(body).hexdigest()[:32],
         integrity="sha384-" + base64.b64encode(hashlib.sha384(body).digest()).decode("ascii"),
     )
-
-
-# Local names of sdk.js.j2 that shorten_names renames (rjsmin renames nothing; this keeps the source
-# readable and the script inside its size budget). Only plain variables and functions belong here:
-# never a name that is also used as an object key or appears in a regex literal.
-SHORT_NAMES: tuple[str, ...] = (
-    "PARAMS", "SERVER_ONLY", "PREFIX", "waiters", "timer", "fails", "debug", "script", "url", "attr",
-    "get", "put", "parse", "uuid", "cookie", "landing", "keep", "items", "lease", "forget", "payload",
-    "held", "track", "deliver", "retry", "flush", "leave", "fire", "fill", "api", "stub", "touched",
-    "got", "old", "tid", "ans", "res", "pick", "list", "fields", "amount", "why", "wait", "after",
-    "root", "closest", "consent", "today", "log", "now", "name", "set", "two", "fly", "later", "ms", "cmd",
-    "trail", "both",
-)
-_TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[A-Za-z_$][\w$]*|[\s\S]""")
-
-
-def shorten_names(js: str) -> str:
-    """Rename the SHORT_NAMES to one or two letters, outside string literals and property accesses."""
-    used = set(re.findall(r"[A-Za-z_$][\w$]*", js))
-    fresh = (n for n in _short_candidates() if n not in used)
-    table = {name: next(fresh) for name in SHORT_NAMES}
-    out: list[str] = []
-    for token in _TOKEN.findall(js):
-        # After "." it is a property (a.log), unless the dot ends a spread ({...attr}).
-        is_property = out[-1:] == ["."] and out[-3:] != [".", ".", "."]
-        out.append(table[token] if token in table and not is_property else token)
-    return "".join(out)
-
-
-def _short_candidates() -> list[str]:
-    letters = "ABDEFGHIJKLMNOPQRSTUVWXYZ"  # capitals: the template's own short names are lowercase
-    return list(letters) + [a + b for a in letters for b in letters]
 
 
 def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: bool = True,
@@ -439,8 +420,9 @@ def _not_found() -> Response:
 
 @lru_cache(maxsize=1)
 def debug_panel_script() -> BuiltScript:
-    """js_templates/debug_panel.js, minified: the same for every campaign (it reads the SDK's trail)."""
-    return package(rjsmin.jsmin((JS_TEMPLATES / "debug_panel.js").read_text(encoding="utf-8")).encode("utf-8"))
+    """js_templates/debug_panel.js as the build minified it: the same for every campaign (it reads the
+    SDK's trail)."""
+    return package((JS_TEMPLATES / COMPILED / DEBUG_PANEL_FILE).read_text(encoding="utf-8").rstrip("\n").encode("utf-8"))
 
 
 @bp.get(DEBUG_PANEL_PATH)

@@ -62,10 +62,10 @@ def client_for(config: Config) -> FlaskClient:
 
 
 def embedded_config(js: str) -> dict:
-    """The one JSON object the script carries."""
-    match = re.search(r"var C=(\{.*?\});var ", js)
-    assert match, js[:300]
-    return json.loads(match.group(1))
+    """The one JSON object the script carries: the only part that is not the build's own code."""
+    assert js.startswith("((") and "={" in js, js[:300]
+    cfg, end = json.JSONDecoder().raw_decode(js, js.index("={") + 1)
+    return cfg
 
 
 # --- the pure part ---------------------------------------------------------------------------------
@@ -105,12 +105,12 @@ def test_server_only_fields_are_never_attribution_params() -> None:
 @pytest.mark.parametrize(("table", "present", "absent"), [
     ({}, ["data-pt-event", "input[type=hidden]"], ["tcpa_consent", "tel:", "bad selector"]),
     ({"call_event": "call_clicked"}, ["tel:"], ["tcpa_consent"]),
-    ({"consent": True}, ["tcpa_consent", "'consent'"], ["tel:"]),
+    ({"consent": True}, ["tcpa_consent", '"consent"'], ["tel:"]),
     ({"selectors": {".buy": "sale"}}, ["bad selector"], ["tel:"]),
     ({"fill_forms": False}, ["data-pt-event"], ["input[type=hidden]"]),
-    ({}, ["data-pt-event"], ["createElement('input')"]),
-    ({"add_hidden_fields": True}, ["createElement('input')", "input[type=hidden]"], []),
-    ({"add_hidden_fields": True, "fill_forms": False}, ["createElement('input')", "input[type=hidden]"], []),
+    ({}, ["data-pt-event"], ['createElement("input")']),
+    ({"add_hidden_fields": True}, ['createElement("input")', "input[type=hidden]"], []),
+    ({"add_hidden_fields": True, "fill_forms": False}, ['createElement("input")', "input[type=hidden]"], []),
 ])
 def test_unused_features_are_left_out(table: dict, present: list[str], absent: list[str]) -> None:
     config = make_config(table)
@@ -184,22 +184,6 @@ def _node_check(js: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_shorten_names_leaves_strings_and_properties_alone() -> None:
-    js = "var attr={};attr.attr='attr';var s=\"attr\\\"attr\";log(attr,a.log,'x\\'log',{...attr});"
-    out = sdk.shorten_names(js)
-    assert "'attr'" in out and '"attr\\"attr"' in out and "a.log" in out and "'x\\'log'" in out
-    assert "{...attr}" not in out
-    assert not re.search(r"(?<![.'\"\w])attr(?![\w'\"])", out.replace("'attr'", "").replace('"attr\\"attr"', ""))
-
-
-def test_demo_sdk_size_budget() -> None:
-    config = demo_config()
-    built = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay)
-    print(f"\ndemo SDK: {len(built.body)} bytes minified, {len(built.gzip)} gzipped, {len(built.br)} brotli")
-    assert len(built.gzip) <= 2500
-    assert gzip.decompress(built.gzip) == built.body
-
-
 # --- serving ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/sdk/cmp_demo.js", "/sdk/cmp_demo/pingtree.js"])
@@ -227,7 +211,7 @@ def test_compressed_when_accepted(accept: str, encoding: str | None) -> None:
     r = client_for(demo_config()).get("/sdk/cmp_demo.js", headers={"Accept-Encoding": accept})
     assert r.headers.get("Content-Encoding") == encoding
     body = {"gzip": gzip.decompress, "br": brotli.decompress, None: lambda b: b}[encoding](r.data)
-    assert body.startswith(b"((w,d,nav)=>{")
+    assert body == sdk.render_sdk(demo_config().campaigns["cmp_demo"], demo_config().relay).body
     assert int(r.headers["Content-Length"]) == len(r.data)
 
 
@@ -414,13 +398,3 @@ def test_versions_seen_counts_each_tag_kind() -> None:
 
 def test_stub_is_valid_javascript() -> None:
     _node_check(sdk.STUB)
-
-
-@pytest.mark.parametrize("table", [{}, {"consent": True, "selectors": {".x": "sale"}, "call_event": "call_clicked"}])
-def test_every_short_name_is_renamed(table: dict) -> None:
-    # A name left in full would be an undefined variable at run time ({...attr} once was).
-    config = make_config(table)
-    tokens = sdk._TOKEN.findall(sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode())
-    for i, token in enumerate(tokens):
-        if token in sdk.SHORT_NAMES:
-            assert tokens[i - 1] == "." and tokens[i - 3:i] != [".", ".", "."], (token, "".join(tokens[i - 20:i + 5]))

@@ -123,12 +123,13 @@ class Scene:
 
 
 def release_tree(tmp_path: Path) -> Path:
-    """A copy of the relay's source whose script template has a new line: the next release."""
+    """A copy of the relay's source whose script build has a new line: the next release."""
     tree = tmp_path / "release-2"
     shutil.copytree(ROOT / "server", tree / "server", ignore=shutil.ignore_patterns("__pycache__", "sdk-builds"))
     shutil.copytree(ROOT / "js_templates", tree / "js_templates")
-    template = tree / "js_templates" / "sdk.js.j2"
-    template.write_text('window.ptRelease = "2";\n' + template.read_text())
+    # What the relay serves is the committed build (scripts/build-sdk): every variant of it changes.
+    for template in (tree / "js_templates" / "compiled").glob("*.js.j2"):
+        template.write_text('window.ptRelease = "2";' + template.read_text())
     return tree
 
 
