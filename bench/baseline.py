@@ -1,7 +1,7 @@
 """The baseline: a Flask endpoint that only parses the JSON body and answers 204.
 
-Served through :func:`server.wsgi.run` with the same defaults as ``pingtree-relay serve`` (gthread,
-workers by CPU count, 8 threads), so relay/baseline isolates what the relay itself costs:
+Served through :func:`server.wsgi.run` with the same settings as ``pingtree-relay serve``
+(:func:`bench.servers.serve_defaults`), so relay/baseline isolates what the relay itself costs:
 validation, enrichment, the durable write and the inline attempt.
 """
 
@@ -32,11 +32,13 @@ def create_baseline_app() -> Flask:
 def main() -> None:
     from server import wsgi
 
+    from .servers import serve_defaults
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    wsgi.run(create_baseline_app, host=args.host, port=args.port)
+    wsgi.run(create_baseline_app, host=args.host, port=args.port, **serve_defaults())
 
 
 if __name__ == "__main__":

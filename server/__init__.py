@@ -7,13 +7,14 @@ import logging
 import os
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import Config, load_config
 from .errors import ApiError, answer
 from .relay import Relay, current_relay
+from .request_state import request_state
 
 __all__ = ["create_app", "Config", "load_config"]
 
@@ -86,7 +87,7 @@ def _event_request() -> bool:
 
 def _api_error(exc: ApiError) -> Response:
     if _event_request():
-        current_relay().observers.emit("rejected", cid=_cid(), event_id=_event_id(), reason=exc.reason, status=exc.status)
+        current_relay().rejected(_cid(), _event_id(), reason=exc.reason, status=exc.status)
     response = jsonify(exc.body())
     response.status_code = exc.status
     response.headers.update(exc.headers)
@@ -94,22 +95,21 @@ def _api_error(exc: ApiError) -> Response:
 
 
 def _cid() -> str | None:
-    cid = g.get("cid") or (request.view_args or {}).get("cid")
+    cid = request_state().cid or (request.view_args or {}).get("cid")
     return cid if isinstance(cid, str) and cid in current_relay().config.campaigns else None
 
 
 def _event_id() -> str | None:
     # Only a configured event id becomes a label: metrics must not grow with garbage input.
-    cid, event_id = _cid(), g.get("event_id")
+    cid, event_id = _cid(), request_state().event_id
     return event_id if cid and event_id in current_relay().config.campaigns[cid].events else None
 
 
 def _http_error(exc: HTTPException) -> Response:
     code = exc.code or 500
     if _event_request() and code >= 400:
-        current_relay().observers.emit("rejected", cid=_cid(), event_id=None,
-                                reason={413: "body_too_large", 405: "method", 404: "not_found"}.get(code, str(code)),
-                                status=code)
+        reason = {413: "body_too_large", 405: "method", 404: "not_found"}.get(code, str(code))
+        current_relay().rejected(_cid(), None, reason=reason, status=code)
     messages = {
         404: "Not found", 405: "Method not allowed",
         413: "Request body too large", 415: "Unsupported content type",

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -20,6 +21,7 @@ from .config import CampaignConfig
 from .enrichment import forward_body, relay_fields
 from .errors import ApiError, answer
 from .relay import current_relay
+from .request_state import request_state
 from .validation import _UUID_RE, parse_json_body, validate_event
 
 bp = Blueprint("events", __name__)
@@ -33,23 +35,22 @@ def trigger() -> Response:
     """Pingtree's second form: ``cid`` in the body, revenue as ``revenue``."""
     body = parse_json_body(_read_body(), request.content_type)
     cid = body.get("cid")
-    current_relay().observers.emit("received", cid=cid if isinstance(cid, str) and cid in current_relay().config.campaigns else None)
+    current_relay().received(cid)
     if cid is None or cid == "":
         raise ApiError(400, "cid is required", missing={"cid": "required"}, reason="missing_cid")
     if not isinstance(cid, str):
         raise ApiError(400, "Invalid cid", invalid={"cid": "expected a string"}, reason="invalid_cid")
     campaign = current_relay().campaign(cid)
-    return _handle(campaign, body, revenue_key="revenue")
+    return _handle(campaign, lambda: body, revenue_key="revenue")
 
 
 @bp.post("/api/event/<cid>", provide_automatic_options=False)
 def event(cid: str) -> Response:
     """Pingtree's campaign form: ``POST /api/event/{campaign-id}``, revenue as ``amount``."""
-    current_relay().observers.emit("received", cid=cid if cid in current_relay().config.campaigns else None)
+    current_relay().received(cid)
     campaign = current_relay().campaign(cid)
-    trusted = check_caller(campaign)
-    body = parse_json_body(_read_body(), request.content_type)
-    return _handle(campaign, body, revenue_key="amount", trusted=trusted)
+    # The caller is checked before the body is read: a page that may not post gets its 403 first.
+    return _handle(campaign, lambda: parse_json_body(_read_body(), request.content_type), revenue_key="amount")
 
 
 @bp.record
@@ -107,12 +108,15 @@ def _read_body() -> bytes:
     return data
 
 
-def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str, trusted: bool | None = None) -> Response:
+def _handle(campaign: CampaignConfig, read_body: Callable[[], dict[str, Any]], *, revenue_key: str) -> Response:
+    """Admit the caller, then validate, accept and answer one event of ``campaign``."""
+    state = request_state()
+    state.cid = campaign.cid
+    trusted = check_caller(campaign)  # the one place every event request is admitted
+    body = read_body()
     event_id = body.get("event_id")
-    # Only a string may become a label: a list here would break whoever reads g.event_id later.
-    g.cid, g.event_id = campaign.cid, event_id if isinstance(event_id, str) else None
-    if trusted is None:
-        trusted = check_caller(campaign)
+    # Only a string may become a label: a list here would break whoever reads it later.
+    state.event_id = event_id if isinstance(event_id, str) else None
     event = validate_event(campaign, body, revenue_key=revenue_key, trusted=trusted)
     if campaign.bot_filter and not trusted:
         filtered = _filter_bot(campaign, event.event_id)
@@ -121,16 +125,13 @@ def _handle(campaign: CampaignConfig, body: dict[str, Any], *, revenue_key: str,
     ip_address, user_agent = visitor(trusted, event.fields, request.remote_addr, request.headers.get("User-Agent"))
     reply = current_relay().accept(
         campaign, event, idempotency_key=_idempotency_key(), ip_address=ip_address, user_agent=user_agent,
-        test=getattr(g, "test_traffic", False),
+        test=state.test_traffic,
     )
     if trusted:  # say which server-decided fields are the relay's, not the caller's
         forwarded = forward_body(campaign, event, received_at=time.time(), ip_address=ip_address,
                                  user_agent=user_agent)
         reply.body["data"]["relay_fields"] = relay_fields(campaign, body, event, forwarded)
-    g.outcome = reply.outcome
-    current_relay().observers.emit("accepted", cid=campaign.cid, event_id=event.event_id, outcome=reply.outcome,
-                           status=reply.status, event_uuid=reply.body["data"].get("event_uuid"),
-                           test=True if g.get("test_traffic") else None)
+    state.outcome = reply.outcome
     response = jsonify(reply.body)
     response.status_code = reply.status
     return response
@@ -145,8 +146,8 @@ def _filter_bot(campaign: CampaignConfig, event_id: str) -> Response | None:
     marker = bot_marker(request.headers.get("User-Agent"))
     if marker is None:
         return None
-    g.outcome = "filtered"
-    current_relay().observers.emit("filtered", cid=campaign.cid, event_id=event_id, reason="bot")
+    request_state().outcome = "filtered"
+    current_relay().filtered(campaign.cid, event_id, reason="bot")
     log.info("filtered %s/%s from an automated client (%s)", campaign.cid, event_id, marker)
     response = jsonify(answer(202, "Event accepted; not forwarded (automated client)", type="filtered"))
     response.status_code = 202
@@ -166,7 +167,7 @@ def _idempotency_key() -> str | None:
 @bp.after_app_request
 def cors(response: Response) -> Response:
     """Let an allowed page read the answer (its conversion_id), errors included."""
-    origin = getattr(g, "cors_origin", None)
+    origin = request_state().cors_origin
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"

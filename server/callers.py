@@ -18,12 +18,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from flask import g, request
+from flask import request
 from werkzeug.datastructures import Headers
 
 from .config import CampaignConfig
 from .errors import ApiError
 from .origins import origin_allowed, well_formed_origin
+from .request_state import request_state
 
 log = logging.getLogger("pingtree_relay.events")
 
@@ -53,9 +54,10 @@ def check_caller(campaign: CampaignConfig) -> bool:
                        else "origin")
     if not origin_allowed_for(origin, campaign):
         _refuse_origin(campaign, origin)
-    g.cors_origin = origin
+    state = request_state()
+    state.cors_origin = origin
     # A staging origin is test traffic even when allowed_origins also matches it: never Pingtree.
-    g.test_traffic = origin_allowed(origin, campaign.staging_origins)
+    state.test_traffic = origin_allowed(origin, campaign.staging_origins)
     return False
 
 
@@ -69,7 +71,7 @@ def _refuse_origin(campaign: CampaignConfig, origin: str) -> NoReturn:
     it stops (the SDK treats any 4xx but 408/429 as final) where a CORS failure looks like a network
     error to retry forever. Only a well-formed origin is echoed; the log says which one was refused."""
     if well_formed_origin(origin):
-        g.cors_origin = origin
+        request_state().cors_origin = origin
     log.warning("origin %r refused for campaign %s (not in its allowed_origins)", origin[:120], campaign.cid)
     raise ApiError(403, "Origin not allowed", reason="origin")
 

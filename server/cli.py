@@ -124,12 +124,12 @@ def _stop_when_orphaned(dispatcher: Any, parent_pid: int) -> None:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    from . import wsgi
-    from .sandbox import create_sandbox_app
+    from .sandbox import loop_server
 
     print(f"Pingtree sandbox on http://{args.host}:{args.port}", flush=True)
-    # One worker: the sandbox keeps its state (received events, locks, faults) in memory.
-    wsgi.run(lambda: create_sandbox_app(config), host=args.host, port=args.port, workers=1, threads=64)
+    # One process on an event loop: the state (events, locks, faults) is in memory, and a delay
+    # fault is a timer, not a thread, so a slow sandbox holds thousands of answers at once.
+    loop_server.run(config, host=args.host, port=args.port)
     return 0
 
 

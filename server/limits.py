@@ -21,12 +21,13 @@ import json
 import math
 import time
 
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
 
 from .errors import answer
 from .origins import origin_allowed
 from .relay import current_relay, relay_of
+from .request_state import request_state
 
 # Keys in a shared Redis must not collide with the outbox's.
 KEY_PREFIX = "pingtree-relay-limits"
@@ -88,7 +89,7 @@ def _body_cid() -> object:
 
 def _taken_in(response: Response) -> bool:
     """Charge the campaign only for events the relay stored (see the module docstring)."""
-    return g.get("outcome") not in (None, "filtered")
+    return request_state().outcome not in (None, "filtered")
 
 
 def _too_many_requests(exc: RateLimitExceeded) -> Response:
@@ -99,11 +100,11 @@ def _too_many_requests(exc: RateLimitExceeded) -> Response:
         retry_after = max(1, math.ceil(breached.reset_at - time.time()))
     scope = "campaign" if breached is not None and "per_campaign" in breached.key else "client"
     cid = campaign_key() or None
-    current_relay().observers.emit("rejected", cid=cid, event_id=None, reason="rate_limited", status=429)
+    current_relay().rejected(cid, None, reason="rate_limited", status=429)
     response = jsonify(answer(429, f"Too many requests for this {scope}; retry after {retry_after} seconds"))
     response.status_code = 429
     response.headers["Retry-After"] = str(retry_after)
     origin = request.headers.get("Origin")
     if cid and origin_allowed(origin, current_relay().config.campaigns[cid].allowed_origins):
-        g.cors_origin = origin  # let the campaign's own page read the 429 and back off
+        request_state().cors_origin = origin  # let the campaign's own page read the 429 and back off
     return response

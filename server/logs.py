@@ -33,6 +33,7 @@ from flask import Flask, Response, g, has_request_context, request
 
 from .jsonlog import JsonFormatter, mask_ip
 from .relay import relay_of
+from .request_state import request_state
 
 DECISION_LOGGER = "pingtree_relay.decisions"
 # Letters, digits and a few separators, bounded: the id is echoed in a header and written to logs,
@@ -47,7 +48,7 @@ _FIELDS = ("cid", "event_id", "outcome", "state", "reason", "status", "event_uui
 
 def request_id() -> str | None:
     """This request's id, or None outside a request."""
-    return g.get("request_id") if has_request_context() else None
+    return request_state().request_id if has_request_context() else None
 
 
 def decision_logger() -> logging.Logger:
@@ -123,7 +124,7 @@ def log_decision(kind: str, fields: dict[str, Any]) -> None:
 
 def _assign_request_id() -> None:
     incoming = request.headers.get("X-Request-Id", "")
-    g.request_id = incoming if _SANE_REQUEST_ID.match(incoming) else _new_request_id()
+    request_state().request_id = incoming if _SANE_REQUEST_ID.match(incoming) else _new_request_id()
 
 
 _ids: tuple[int, str, Iterator[int]] = (0, "", iter(()))
@@ -143,20 +144,20 @@ def _new_request_id() -> str:
 def _echo_request_id(response: Response) -> Response:
     if "request_id" not in g:  # an earlier before_request hook answered before ours ran
         _assign_request_id()
-    response.headers["X-Request-Id"] = g.request_id
+    response.headers["X-Request-Id"] = request_state().request_id or ""
     return response
 
 
 def _start_clock() -> None:
-    g.started = time.perf_counter()
+    request_state().started = time.perf_counter()
 
 
 def _access_line(response: Response) -> Response:
     """``relay.access_log``: one JSON line per request, in the decision lines' form (masked client,
     request id; the path without its query string, which may carry a visitor's attribution)."""
-    started = g.get("started")
+    started = request_state().started
     fields: dict[str, Any] = {
-        "event": "request", "request_id": g.get("request_id"), "method": request.method, "path": request.path,
+        "event": "request", "request_id": request_state().request_id, "method": request.method, "path": request.path,
         "status": response.status_code, "bytes": response.calculate_content_length(),
         "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started is not None else None,
         "client": mask_ip(request.remote_addr),

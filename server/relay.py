@@ -107,6 +107,24 @@ class Relay:
             test=True if is_test(record.payload) else None,
         )
 
+    # --- what the accept path reports (the observers' vocabulary lives here, server/observe.py) -----
+
+    def received(self, cid: object) -> None:
+        """A request for an event arrived; ``cid`` becomes a label only when it is configured."""
+        self.observers.emit("received", cid=cid if isinstance(cid, str) and cid in self.config.campaigns else None)
+
+    def rejected(self, cid: str | None, event_id: str | None, *, reason: str, status: int) -> None:
+        """An event request was refused with ``status`` (``reason``: a short label)."""
+        self.observers.emit("rejected", cid=cid, event_id=event_id, reason=reason, status=status)
+
+    def filtered(self, cid: str, event_id: str, *, reason: str) -> None:
+        """Answered 202 but deliberately not stored or forwarded (a known bot)."""
+        self.observers.emit("filtered", cid=cid, event_id=event_id, reason=reason)
+
+    def _accepted(self, cid: str, event_id: str, reply: Reply, *, test: bool) -> None:
+        self.observers.emit("accepted", cid=cid, event_id=event_id, outcome=reply.outcome, status=reply.status,
+                            event_uuid=reply.body["data"].get("event_uuid"), test=True if test else None)
+
     def _engine_behind(self) -> bool:
         """True while the delivery engine has a backlog: the inline attempt would only add load.
 
@@ -140,6 +158,7 @@ class Relay:
                              user_agent=user_agent, test=test)
         if test:
             reply.body["data"]["test"] = True
+        self._accepted(campaign.cid, event.event_id, reply, test=test)
         return reply
 
     def _accept(

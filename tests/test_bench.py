@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from bench import load, sdk_weight
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench import load, profile, report, sdk_weight, servers, sustained
 from bench.e2e import percentile
+from tests.conftest import wait_for
 
 
 def test_sdk_weights_build_for_both_campaigns() -> None:
@@ -24,6 +32,139 @@ def test_wrk_summary_is_parsed() -> None:
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 99), percentile([], 50)) == (50.0, 99.0, 0.0)
+
+
+# --- the fake upstream, the naive proxy, the paced load: real processes on loopback ------------------
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[servers.Server]:
+    with servers.fake_upstream(tmp_path, 0) as server:
+        yield server
+
+
+def _post(url: str, transaction_id: str, cid: str = "cmp_bench") -> httpx.Response:
+    return httpx.post(f"{url}/api/event/{cid}", json={"event_id": "quote_viewed", "transaction_id": transaction_id},
+                      timeout=10)
+
+
+def test_fake_upstream_answers_pingtree_success_and_counts_repeats(upstream: servers.Server) -> None:
+    first = _post(upstream.url, "t1")
+    assert first.status_code == 200
+    assert first.json()["message"] == "Event triggered successfully"
+    assert first.json()["data"]["transaction_id"] == "t1"
+    _post(upstream.url, "t1")
+    _post(upstream.url, "t2")
+    httpx.post(f"{upstream.url}/api/event/cmp_bench", content=b"not json", timeout=10)
+    stats = servers.upstream_stats(upstream)
+    assert {k: stats[k] for k in ("received", "unique", "repeats", "bad", "answered", "in_flight")} == {
+        "received": 4, "unique": 2, "repeats": 1, "bad": 1, "answered": 4, "in_flight": 0}
+    assert httpx.post(upstream.url + "/_upstream/reset", timeout=10).json()["received"] == 0
+
+
+def test_fake_upstream_holds_answers_and_counts_peak_in_flight(upstream: servers.Server) -> None:
+    # Long enough that all 30 senders are surely in flight together, even on a loaded machine.
+    httpx.post(upstream.url + "/_upstream/config", json={"latency_ms": 4000}, timeout=10).raise_for_status()
+    with ThreadPoolExecutor(30) as pool:
+        answers = [pool.submit(_post, upstream.url, f"held{i}") for i in range(30)]
+        wait_for(lambda: servers.upstream_stats(upstream)["peak_in_flight"] == 30, message="30 answers held")
+        assert all(a.result().status_code == 200 for a in answers)
+    stats = servers.upstream_stats(upstream)
+    assert (stats["peak_in_flight"], stats["in_flight"], stats["unique"]) == (30, 0, 30)
+    bad = httpx.post(upstream.url + "/_upstream/config", json={"latency": 1}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["type"] == "error"
+
+
+def test_naive_proxy_passes_the_upstream_answer_back(tmp_path: Path, upstream: servers.Server) -> None:
+    with servers.naive_proxy(tmp_path, upstream.url) as proxy:
+        answer = _post(proxy.url, "via-proxy")
+        assert proxy.worker_pids()  # gunicorn workers, as for serve
+    assert answer.status_code == 200 and answer.json()["data"]["transaction_id"] == "via-proxy"
+    assert servers.upstream_stats(upstream)["unique"] == 1
+
+
+def test_paced_load_keeps_to_its_rate_when_answers_are_slow(upstream: servers.Server) -> None:
+    """Open loop: 100 ev/s for 3 s with every answer 400 ms late still offers ~300 events, never more."""
+    httpx.post(upstream.url + "/_upstream/config", json={"latency_ms": 400}, timeout=10).raise_for_status()
+    result = load.run_paced(upstream.url, "/api/event/cmp_bench", rate=100, seconds=3, origin=servers.ORIGIN,
+                            connections=60)
+    received = wait_for(lambda: (s := servers.upstream_stats(upstream))["in_flight"] == 0 and s["received"],
+                        message="the last answers")
+    assert 150 <= received <= 100 * result.seconds + 2  # the clock's rate, plus one start per wrk thread
+    assert result.errors == 0 and result.p50_ms >= 400
+    assert result.wrk_cpu_seconds > 0
+
+
+def test_serve_defaults_are_read_from_the_serve_command() -> None:
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--config", "x.toml"])
+    assert servers.serve_defaults() == {"workers": args.workers, "threads": args.threads}
+
+
+# --- pure pieces: ratios, verdicts, sustained figures, profiles ------------------------------------------
+
+
+def test_ratio_is_best_of_each_sweep_of_the_same_run() -> None:
+    accept = {"relay": [{"rps": 300.0}, {"rps": 900.0}], "proxy": [{"rps": 1200.0}, {"rps": 600.0}], "empty": []}
+    assert report.best_rps(accept, "relay") == 900.0
+    assert report.ratio(accept, "relay", "proxy") == 0.75
+    assert report.ratio(accept, "relay", "empty") is None and report.ratio(accept, "missing", "proxy") is None
+
+
+def test_target_verdicts_say_by_how_much() -> None:
+    assert report.Target("r", 0.75, 1.0, "x", False).verdict() == "**missed** by 0.25 x (25%)"
+    assert report.Target("p99", 20.0, 25, "ms", True).verdict() == "**met**"
+    assert report.Target("d", None, 1, "ev/s", False, why_missing="no redis").verdict() == "n/a (no redis)"
+
+
+def test_sustained_figures() -> None:
+    row = sustained.SustainedResult(
+        latency_ms=300, store="SQLite", offered_rate=1000, seconds=15.0, sent=14_000, accepted=15_000,
+        answer_errors=0, delivered_during_load=1_500, backlog_mid=6_000, backlog_end=13_500, empty_seconds=None,
+        empty_cap=45, delivered_total=6_000, repeats=0, peak_in_flight=36, p50_ms=1.0, p99_ms=9.0,
+        wrk_cpu_percent=3.0, relay_cpu_percent=120.0, upstream_cpu_percent=4.0)
+    assert (row.accepted_rate, row.delivered_rate, row.backlog_growth) == (1000.0, 100.0, 1000.0)
+    assert sustained.nearest([(1.0, 10), (7.4, 70), (8.1, 80)], 7.5) == 70
+    assert sustained.nearest([], 3) == 0
+
+
+def test_wrk_cpu_share_and_accepted() -> None:
+    line = ('WRK_JSON {"requests":1000,"duration_us":2000000,"bytes":1,"connect":0,"read":0,"write":0,'
+            '"status":10,"timeout":0,"mean":900.0,"p50":800,"p90":1500,"p95":2000,"p99":5000,"max":9000}')
+    result = load.parse_wrk(line, concurrency=8, wrk_cpu_seconds=0.5)
+    assert (result.accepted, result.wrk_cpu_percent) == (990, 25.0)
+
+
+PY_SPY_RAW = """\
+<module> (server/cli.py:1);handle (gunicorn/workers/gthread.py:10);accept (server/relay.py:5);_write (server/outbox/sqlite.py:9) 30
+<module> (server/cli.py:1);handle (gunicorn/workers/gthread.py:10);accept (server/relay.py:6);dumps (json/__init__.py:2) 10
+<module> (server/cli.py:1);EpollSelector.select (selectors.py:468) 60
+"""
+
+
+def test_profile_summary_drops_waiting_samples_and_merges_lines(tmp_path: Path) -> None:
+    (tmp_path / "p-1.txt").write_text(PY_SPY_RAW)
+    summary = profile.summarise([tmp_path / "p-1.txt"])
+    assert (summary["samples"], summary["busy_samples"], summary["waiting_percent"]) == (100, 40, 60.0)
+    assert summary["self"][0] == ["_write (server/outbox/sqlite.py)", 75.0]
+    assert ["accept (server/relay.py)", 100.0] in summary["inclusive"]  # two lines of one function
+
+
+def test_dump_summary_counts_threads_by_where_they_are() -> None:
+    dump = """Process 1: python
+Thread 11 (idle): "ThreadPoolExecutor-0_0"
+    read (httpcore/_backends/sync.py:128)
+    _receive_event (httpcore/_sync/http11.py:217)
+Thread 12 (idle): "ThreadPoolExecutor-0_1"
+    read (httpcore/_backends/sync.py:128)
+    _receive_event (httpcore/_sync/http11.py:217)
+Thread 13 (active): "MainThread"
+    select (selectors.py:468)
+"""
+    summary = profile.summarise_dump(dump)
+    assert summary["threads"] == 3
+    assert summary["where"][0] == ("idle: read (httpcore/_backends/sync.py) <- _receive_event (httpcore/_sync/http11.py)", 2)
 
 
 def test_durability_figures_are_in_the_docs_for_both_stores_and_faults() -> None:

@@ -111,7 +111,7 @@ def _snippet(cid: str, base: str) -> dict[str, str]:
 def send_test_event(cid: str) -> Response:
     """A test event through the real accept path: validated, stored, forwarded upstream."""
     rel = current_relay()
-    rel.observers.emit("received", cid=cid if cid in rel.config.campaigns else None)
+    rel.received(cid)
     campaign = rel.campaign(cid)
     body: dict[str, Any] = {"event_id": request.form.get("event_id", ""),
                             "transaction_id": request.form.get("transaction_id", "").strip()}
@@ -121,13 +121,11 @@ def send_test_event(cid: str) -> Response:
     try:
         event = validate_event(campaign, body, revenue_key="amount", trusted=False)
     except ApiError as exc:
-        rel.observers.emit("rejected", cid=cid, event_id=None, reason=exc.reason, status=exc.status)
+        rel.rejected(cid, None, reason=exc.reason, status=exc.status)
         flash(f"Not sent: {exc.status} {exc.message}", "error")
         return redirect(url_for("admin.campaigns") + f"#{cid}")
     reply = rel.accept(campaign, event, idempotency_key=None, ip_address=None,
                        user_agent="pingtree-relay dashboard (test event)")
-    rel.observers.emit("accepted", cid=cid, event_id=event.event_id, outcome=reply.outcome,
-                       status=reply.status, event_uuid=reply.body["data"].get("event_uuid"))
     flash(f"Test event {event.event_id} for {event.transaction_id}: {reply.outcome} "
           f"({reply.status} {reply.body.get('message', '')})", "ok" if reply.status < 400 else "error")
     return redirect(url_for("admin.feed", transaction_id=event.transaction_id))

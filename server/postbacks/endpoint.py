@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
@@ -20,6 +20,7 @@ from ..api import _read_body
 from ..config import CampaignConfig, PostbackConfig
 from ..errors import ApiError
 from ..relay import Relay, current_relay
+from ..request_state import request_state
 from ..upstream import with_global_route
 from ..validation import parse_json_body, validate_event
 from .mapping import TOKEN_PARAM, map_postback
@@ -34,14 +35,14 @@ _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 def postback(cid: str, source: str) -> Response:
     """One postback; every refusal is reported with its reason (metrics, dashboard) and re-raised."""
     rel = current_relay()
-    rel.observers.emit("received", cid=cid if cid in rel.config.campaigns else None)
-    g.postback_source = None
+    rel.received(cid)
+    state = request_state()
     try:
         return _accept(rel, cid, source)
     except (ApiError, HTTPException) as exc:
         status = exc.status if isinstance(exc, ApiError) else (exc.code or 500)
         reason = exc.reason if isinstance(exc, ApiError) else {413: "body_too_large"}.get(status, str(status))
-        rel.observers.emit("postback", cid=g.get("cid"), source=g.postback_source, event_id=g.get("event_id"),
+        rel.observers.emit("postback", cid=state.cid, source=state.postback_source, event_id=state.event_id,
                            outcome="refused", reason=reason, status=status)
         raise
 
@@ -50,21 +51,20 @@ def _accept(rel: Relay, cid: str, source_name: str) -> Response:
     if request.method == "HEAD":  # a link checker must not fire a conversion
         raise ApiError(405, "Use GET or POST", headers={"Allow": "GET, POST"}, reason="method")
     campaign = rel.campaign(cid)
-    g.cid = campaign.cid
+    request_state().cid = campaign.cid
     source = campaign.postbacks.get(source_name)
     if source is None:
         raise ApiError(404, "Postback source not found", reason="unknown_source")
-    g.postback_source = source.name
+    request_state().postback_source = source.name
     _check_token(source, request.headers.get(TOKEN_HEADER) or request.args.get(TOKEN_PARAM))
     mapped = map_postback(campaign, source, _params())
-    g.event_id = mapped.body["event_id"] if isinstance(mapped.body["event_id"], str) else None
+    request_state().event_id = mapped.body["event_id"] if isinstance(mapped.body["event_id"], str) else None
     event = validate_event(campaign, mapped.body, revenue_key="amount", trusted=False)
     if source.global_org_id:
         event = with_global_route(event, source.global_org_id)
     reply = rel.accept(campaign, event, idempotency_key=mapped.idempotency_key, ip_address=None, user_agent=None)
-    g.outcome = reply.outcome
+    request_state().outcome = reply.outcome
     fields = {"cid": campaign.cid, "event_id": event.event_id, "outcome": reply.outcome, "status": reply.status}
-    rel.observers.emit("accepted", **fields, event_uuid=reply.body["data"].get("event_uuid"))
     rel.observers.emit("postback", **fields, source=source.name, reason="")
     response = jsonify(reply.body)
     response.status_code = reply.status

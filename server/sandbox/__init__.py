@@ -4,7 +4,8 @@ The relay forwards to it in the demo and in every test, and users develop their 
 ``create_sandbox_app(config, lock_seconds=2.0)`` builds the Flask app; the campaigns, their events
 (``conversion``, ``allow_duplicates``) and ``inactive_sources`` come from ``config.campaigns``. It
 also works mounted under a prefix (the demo serves it at ``/sandbox``). Run it alone with
-``python -m server.sandbox --config FILE --port PORT`` (one gunicorn gthread worker).
+``python -m server.sandbox --config FILE --port PORT`` (one process on an asyncio loop, where a
+delay fault is a timer: see :mod:`server.sandbox.loop_server`).
 
 Emulated API (answers always ``{"status","type","message","data","missingFields","invalidFields"}``):
 
@@ -34,11 +35,11 @@ Control API (JSON):
   ``method``, ``path``, ``headers`` (lowercase names; authorization/cookie redacted), ``body``,
   ``accepted``, ``fault``, ``status`` (null when dropped), ``answer``, ``duration_ms``.
 - ``GET /_sandbox/stats`` -> counts: ``requests, accepted, conversions, rejected, faults_applied,
-  dropped, by_status, by_message, active_locks``.
+  dropped, by_status, by_message, active_locks, held`` (``held``: answers a delay fault is holding back now).
 - ``POST /_sandbox/reset`` -> clears records, locks, fired events and faults (not ``lock_seconds``).
 - ``GET|POST|DELETE /_sandbox/faults`` -> show, replace, clear the fault queue. ``POST`` takes one
   fault, a list, or ``{"faults": [...]}``; each event request consumes the head of the queue. A fault:
-  ``status`` (answer it, Pingtree-shaped, with optional ``message``), ``delay_ms`` (sleep),
+  ``status`` (answer it, Pingtree-shaped, with optional ``message``), ``delay_ms`` (hold the answer back),
   ``drop: true`` (close the TCP connection with no HTTP answer), ``when: "before"|"after"`` (the
   event is not processed / is processed, then misbehave), ``count`` (requests it applies to; absent or
   null = until cleared). E.g. ``{"status": 500, "count": 3}``, ``{"delay_ms": 1500, "when": "after"}``,

@@ -1,7 +1,8 @@
-"""``python -m server.sandbox --config FILE --port PORT``: serve the sandbox alone under gunicorn.
+"""``python -m server.sandbox --config FILE --port PORT``: serve the sandbox alone.
 
-One worker on purpose: the sandbox's state is in memory, and two processes would keep two
-different sets of locks and fired events. Threads give the concurrency instead.
+One process on one event loop (:mod:`server.sandbox.loop_server`): the sandbox's state is in
+memory, and two processes would keep two different sets of locks and fired events; a delay fault
+is a timer there, so one process holds thousands of slow answers at once.
 """
 
 from __future__ import annotations
@@ -9,11 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flask import Flask
-
-from server import wsgi
 from server.config import ConfigError, load_config
-from server.sandbox.app import create_sandbox_app
+from server.sandbox import loop_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,19 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--lock-seconds", type=float, default=2.0, help="Pingtree's lock window")
-    parser.add_argument("--threads", type=int, default=32)
     args = parser.parse_args(argv)
     try:
-        # Loaded before gunicorn starts, so a bad file fails here with the key named, not in a worker.
+        # Loaded before serving, so a bad file fails here with the key named.
         config = load_config(args.config)
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    def factory() -> Flask:
-        return create_sandbox_app(config, lock_seconds=args.lock_seconds)
-
-    wsgi.run(factory, host=args.host, port=args.port, workers=1, threads=args.threads)
+    loop_server.run(config, host=args.host, port=args.port, lock_seconds=args.lock_seconds)
     return 0
 
 

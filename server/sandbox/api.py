@@ -1,8 +1,12 @@
 """The emulated Event Postback API: both documented endpoints, with faults and request recording.
 
-``POST /api/event/{campaign-id}`` (revenue as ``amount``) and ``POST /api/event/trigger`` (``cid``
-in the body, revenue as ``revenue``). A view here is a thin adapter: the rules are in
-:mod:`~server.sandbox.rules`, the lock and deduplication in :mod:`~server.sandbox.state`.
+``POST /api/event/{campaign-id}`` (revenue as ``amount``), ``POST /api/event/trigger`` (``cid``
+in the body, revenue as ``revenue``) and ``POST /api/event/global/{org-id}`` (the lead names the
+campaign). The rules are in :mod:`~server.sandbox.rules`, the lock and
+deduplication in :mod:`~server.sandbox.state`; :func:`handle_event` here is the whole request
+without any I/O. It *yields* each fault delay instead of sleeping, so whoever serves it decides how
+to wait: the Flask views below sleep in their thread (the demo, the test client), the sandbox's own
+server (:mod:`~server.sandbox.loop_server`) sets a timer and holds no thread at all.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -32,89 +36,130 @@ class ConnectionDropped(ConnectionError):
     """A drop fault fired where no socket exists to close (e.g. Flask's test client)."""
 
 
+@dataclass(frozen=True)
+class EventRequest:
+    """What an event endpoint needs of a request; ``path_cid`` is None for ``/api/event/trigger``."""
+
+    method: str
+    path: str
+    headers: Iterable[tuple[str, str]]
+    raw: bytes
+    mimetype: str  # the Content-Type without parameters, lowercase ("" when absent)
+    path_cid: str | None
+    global_org: str | None = None  # set for ``/api/event/global/{org-id}``: the lead names the campaign
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to send: ``status`` None means close the connection without any answer."""
+
+    status: int | None
+    body: dict[str, Any] | None
+
+
+# Yields delays in seconds, returns the outcome: ``steps.send(None)`` after each wait.
+EventSteps = Generator[float, None, Outcome]
+
+
+def handle_event(state: SandboxState, req: EventRequest) -> EventSteps:
+    """One event request, fault included: yields each delay to wait, returns the :class:`Outcome`."""
+    started = time.monotonic()
+    fault = state.take_fault()  # the whole body was read first, so even a drop happens after the upload
+    record: dict[str, Any] = {
+        "received_at": utc_now(), "method": req.method, "path": req.path,
+        "headers": _recorded_headers(req.headers), "body": _recorded_body(req.raw), "accepted": False,
+        "fault": dict(fault.as_dict) if fault else None,
+    }
+    if fault and fault.when == "before":
+        yield from _delay(state, fault)
+        if not fault.processes_event:
+            return _finish(state, record, started, _fault_answer(fault))
+    status, result = _process(state, req)
+    record["accepted"] = status == 200  # processed and recorded as an event
+    if fault and fault.when == "after":
+        yield from _delay(state, fault)
+        if fault.drop or fault.status is not None:
+            return _finish(state, record, started, _fault_answer(fault))
+    return _finish(state, record, started, Outcome(status, result))
+
+
+def _delay(state: SandboxState, fault: Fault) -> Generator[float, None, None]:
+    if fault.delay_ms:
+        state.hold(+1)
+        try:
+            yield fault.delay_ms / 1000
+        finally:
+            state.hold(-1)
+
+
+def run_blocking(steps: EventSteps) -> Outcome:
+    """Run ``steps`` in this thread, sleeping through each delay (what a threaded server does)."""
+    try:
+        while True:
+            time.sleep(next(steps))
+    except StopIteration as done:
+        return done.value
+
+
 @bp.post("/api/event/trigger")
 def trigger() -> Response:
-    return _handle(path_cid=None)
+    return _respond(path_cid=None)
 
 
 @bp.post("/api/event/<cid>")
 def event_for_campaign(cid: str) -> Response:
-    return _handle(path_cid=cid)
+    return _respond(path_cid=cid)
 
 
 @bp.post("/api/event/global/<org_id>")
 def global_event(org_id: str) -> Response:
     """The Global Event Postback API: no cid; the lead (and so its campaign) is found by transaction_id."""
-    return _handle(path_cid=None, global_org=org_id)
+    return _respond(path_cid=None, global_org=org_id)
 
 
-def _handle(path_cid: str | None, global_org: str | None = None) -> Response:
+def _respond(path_cid: str | None, global_org: str | None = None) -> Response:
     state: SandboxState = current_app.extensions["sandbox"]
-    started = time.monotonic()
-    raw = request.get_data()  # read the whole body first, so even a drop happens after the upload
-    fault = state.take_fault()
-    record: dict[str, Any] = {
-        "received_at": utc_now(), "method": request.method, "path": request.path,
-        "headers": _headers(), "body": _recorded_body(raw), "accepted": False,
-        "fault": asdict(fault) if fault else None,
-    }
-    if fault and fault.when == "before":
-        _sleep(fault)
-        if not fault.processes_event:
-            return _finish(state, record, started, _fault_answer(fault))
-    status, result = _process(state, raw, path_cid, global_org)
-    record["accepted"] = status == 200  # processed and recorded as an event
-    if fault and fault.when == "after":
-        _sleep(fault)
-        if fault.drop or fault.status is not None:
-            return _finish(state, record, started, _fault_answer(fault))
-    return _finish(state, record, started, (status, result))
+    req = EventRequest(method=request.method, path=request.path, headers=request.headers.items(),
+                       raw=request.get_data(), mimetype=request.mimetype, path_cid=path_cid, global_org=global_org)
+    outcome = run_blocking(handle_event(state, req))
+    if outcome.status is None:
+        request.environ[DROP_KEY] = True  # DropConnection closes the socket once Flask returns
+        return Response(b"", 500)
+    response = jsonify(outcome.body)
+    response.status_code = outcome.status
+    return response
 
 
-def _process(state: SandboxState, raw: bytes, path_cid: str | None, global_org: str | None) -> tuple[int, dict[str, Any]]:
+def _process(state: SandboxState, req: EventRequest) -> tuple[int, dict[str, Any]]:
     try:
-        body = rules.parse_body(raw, request.mimetype)
-        if global_org is not None:
+        body = rules.parse_body(req.raw, req.mimetype)
+        if req.global_org is not None:
             accepted = rules.check_global_event(state.campaigns, body, find_lead=state.lead_campaign)
         else:
-            accepted = rules.check_event(state.campaigns, body, path_cid=path_cid)
+            accepted = rules.check_event(state.campaigns, body, path_cid=req.path_cid)
         return 200, state.fire(accepted, body)
     except ApiError as exc:
         return exc.status, exc.body()
 
 
-def _sleep(fault: Fault) -> None:
-    # Server side, one thread per request: blocking here is exactly what a slow Pingtree does.
-    if fault.delay_ms:
-        time.sleep(fault.delay_ms / 1000)
-
-
-def _fault_answer(fault: Fault) -> tuple[int | None, dict[str, Any] | None]:
+def _fault_answer(fault: Fault) -> Outcome:
     if fault.drop:
-        return None, None
+        return Outcome(None, None)
     status = fault.status or 500
-    return status, answer(status, fault.answer_message())
+    return Outcome(status, answer(status, fault.answer_message()))
 
 
-def _finish(
-    state: SandboxState, record: dict[str, Any], started: float,
-    outcome: tuple[int | None, dict[str, Any] | None],
-) -> Response:
-    status, result = outcome
-    record.update(status=status, answer=result, duration_ms=round((time.monotonic() - started) * 1000, 1))
+def _finish(state: SandboxState, record: dict[str, Any], started: float, outcome: Outcome) -> Outcome:
+    record.update(status=outcome.status, answer=outcome.body,
+                  duration_ms=round((time.monotonic() - started) * 1000, 1))
     state.record_request(record)
-    if status is None:
-        request.environ[DROP_KEY] = True  # DropConnection closes the socket once Flask returns
-        return Response(b"", 500)
-    response = jsonify(result)
-    response.status_code = status
-    return response
+    return outcome
 
 
-def _headers() -> dict[str, str]:
+def _recorded_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {
         name.lower(): ("[redacted]" if name.lower() in _REDACTED_HEADERS else value)
-        for name, value in request.headers.items()
+        for name, value in headers
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -40,7 +41,12 @@ class Fault:
         return self.message or HTTPStatus(self.status or 500).phrase
 
     def to_json(self, remaining: int | None) -> dict[str, Any]:
-        return {**asdict(self), "remaining": remaining}
+        return {**self.as_dict, "remaining": remaining}
+
+    @cached_property
+    def as_dict(self) -> dict[str, Any]:
+        """The fault's fields (computed once: every request a fault applies to records them)."""
+        return asdict(self)
 
 
 def parse_faults(raw: Any) -> list[Fault]:

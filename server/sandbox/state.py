@@ -1,8 +1,9 @@
 """The sandbox's memory: recorded requests and events, the 2-second locks, fired events, faults.
 
-One :class:`SandboxState` per app, in ``app.extensions["sandbox"]``. The sandbox runs as a single
-gunicorn gthread worker with many threads, so every method takes one ``threading.Lock``; the work
-done under it is a few dict operations, never I/O or sleeping.
+One :class:`SandboxState` per app, in ``app.extensions["sandbox"]``. Event requests run on the
+sandbox server's event loop while its control API runs in threads (and the demo serves it from
+gunicorn threads), so every method takes one ``threading.Lock``; the work done under it is a few
+dict operations, never I/O or sleeping.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class SandboxState:
         self._leads: dict[str, str] = {}  # transaction_id -> cid of its first event (the global API's lookup)
         self._faults: list[list[Any]] = []  # [Fault, remaining count or None]
         self._counts: Counter[str] = Counter()
+        self._held = 0  # answers being held back by a delay fault right now
         self._by_status: Counter[str] = Counter()
         self._by_message: Counter[str] = Counter()
         self._next_id = 1
@@ -103,6 +105,11 @@ class SandboxState:
         self._next_id += 1
         return self._next_id - 1
 
+    def hold(self, change: int) -> None:
+        """Count an answer starting (+1) or ending (-1) a delay fault's wait."""
+        with self._mutex:
+            self._held += change
+
     # --- records --------------------------------------------------------------------------------
 
     def record_request(self, record: dict[str, Any]) -> None:
@@ -144,6 +151,7 @@ class SandboxState:
                 "rejected": sum(n for status, n in self._by_status.items() if status.isdigit() and int(status) >= 400),
                 "by_status": dict(self._by_status), "by_message": dict(self._by_message),
                 "active_locks": sum(1 for t in self._locks.values() if t > now),
+                "held": self._held,
             }
 
     # --- faults ---------------------------------------------------------------------------------
