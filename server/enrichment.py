@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from .attribution import with_external_clickid
-from .config import SERVER_ONLY_FIELDS, TIMEZONES, CampaignConfig
-from .validation import ATTRIBUTION_FIELDS, Event
+from .config import CampaignConfig
+from .fields import ATTRIBUTION_FIELDS, MAX_USER_AGENT, SERVER_ONLY_FIELDS, TIMEZONES
+from .validation import Event
 
 
 def conversion_date(received_at: float, timezone: str) -> str:
@@ -49,7 +50,7 @@ def forward_body(
     if ip_address:
         body["ip_address"] = ip_address
     if user_agent:
-        body["user_agent"] = user_agent[:512]
+        body["user_agent"] = user_agent[:MAX_USER_AGENT]
     return body
 
 
