@@ -288,7 +288,8 @@ def _schemas() -> dict[str, Any]:
     server_only = {
         **{name: {**money, "description": trusted} for name in COST_FIELDS},
         "cost_operation": {"type": "string", "enum": list(COST_OPERATIONS), "description": trusted},
-        "ip_address": {"type": "string", "description": f"the visitor's IPv4 or IPv6 address; {trusted}"},
+        "ip_address": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+                       "description": f"the visitor's IPv4 or IPv6 address; {trusted}"},
         "user_agent": {"type": "string", "maxLength": MAX_USER_AGENT,
                        "description": f"the visitor's User-Agent; {trusted}"},
         **{name: {"type": "string", **schema, "description": f"{trusted}; ignored: always the relay's own"}
