@@ -34,7 +34,7 @@ def forward_body(
     ``conversion_date`` is the moment the relay received the event, fixed here once: a delivery
     hours later (after an outage) still reports the original moment. ``external_clickid`` is filled
     from the campaign's ``external_clickid_from`` here, on the server, so that events of server-side
-    callers get it too and the list lives in one place (server/attribution.py).
+    callers get it too and the list lives in one place (server/fields.py).
     """
     body: dict[str, Any] = {"transaction_id": event.transaction_id, "event_id": event.event_id}
     if "pid" in event.fields:
