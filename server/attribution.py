@@ -1,4 +1,4 @@
-"""Ad platforms' click ids: the one list the SDK captures and the relay accepts, and the mapping
+"""Ad platforms' click ids (the one list, ``CLICK_IDS``, lives in server/fields.py) and the mapping
 that fills Pingtree's ``external_clickid`` from them. Pure.
 
 A click id is attribution, not a price: every campaign accepts each of them with no configuration,
@@ -12,24 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-# In the order that fills external_clickid by default: the first one an event carries wins.
-CLICK_IDS: tuple[str, ...] = (
-    "gclid",      # Google Ads
-    "gbraid",     # Google Ads, iOS app-to-web
-    "wbraid",     # Google Ads, iOS web-to-app
-    "fbclid",     # Meta (Facebook, Instagram)
-    "msclkid",    # Microsoft Advertising (Bing)
-    "ttclid",     # TikTok
-    "li_fat_id",  # LinkedIn
-    "twclid",     # X (Twitter)
-    "ScCid",      # Snapchat (case as Snapchat sends it)
-    "irclickid",  # impact.com
-    "dclid",      # Google Display & Video 360 / Campaign Manager 360
-)
-# Others (Pinterest's epik, Reddit's rdt_cid, ...) are a campaign's sdk.extra_params + extra_fields:
-# every name here costs bytes in every visitor's download of the SDK.
+from .fields import CLICK_IDS
 
 EXTERNAL_CLICKID = "external_clickid"
+
+__all__ = ["CLICK_IDS", "EXTERNAL_CLICKID", "with_external_clickid"]
 
 
 def with_external_clickid(fields: Mapping[str, Any], order: Iterable[str]) -> dict[str, Any]:

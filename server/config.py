@@ -18,22 +18,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .attribution import CLICK_IDS
+from .fields import ATTRIBUTION_FIELDS, CLICK_IDS, COST_OPERATIONS, ID_PATTERN, TIMEZONES
+from .fields import (
+    SERVER_ONLY_FIELDS as SERVER_ONLY_FIELDS,  # re-exported: config's readers long found it here
+)
 
-# Pingtree's conversion_timezone values are fixed UTC offsets (hours), not IANA zones:
-# they never shift for daylight saving.
-TIMEZONES: dict[str, int] = {
-    "PST": -8, "EST": -5, "CST": -6, "MST": -7, "AKST": -9, "SST": -11, "HST": -10, "AST": -4,
-}
-
-# Fields only the server may decide: the browser is untrusted and must not set prices or costs.
-SERVER_ONLY_FIELDS = frozenset({
-    "cost", "cost_operation", "adSpend", "min_price",
-    "conversion_date", "conversion_timezone", "ip_address", "user_agent",
-})
-COST_OPERATIONS = ("add", "substract", "override")  # sic: Pingtree's spelling
-
-_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_ID_RE = re.compile(ID_PATTERN)
 _ORIGIN_RE = re.compile(r"^https?://(\*\.)?[A-Za-z0-9\-.]+(:\d{1,5})?$")
 _PATH_RE = re.compile(r"^/[A-Za-z0-9_\-/.]*$")
 # The relay's own routes: a campaign's first-party endpoint_path must not shadow (or be shadowed by)
@@ -374,8 +364,6 @@ def _check_campaign(path: str, c: CampaignConfig) -> None:
     for selector, event in c.sdk.selectors.items():
         if event not in c.events:
             raise ConfigError(f"{path}.sdk.selectors.{selector}", f"no event named {event!r} in this campaign")
-    from .validation import ATTRIBUTION_FIELDS  # here: validation imports this module
-
     for name in c.sdk.extra_params:
         # The SDK would capture it and send it with every event, and the relay would refuse them all.
         if name not in ATTRIBUTION_FIELDS and name not in CLICK_IDS and name not in c.extra_fields:

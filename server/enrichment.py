@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from .attribution import with_external_clickid
-from .config import SERVER_ONLY_FIELDS, TIMEZONES, CampaignConfig
-from .validation import ATTRIBUTION_FIELDS, Event
+from .config import CampaignConfig
+from .fields import ATTRIBUTION_FIELDS, MAX_USER_AGENT, SERVER_ONLY_FIELDS, TIMEZONES
+from .validation import Event
 
 
 def conversion_date(received_at: float, timezone: str) -> str:
@@ -33,7 +34,7 @@ def forward_body(
     ``conversion_date`` is the moment the relay received the event, fixed here once: a delivery
     hours later (after an outage) still reports the original moment. ``external_clickid`` is filled
     from the campaign's ``external_clickid_from`` here, on the server, so that events of server-side
-    callers get it too and the list lives in one place (server/attribution.py).
+    callers get it too and the list lives in one place (server/fields.py).
     """
     body: dict[str, Any] = {"transaction_id": event.transaction_id, "event_id": event.event_id}
     if "pid" in event.fields:
@@ -49,7 +50,7 @@ def forward_body(
     if ip_address:
         body["ip_address"] = ip_address
     if user_agent:
-        body["user_agent"] = user_agent[:512]
+        body["user_agent"] = user_agent[:MAX_USER_AGENT]
     return body
 
 

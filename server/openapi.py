@@ -12,8 +12,25 @@ from typing import Any
 from flask import Flask, Response, current_app, jsonify
 
 from .config import CampaignConfig, Config
+from .fields import (
+    ATTRIBUTION_FIELDS,
+    CLICK_IDS,
+    CONVERSION_DATE_PATTERN,
+    COST_FIELDS,
+    COST_OPERATIONS,
+    DATE_PATTERN,
+    ID_PATTERN,
+    LEAD_FIELDS,
+    MAX_FIELDS,
+    MAX_ID,
+    MAX_REVENUE,
+    MAX_STRING,
+    MAX_USER_AGENT,
+    MONEY_PATTERN,
+    TIMEZONES,
+    UUID_PATTERN,
+)
 from .relay import current_relay
-from .validation import ATTRIBUTION_FIELDS, LEAD_FIELDS, MAX_FIELDS, MAX_ID, MAX_STRING
 
 JSON = "application/json"
 JS = "application/javascript"
@@ -109,7 +126,7 @@ def _postback(example_cid: str, config: Config) -> dict[str, Any]:
         _cid_param(example_cid),
         {"name": "source", "in": "path", "required": True, "example": example_source,
          "description": "A source configured under [campaigns.{cid}.postbacks.{source}]",
-         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}},
+         "schema": {"type": "string", "pattern": ID_PATTERN}},
         {"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
          "description": "The source's token (or send X-Postback-Token)"},
         _header("X-Postback-Token", "The source's token (instead of ?token=)"),
@@ -153,7 +170,7 @@ def _postback(example_cid: str, config: Config) -> dict[str, Any]:
 
 def _cid_param(example: str) -> dict[str, Any]:
     return {"name": "cid", "in": "path", "required": True, "example": example,
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}
+            "schema": {"type": "string", "pattern": ID_PATTERN}}
 
 
 def _header(name: str, description: str) -> dict[str, Any]:
@@ -264,9 +281,21 @@ def _script(summary: str, operation_id: str, params: list[dict[str, Any]]) -> di
 
 def _schemas() -> dict[str, Any]:
     string = {"type": "string", "maxLength": MAX_STRING}
-    fields = {name: string for name in (*ATTRIBUTION_FIELDS, *LEAD_FIELDS)}
-    money = {"oneOf": [{"type": "number", "minimum": 0, "multipleOf": 0.01},
-                       {"type": "string", "pattern": r"^\d{1,10}(\.\d{1,2})?$"}]}
+    fields = {name: string for name in (*ATTRIBUTION_FIELDS, *CLICK_IDS, *LEAD_FIELDS)}
+    money = {"oneOf": [{"type": "number", "minimum": 0, "maximum": float(MAX_REVENUE), "multipleOf": 0.01},
+                       {"type": "string", "pattern": MONEY_PATTERN}]}
+    trusted = "server-side callers only (a browser's is refused)"
+    server_only = {
+        **{name: {**money, "description": trusted} for name in COST_FIELDS},
+        "cost_operation": {"type": "string", "enum": list(COST_OPERATIONS), "description": trusted},
+        "ip_address": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+                       "description": f"the visitor's IPv4 or IPv6 address; {trusted}"},
+        "user_agent": {"type": "string", "maxLength": MAX_USER_AGENT,
+                       "description": f"the visitor's User-Agent; {trusted}"},
+        **{name: {"type": "string", **schema, "description": f"{trusted}; ignored: always the relay's own"}
+           for name, schema in (("conversion_date", {"pattern": CONVERSION_DATE_PATTERN}),
+                                ("conversion_timezone", {"enum": list(TIMEZONES)}))},
+    }
     return {
         "Answer": {
             "type": "object",
@@ -291,13 +320,14 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "event_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID},
                 "transaction_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID},
-                "event_uuid": {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$"},
+                "event_uuid": {"type": "string", "pattern": UUID_PATTERN},
                 "amount": money,
                 "revenue": money,
                 "signature": {"type": "string", "description": "hex HMAC-SHA256 for signed revenue"},
                 "tcpa_consent": {"type": "integer", "enum": [0, 1]},
-                "tcpa_consent_date": {"type": "string", "format": "date"},
+                "tcpa_consent_date": {"type": "string", "format": "date", "pattern": DATE_PATTERN},
                 **fields,
+                **server_only,
             },
             "additionalProperties": {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]},
         },

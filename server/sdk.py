@@ -36,23 +36,13 @@ import brotli
 import jinja2
 from flask import Blueprint, Response, current_app, request
 
-from .attribution import CLICK_IDS
 from .config import CampaignConfig, Config, RelayConfig
+from .fields import CLICK_IDS, URL_PARAMS
 from .paths import JS_TEMPLATES
 from .sdk_archive import VERSION_RE, BuildArchive, default_dir
 from .sdk_versions import VersionLog
 
 bp = Blueprint("sdk", __name__)
-
-# Landing-URL parameters the SDK keeps (Pingtree's event fields); a campaign adds sdk.extra_params.
-URL_PARAMS: tuple[str, ...] = (
-    "transaction_id", "pid", "clid",
-    "sub1", "sub2", "sub3", "sub4", "sub5",
-    "adv1", "adv2", "adv3", "adv4", "adv5",
-    "utm_source", "utm_medium", "utm_campaign", "utm_adgroup", "utm_matchtype",
-    "utm_term", "utm_content", "utm_creative", "utm_placement",
-    "external_clickid",
-)
 
 # Short enough for a config change to reach every page within minutes, long enough that a busy
 # landing page does not fetch the script on every view.

@@ -18,39 +18,29 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from .attribution import CLICK_IDS
-from .config import SERVER_ONLY_FIELDS, TIMEZONES, CampaignConfig, EventConfig
+from .config import CampaignConfig, EventConfig
 from .errors import ApiError
-
-ATTRIBUTION_FIELDS: tuple[str, ...] = (
-    "pid", "clid",
-    "sub1", "sub2", "sub3", "sub4", "sub5",
-    "adv1", "adv2", "adv3", "adv4", "adv5",
-    "utm_source", "utm_medium", "utm_campaign", "utm_adgroup", "utm_matchtype",
-    "utm_term", "utm_content", "utm_creative", "utm_placement",
-    "external_clickid",
+from .fields import (
+    BROWSER_FIELDS,
+    CONTROL_FIELDS,
+    CONVERSION_TIME_FIELDS,
+    COST_FIELDS,
+    COST_OPERATIONS,
+    DATE_PATTERN,
+    MAX_FIELDS,
+    MAX_ID,
+    MAX_REVENUE,
+    MAX_STRING,
+    MAX_USER_AGENT,
+    MONEY_PATTERN,
+    SERVER_ONLY_FIELDS,
+    TIMEZONES,
+    UUID_PATTERN,
 )
-# Lead fields Pingtree documents for external forms and lead posts (its gclid, fbclid and ttclid are
-# among the CLICK_IDS); anything else must be listed in the campaign's extra_fields.
-LEAD_FIELDS: tuple[str, ...] = (
-    "first_name", "last_name", "email", "phone", "address", "city", "state", "zip",
-    "jornaya", "xxTrustedFormCertUrl",
-    "trustedFormCertUrl", "trustedFormToken", "trustedFormPingUrl", "econsent_company_id",
-)
-CONTROL_FIELDS = frozenset({"cid", "event_id", "transaction_id", "event_uuid", "amount", "revenue", "signature"})
-# Click ids are attribution, not prices: every campaign accepts them with no configuration.
-BROWSER_FIELDS = (frozenset(ATTRIBUTION_FIELDS) | frozenset(LEAD_FIELDS) | frozenset(CLICK_IDS)
-                  | {"tcpa_consent", "tcpa_consent_date"})
 
-MAX_FIELDS = 64
-MAX_STRING = 255
-MAX_ID = 128
-MAX_USER_AGENT = 512  # what the relay forwards of a browser's own User-Agent header
-MAX_REVENUE = Decimal("1000000000")
-_UUID_RE = re.compile(r"^[A-Za-z0-9_\-]{8,64}$")
-# [0-9], not \d: \d also matches other scripts' digits ("١٢" would pass as 12).
-_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-_DECIMAL_RE = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,2})?$")
+_UUID_RE = re.compile(UUID_PATTERN)
+_DATE_RE = re.compile(DATE_PATTERN)
+_DECIMAL_RE = re.compile(MONEY_PATTERN)
 CENT = Decimal("0.01")
 
 
@@ -261,7 +251,7 @@ def _check_fields(
 
 def _check_server_only(fields: dict[str, Any], invalid: dict[str, str]) -> None:
     """A trusted caller may set costs, but still only to sane values."""
-    for name in ("cost", "adSpend", "min_price"):
+    for name in COST_FIELDS:
         if name in fields:
             value = parse_amount(fields[name])
             if isinstance(value, str):
@@ -269,9 +259,9 @@ def _check_server_only(fields: dict[str, Any], invalid: dict[str, str]) -> None:
             else:
                 fields[name] = float(value)
     op = fields.get("cost_operation")
-    if op is not None and op not in ("add", "substract", "override"):
-        invalid["cost_operation"] = "expected add, substract or override"
-    for name in ("conversion_date", "conversion_timezone"):
+    if op is not None and op not in COST_OPERATIONS:
+        invalid["cost_operation"] = "expected " + ", ".join(COST_OPERATIONS[:-1]) + " or " + COST_OPERATIONS[-1]
+    for name in CONVERSION_TIME_FIELDS:
         fields.pop(name, None)  # always the relay's own: the moment it received the event
     # The visitor's address and browser: the backend has them, the relay (seeing the backend) does not.
     if "ip_address" in fields:

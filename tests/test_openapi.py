@@ -25,8 +25,9 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 from server import create_app
 from server.config import Config, parse_config
 from server.errors import ApiError
+from server.fields import ATTRIBUTION_FIELDS
 from server.openapi import build_spec
-from server.validation import ATTRIBUTION_FIELDS, parse_json_body, validate_event
+from server.validation import parse_json_body, validate_event
 from tests.conftest import Sandbox
 
 ORIGIN = "https://www.example.com"

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import CampaignConfig, PostbackConfig
 from ..errors import ApiError
-from ..validation import BROWSER_FIELDS
+from ..fields import BROWSER_FIELDS
 
 TOKEN_PARAM = "token"
 # Set by the source's configuration (or the relay), never by a parameter.

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from server.config import COST_OPERATIONS, TIMEZONES, CampaignConfig, EventConfig
+from server.config import CampaignConfig, EventConfig
 from server.errors import ApiError
+from server.fields import CONVERSION_DATE_PATTERN, COST_FIELDS, COST_OPERATIONS, TIMEZONES
 
 INVALID_JSON = "Invalid JSON body"
 CID_REQUIRED = "cid is required"
@@ -39,8 +40,7 @@ LEAD_NOT_FOUND = "Lead Not Found"  # the global form's own error; its status is 
 
 # Pingtree parses sendBeacon-style text/plain JSON too; form posts are not JSON and are refused.
 _JSON_MIMETYPES = frozenset({"", "application/json", "text/plain"})
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}( \d{2}:\d{2}:\d{2})?$")
-_NUMBER_FIELDS = ("cost", "adSpend", "min_price")
+_DATE_RE = re.compile(CONVERSION_DATE_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _check_fields(body: Mapping[str, Any]) -> None:
         invalid["conversion_timezone"] = "conversion_timezone should be one of " + ", ".join(TIMEZONES)
     if "cost_operation" in body and body["cost_operation"] not in COST_OPERATIONS:
         invalid["cost_operation"] = "cost_operation should be one of " + ", ".join(COST_OPERATIONS)
-    for name in _NUMBER_FIELDS:
+    for name in COST_FIELDS:
         if name in body and _number(body[name]) is None:
             invalid[name] = f"{name} should be a number"
     if invalid:
