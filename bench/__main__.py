@@ -48,7 +48,8 @@ def sdk_part(workdir: Path) -> dict[str, Any]:
     weights = sdk_weight.weights()
     page = guarded("sdk page load (Chromium)", lambda: sdk_weight.page_load(workdir))
     return sdk_weight.to_dict(weights, None if isinstance(page, dict) else page) | (
-        {"page": page} if isinstance(page, dict) else {})
+        {"page": page} if isinstance(page, dict) else {}
+    )
 
 
 def measured(server: servers.Server, fn: Callable[[], load.LoadResult]) -> dict[str, Any]:
@@ -57,14 +58,21 @@ def measured(server: servers.Server, fn: Callable[[], load.LoadResult]) -> dict[
     result = fn()
     cpu = servers.cpu_seconds(server) - before
     per_event = round(1000 * cpu / result.accepted, 3) if result.accepted else None
-    return {**result.to_dict(), "server_cpu_ms_per_event": per_event,
-            "server_cpu_percent": round(100 * cpu / result.seconds, 1) if result.seconds else 0.0}
+    return {
+        **result.to_dict(),
+        "server_cpu_ms_per_event": per_event,
+        "server_cpu_percent": round(100 * cpu / result.seconds, 1) if result.seconds else 0.0,
+    }
 
 
 def sweep(server: servers.Server, seconds: float) -> list[dict[str, Any]]:
-    return [measured(server, lambda c=c: load.run_wrk(server.url, PATH, concurrency=c, seconds=seconds,
-                                                       origin=servers.ORIGIN))
-            for c in CONCURRENCY]
+    return [
+        measured(
+            server,
+            lambda c=c: load.run_wrk(server.url, PATH, concurrency=c, seconds=seconds, origin=servers.ORIGIN),
+        )
+        for c in CONCURRENCY
+    ]
 
 
 def warm(server: servers.Server) -> None:
@@ -80,32 +88,56 @@ def profiled_load(server: servers.Server, workdir: Path, label: str, seconds: fl
     procs = profile.start_record(server.worker_pids(), seconds, workdir / "profiles", label)
     time.sleep(0.5)  # py-spy attached before the load starts
     result = load.run_wrk(server.url, PATH, concurrency=32, seconds=seconds, origin=servers.ORIGIN)
-    return {"load": f"wrk, 32 connections, {result.rps:,.0f} ev/s",
-            **profile.finish(procs, workdir / "profiles", label, seconds)}
+    return {
+        "load": f"wrk, 32 connections, {result.rps:,.0f} ev/s",
+        **profile.finish(procs, workdir / "profiles", label, seconds),
+    }
 
 
 def accept_part(workdir: Path, seconds: float, results: dict[str, Any], profiles: bool) -> dict[str, Any]:
     """Relay, naive proxy and bare Flask against a fast upstream; then the relay with it slow and down."""
     out: dict[str, Any] = {}
-    with servers.fake_upstream(workdir, 0, name="upstream-fast") as fast, servers.baseline(workdir) as bare, \
-            servers.naive_proxy(workdir, fast.url) as proxy:
+    with (
+        servers.fake_upstream(workdir, 0, name="upstream-fast") as fast,
+        servers.baseline(workdir) as bare,
+        servers.naive_proxy(workdir, fast.url) as proxy,
+    ):
         with servers.relay(workdir, fast.url, f"sqlite:///{workdir / 'accept.sqlite3'}") as relay:
             for server in (relay, proxy, bare):
                 warm(server)
-            results["e2e"] = guarded("end to end", lambda: e2e.measure(
-                relay.url, fast.url, servers.CID, servers.ORIGIN, requests=300 if seconds > 2 else 50).to_dict())
-            out["fixed_rate"] = guarded("fixed rate 500 ev/s", lambda: {"rate": 500, **measured(relay, lambda: (
-                load.run_paced(relay.url, PATH, rate=500, seconds=max(seconds * 2, 2), origin=servers.ORIGIN)))})
+            results["e2e"] = guarded(
+                "end to end",
+                lambda: e2e.measure(
+                    relay.url, fast.url, servers.CID, servers.ORIGIN, requests=300 if seconds > 2 else 50
+                ).to_dict(),
+            )
+            out["fixed_rate"] = guarded(
+                "fixed rate 500 ev/s",
+                lambda: {
+                    "rate": 500,
+                    **measured(
+                        relay,
+                        lambda: load.run_paced(
+                            relay.url, PATH, rate=500, seconds=max(seconds * 2, 2), origin=servers.ORIGIN
+                        ),
+                    ),
+                },
+            )
             out["relay"] = sweep(relay, seconds)
             results["memory"]["accept path, fast upstream (after the sweep), SQLite"] = worker_rss(relay)
             if profiles:
                 results["profiles"]["accept path, fast upstream"] = guarded(
-                    "profile: accept, fast upstream", lambda: profiled_load(relay, workdir, "accept-fast", 8))
+                    "profile: accept, fast upstream", lambda: profiled_load(relay, workdir, "accept-fast", 8)
+                )
         out["proxy"] = sweep(proxy, seconds)
         out["baseline"] = sweep(bare, seconds)
         out["upstream_fast"] = servers.upstream_stats(fast)
-        with servers.fake_upstream(workdir, 300, name="upstream-slow") as slow_up, \
-                servers.relay(workdir, slow_up.url, f"sqlite:///{workdir / 'slow.sqlite3'}", name="relay-slow") as slow:
+        with (
+            servers.fake_upstream(workdir, 300, name="upstream-slow") as slow_up,
+            servers.relay(
+                workdir, slow_up.url, f"sqlite:///{workdir / 'slow.sqlite3'}", name="relay-slow"
+            ) as slow,
+        ):
             warm(slow)
             out["relay_slow"] = sweep(slow, seconds)
             results["memory"]["accept path, 300 ms upstream (backlog growing)"] = worker_rss(slow)
@@ -116,24 +148,37 @@ def accept_part(workdir: Path, seconds: float, results: dict[str, Any], profiles
     return out
 
 
-def sustained_part(workdir: Path, seconds: float, cap: float, results: dict[str, Any],
-                   profiles: bool) -> list[dict[str, Any]]:
+def sustained_part(
+    workdir: Path, seconds: float, cap: float, results: dict[str, Any], profiles: bool
+) -> list[dict[str, Any]]:
     rows = []
     for latency in LATENCIES:
         hook = _profile_hook(workdir, results, seconds) if profiles and latency == 300 else None
-        row = guarded(f"sustained delivery, {latency} ms upstream", lambda latency=latency, hook=hook: sustained.run(
-            workdir, f"sqlite:///{workdir / f'sustained-{latency}.sqlite3'}", "SQLite", latency,
-            rate=1000, seconds=seconds, empty_cap=cap, during_load=hook).to_dict())
+        row = guarded(
+            f"sustained delivery, {latency} ms upstream",
+            lambda latency=latency, hook=hook: sustained.run(
+                workdir,
+                f"sqlite:///{workdir / f'sustained-{latency}.sqlite3'}",
+                "SQLite",
+                latency,
+                rate=1000,
+                seconds=seconds,
+                empty_cap=cap,
+                during_load=hook,
+            ).to_dict(),
+        )
         row.setdefault("latency_ms", latency)
         rows.append(row)
         if "peak_rss_mb" in row:
-            results["memory"][f"sustained 1,000 ev/s, {latency} ms upstream (peak in flight {row['peak_in_flight']})"] \
-                = row["peak_rss_mb"]
+            results["memory"][
+                f"sustained 1,000 ev/s, {latency} ms upstream (peak in flight {row['peak_in_flight']})"
+            ] = row["peak_rss_mb"]
     return rows
 
 
 def _profile_hook(workdir: Path, results: dict[str, Any], seconds: float) -> Callable[[servers.Server], None]:
     """Profile the relay's workers in the middle of the load, and take one dump of the busiest moment."""
+
     def hook(relay: servers.Server) -> None:
         time.sleep(min(3.0, seconds / 4))
         length = max(2.0, min(8.0, seconds / 2))
@@ -143,15 +188,20 @@ def _profile_hook(workdir: Path, results: dict[str, Any], seconds: float) -> Cal
         dumps = {str(pid): profile.dump(pid) for pid in relay.worker_pids()[:2]}
         summary = profile.finish(procs, workdir / "profiles", label, length)
         results["profiles"]["sustained 1,000 ev/s, 300 ms upstream"] = {
-            "load": "wrk paced at 1,000 ev/s", **summary, "dumps": dumps}
+            "load": "wrk paced at 1,000 ev/s",
+            **summary,
+            "dumps": dumps,
+        }
+
     return hook
 
 
 def sandbox_part(workdir: Path, seconds: float) -> dict[str, Any]:
     """The sandbox itself, with every answer held 300 ms: 1,500 ev/s offered straight to it, open loop."""
     with servers.sandbox(workdir) as sandbox:
-        httpx.post(sandbox.url + "/_sandbox/faults", json={"delay_ms": 300, "when": "before"},
-                   timeout=10).raise_for_status()
+        httpx.post(
+            sandbox.url + "/_sandbox/faults", json={"delay_ms": 300, "when": "before"}, timeout=10
+        ).raise_for_status()
         peak = {"held": 0}
         stop = threading.Event()
 
@@ -162,8 +212,12 @@ def sandbox_part(workdir: Path, seconds: float) -> dict[str, Any]:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        row = measured(sandbox, lambda: load.run_paced(sandbox.url, PATH, rate=1500, seconds=seconds,
-                                                       origin=servers.ORIGIN, connections=1000))
+        row = measured(
+            sandbox,
+            lambda: load.run_paced(
+                sandbox.url, PATH, rate=1500, seconds=seconds, origin=servers.ORIGIN, connections=1000
+            ),
+        )
         stop.set()
         sampler.join()
         stats = httpx.get(sandbox.url + "/_sandbox/stats", timeout=10).json()
@@ -171,26 +225,47 @@ def sandbox_part(workdir: Path, seconds: float) -> dict[str, Any]:
 
 
 def drain_part(workdir: Path, events: int, limits: dict[str, float]) -> list[dict[str, Any]]:
-    cfg = servers.write_config(workdir / "records.toml", upstream="http://127.0.0.1:1", store="sqlite:///unused")
+    cfg = servers.write_config(
+        workdir / "records.toml", upstream="http://127.0.0.1:1", store="sqlite:///unused"
+    )
     records = drain.make_records(cfg, events)
     template, fill_seconds = drain.fill_template(workdir, records)
     rows: list[dict[str, Any]] = []
     for upstream in drain.UPSTREAMS:
         name = f"drain SQLite to {drain.UPSTREAMS[upstream]}"
-        rows.append(guarded(name, lambda upstream=upstream: drain.run(
-            workdir, drain.copy_sqlite(template, workdir / f"drain-{upstream}.sqlite3"), "SQLite", records,
-            upstream=upstream, limit_seconds=limits[upstream], fill_seconds=fill_seconds).to_dict()))
+        rows.append(
+            guarded(
+                name,
+                lambda upstream=upstream: drain.run(
+                    workdir,
+                    drain.copy_sqlite(template, workdir / f"drain-{upstream}.sqlite3"),
+                    "SQLite",
+                    records,
+                    upstream=upstream,
+                    limit_seconds=limits[upstream],
+                    fill_seconds=fill_seconds,
+                ).to_dict(),
+            )
+        )
         rows[-1].update(store="SQLite", upstream=upstream)
 
     redis_template = guarded("fill Redis", lambda: drain.fill_redis_template(workdir, records))
     for upstream in drain.UPSTREAMS:
+
         def redis_drain(upstream: str = upstream) -> dict[str, Any]:
             if "error" in redis_template:
                 raise RuntimeError(f"filling Redis failed: {redis_template['error']}")
             data = drain.copy_redis(Path(redis_template["data"]), workdir / f"redis-{upstream}")
             with servers.redis_server(workdir, data) as redis:
-                return drain.run(workdir, f"redis://127.0.0.1:{redis.port}/0", "Redis", records, upstream=upstream,
-                                 limit_seconds=limits[upstream], fill_seconds=redis_template["seconds"]).to_dict()
+                return drain.run(
+                    workdir,
+                    f"redis://127.0.0.1:{redis.port}/0",
+                    "Redis",
+                    records,
+                    upstream=upstream,
+                    limit_seconds=limits[upstream],
+                    fill_seconds=redis_template["seconds"],
+                ).to_dict()
 
         rows.append(guarded(f"drain Redis to {drain.UPSTREAMS[upstream]}", redis_drain))
         rows[-1].update(store="Redis", upstream=upstream)
@@ -216,33 +291,86 @@ def targets(results: dict[str, Any]) -> list[report.Target]:
     full = [v for k, vals in results.get("memory", {}).items() if k.startswith("sustained") for v in vals]
     drain_targets = {"sandbox": 2000, "300ms": 1000}
     return [
-        T("SDK gzip, demo campaign", weights.get("cmp_demo", {}).get("gzip"), sdk_weight.DEMO_GZIP_BUDGET, "B",
-          True, 1500, sdk_err),
-        T("SDK gzip, every feature on", weights.get("cmp_full", {}).get("gzip"), sdk_weight.EVERY_FEATURE_GZIP_BUDGET,
-          "B", True, 1500, sdk_err),
-        *[T(f"sustained delivery ev/s at 1,000 offered, {lat} ms upstream", sus.get(lat, {}).get("delivered_rate"),
-            1000, "ev/s", False) for lat in LATENCIES],
-        *[T(f"backlog at the end of 15 s at 1,000 ev/s, {lat} ms upstream", sus.get(lat, {}).get("backlog_end"),
-            1000, "events", True) for lat in LATENCIES],
+        T(
+            "SDK gzip, demo campaign",
+            weights.get("cmp_demo", {}).get("gzip"),
+            sdk_weight.DEMO_GZIP_BUDGET,
+            "B",
+            True,
+            1500,
+            sdk_err,
+        ),
+        T(
+            "SDK gzip, every feature on",
+            weights.get("cmp_full", {}).get("gzip"),
+            sdk_weight.EVERY_FEATURE_GZIP_BUDGET,
+            "B",
+            True,
+            1500,
+            sdk_err,
+        ),
+        *[
+            T(
+                f"sustained delivery ev/s at 1,000 offered, {lat} ms upstream",
+                sus.get(lat, {}).get("delivered_rate"),
+                1000,
+                "ev/s",
+                False,
+            )
+            for lat in LATENCIES
+        ],
+        *[
+            T(
+                f"backlog at the end of 15 s at 1,000 ev/s, {lat} ms upstream",
+                sus.get(lat, {}).get("backlog_end"),
+                1000,
+                "events",
+                True,
+            )
+            for lat in LATENCIES
+        ],
         T("accept ev/s, durable write (best concurrency)", best, 1000, "ev/s", False, 2000),
-        T("accept, fast upstream: relay / naive proxy (best of each)", ratio("relay", "proxy"), 1.0, "x", False),
+        T(
+            "accept, fast upstream: relay / naive proxy (best of each)",
+            ratio("relay", "proxy"),
+            1.0,
+            "x",
+            False,
+        ),
         T("accept, 300 ms upstream: relay / bare Flask", ratio("relay_slow", "baseline"), 0.5, "x", False),
         T("accept, upstream down: relay / bare Flask", ratio("relay_down", "baseline"), 0.5, "x", False),
         T("p50 at 500 ev/s", fixed and fixed["p50_ms"], 5, "ms", True),
         T("p99 at 500 ev/s", fixed and fixed["p99_ms"], 25, "ms", True),
         T("relay adds, p50", e2e_ and e2e_["added_p50_ms"], 5, "ms", True),
-        *[T(f"drain ev/s, {store}, {drain.UPSTREAMS[up]}", drains.get((store, up), {}).get("rps"), drain_targets[up],
-            "ev/s", False) for up in drain.UPSTREAMS for store in ("SQLite", "Redis")],
-        T("peak RSS per relay process at full in-flight (sustained runs)", max(full) if full else None, 150, "MB", True),
+        *[
+            T(
+                f"drain ev/s, {store}, {drain.UPSTREAMS[up]}",
+                drains.get((store, up), {}).get("rps"),
+                drain_targets[up],
+                "ev/s",
+                False,
+            )
+            for up in drain.UPSTREAMS
+            for store in ("SQLite", "Redis")
+        ],
+        T(
+            "peak RSS per relay process at full in-flight (sustained runs)",
+            max(full) if full else None,
+            150,
+            "MB",
+            True,
+        ),
         T("peak RSS per relay process (max seen anywhere)", max(rss) if rss else None, 150, "MB", True),
     ]
 
 
 def settings(seconds: float, sustained_seconds: float, events: int, limits: dict[str, float]) -> list[str]:
     d = RelayConfig(upstream_url="http://x")
-    knobs = ", ".join(f"{k}={getattr(d, k)}" for k in (
-        "inline_concurrency", "inline_timeout", "max_in_flight", "upstream_timeout")
-        if hasattr(d, k))
+    knobs = ", ".join(
+        f"{k}={getattr(d, k)}"
+        for k in ("inline_concurrency", "inline_timeout", "max_in_flight", "upstream_timeout")
+        if hasattr(d, k)
+    )
     serve = servers.serve_defaults()
     return [
         f"relay: `pingtree-relay serve` defaults (workers {serve['workers'] or 'by CPU count'}, {serve['threads']} "
@@ -253,7 +381,7 @@ def settings(seconds: float, sustained_seconds: float, events: int, limits: dict
         "baselines, same gunicorn settings as `serve` (read from its parser): bare Flask (bench/baseline.py: "
         "parse JSON, 204) and the naive proxy (bench/naive_proxy.py: parse JSON, one `httpx.post` to the "
         "same upstream, pass the answer back).",
-        "rate limits off (`per_ip = \"\"`, `per_campaign = \"\"`): all the load comes from 127.0.0.1.",
+        'rate limits off (`per_ip = ""`, `per_campaign = ""`): all the load comes from 127.0.0.1.',
         f"accept sweep: wrk, 2 threads (1 at concurrency 1), keep-alive, {seconds:g} s per point after a 2 s "
         "warm-up; each request a unique quote_viewed event (text/plain, allowed Origin), bench/lua/post_event.lua. "
         "Upstream slow: the fake answering in 300 ms; down: a port nobody listens on.",
@@ -290,17 +418,34 @@ def main() -> int:
         write_report(Path(args.out), json.loads(Path(args.from_results).read_text()), before)
         return 0
     if args.quick:
-        seconds, sustained_seconds, cap, events, limits = 1.0, 3.0, 15.0, 5000, {"sandbox": 30.0, "300ms": 30.0}
+        seconds, sustained_seconds, cap, events, limits = (
+            1.0,
+            3.0,
+            15.0,
+            5000,
+            {"sandbox": 30.0, "300ms": 30.0},
+        )
     else:
-        seconds, sustained_seconds, cap, events, limits = 5.0, 15.0, 45.0, 100_000, {"sandbox": 60.0, "300ms": 110.0}
+        seconds, sustained_seconds, cap, events, limits = (
+            5.0,
+            15.0,
+            45.0,
+            100_000,
+            {"sandbox": 60.0, "300ms": 110.0},
+        )
     profiles = not args.no_profiles and not args.quick
     workdir = ROOT / "bench" / "results"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     started = time.perf_counter()
-    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine.describe(),
-                               "settings": settings(seconds, sustained_seconds, events, limits), "memory": {},
-                               "profiles": {}, "loadavg": {}}
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine.describe(),
+        "settings": settings(seconds, sustained_seconds, events, limits),
+        "memory": {},
+        "profiles": {},
+        "loadavg": {},
+    }
 
     def part(key: str, name: str, fn: Callable[[], Any]) -> None:
         results["loadavg"][name] = round(os.getloadavg()[0], 1)
@@ -308,20 +453,30 @@ def main() -> int:
 
     part("sdk", "sdk weight", lambda: sdk_part(workdir))
     part("accept", "accept path", lambda: accept_part(workdir, seconds, results, profiles))
-    part("sustained", "sustained delivery", lambda: sustained_part(workdir, sustained_seconds, cap, results, profiles))
+    part(
+        "sustained",
+        "sustained delivery",
+        lambda: sustained_part(workdir, sustained_seconds, cap, results, profiles),
+    )
     part("sandbox", "sandbox capacity", lambda: sandbox_part(workdir, sustained_seconds / 3))
     part("drain", "drain", lambda: drain_part(workdir, events, limits))
     if isinstance(results["drain"], dict):  # the whole part failed (e.g. filling the store)
-        results["drain"] = [{"store": "SQLite", "upstream": up, **results["drain"], "limit": limits[up]}
-                            for up in drain.UPSTREAMS]
+        results["drain"] = [
+            {"store": "SQLite", "upstream": up, **results["drain"], "limit": limits[up]}
+            for up in drain.UPSTREAMS
+        ]
     for row in results["drain"]:
         if "peak_rss_mb" in row:
-            results["memory"][f"draining {events:,} events, {row['store']}, to {drain.UPSTREAMS[row['upstream']]}"] \
-                = row["peak_rss_mb"]
+            results["memory"][
+                f"draining {events:,} events, {row['store']}, to {drain.UPSTREAMS[row['upstream']]}"
+            ] = row["peak_rss_mb"]
     results["seconds"] = time.perf_counter() - started
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     write_report(Path(args.out), results, before)
-    print(f"[bench] wrote {args.out} in {results['seconds']:.0f} s (raw: {workdir / 'results.json'})", flush=True)
+    print(
+        f"[bench] wrote {args.out} in {results['seconds']:.0f} s (raw: {workdir / 'results.json'})",
+        flush=True,
+    )
     return 0
 
 
@@ -331,8 +486,9 @@ def write_report(out: Path, results: dict[str, Any], before: dict[str, Any] | No
     if "error" not in results["accept"]:
         report.chart(out.parent / "img" / "benchmarks.png", results["accept"])
         chart_ref = "img/benchmarks.png"
-    report.write_markdown(out, results, targets(results), chart_ref,
-                          before=(before, targets(before)) if before else None)
+    report.write_markdown(
+        out, results, targets(results), chart_ref, before=(before, targets(before)) if before else None
+    )
 
 
 if __name__ == "__main__":

@@ -59,17 +59,36 @@ def make_records(config_path: Path, count: int) -> list[Record]:
     records = []
     for i in range(count):
         ident = f"{prefix}d{i}"
-        event = validate_event(campaign, {
-            "event_id": "quote_viewed", "transaction_id": f"t{ident}", "event_uuid": f"u{ident}",
-            "pid": "src_bench", "sub1": "ad42", "utm_source": "google", "utm_campaign": "spring",
-        })
+        event = validate_event(
+            campaign,
+            {
+                "event_id": "quote_viewed",
+                "transaction_id": f"t{ident}",
+                "event_uuid": f"u{ident}",
+                "pid": "src_bench",
+                "sub1": "ad42",
+                "utm_source": "google",
+                "utm_campaign": "spring",
+            },
+        )
         received_at = time.time()
-        records.append(Record(
-            id=f"u{ident}", cid=campaign.cid, event_id=event.event_id, transaction_id=event.transaction_id,
-            payload=forward_body(campaign, event, received_at=received_at, ip_address="203.0.113.7",
-                                 user_agent="Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36"),
-            received_at=received_at, dedupe_key=dedupe_key(event),
-        ))
+        records.append(
+            Record(
+                id=f"u{ident}",
+                cid=campaign.cid,
+                event_id=event.event_id,
+                transaction_id=event.transaction_id,
+                payload=forward_body(
+                    campaign,
+                    event,
+                    received_at=received_at,
+                    ip_address="203.0.113.7",
+                    user_agent="Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36",
+                ),
+                received_at=received_at,
+                dedupe_key=dedupe_key(event),
+            )
+        )
     return records
 
 
@@ -81,7 +100,9 @@ def fill(store_url: str, records: list[Record], processes: int = 4) -> float:
     """
     ctx = multiprocessing.get_context("fork")  # the children inherit ``records`` instead of pickling them
     start = time.perf_counter()
-    children = [ctx.Process(target=_add_all, args=(store_url, records[i::processes])) for i in range(processes)]
+    children = [
+        ctx.Process(target=_add_all, args=(store_url, records[i::processes])) for i in range(processes)
+    ]
     for child in children:
         child.start()
     for child in children:
@@ -136,16 +157,27 @@ def copy_redis(template: Path, target: Path) -> Path:
     return target
 
 
-def run(workdir: Path, store_url: str, label: str, records: list[Record], *, upstream: str = "sandbox",
-        limit_seconds: float = 180.0, fill_seconds: float | None = None) -> DrainResult:
+def run(
+    workdir: Path,
+    store_url: str,
+    label: str,
+    records: list[Record],
+    *,
+    upstream: str = "sandbox",
+    limit_seconds: float = 180.0,
+    fill_seconds: float | None = None,
+) -> DrainResult:
     """Time a fresh relay draining ``records`` from ``store_url`` to ``upstream`` (at most ``limit_seconds``).
 
     The store is filled here unless ``fill_seconds`` says it already was (a copy of a template).
     """
     count = len(records)
     name = f"drain-{label.lower()}-{upstream}"
-    upstream_server = servers.sandbox(workdir) if upstream == "sandbox" else servers.fake_upstream(
-        workdir, 300, name=f"{name}-upstream")
+    upstream_server = (
+        servers.sandbox(workdir)
+        if upstream == "sandbox"
+        else servers.fake_upstream(workdir, 300, name=f"{name}-upstream")
+    )
     with upstream_server:
         relay = servers.relay(workdir, upstream_server.url, store_url, name=name)
         if fill_seconds is None:
@@ -163,9 +195,18 @@ def run(workdir: Path, store_url: str, label: str, records: list[Record], *, ups
             store = open_store(store_url)
             pending = _pending(store)
             store.close()
-    return DrainResult(store=label, events=count, fill_seconds=round(fill_seconds, 1), seconds=round(seconds, 2),
-                       delivered=delivered, pending_after=pending, peak_rss_mb=[round(v, 1) for v in peaks.values()],
-                       upstream=upstream, peak_in_flight=stats.get("peak_in_flight"), repeats=stats.get("repeats"))
+    return DrainResult(
+        store=label,
+        events=count,
+        fill_seconds=round(fill_seconds, 1),
+        seconds=round(seconds, 2),
+        delivered=delivered,
+        pending_after=pending,
+        peak_rss_mb=[round(v, 1) for v in peaks.values()],
+        upstream=upstream,
+        peak_in_flight=stats.get("peak_in_flight"),
+        repeats=stats.get("repeats"),
+    )
 
 
 def _wait_for(upstream: servers.Server, kind: str, count: int, deadline: float) -> tuple[int, dict[str, Any]]:

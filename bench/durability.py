@@ -71,9 +71,18 @@ class Figures:
 
 
 def write_config(path: Path, store: str) -> Path:
-    relay = ["[relay]", 'upstream_url = "{upstream}"', f'store = "{store}"', "upstream_timeout = 2",
-             "lease_seconds = 5", "retry_base_seconds = 0.2", "retry_cap_seconds = 1.0",
-             "[relay.rate_limits]", 'per_ip = ""', 'per_campaign = ""']
+    relay = [
+        "[relay]",
+        'upstream_url = "{upstream}"',
+        f'store = "{store}"',
+        "upstream_timeout = 2",
+        "lease_seconds = 5",
+        "retry_base_seconds = 0.2",
+        "retry_cap_seconds = 1.0",
+        "[relay.rate_limits]",
+        'per_ip = ""',
+        'per_campaign = ""',
+    ]
     path.write_text("\n".join(relay) + "\n" + CAMPAIGN)
     return path
 
@@ -89,8 +98,11 @@ class Clients:
 
     def send(self, index: int) -> None:
         event_id = "quote_viewed" if index % 2 else "call_clicked"
-        body = {"event_id": event_id, "transaction_id": f"dur-{index}-{uuid.uuid4().hex[:6]}",
-                "event_uuid": uuid.uuid4().hex}
+        body = {
+            "event_id": event_id,
+            "transaction_id": f"dur-{index}-{uuid.uuid4().hex[:6]}",
+            "event_uuid": uuid.uuid4().hex,
+        }
         deadline = time.monotonic() + RESEND_FOR
         with httpx.Client(timeout=5) as client:
             while time.monotonic() < deadline:
@@ -114,7 +126,9 @@ def run_scenario(workdir: Path, store_kind: str, fault: str, events: int) -> Fig
     shutil.rmtree(workdir, ignore_errors=True)  # a rerun starts from an empty store
     workdir.mkdir(parents=True)
     sandbox_cfg = workdir / "sandbox.toml"
-    sandbox_cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\nstore = "sqlite:///unused"\n' + CAMPAIGN)
+    sandbox_cfg.write_text(
+        '[relay]\nupstream_url = "http://127.0.0.1:1"\nstore = "sqlite:///unused"\n' + CAMPAIGN
+    )
     sandbox = servers.Server(servers.cli("sandbox", "--config", str(sandbox_cfg)), workdir / "sandbox.log")
     redis = servers.redis_server(workdir) if store_kind == "redis" else None
     started: list[servers.Server] = [sandbox] + ([redis] if redis else [])
@@ -214,13 +228,18 @@ def _wait_until(predicate: Callable[[], bool], seconds: float) -> None:
 
 
 def markdown(results: list[Figures], events: int) -> str:
-    lines = [f"Measured by `python -m bench.durability --events {events}` on {time.strftime('%Y-%m-%d')} "
-             f"({os.cpu_count()} cores).", "",
-             "| store | fault | sent | accepted | delivered | lost | doubled | resent on the wire | client resends |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Measured by `python -m bench.durability --events {events}` on {time.strftime('%Y-%m-%d')} "
+        f"({os.cpu_count()} cores).",
+        "",
+        "| store | fault | sent | accepted | delivered | lost | doubled | resent on the wire | client resends |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for f in results:
-        lines.append(f"| {f.store} | {f.fault} | {f.sent} | {f.accepted} | {f.delivered} | {f.lost} | "
-                     f"{f.doubled} | {f.resent} | {f.client_retries} |")
+        lines.append(
+            f"| {f.store} | {f.fault} | {f.sent} | {f.accepted} | {f.delivered} | {f.lost} | "
+            f"{f.doubled} | {f.resent} | {f.client_retries} |"
+        )
     return "\n".join(lines)
 
 

@@ -48,8 +48,10 @@ class EndToEnd:
 
 def _body(ident: str, *, with_uuid: bool) -> str:
     uuid = f'"event_uuid":"u{ident}",' if with_uuid else ""
-    return (f'{{"event_id":"quote_viewed","transaction_id":"t{ident}",{uuid}'
-            f'"pid":"src_bench","sub1":"ad42","utm_source":"google"}}')
+    return (
+        f'{{"event_id":"quote_viewed","transaction_id":"t{ident}",{uuid}'
+        f'"pid":"src_bench","sub1":"ad42","utm_source":"google"}}'
+    )
 
 
 def measure(relay_url: str, sandbox_url: str, cid: str, origin: str, requests: int = 400) -> EndToEnd:
@@ -62,12 +64,18 @@ def measure(relay_url: str, sandbox_url: str, cid: str, origin: str, requests: i
     with httpx.Client(timeout=10) as client:
         for i in range(-20, requests):
             start = time.perf_counter()
-            r = client.post(f"{relay_url}/api/event/{cid}", content=_body(f"{prefix}r{i}", with_uuid=True),
-                            headers=headers)
+            r = client.post(
+                f"{relay_url}/api/event/{cid}",
+                content=_body(f"{prefix}r{i}", with_uuid=True),
+                headers=headers,
+            )
             relay_time = (time.perf_counter() - start) * 1000
             start = time.perf_counter()
-            d = client.post(f"{sandbox_url}/api/event/{cid}", content=_body(f"{prefix}d{i}", with_uuid=False),
-                            headers={"Content-Type": "application/json"})
+            d = client.post(
+                f"{sandbox_url}/api/event/{cid}",
+                content=_body(f"{prefix}d{i}", with_uuid=False),
+                headers={"Content-Type": "application/json"},
+            )
             direct_time = (time.perf_counter() - start) * 1000
             if i < 0:
                 continue
@@ -76,7 +84,10 @@ def measure(relay_url: str, sandbox_url: str, cid: str, origin: str, requests: i
             relay_ms.append(relay_time)
             direct_ms.append(direct_time)
     return EndToEnd(
-        requests=requests, relay_non_200=non_200,
-        relay_p50_ms=round(percentile(relay_ms, 50), 2), relay_p95_ms=round(percentile(relay_ms, 95), 2),
-        direct_p50_ms=round(percentile(direct_ms, 50), 2), direct_p95_ms=round(percentile(direct_ms, 95), 2),
+        requests=requests,
+        relay_non_200=non_200,
+        relay_p50_ms=round(percentile(relay_ms, 50), 2),
+        relay_p95_ms=round(percentile(relay_ms, 95), 2),
+        direct_p50_ms=round(percentile(direct_ms, 50), 2),
+        direct_p95_ms=round(percentile(direct_ms, 95), 2),
     )

@@ -99,8 +99,17 @@ class FakeUpstream:
         else:
             self._seen.add(key)
             self.counts.unique += 1
-        return answer(200, SUCCESS, data={"cid": key[0], "pid": str(event.get("pid") or "organic"),
-                                          "transaction_id": key[1], "conversion_id": "", "conversion": False})
+        return answer(
+            200,
+            SUCCESS,
+            data={
+                "cid": key[0],
+                "pid": str(event.get("pid") or "organic"),
+                "transaction_id": key[1],
+                "conversion_id": "",
+                "conversion": False,
+            },
+        )
 
     def _control(self, request: Request) -> Response:
         route = (request.method, request.path)
@@ -115,7 +124,7 @@ class FakeUpstream:
             try:
                 latency = float(json.loads(request.body)["latency_ms"])
             except (ValueError, KeyError, TypeError):
-                return _json(400, answer(400, "Invalid config: give {\"latency_ms\": N}"))
+                return _json(400, answer(400, 'Invalid config: give {"latency_ms": N}'))
             self.latency_ms = max(0.0, latency)
             return _json(200, self.stats())
         return _json(404, answer(404, "Not Found"))
@@ -137,7 +146,9 @@ async def serve(host: str, port: int, latency_ms: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency-ms", type=float, default=0.0)

@@ -48,30 +48,63 @@ def parse_wrk(stdout: str, concurrency: int, wrk_cpu_seconds: float = 0.0) -> Lo
     line = next((ln for ln in stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no summary:\n{stdout[-2000:]}")
-    data = json.loads(line[len("WRK_JSON "):])
+    data = json.loads(line[len("WRK_JSON ") :])
     seconds = data["duration_us"] / 1e6
     errors = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
     return LoadResult(
-        concurrency=concurrency, requests=data["requests"], seconds=round(seconds, 2),
+        concurrency=concurrency,
+        requests=data["requests"],
+        seconds=round(seconds, 2),
         rps=round(data["requests"] / seconds, 1) if seconds else 0.0,
-        p50_ms=data["p50"] / 1000, p95_ms=data["p95"] / 1000, p99_ms=data["p99"] / 1000,
-        max_ms=data["max"] / 1000, errors=errors, accepted=data["requests"] - data["status"],
+        p50_ms=data["p50"] / 1000,
+        p95_ms=data["p95"] / 1000,
+        p99_ms=data["p99"] / 1000,
+        max_ms=data["max"] / 1000,
+        errors=errors,
+        accepted=data["requests"] - data["status"],
         wrk_cpu_seconds=round(wrk_cpu_seconds, 2),
     )
 
 
-def run_wrk(base_url: str, path: str, *, concurrency: int, seconds: float, origin: str,
-            threads: int = 2, rate: float = 0) -> LoadResult:
+def run_wrk(
+    base_url: str,
+    path: str,
+    *,
+    concurrency: int,
+    seconds: float,
+    origin: str,
+    threads: int = 2,
+    rate: float = 0,
+) -> LoadResult:
     """``wrk`` with ``concurrency`` keep-alive connections for ``seconds``, posting unique events.
 
     ``rate`` > 0 paces the whole run at that many requests/s, open loop: see :func:`run_paced`.
     """
     threads = max(1, min(threads, concurrency))
-    argv = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds:g}s", "--timeout", "10s",
-            "-s", str(LUA), base_url, "--", secrets.token_hex(4), path, origin, f"{rate / threads:g}"]
+    argv = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{seconds:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        base_url,
+        "--",
+        secrets.token_hex(4),
+        path,
+        origin,
+        f"{rate / threads:g}",
+    ]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         # At a higher priority, like the fake upstreams: it stands for browsers on other machines.
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True, preexec_fn=boost_priority)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=err, start_new_session=True, preexec_fn=boost_priority
+        )
         # wait4 rather than wait: it also returns the child's own CPU time.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -83,8 +116,9 @@ def run_wrk(base_url: str, path: str, *, concurrency: int, seconds: float, origi
     return parse_wrk(stdout, concurrency, usage.ru_utime + usage.ru_stime)
 
 
-def run_paced(base_url: str, path: str, *, rate: float, seconds: float, origin: str,
-              connections: int = 100) -> LoadResult:
+def run_paced(
+    base_url: str, path: str, *, rate: float, seconds: float, origin: str, connections: int = 100
+) -> LoadResult:
     """About ``rate`` requests/s offered for ``seconds``, whatever the answers' latency (open loop).
 
     Each wrk thread starts its requests ``threads / rate`` apart on a clock (post_event.lua's

@@ -18,8 +18,24 @@ from pathlib import Path
 from typing import Any
 
 # Leaf functions that mean "waiting", not computing (a thread can be caught there releasing the GIL).
-_WAITING = frozenset({"select", "poll", "wait", "dequeue", "read", "recv", "recv_into", "readinto", "acquire",
-                      "sleep", "accept", "get", "_wait_for_tstate_lock", "is_socket_readable"})
+_WAITING = frozenset(
+    {
+        "select",
+        "poll",
+        "wait",
+        "dequeue",
+        "read",
+        "recv",
+        "recv_into",
+        "readinto",
+        "acquire",
+        "sleep",
+        "accept",
+        "get",
+        "_wait_for_tstate_lock",
+        "is_socket_readable",
+    }
+)
 
 
 def _waiting(frame: str) -> bool:
@@ -35,18 +51,39 @@ def py_spy() -> str:
     return found
 
 
-def start_record(pids: list[int], seconds: float, out_dir: Path, label: str, rate: int = 100) -> list[subprocess.Popen[bytes]]:
+def start_record(
+    pids: list[int], seconds: float, out_dir: Path, label: str, rate: int = 100
+) -> list[subprocess.Popen[bytes]]:
     """Start one ``py-spy record`` per pid (they run for ``seconds``); pass the result to :func:`finish`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen([py_spy(), "record", "--gil", "--nonblocking", "-p", str(pid),
-                              "-d", f"{max(1, round(seconds))}", "-r", str(rate), "-f", "raw",
-                              "-o", str(out_dir / f"{label}-{pid}.txt")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for pid in pids]
+    return [
+        subprocess.Popen(
+            [
+                py_spy(),
+                "record",
+                "--gil",
+                "--nonblocking",
+                "-p",
+                str(pid),
+                "-d",
+                f"{max(1, round(seconds))}",
+                "-r",
+                str(rate),
+                "-f",
+                "raw",
+                "-o",
+                str(out_dir / f"{label}-{pid}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
 
 
-def finish(procs: list[subprocess.Popen[bytes]], out_dir: Path, label: str, seconds: float,
-           rate: int = 100) -> dict[str, Any]:
+def finish(
+    procs: list[subprocess.Popen[bytes]], out_dir: Path, label: str, seconds: float, rate: int = 100
+) -> dict[str, Any]:
     """Wait for the recorders; the merged summary plus each worker's GIL-busy share."""
     for proc in procs:
         proc.wait(timeout=120)
@@ -91,18 +128,27 @@ def summarise(paths: list[Path], top: int = 12) -> dict[str, Any]:
             inclusive[name] += n
     pct = lambda n: round(100 * n / busy_total, 1) if busy_total else 0.0  # noqa: E731
     return {
-        "samples": total, "busy_samples": busy_total,
+        "samples": total,
+        "busy_samples": busy_total,
         "waiting_percent": round(100 * (total - busy_total) / total, 1) if total else 0.0,
         "self": [[name, pct(n)] for name, n in own.most_common(top)],
-        "inclusive": [[name, pct(n)] for name, n in inclusive.most_common(top * 3)
-                      if not name.startswith(("<module>", "_run_", "run (", "main (", "Thread.", "_bootstrap"))][:top],
+        "inclusive": [
+            [name, pct(n)]
+            for name, n in inclusive.most_common(top * 3)
+            if not name.startswith(("<module>", "_run_", "run (", "main (", "Thread.", "_bootstrap"))
+        ][:top],
     }
 
 
 def dump(pid: int) -> dict[str, Any]:
     """One ``py-spy dump``: how many threads are in each innermost frame right now."""
-    out = subprocess.run([py_spy(), "dump", "--nonblocking", "-p", str(pid)], capture_output=True, text=True,
-                         timeout=60, check=False).stdout
+    out = subprocess.run(
+        [py_spy(), "dump", "--nonblocking", "-p", str(pid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
     return summarise_dump(out)
 
 
@@ -118,7 +164,7 @@ def summarise_dump(text: str) -> dict[str, Any]:
                 threads += 1
                 where[f"{state}: " + " <- ".join(function(f) for f in frames[:2])] += 1
             frames = []
-            state = line[line.find("(") + 1:line.find(")")] if "(" in line else ""
+            state = line[line.find("(") + 1 : line.find(")")] if "(" in line else ""
         elif line.startswith("    ") and not line.startswith("        ") and "(" in line:
             frames.append(line.strip())
     return {"threads": threads, "where": where.most_common(8)}

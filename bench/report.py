@@ -76,18 +76,35 @@ def ratio(accept: dict[str, Any], a: str, b: str) -> float | None:
     return round(top / bottom, 2) if top is not None and bottom else None
 
 
-def write_markdown(path: Path, results: dict[str, Any], targets: list[Target], chart: str | None,
-                   before: tuple[dict[str, Any], list[Target]] | None = None) -> None:
+def write_markdown(
+    path: Path,
+    results: dict[str, Any],
+    targets: list[Target],
+    chart: str | None,
+    before: tuple[dict[str, Any], list[Target]] | None = None,
+) -> None:
     """Write the generated section, keeping the analysis section of the existing file."""
     old = path.read_text() if path.exists() else ""
     analysis = _between(old, ANALYSIS) or "\n_Not written yet._\n"
-    body = "\n".join([
-        "# Benchmarks", "",
-        "How fast, how small, how heavy: every figure below comes from `make bench` (`scripts/bench`),",
-        "measured on loopback in one run, each next to a baseline measured in the same run.", "",
-        GEN[0], generated(results, targets, chart, before), GEN[1], "",
-        "## Analysis", "", ANALYSIS[0], analysis.strip("\n"), ANALYSIS[1], "",
-    ])
+    body = "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            "How fast, how small, how heavy: every figure below comes from `make bench` (`scripts/bench`),",
+            "measured on loopback in one run, each next to a baseline measured in the same run.",
+            "",
+            GEN[0],
+            generated(results, targets, chart, before),
+            GEN[1],
+            "",
+            "## Analysis",
+            "",
+            ANALYSIS[0],
+            analysis.strip("\n"),
+            ANALYSIS[1],
+            "",
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(body)
 
@@ -99,8 +116,12 @@ def before_after(before: dict[str, Any], then: list[Target], now: list[Target]) 
     for t in now:
         b = earlier.get(t.name)
         rows.append([t.name, _value(b.value, t.unit) if b else NA, _value(t.value, t.unit), t.verdict()])
-    return [f"## Before / after (before: the run of {before.get('started', '?')})", "",
-            _table(["figure", "before", "now", "now vs target"], rows), ""]
+    return [
+        f"## Before / after (before: the run of {before.get('started', '?')})",
+        "",
+        _table(["figure", "before", "now", "now vs target"], rows),
+        "",
+    ]
 
 
 def _between(text: str, marks: tuple[str, str]) -> str:
@@ -108,21 +129,41 @@ def _between(text: str, marks: tuple[str, str]) -> str:
     return m.group(1) if m else ""
 
 
-def generated(results: dict[str, Any], targets: list[Target], chart: str | None,
-              before: tuple[dict[str, Any], list[Target]] | None = None) -> str:
-    parts = [f"_Run: {results['started']} in {results['seconds']:.0f} s._", "", "## Targets", "",
-             "| figure | measured | target | verdict |", "|---|---|---|---|"]
+def generated(
+    results: dict[str, Any],
+    targets: list[Target],
+    chart: str | None,
+    before: tuple[dict[str, Any], list[Target]] | None = None,
+) -> str:
+    parts = [
+        f"_Run: {results['started']} in {results['seconds']:.0f} s._",
+        "",
+        "## Targets",
+        "",
+        "| figure | measured | target | verdict |",
+        "|---|---|---|---|",
+    ]
     parts += [t.row() for t in targets]
     parts += [""]
     if before:
         parts += before_after(before[0], before[1], targets)
     loadavg = results.get("loadavg") or {}
-    parts += ["## Machine and settings", "", _table(["", ""], [[k, v] for k, v in results["machine"].items()]),
-              "", *[f"- {line}" for line in results["settings"]],
-              "- load average (1 min) at the start of each part: "
-              + ", ".join(f"{k} {v}" for k, v in loadavg.items()), f"- {wrk_check(results)}", ""]
+    parts += [
+        "## Machine and settings",
+        "",
+        _table(["", ""], [[k, v] for k, v in results["machine"].items()]),
+        "",
+        *[f"- {line}" for line in results["settings"]],
+        "- load average (1 min) at the start of each part: "
+        + ", ".join(f"{k} {v}" for k, v in loadavg.items()),
+        f"- {wrk_check(results)}",
+        "",
+    ]
     if chart:
-        parts += [f"![relay vs naive proxy vs bare Flask: throughput per concurrency and latency]({chart})", ""]
+        parts += [
+            f"![relay vs naive proxy vs bare Flask: throughput per concurrency and latency]({chart})",
+            "",
+        ]
     parts += _sdk_section(results.get("sdk"))
     parts += _accept_section(results.get("accept"))
     parts += _misc_section(results)
@@ -132,7 +173,9 @@ def generated(results: dict[str, Any], targets: list[Target], chart: str | None,
 def load_results(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every wrk run of ``results`` (sweeps, fixed rate, sustained)."""
     accept = results.get("accept") or {}
-    runs = [r for key in ("relay", "proxy", "baseline", "relay_slow", "relay_down") for r in accept.get(key) or []]
+    runs = [
+        r for key in ("relay", "proxy", "baseline", "relay_slow", "relay_down") for r in accept.get(key) or []
+    ]
     runs += [accept["fixed_rate"]] if "wrk_cpu_percent" in (accept.get("fixed_rate") or {}) else []
     return runs + [r for r in results.get("sustained") or [] if "wrk_cpu_percent" in r]
 
@@ -142,8 +185,10 @@ def wrk_check(results: dict[str, Any]) -> str:
     shares = [r["wrk_cpu_percent"] for r in load_results(results)]
     if not shares:
         return "load generator CPU: not measured"
-    return (f"load generator: wrk used {min(shares):.0f} to {max(shares):.0f} % of one core in the runs "
-            f"(of the machine's 200 %), so it is never what limits a figure.")
+    return (
+        f"load generator: wrk used {min(shares):.0f} to {max(shares):.0f} % of one core in the runs "
+        f"(of the machine's 200 %), so it is never what limits a figure."
+    )
 
 
 def _sdk_section(sdk: dict[str, Any] | None) -> list[str]:
@@ -154,11 +199,14 @@ def _sdk_section(sdk: dict[str, Any] | None) -> list[str]:
     out += [_table(["campaign", "raw B", "minified B", "gzip B", "brotli B"], rows), ""]
     page = sdk.get("page")
     if page and "error" not in page:
-        out += [f"Demo landing page, first visit in Chromium: {page['requests']} requests, {page['bytes']:,} B "
-                f"(headers + encoded bodies); of these the SDK's own: {page['sdk_requests']} request(s), "
-                f"{page['sdk_bytes']:,} B.",
-                f"DOMContentLoaded of the thank-you page (which fires its conversion then) to the relay storing "
-                f"that event: median {page['dcl_to_relay_ms']} ms (trials: {page['dcl_to_relay_all']}).", ""]
+        out += [
+            f"Demo landing page, first visit in Chromium: {page['requests']} requests, {page['bytes']:,} B "
+            f"(headers + encoded bodies); of these the SDK's own: {page['sdk_requests']} request(s), "
+            f"{page['sdk_bytes']:,} B.",
+            f"DOMContentLoaded of the thank-you page (which fires its conversion then) to the relay storing "
+            f"that event: median {page['dcl_to_relay_ms']} ms (trials: {page['dcl_to_relay_all']}).",
+            "",
+        ]
     elif page:
         out += [f"Page load: n/a ({page['error']})", ""]
     return out
@@ -177,27 +225,73 @@ def _accept_section(accept: dict[str, Any] | None) -> list[str]:
     rows = []
     for points in zip(*sweeps, strict=False):
         relay, proxy, base, slow, down = points
-        rows.append([relay["concurrency"], *[_lat(p) for p in points],
-                     f"{relay['rps'] / proxy['rps']:.2f}x", f"{slow['rps'] / base['rps']:.2f}x",
-                     f"{down['rps'] / base['rps']:.2f}x", sum(p["errors"] for p in points)])
-    out += ["Events/s at each concurrency (p50 / p99 ms). Upstream: the fake Pingtree answering at once, "
-            "in 300 ms (slow) or not at all (down, connection refused).", "",
-            _table(["conc.", "relay, fast upstream", "naive proxy", "bare Flask", "relay, 300 ms upstream",
-                    "relay, upstream down", "relay / proxy", "slow / bare", "down / bare", "errors"], rows), ""]
-    cpu_rows = [[r["concurrency"], *[p.get("server_cpu_ms_per_event") for p in (r, *others)],
-                 f"{max(p['wrk_cpu_percent'] for p in (r, *others)):.0f} %"]
-                for r, *others in zip(*sweeps, strict=False)]
-    out += ["CPU per accepted event (ms, all the server's processes; the relay's includes its deliveries):", "",
-            _table(["conc.", "relay, fast", "naive proxy", "bare Flask", "relay, slow", "relay, down",
-                    "wrk CPU (max)"], cpu_rows), ""]
+        rows.append(
+            [
+                relay["concurrency"],
+                *[_lat(p) for p in points],
+                f"{relay['rps'] / proxy['rps']:.2f}x",
+                f"{slow['rps'] / base['rps']:.2f}x",
+                f"{down['rps'] / base['rps']:.2f}x",
+                sum(p["errors"] for p in points),
+            ]
+        )
+    out += [
+        "Events/s at each concurrency (p50 / p99 ms). Upstream: the fake Pingtree answering at once, "
+        "in 300 ms (slow) or not at all (down, connection refused).",
+        "",
+        _table(
+            [
+                "conc.",
+                "relay, fast upstream",
+                "naive proxy",
+                "bare Flask",
+                "relay, 300 ms upstream",
+                "relay, upstream down",
+                "relay / proxy",
+                "slow / bare",
+                "down / bare",
+                "errors",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    cpu_rows = [
+        [
+            r["concurrency"],
+            *[p.get("server_cpu_ms_per_event") for p in (r, *others)],
+            f"{max(p['wrk_cpu_percent'] for p in (r, *others)):.0f} %",
+        ]
+        for r, *others in zip(*sweeps, strict=False)
+    ]
+    out += [
+        "CPU per accepted event (ms, all the server's processes; the relay's includes its deliveries):",
+        "",
+        _table(
+            [
+                "conc.",
+                "relay, fast",
+                "naive proxy",
+                "bare Flask",
+                "relay, slow",
+                "relay, down",
+                "wrk CPU (max)",
+            ],
+            cpu_rows,
+        ),
+        "",
+    ]
     fixed = accept.get("fixed_rate")
     if fixed and "error" in fixed:
         out += [f"Fixed rate 500 ev/s: n/a ({fixed['error']})", ""]
     elif fixed:
-        out += [f"Fixed rate (about {fixed['rate']:.0f} ev/s offered open loop for {fixed['seconds']:.0f} s, fast "
-                f"upstream): achieved {fixed['rps']:,.0f} ev/s, p50 {fixed['p50_ms']:.2f} ms, "
-                f"p95 {fixed['p95_ms']:.2f} ms, p99 {fixed['p99_ms']:.2f} ms, max {fixed['max_ms']:.1f} ms, "
-                f"errors {fixed['errors']}; relay CPU {fixed.get('server_cpu_percent', 0):.0f} % of a core.", ""]
+        out += [
+            f"Fixed rate (about {fixed['rate']:.0f} ev/s offered open loop for {fixed['seconds']:.0f} s, fast "
+            f"upstream): achieved {fixed['rps']:,.0f} ev/s, p50 {fixed['p50_ms']:.2f} ms, "
+            f"p95 {fixed['p95_ms']:.2f} ms, p99 {fixed['p99_ms']:.2f} ms, max {fixed['max_ms']:.1f} ms, "
+            f"errors {fixed['errors']}; relay CPU {fixed.get('server_cpu_percent', 0):.0f} % of a core.",
+            "",
+        ]
     return out
 
 
@@ -205,20 +299,41 @@ def _misc_section(results: dict[str, Any]) -> list[str]:
     out = ["## 3. End to end: relay vs straight to the upstream", ""]
     e2e = results.get("e2e")
     if e2e and "error" not in e2e:
-        out += [_table(["", "p50 ms", "p95 ms"], [
-            ["browser-style post -> relay -> upstream (200 after the inline attempt)", e2e["relay_p50_ms"], e2e["relay_p95_ms"]],
-            ["post straight to the upstream (the fake Pingtree, answering at once)", e2e["direct_p50_ms"], e2e["direct_p95_ms"]],
-            ["added by the relay", e2e["added_p50_ms"], e2e["added_p95_ms"]]]),
-            "", f"{e2e['requests']} sequential requests each, alternating; relay answers other than 200: "
-                f"{e2e['relay_non_200']}.", ""]
+        out += [
+            _table(
+                ["", "p50 ms", "p95 ms"],
+                [
+                    [
+                        "browser-style post -> relay -> upstream (200 after the inline attempt)",
+                        e2e["relay_p50_ms"],
+                        e2e["relay_p95_ms"],
+                    ],
+                    [
+                        "post straight to the upstream (the fake Pingtree, answering at once)",
+                        e2e["direct_p50_ms"],
+                        e2e["direct_p95_ms"],
+                    ],
+                    ["added by the relay", e2e["added_p50_ms"], e2e["added_p95_ms"]],
+                ],
+            ),
+            "",
+            f"{e2e['requests']} sequential requests each, alternating; relay answers other than 200: "
+            f"{e2e['relay_non_200']}.",
+            "",
+        ]
     else:
         out += [f"n/a ({(e2e or {}).get('error', 'not measured')})", ""]
     out += _sustained_section(results.get("sustained"))
     out += _drain_section(results.get("drain") or [])
     out += ["## 6. Memory: peak RSS (VmHWM) per relay process", ""]
     mem = results.get("memory", {})
-    out += [_table(["when", "per process MB"], [[k, ", ".join(f"{v:.0f}" for v in vals) or NA]
-                                               for k, vals in mem.items()]), ""]
+    out += [
+        _table(
+            ["when", "per process MB"],
+            [[k, ", ".join(f"{v:.0f}" for v in vals) or NA] for k, vals in mem.items()],
+        ),
+        "",
+    ]
     out += _profile_section(results.get("profiles") or {})
     out += _sandbox_section(results.get("sandbox"))
     return out
@@ -234,7 +349,9 @@ def _sandbox_section(sandbox: dict[str, Any] | None) -> list[str]:
         f"p99 {sandbox['p99_ms']:.0f} ms, errors {sandbox['errors']}; at most {sandbox['peak_held']:,} answers held "
         f"at once (sampled); {sandbox['accepted_by_sandbox']:,} events accepted; sandbox CPU "
         f"{sandbox['server_cpu_ms_per_event']} ms per event. (Under gunicorn with 64 threads it could hold 64: "
-        "about 200 ev/s at 300 ms.)", ""]
+        "about 200 ev/s at 300 ms.)",
+        "",
+    ]
 
 
 def _sustained_section(rows: list[dict[str, Any]] | dict[str, Any] | None) -> list[str]:
@@ -246,34 +363,89 @@ def _sustained_section(rows: list[dict[str, Any]] | dict[str, Any] | None) -> li
         if "error" in r:
             table.append([f"{r['latency_ms']} ms", NA, NA, NA, NA, NA, NA, NA, NA, r["error"]])
             continue
-        empty = f"{r['empty_seconds']} s" if r["empty_seconds"] is not None else \
-            f"not within {r['empty_cap']:.0f} s ({r['accepted'] - r['delivered_total']:,} left)"
-        table.append([f"{r['latency_ms']:g} ms", f"{r['offered_rate']:,.0f} for {r['seconds']:.0f} s",
-                      f"{r['accepted_rate']:,.0f}", f"{r['delivered_rate']:,.0f}",
-                      f"{r['backlog_mid']:,} / {r['backlog_end']:,} ({r['backlog_growth']:+,.0f}/s)", empty,
-                      r["peak_in_flight"], f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
-                      f"{r['relay_cpu_percent']:.0f} / {r['upstream_cpu_percent']:.0f} / {r['wrk_cpu_percent']:.0f}",
-                      f"errors {r['answer_errors']}, repeats {r['repeats']}"])
-    return out + [_table(["upstream latency", "offered ev/s", "accepted ev/s", "delivered ev/s",
-                          "backlog mid / end (growth)", "time to empty", "peak in flight (upstream)",
-                          "answer p50 / p99 ms", "CPU % relay / upstream / wrk", "notes"], table), ""]
+        empty = (
+            f"{r['empty_seconds']} s"
+            if r["empty_seconds"] is not None
+            else f"not within {r['empty_cap']:.0f} s ({r['accepted'] - r['delivered_total']:,} left)"
+        )
+        table.append(
+            [
+                f"{r['latency_ms']:g} ms",
+                f"{r['offered_rate']:,.0f} for {r['seconds']:.0f} s",
+                f"{r['accepted_rate']:,.0f}",
+                f"{r['delivered_rate']:,.0f}",
+                f"{r['backlog_mid']:,} / {r['backlog_end']:,} ({r['backlog_growth']:+,.0f}/s)",
+                empty,
+                r["peak_in_flight"],
+                f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
+                f"{r['relay_cpu_percent']:.0f} / {r['upstream_cpu_percent']:.0f} / {r['wrk_cpu_percent']:.0f}",
+                f"errors {r['answer_errors']}, repeats {r['repeats']}",
+            ]
+        )
+    return out + [
+        _table(
+            [
+                "upstream latency",
+                "offered ev/s",
+                "accepted ev/s",
+                "delivered ev/s",
+                "backlog mid / end (growth)",
+                "time to empty",
+                "peak in flight (upstream)",
+                "answer p50 / p99 ms",
+                "CPU % relay / upstream / wrk",
+                "notes",
+            ],
+            table,
+        ),
+        "",
+    ]
 
 
 def _drain_section(rows: list[dict[str, Any]]) -> list[str]:
     out = ["## 5. Drain: a backlog delivered", ""]
     table = []
     for d in rows:
-        upstream = {"sandbox": "fast sandbox", "300ms": "300 ms fake"}.get(d.get("upstream", ""), d.get("upstream"))
+        upstream = {"sandbox": "fast sandbox", "300ms": "300 ms fake"}.get(
+            d.get("upstream", ""), d.get("upstream")
+        )
         if "error" in d:
             table.append([d["store"], upstream, NA, NA, NA, NA, NA, d["error"]])
             continue
         complete = d["delivered"] >= d["events"]
-        note = "" if complete else f"stopped at the {d['limit']:.0f} s cap: {d['delivered']:,} of {d['events']:,} delivered"
-        table.append([d["store"], upstream, f"{d['events']:,}", f"{d['fill_seconds']} s", f"{d['seconds']} s",
-                      f"{d['rps']:,.0f}", NA if d.get("peak_in_flight") is None else d["peak_in_flight"],
-                      note or f"pending after: {d['pending_after']}"])
-    return out + [_table(["store", "upstream", "events", "fill (Store.add)", "drain time", "ev/s",
-                          "peak in flight", "note"], table), ""]
+        note = (
+            ""
+            if complete
+            else f"stopped at the {d['limit']:.0f} s cap: {d['delivered']:,} of {d['events']:,} delivered"
+        )
+        table.append(
+            [
+                d["store"],
+                upstream,
+                f"{d['events']:,}",
+                f"{d['fill_seconds']} s",
+                f"{d['seconds']} s",
+                f"{d['rps']:,.0f}",
+                NA if d.get("peak_in_flight") is None else d["peak_in_flight"],
+                note or f"pending after: {d['pending_after']}",
+            ]
+        )
+    return out + [
+        _table(
+            [
+                "store",
+                "upstream",
+                "events",
+                "fill (Store.add)",
+                "drain time",
+                "ev/s",
+                "peak in flight",
+                "note",
+            ],
+            table,
+        ),
+        "",
+    ]
 
 
 def _profile_section(profiles: dict[str, Any]) -> list[str]:
@@ -285,12 +457,20 @@ def _profile_section(profiles: dict[str, Any]) -> list[str]:
             out += [f"**{name}**: n/a ({p['error']})", ""]
             continue
         gil = ", ".join(f"{g} %" for g in p.get("gil_busy_percent", []))
-        out += [f"**{name}** ({p.get('load', '')}; GIL held per worker: {gil}; {p['samples']:,} samples of the "
-                f"GIL holder, {p['waiting_percent']:.0f} % of them caught releasing it in select/recv/locks). "
-                "Of the other samples:", "",
-                _table(["self %", "function", "inclusive %", "function "],
-                       [[a[1] if a else "", f"`{a[0]}`" if a else "", b[1] if b else "", f"`{b[0]}`" if b else ""]
-                        for a, b in _pairs(p["self"], p["inclusive"])]), ""]
+        out += [
+            f"**{name}** ({p.get('load', '')}; GIL held per worker: {gil}; {p['samples']:,} samples of the "
+            f"GIL holder, {p['waiting_percent']:.0f} % of them caught releasing it in select/recv/locks). "
+            "Of the other samples:",
+            "",
+            _table(
+                ["self %", "function", "inclusive %", "function "],
+                [
+                    [a[1] if a else "", f"`{a[0]}`" if a else "", b[1] if b else "", f"`{b[0]}`" if b else ""]
+                    for a, b in _pairs(p["self"], p["inclusive"])
+                ],
+            ),
+            "",
+        ]
         for pid, d in (p.get("dumps") or {}).items():
             where = "; ".join(f"{n} x `{w}`" for w, n in d["where"])
             out += [f"Dump of worker {pid}, {d['threads']} threads: {where}.", ""]
@@ -309,9 +489,13 @@ def chart(path: Path, accept: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = {"relay": "relay, fast upstream", "relay_slow": "relay, 300 ms upstream",
-             "relay_down": "relay, upstream down", "proxy": "naive proxy (Flask + httpx.post)",
-             "baseline": "bare Flask (parse JSON, 204)"}
+    names = {
+        "relay": "relay, fast upstream",
+        "relay_slow": "relay, 300 ms upstream",
+        "relay_down": "relay, upstream down",
+        "proxy": "naive proxy (Flask + httpx.post)",
+        "baseline": "bare Flask (parse JSON, 204)",
+    }
     series = {label: accept.get(key) or [] for key, label in names.items() if accept.get(key)}
     conc = [r["concurrency"] for r in accept["baseline"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -327,8 +511,15 @@ def chart(path: Path, accept: dict[str, Any]) -> None:
     left.legend(fontsize=7)
     for (label, rows), color in zip(series.items(), ("C0", "C1", "C2", "C3", "C4"), strict=False):
         for key, style in (("p50_ms", "-"), ("p99_ms", ":")):
-            right.plot([r["concurrency"] for r in rows], [r[key] for r in rows], style, color=color,
-                       marker="o", markersize=3, label=f"{label} {key[:-3]}")
+            right.plot(
+                [r["concurrency"] for r in rows],
+                [r[key] for r in rows],
+                style,
+                color=color,
+                marker="o",
+                markersize=3,
+                label=f"{label} {key[:-3]}",
+            )
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.set_xticks(conc, [str(c) for c in conc])

@@ -25,8 +25,14 @@ from . import servers
 DEMO_GZIP_BUDGET = 2000
 EVERY_FEATURE_GZIP_BUDGET = 2500
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @dataclass(frozen=True)
@@ -50,18 +56,34 @@ class PageLoad:
 
 def all_features_config() -> Config:
     """A campaign with every SDK feature switched on (the largest script a campaign can get)."""
-    return parse_config({
-        "relay": {"upstream_url": "http://127.0.0.1:1", "public_url": "https://track.example.com"},
-        "campaigns": {"cmp_full": {
-            "allowed_origins": ["https://www.example.com"],
-            "extra_fields": ["gclid", "fbclid"],
-            "events": {"quote_viewed": {}, "call_clicked": {"allow_duplicates": True},
-                       "sale_completed": {"conversion": True}},
-            "sdk": {"cookie_domain": "example.com", "attribution": "last", "extra_params": ["gclid", "fbclid"],
-                    "call_event": "call_clicked", "selectors": {"#buy": "sale_completed", ".quote": "quote_viewed"},
-                    "consent": True, "fill_forms": True, "add_hidden_fields": True, "script_path": "/p/t.js", "endpoint_path": "/p/e"},
-        }},
-    })
+    return parse_config(
+        {
+            "relay": {"upstream_url": "http://127.0.0.1:1", "public_url": "https://track.example.com"},
+            "campaigns": {
+                "cmp_full": {
+                    "allowed_origins": ["https://www.example.com"],
+                    "extra_fields": ["gclid", "fbclid"],
+                    "events": {
+                        "quote_viewed": {},
+                        "call_clicked": {"allow_duplicates": True},
+                        "sale_completed": {"conversion": True},
+                    },
+                    "sdk": {
+                        "cookie_domain": "example.com",
+                        "attribution": "last",
+                        "extra_params": ["gclid", "fbclid"],
+                        "call_event": "call_clicked",
+                        "selectors": {"#buy": "sale_completed", ".quote": "quote_viewed"},
+                        "consent": True,
+                        "fill_forms": True,
+                        "add_hidden_fields": True,
+                        "script_path": "/p/t.js",
+                        "endpoint_path": "/p/e",
+                    },
+                }
+            },
+        }
+    )
 
 
 def weigh(config: Config, cid: str) -> Weight:
@@ -71,9 +93,15 @@ def weigh(config: Config, cid: str) -> Weight:
     campaign = config.campaigns[cid]
     built = sdk.render_sdk(campaign, config.relay)
     raw = sdk_build.render_source(  # the readable source, before the build minifies it
-        sdk.script_features(campaign), sdk.script_config(campaign, config.relay))
-    return Weight(campaign=cid, raw=len(raw.encode()), minified=len(built.body), gzip=len(built.gzip),
-                  brotli=len(built.br))
+        sdk.script_features(campaign), sdk.script_config(campaign, config.relay)
+    )
+    return Weight(
+        campaign=cid,
+        raw=len(raw.encode()),
+        minified=len(built.body),
+        gzip=len(built.gzip),
+        brotli=len(built.br),
+    )
 
 
 def weights() -> list[Weight]:
@@ -97,8 +125,14 @@ def page_load(workdir: Path, trials: int = 5) -> PageLoad:
             store.close()
         finally:
             browser.close()
-    return PageLoad(requests=requests, bytes=total, sdk_requests=sdk_requests, sdk_bytes=sdk_bytes,
-                    dcl_to_relay_ms=round(statistics.median(delays), 1), dcl_to_relay_all=delays)
+    return PageLoad(
+        requests=requests,
+        bytes=total,
+        sdk_requests=sdk_requests,
+        sdk_bytes=sdk_bytes,
+        dcl_to_relay_ms=round(statistics.median(delays), 1),
+        dcl_to_relay_all=delays,
+    )
 
 
 def _landing(browser: Any, base: str) -> tuple[int, int, int, int]:
@@ -106,8 +140,10 @@ def _landing(browser: Any, base: str) -> tuple[int, int, int, int]:
     page = context.new_page()
     finished: list[Any] = []
     page.on("requestfinished", lambda request: finished.append(request))
-    page.goto(f"{base}/demo/index.html?transaction_id=tland{secrets.token_hex(4)}&utm_source=google",
-              wait_until="networkidle")
+    page.goto(
+        f"{base}/demo/index.html?transaction_id=tland{secrets.token_hex(4)}&utm_source=google",
+        wait_until="networkidle",
+    )
     sizes = [(r.url, sum(r.sizes().values())) for r in finished]
     context.close()
     sdk = [size for url, size in sizes if "/sdk/" in url or "/api/event" in url]
@@ -122,7 +158,8 @@ def _dcl_to_relay(browser: Any, base: str, store: Any) -> float:
     with page.expect_response(lambda r: "/api/event/" in r.url, timeout=15000):
         page.goto(f"{base}/demo/thanks.html?transaction_id={tid}&utm_source=google")
     dcl = page.evaluate(
-        "performance.timeOrigin + performance.getEntriesByType('navigation')[0].domContentLoadedEventStart")
+        "performance.timeOrigin + performance.getEntriesByType('navigation')[0].domContentLoadedEventStart"
+    )
     context.close()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

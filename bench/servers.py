@@ -51,7 +51,10 @@ def boost_priority() -> None:
     default) each session is one group and a group's share is set by its autogroup nice, not by
     the process's. Not permitted (not root): the priority stays as it was.
     """
-    for set_nice in (lambda: os.nice(BOOST_NICE), lambda: Path("/proc/self/autogroup").write_text(str(BOOST_NICE))):
+    for set_nice in (
+        lambda: os.nice(BOOST_NICE),
+        lambda: Path("/proc/self/autogroup").write_text(str(BOOST_NICE)),
+    ):
         try:
             set_nice()
         except OSError:
@@ -85,9 +88,15 @@ class Server:
         """Spawn the process and poll ``health_path`` until it answers 200."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         argv = [arg.replace("{port}", str(self.port)) for arg in self.args]
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True,
-                                     preexec_fn=boost_priority if self.boost else None)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            start_new_session=True,
+            preexec_fn=boost_priority if self.boost else None,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -200,14 +209,19 @@ def baseline(workdir: Path) -> Server:
 
 def naive_proxy(workdir: Path, upstream: str) -> Server:
     """The naive proxy of :mod:`bench.naive_proxy` to ``upstream``, same gunicorn settings as ``serve``."""
-    return Server([sys.executable, "-m", "bench.naive_proxy", "--port", "{port}", "--upstream", upstream],
-                  workdir / "naive-proxy.log")
+    return Server(
+        [sys.executable, "-m", "bench.naive_proxy", "--port", "{port}", "--upstream", upstream],
+        workdir / "naive-proxy.log",
+    )
 
 
 def fake_upstream(workdir: Path, latency_ms: float = 0.0, name: str = "upstream") -> Server:
     """The lean fake Pingtree of :mod:`bench.fake_upstream`, answering ``latency_ms`` after each request."""
-    return Server([sys.executable, "-m", "bench.fake_upstream", "--port", "{port}", "--latency-ms", f"{latency_ms:g}"],
-                  workdir / f"{name}.log", boost=True)
+    return Server(
+        [sys.executable, "-m", "bench.fake_upstream", "--port", "{port}", "--latency-ms", f"{latency_ms:g}"],
+        workdir / f"{name}.log",
+        boost=True,
+    )
 
 
 def upstream_stats(upstream: Server) -> dict[str, Any]:
@@ -250,9 +264,25 @@ def redis_server(workdir: Path, data: Path | None = None) -> Server:
     """
     data = data or workdir / "redis"
     data.mkdir(exist_ok=True)
-    server = Server(["redis-server", "--port", "{port}", "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data)],
-                    workdir / "redis.log", health_path="")
+    server = Server(
+        [
+            "redis-server",
+            "--port",
+            "{port}",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(data),
+        ],
+        workdir / "redis.log",
+        health_path="",
+    )
     server._healthy = lambda: _redis_ping(server.port)  # type: ignore[method-assign]
     return server
 

@@ -62,8 +62,12 @@ class SustainedResult:
         return round((self.backlog_end - self.backlog_mid) / (self.seconds / 2), 1) if self.seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "accepted_rate": self.accepted_rate, "delivered_rate": self.delivered_rate,
-                "backlog_growth": self.backlog_growth}
+        return {
+            **asdict(self),
+            "accepted_rate": self.accepted_rate,
+            "delivered_rate": self.delivered_rate,
+            "backlog_growth": self.backlog_growth,
+        }
 
 
 def nearest(samples: list[tuple[float, int]], t: float) -> int:
@@ -71,27 +75,40 @@ def nearest(samples: list[tuple[float, int]], t: float) -> int:
     return min(samples, key=lambda s: abs(s[0] - t))[1] if samples else 0
 
 
-def run(workdir: Path, store_url: str, store_label: str, latency_ms: float, *, rate: float = 1000,
-        seconds: float = 15, empty_cap: float = 45,
-        during_load: Callable[[servers.Server], None] | None = None) -> SustainedResult:
+def run(
+    workdir: Path,
+    store_url: str,
+    store_label: str,
+    latency_ms: float,
+    *,
+    rate: float = 1000,
+    seconds: float = 15,
+    empty_cap: float = 45,
+    during_load: Callable[[servers.Server], None] | None = None,
+) -> SustainedResult:
     """One sustained run on a fresh store, relay and upstream; ``during_load(relay)`` runs in a thread
     from the start of the load (a profiler), and is waited for before the relay stops."""
     name = f"sustained-{store_label.lower()}-{latency_ms:g}ms"
-    with servers.fake_upstream(workdir, latency_ms, name=f"{name}-upstream") as upstream, \
-            servers.relay(workdir, upstream.url, store_url, name=name) as relay:
+    with (
+        servers.fake_upstream(workdir, latency_ms, name=f"{name}-upstream") as upstream,
+        servers.relay(workdir, upstream.url, store_url, name=name) as relay,
+    ):
         # Connections for the worst case: every request waiting a full inline attempt upstream.
         connections = int(max(100, min(1000, rate * (latency_ms / 1000 + 0.2))))
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
         started = time.monotonic()
-        sampler = threading.Thread(target=_sample_backlog, args=(store_url, started, samples, stop), daemon=True)
+        sampler = threading.Thread(
+            target=_sample_backlog, args=(store_url, started, samples, stop), daemon=True
+        )
         cpu = (servers.cpu_seconds(relay), servers.cpu_seconds(upstream))
         sampler.start()
         side = threading.Thread(target=during_load, args=(relay,), daemon=True) if during_load else None
         if side is not None:
             side.start()
-        result = load.run_paced(relay.url, PATH, rate=rate, seconds=seconds, origin=servers.ORIGIN,
-                                connections=connections)
+        result = load.run_paced(
+            relay.url, PATH, rate=rate, seconds=seconds, origin=servers.ORIGIN, connections=connections
+        )
         relay_cpu = servers.cpu_seconds(relay) - cpu[0]
         upstream_cpu = servers.cpu_seconds(upstream) - cpu[1]
         at_end = servers.upstream_stats(upstream)
@@ -104,18 +121,33 @@ def run(workdir: Path, store_url: str, store_label: str, latency_ms: float, *, r
             side.join()
         rss = [round(servers.peak_rss_mb(pid), 1) for pid in relay.worker_pids()]
     return SustainedResult(
-        latency_ms=latency_ms, store=store_label, offered_rate=rate, seconds=result.seconds, sent=result.requests,
-        accepted=accepted, answer_errors=result.errors, delivered_during_load=at_end["unique"],
-        backlog_mid=nearest(samples, result.seconds / 2), backlog_end=backlog_end,
-        empty_seconds=empty_seconds, empty_cap=empty_cap, delivered_total=final["unique"],
-        repeats=final["repeats"], peak_in_flight=final["peak_in_flight"], p50_ms=result.p50_ms,
-        p99_ms=result.p99_ms, wrk_cpu_percent=result.wrk_cpu_percent,
+        latency_ms=latency_ms,
+        store=store_label,
+        offered_rate=rate,
+        seconds=result.seconds,
+        sent=result.requests,
+        accepted=accepted,
+        answer_errors=result.errors,
+        delivered_during_load=at_end["unique"],
+        backlog_mid=nearest(samples, result.seconds / 2),
+        backlog_end=backlog_end,
+        empty_seconds=empty_seconds,
+        empty_cap=empty_cap,
+        delivered_total=final["unique"],
+        repeats=final["repeats"],
+        peak_in_flight=final["peak_in_flight"],
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        wrk_cpu_percent=result.wrk_cpu_percent,
         relay_cpu_percent=round(100 * relay_cpu / result.seconds, 1),
-        upstream_cpu_percent=round(100 * upstream_cpu / result.seconds, 1), peak_rss_mb=rss,
+        upstream_cpu_percent=round(100 * upstream_cpu / result.seconds, 1),
+        peak_rss_mb=rss,
     )
 
 
-def _sample_backlog(store_url: str, started: float, samples: list[tuple[float, int]], stop: threading.Event) -> None:
+def _sample_backlog(
+    store_url: str, started: float, samples: list[tuple[float, int]], stop: threading.Event
+) -> None:
     while not stop.wait(1.0):
         samples.append((time.monotonic() - started, _pending(store_url)))
 

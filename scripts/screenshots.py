@@ -28,8 +28,14 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 LANDING_QUERY = "?utm_source=google&utm_campaign=spring&sub1=ad42&pid=src_demo"
 VIEWPORT = {"width": 1280, "height": 860}
 DEMO_CLIP = {"x": 0, "y": 0, "width": 1280, "height": 540}
@@ -55,8 +61,13 @@ def start_demo(port: int, log: Path) -> subprocess.Popen[bytes]:
     # The demo keeps its outbox in the temp dir by port: start from an empty one.
     for suffix in ("", "-wal", "-shm"):
         Path(tempfile.gettempdir(), f"pingtree-relay-demo-{port}.sqlite3{suffix}").unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "demo", "--port", str(port)], cwd=ROOT,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "demo", "--port", str(port)],
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -161,7 +172,9 @@ def main() -> int:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
-    print(f"wrote {out / 'demo.png'}, {out / 'dashboard.png'} and {out / 'debug-panel.png'} (demo log: {log})")
+    print(
+        f"wrote {out / 'demo.png'}, {out / 'dashboard.png'} and {out / 'debug-panel.png'} (demo log: {log})"
+    )
     return 0
 
 

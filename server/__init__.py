@@ -111,12 +111,14 @@ def _http_error(exc: HTTPException) -> Response:
         reason = {413: "body_too_large", 405: "method", 404: "not_found"}.get(code, str(code))
         current_relay().rejected(_cid(), None, reason=reason, status=code)
     messages = {
-        404: "Not found", 405: "Method not allowed",
-        413: "Request body too large", 415: "Unsupported content type",
+        404: "Not found",
+        405: "Method not allowed",
+        413: "Request body too large",
+        415: "Unsupported content type",
     }
     response = jsonify(answer(code, messages.get(code, exc.name)))
     response.status_code = code
-    for key, value in (exc.get_headers() if hasattr(exc, "get_headers") else []):
+    for key, value in exc.get_headers() if hasattr(exc, "get_headers") else []:
         if key.lower() not in ("content-type", "content-length"):
             response.headers[key] = value
     return response

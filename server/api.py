@@ -50,7 +50,9 @@ def event(cid: str) -> Response:
     current_relay().received(cid)
     campaign = current_relay().campaign(cid)
     # The caller is checked before the body is read: a page that may not post gets its 403 first.
-    return _handle(campaign, lambda: parse_json_body(_read_body(), request.content_type), revenue_key="amount")
+    return _handle(
+        campaign, lambda: parse_json_body(_read_body(), request.content_type), revenue_key="amount"
+    )
 
 
 @bp.record
@@ -67,10 +69,17 @@ def first_party_routes(state: BlueprintSetupState) -> None:
     for cid, campaign in config.campaigns.items():
         path = campaign.sdk.endpoint_path
         if path:
-            state.add_url_rule(path, f"first_party_{cid}", event, methods=["POST"], defaults={"cid": cid},
-                               provide_automatic_options=False)
-            state.add_url_rule(path, f"first_party_preflight_{cid}", preflight, methods=["OPTIONS"],
-                               defaults={"cid": cid})
+            state.add_url_rule(
+                path,
+                f"first_party_{cid}",
+                event,
+                methods=["POST"],
+                defaults={"cid": cid},
+                provide_automatic_options=False,
+            )
+            state.add_url_rule(
+                path, f"first_party_preflight_{cid}", preflight, methods=["OPTIONS"], defaults={"cid": cid}
+            )
 
 
 @bp.route("/api/event/<cid>", methods=["OPTIONS"])
@@ -108,7 +117,9 @@ def _read_body() -> bytes:
     return data
 
 
-def _handle(campaign: CampaignConfig, read_body: Callable[[], dict[str, Any]], *, revenue_key: str) -> Response:
+def _handle(
+    campaign: CampaignConfig, read_body: Callable[[], dict[str, Any]], *, revenue_key: str
+) -> Response:
     """Admit the caller, then validate, accept and answer one event of ``campaign``."""
     state = request_state()
     state.cid = campaign.cid
@@ -122,14 +133,21 @@ def _handle(campaign: CampaignConfig, read_body: Callable[[], dict[str, Any]], *
         filtered = _filter_bot(campaign, event.event_id)
         if filtered is not None:
             return filtered
-    ip_address, user_agent = visitor(trusted, event.fields, request.remote_addr, request.headers.get("User-Agent"))
+    ip_address, user_agent = visitor(
+        trusted, event.fields, request.remote_addr, request.headers.get("User-Agent")
+    )
     reply = current_relay().accept(
-        campaign, event, idempotency_key=_idempotency_key(), ip_address=ip_address, user_agent=user_agent,
+        campaign,
+        event,
+        idempotency_key=_idempotency_key(),
+        ip_address=ip_address,
+        user_agent=user_agent,
         test=state.test_traffic,
     )
     if trusted:  # say which server-decided fields are the relay's, not the caller's
-        forwarded = forward_body(campaign, event, received_at=time.time(), ip_address=ip_address,
-                                 user_agent=user_agent)
+        forwarded = forward_body(
+            campaign, event, received_at=time.time(), ip_address=ip_address, user_agent=user_agent
+        )
         reply.body["data"]["relay_fields"] = relay_fields(campaign, body, event, forwarded)
     state.outcome = reply.outcome
     response = jsonify(reply.body)
@@ -159,8 +177,12 @@ def _idempotency_key() -> str | None:
     if key is None:
         return None
     if not _UUID_RE.match(key):
-        raise ApiError(400, "Invalid Idempotency-Key", invalid={"Idempotency-Key": "8-64 letters, digits, '-' or '_'"},
-                       reason="invalid_idempotency_key")
+        raise ApiError(
+            400,
+            "Invalid Idempotency-Key",
+            invalid={"Idempotency-Key": "8-64 letters, digits, '-' or '_'"},
+            reason="invalid_idempotency_key",
+        )
     return key
 
 

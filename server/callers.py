@@ -35,8 +35,8 @@ def server_keys(headers: Mapping[str, str] | Headers) -> list[str]:
     """The server keys a request carries: ``X-Server-Key`` and/or an ``Authorization: Bearer`` token."""
     keys = [headers.get("X-Server-Key", "").strip()]
     authorization = headers.get("Authorization", "")
-    if authorization[:len(BEARER)].lower() == BEARER:
-        keys.append(authorization[len(BEARER):].strip())
+    if authorization[: len(BEARER)].lower() == BEARER:
+        keys.append(authorization[len(BEARER) :].strip())
     return [key for key in keys if key]
 
 
@@ -50,8 +50,11 @@ def check_caller(campaign: CampaignConfig) -> bool:
         raise ApiError(403, "Invalid server key", reason="server_key")
     origin = request.headers.get("Origin")
     if origin is None:
-        raise ApiError(403, _no_origin_message(campaign), reason="server_key" if campaign.allow_server_calls
-                       else "origin")
+        raise ApiError(
+            403,
+            _no_origin_message(campaign),
+            reason="server_key" if campaign.allow_server_calls else "origin",
+        )
     if not origin_allowed_for(origin, campaign):
         _refuse_origin(campaign, origin)
     state = request_state()
@@ -63,7 +66,9 @@ def check_caller(campaign: CampaignConfig) -> bool:
 
 def origin_allowed_for(origin: str | None, campaign: CampaignConfig) -> bool:
     """allowed_origins and staging_origins are allowed alike (staging events are test traffic)."""
-    return origin_allowed(origin, campaign.allowed_origins) or origin_allowed(origin, campaign.staging_origins)
+    return origin_allowed(origin, campaign.allowed_origins) or origin_allowed(
+        origin, campaign.staging_origins
+    )
 
 
 def _refuse_origin(campaign: CampaignConfig, origin: str) -> NoReturn:
@@ -79,15 +84,20 @@ def _refuse_origin(campaign: CampaignConfig, origin: str) -> NoReturn:
 def _no_origin_message(campaign: CampaignConfig) -> str:
     where = f"campaigns.{campaign.cid}"
     if campaign.allow_server_calls:
-        return (f"Requests without an Origin header need the campaign's server key ({where}.server_key in the "
-                "relay's config): send it as 'Authorization: Bearer <key>' or 'X-Server-Key: <key>'")
-    return (f"Origin header missing. Browsers send one, and it must be in {where}.allowed_origins; a server-side "
-            f"caller sends 'Authorization: Bearer <key>' instead, which needs {where}.allow_server_calls = true "
-            f"and {where}.server_key in the relay's config")
+        return (
+            f"Requests without an Origin header need the campaign's server key ({where}.server_key in the "
+            "relay's config): send it as 'Authorization: Bearer <key>' or 'X-Server-Key: <key>'"
+        )
+    return (
+        f"Origin header missing. Browsers send one, and it must be in {where}.allowed_origins; a server-side "
+        f"caller sends 'Authorization: Bearer <key>' instead, which needs {where}.allow_server_calls = true "
+        f"and {where}.server_key in the relay's config"
+    )
 
 
-def visitor(trusted: bool, fields: Mapping[str, Any], remote_addr: str | None,
-            user_agent: str | None) -> tuple[str | None, str | None]:
+def visitor(
+    trusted: bool, fields: Mapping[str, Any], remote_addr: str | None, user_agent: str | None
+) -> tuple[str | None, str | None]:
     """The visitor's (ip_address, user_agent) to forward.
 
     A browser's come from its own request. A trusted caller's request is the backend's, so only

@@ -51,21 +51,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     inline = settings.inline_concurrency if settings.inline_concurrency and settings.inline_timeout else 0
     if workers * inline >= settings.max_in_flight:
         # Every worker's inline attempts come out of the box's one in-flight budget.
-        log.error("%s: relay.max_in_flight: must be more than workers x inline_concurrency (%s x %s); raise it "
-                  "or lower inline_concurrency", args.config, workers, inline)
+        log.error(
+            "%s: relay.max_in_flight: must be more than workers x inline_concurrency (%s x %s); raise it "
+            "or lower inline_concurrency",
+            args.config,
+            workers,
+            inline,
+        )
         return 1
     # Workers and the delivery process build from the config the master validated, never from the
     # file as it is now: an invalid edit followed by SIGHUP or a respawn keeps the last good one.
     last_good = LastGoodConfig(args.config, config)
-    deliver = [sys.executable, "-m", "server.cli", "deliver", "--config", args.config,
-               "--inline-workers", str(workers), "--parent-pid", str(os.getpid())]
-    log.info("pingtree-relay %s serving on http://%s:%s (upstream %s; store: %s)", _version(), args.host,
-             args.port, settings.upstream_url, store_location(settings.store))
+    deliver = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "deliver",
+        "--config",
+        args.config,
+        "--inline-workers",
+        str(workers),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    log.info(
+        "pingtree-relay %s serving on http://%s:%s (upstream %s; store: %s)",
+        _version(),
+        args.host,
+        args.port,
+        settings.upstream_url,
+        store_location(settings.store),
+    )
     _warn(config)
-    wsgi.run(lambda: create_app(last_good.config, start_delivery=False), host=args.host, port=args.port,
-             workers=workers, threads=args.threads, multiprocess_metrics=True,
-             sidecar=deliver, sidecar_env=last_good.environment, on_reload=last_good.reload,
-             logger_class=jsonlog.GunicornLogger)
+    wsgi.run(
+        lambda: create_app(last_good.config, start_delivery=False),
+        host=args.host,
+        port=args.port,
+        workers=workers,
+        threads=args.threads,
+        multiprocess_metrics=True,
+        sidecar=deliver,
+        sidecar_env=last_good.environment,
+        on_reload=last_good.reload,
+        logger_class=jsonlog.GunicornLogger,
+    )
     return 0
 
 
@@ -181,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  demo funnel:     {base}/demo/?utm_source=google&utm_campaign=spring&sub1=ad42&pid=src_demo\n"
         f"  relay endpoint:  {base}/api/event/cmp_demo\n"
         f"  SDK:             {base}/sdk/cmp_demo.js\n"
-        f"  call postback:   {base}/postback/cmp_demo/ringba  (the thank-you page's \"Simulate a completed call\")\n"
+        f'  call postback:   {base}/postback/cmp_demo/ringba  (the thank-you page\'s "Simulate a completed call")\n'
         f"  sandbox (fake Pingtree, what it received): {base}/sandbox/\n"
         f"  dashboard:       {base}/admin/  (token: {config.relay.admin_token})\n"
         "Press Ctrl+C to stop.",
@@ -260,8 +289,10 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
         # The zone is printed: an operator comparing with Pingtree's or nginx's times must not guess.
         when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(record.received_at))
         reason = f"  {record.last_error}" if record.last_error and record.state != "delivered" else ""
-        print(f"{record.id}  {when}  {record.cid}  {record.event_id}  {record.display_state()}"
-              f"  attempts={record.attempts}{reason}")
+        print(
+            f"{record.id}  {when}  {record.cid}  {record.event_id}  {record.display_state()}"
+            f"  attempts={record.attempts}{reason}"
+        )
     store.close()
     return 0
 
@@ -282,13 +313,18 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
         print("only delivered or dead events can be purged", file=sys.stderr)
         return 1
     state = args.state or "delivered"
-    older_than = args.older_than if args.older_than is not None else (
-        args.older_than_hours * 3600 if args.older_than_hours is not None else None)
+    older_than = (
+        args.older_than
+        if args.older_than is not None
+        else (args.older_than_hours * 3600 if args.older_than_hours is not None else None)
+    )
     if older_than is None and not args.all:
         # Deleting is not undone: an age, or --all spelled out, is the operator's decision.
-        print(f"purge deletes {state} events from the outbox; say which: --older-than 7d (last updated "
-              f"more than 7 days ago; also h, m, s) or --all (every {state} event). Nothing was deleted.",
-              file=sys.stderr)
+        print(
+            f"purge deletes {state} events from the outbox; say which: --older-than 7d (last updated "
+            f"more than 7 days ago; also h, m, s) or --all (every {state} event). Nothing was deleted.",
+            file=sys.stderr,
+        )
         return 2
     store = _open_store(args)
     count = store.purge(state=state, older_than=older_than or 0.0)
@@ -373,19 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pingtree-relay {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the relay under gunicorn", description="Run the relay under "
-                       "gunicorn (gthread workers). SIGTERM drains gracefully, SIGHUP reloads.")
+    p = sub.add_parser(
+        "serve",
+        help="run the relay under gunicorn",
+        description="Run the relay under "
+        "gunicorn (gthread workers). SIGTERM drains gracefully, SIGHUP reloads.",
+    )
     _config_option(p)
     _listen_options(p, 8000)
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: 2 per CPU core, 2 to 8)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: 2 per CPU core, 2 to 8)"
+    )
     p.add_argument("--threads", type=int, default=8, help="threads per worker (default: 8)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deliver", help="run the delivery engine (serve starts one itself)")
     _config_option(p)
-    p.add_argument("--inline-workers", type=int, default=0,
-                   help="processes making inline attempts: their inline_concurrency comes out of max_in_flight")
+    p.add_argument(
+        "--inline-workers",
+        type=int,
+        default=0,
+        help="processes making inline attempts: their inline_concurrency comes out of max_in_flight",
+    )
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_deliver)
 
@@ -398,24 +443,42 @@ def build_parser() -> argparse.ArgumentParser:
     _listen_options(p, 9000)
     p.set_defaults(func=cmd_sandbox)
 
-    p = sub.add_parser("check-config", help="validate a config file",
-                       description="Exit 0 when the file is valid, else 1 naming the key to fix.")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Exit 0 when the file is valid, else 1 naming the key to fix.",
+    )
     p.add_argument("file", nargs="?", metavar="FILE", help="the relay's TOML config (or give --config)")
     p.add_argument("--config", dest="config_option", metavar="FILE", help="the same, as an option")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("snippet", help="print a campaign's embed tag (stable URL; --integrity pins today's build)")
+    p = sub.add_parser(
+        "snippet", help="print a campaign's embed tag (stable URL; --integrity pins today's build)"
+    )
     p.add_argument("cid", metavar="CID", help="the campaign id, as in [campaigns.CID]")
     _config_option(p)
-    p.add_argument("--base-url", default="", metavar="URL",
-                   help="where browsers reach the relay (default: relay.public_url)")
-    p.add_argument("--integrity", action="store_true",
-                   help="pin today's build with SRI; servable 30 days after a config change or upgrade "
-                        "supersedes it, then the tag stops working (see docs/js-api.md)")
-    p.add_argument("--csp", action="store_true",
-                   help="print the Content-Security-Policy sources the tag needs instead of the tag")
-    p.add_argument("--no-stub", action="store_true",
-                   help="the script tag alone, no inline stub (pingtree() calls wait for the script's load)")
+    p.add_argument(
+        "--base-url",
+        default="",
+        metavar="URL",
+        help="where browsers reach the relay (default: relay.public_url)",
+    )
+    p.add_argument(
+        "--integrity",
+        action="store_true",
+        help="pin today's build with SRI; servable 30 days after a config change or upgrade "
+        "supersedes it, then the tag stops working (see docs/js-api.md)",
+    )
+    p.add_argument(
+        "--csp",
+        action="store_true",
+        help="print the Content-Security-Policy sources the tag needs instead of the tag",
+    )
+    p.add_argument(
+        "--no-stub",
+        action="store_true",
+        help="the script tag alone, no inline stub (pingtree() calls wait for the script's load)",
+    )
     p.set_defaults(func=cmd_snippet)
 
     _outbox_parser(sub)
@@ -432,8 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _outbox_parser(sub: Any) -> None:
-    outbox = sub.add_parser("outbox", help="inspect and operate the outbox",
-                            description="Inspect and operate the outbox (the durable queue of events).")
+    outbox = sub.add_parser(
+        "outbox",
+        help="inspect and operate the outbox",
+        description="Inspect and operate the outbox (the durable queue of events).",
+    )
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     p = actions.add_parser("stats", help="counts by state and the oldest pending age, as JSON")
@@ -454,35 +520,57 @@ def _outbox_parser(sub: Any) -> None:
     p.add_argument("--all", action="store_true", help="every dead letter")
     p.set_defaults(func=cmd_outbox_retry)
 
-    p = actions.add_parser("purge", help="delete delivered (or dead) events",
-                           description="Delete delivered events (or dead letters with --state dead). "
-                           "Pending events are never deleted. Give --older-than or --all.")
+    p = actions.add_parser(
+        "purge",
+        help="delete delivered (or dead) events",
+        description="Delete delivered events (or dead letters with --state dead). "
+        "Pending events are never deleted. Give --older-than or --all.",
+    )
     _config_option(p)
-    p.add_argument("--state", choices=("delivered", "dead", "pending"),
-                   help="which events: delivered (default) or dead")
-    p.add_argument("--older-than", type=_duration, metavar="AGE",
-                   help="only events last updated more than AGE ago: 7d, 12h, 30m, 90s")
+    p.add_argument(
+        "--state", choices=("delivered", "dead", "pending"), help="which events: delivered (default) or dead"
+    )
+    p.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="AGE",
+        help="only events last updated more than AGE ago: 7d, 12h, 30m, 90s",
+    )
     p.add_argument("--older-than-hours", type=float, metavar="H", help="the same in hours (e.g. 168)")
     p.add_argument("--all", action="store_true", help="every event in that state, whatever its age")
     p.set_defaults(func=cmd_outbox_purge)
 
-    p = actions.add_parser("backup", help="copy the SQLite outbox to a file while the relay runs",
-                           description="A consistent copy of the SQLite outbox (SQLite's online backup), "
-                           "safe while the relay is running.")
+    p = actions.add_parser(
+        "backup",
+        help="copy the SQLite outbox to a file while the relay runs",
+        description="A consistent copy of the SQLite outbox (SQLite's online backup), "
+        "safe while the relay is running.",
+    )
     p.add_argument("destination", metavar="DEST", help="the backup file to write (must not exist)")
     _config_option(p)
     p.set_defaults(func=cmd_outbox_backup)
 
-    p = actions.add_parser("move", help="move events from an old store into the configured one",
-                           description="Move events from another store (e.g. the SQLite file a box used "
-                           "before switching to Redis) into the store --config names. Pending events "
-                           "are moved and deleted from the old store; run it after the relay was "
-                           "restarted on the new store. Safe to run twice.")
-    p.add_argument("--from", dest="source", required=True, metavar="URL",
-                   help="the old store, e.g. sqlite:////var/lib/pingtree-relay/outbox.sqlite3")
+    p = actions.add_parser(
+        "move",
+        help="move events from an old store into the configured one",
+        description="Move events from another store (e.g. the SQLite file a box used "
+        "before switching to Redis) into the store --config names. Pending events "
+        "are moved and deleted from the old store; run it after the relay was "
+        "restarted on the new store. Safe to run twice.",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="the old store, e.g. sqlite:////var/lib/pingtree-relay/outbox.sqlite3",
+    )
     _config_option(p)
-    p.add_argument("--history", action="store_true",
-                   help="also copy delivered and dead events (replays and the dashboard keep them)")
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="also copy delivered and dead events (replays and the dashboard keep them)",
+    )
     p.set_defaults(func=cmd_outbox_move)
 
 

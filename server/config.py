@@ -29,8 +29,18 @@ _PATH_RE = re.compile(r"^/[A-Za-z0-9_\-/.]*$")
 # The relay's own routes: a campaign's first-party endpoint_path must not shadow (or be shadowed by)
 # any of them, or one campaign's config could take over another surface of the relay.
 RESERVED_PATHS: tuple[str, ...] = (
-    "/api", "/sdk", "/admin", "/healthz", "/readyz", "/metrics", "/openapi.json",
-    "/_sandbox", "/sandbox", "/demo", "/static", "/postback",
+    "/api",
+    "/sdk",
+    "/admin",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/_sandbox",
+    "/sandbox",
+    "/demo",
+    "/static",
+    "/postback",
 )
 
 
@@ -200,6 +210,7 @@ def _choice(*options: str) -> Check:
         if v not in options:
             raise ConfigError(path, "expected one of " + ", ".join(options))
         return v
+
     return check
 
 
@@ -208,6 +219,7 @@ def _str_list(item: Check = _str) -> Check:
         if not isinstance(v, list):
             raise ConfigError(path, "expected a list of strings")
         return tuple(item(f"{path}[{i}]", x) for i, x in enumerate(v))
+
     return check
 
 
@@ -242,7 +254,9 @@ def _identifier(path: str, v: Any) -> str:
     return v
 
 
-_DOMAIN_RE = re.compile(r"^\.?(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
+_DOMAIN_RE = re.compile(
+    r"^\.?(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
 
 
 def _cookie_domain(path: str, v: Any) -> str:
@@ -306,47 +320,80 @@ def _scalar_map(path: str, v: Any) -> dict[str, Any]:
 
 def _event(path: str, name: str, raw: Any) -> EventConfig:
     _identifier(path, name)
-    values = _fields(path, raw, {
-        "conversion": _bool, "allow_duplicates": _bool, "revenue": _revenue,
-        "max_revenue": lambda p, v: _number(p, v),
-    })
+    values = _fields(
+        path,
+        raw,
+        {
+            "conversion": _bool,
+            "allow_duplicates": _bool,
+            "revenue": _revenue,
+            "max_revenue": lambda p, v: _number(p, v),
+        },
+    )
     if values.get("revenue") == "signed" and not values.get("conversion", False):
         pass  # signed revenue on a non-conversion event is odd but harmless
     return EventConfig(name=name, **values)
 
 
 def _sdk(path: str, raw: Any) -> SdkConfig:
-    values = _fields(path, raw, {
-        "cookie_name": _identifier, "cookie_days": lambda p, v: _int(p, v),
-        "cookie_domain": _cookie_domain, "attribution": _choice("first", "last"),
-        "pingtree_cookie": _identifier, "generate_transaction_id": _bool,
-        "extra_params": _str_list(_identifier), "call_event": _str,
-        "selectors": lambda p, v: {k: _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()},
-        "consent": _bool, "fill_forms": _bool, "add_hidden_fields": _bool,
-        "script_path": _first_party_path, "endpoint_path": _first_party_path,
-    })
+    values = _fields(
+        path,
+        raw,
+        {
+            "cookie_name": _identifier,
+            "cookie_days": lambda p, v: _int(p, v),
+            "cookie_domain": _cookie_domain,
+            "attribution": _choice("first", "last"),
+            "pingtree_cookie": _identifier,
+            "generate_transaction_id": _bool,
+            "extra_params": _str_list(_identifier),
+            "call_event": _str,
+            "selectors": lambda p, v: {k: _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()},
+            "consent": _bool,
+            "fill_forms": _bool,
+            "add_hidden_fields": _bool,
+            "script_path": _first_party_path,
+            "endpoint_path": _first_party_path,
+        },
+    )
     return SdkConfig(**values)
 
 
 def _campaign(path: str, cid: str, raw: Any) -> CampaignConfig:
     _identifier(path, cid)
     if cid == "trigger":  # POST /api/event/trigger is Pingtree's cid-in-the-body form
-        raise ConfigError(path, "'trigger' is reserved by POST /api/event/trigger; choose another campaign id")
-    values = _fields(path, raw, {
-        "allowed_origins": _str_list(_origin), "conversion_timezone": _timezone,
-        "server_fields": _scalar_map, "events": _table,
-        "inactive_sources": _str_list(), "extra_fields": _str_list(_identifier),
-        "unknown_fields": _choice("reject", "drop"), "allow_server_calls": _bool,
-        "server_key": _str, "secret": _str, "bot_filter": _bool, "sdk": _table, "postbacks": _table,
-        "external_clickid_from": _str_list(_identifier), "staging_origins": _str_list(_origin),
-    })
+        raise ConfigError(
+            path, "'trigger' is reserved by POST /api/event/trigger; choose another campaign id"
+        )
+    values = _fields(
+        path,
+        raw,
+        {
+            "allowed_origins": _str_list(_origin),
+            "conversion_timezone": _timezone,
+            "server_fields": _scalar_map,
+            "events": _table,
+            "inactive_sources": _str_list(),
+            "extra_fields": _str_list(_identifier),
+            "unknown_fields": _choice("reject", "drop"),
+            "allow_server_calls": _bool,
+            "server_key": _str,
+            "secret": _str,
+            "bot_filter": _bool,
+            "sdk": _table,
+            "postbacks": _table,
+            "external_clickid_from": _str_list(_identifier),
+            "staging_origins": _str_list(_origin),
+        },
+    )
     values["events"] = {
         name: _event(f"{path}.events.{name}", name, ev) for name, ev in values.get("events", {}).items()
     }
     values["inactive_sources"] = frozenset(values.get("inactive_sources", ()))
     values["sdk"] = _sdk(f"{path}.sdk", values.get("sdk", {}))
     values["postbacks"] = {
-        name: _postback(f"{path}.postbacks.{name}", name, pb) for name, pb in values.get("postbacks", {}).items()
+        name: _postback(f"{path}.postbacks.{name}", name, pb)
+        for name, pb in values.get("postbacks", {}).items()
     }
     campaign = CampaignConfig(cid=cid, **values)
     _check_campaign(path, campaign)
@@ -356,14 +403,16 @@ def _campaign(path: str, cid: str, raw: Any) -> CampaignConfig:
 def _check_campaign(path: str, c: CampaignConfig) -> None:
     for name, ev in c.events.items():
         if ev.revenue == "signed" and not c.secret:
-            raise ConfigError(f"{path}.secret", f"required because events.{name}.revenue is \"signed\"")
+            raise ConfigError(f"{path}.secret", f'required because events.{name}.revenue is "signed"')
     if c.allow_server_calls and not c.server_key:
         raise ConfigError(f"{path}.server_key", "required because allow_server_calls is true")
     if c.sdk.call_event and c.sdk.call_event not in c.events:
         raise ConfigError(f"{path}.sdk.call_event", f"no event named {c.sdk.call_event!r} in this campaign")
     for selector, event in c.sdk.selectors.items():
         if event not in c.events:
-            raise ConfigError(f"{path}.sdk.selectors.{selector}", f"no event named {event!r} in this campaign")
+            raise ConfigError(
+                f"{path}.sdk.selectors.{selector}", f"no event named {event!r} in this campaign"
+            )
     for name in c.sdk.extra_params:
         # The SDK would capture it and send it with every event, and the relay would refuse them all.
         if name not in ATTRIBUTION_FIELDS and name not in CLICK_IDS and name not in c.extra_fields:
@@ -371,8 +420,10 @@ def _check_campaign(path: str, c: CampaignConfig) -> None:
     for i, name in enumerate(c.external_clickid_from):
         # A field the relay refuses can never be present: the mapping would silently never apply.
         if name not in CLICK_IDS and name not in ATTRIBUTION_FIELDS and name not in c.extra_fields:
-            raise ConfigError(f"{path}.external_clickid_from[{i}]",
-                              f"{name!r} is not a click id, an attribution field or one of extra_fields")
+            raise ConfigError(
+                f"{path}.external_clickid_from[{i}]",
+                f"{name!r} is not a click id, an attribution field or one of extra_fields",
+            )
     _check_postbacks(path, c)
 
 
@@ -381,13 +432,24 @@ MIN_POSTBACK_TOKEN = 32  # characters: the token is the only credential of a pos
 
 def _postback(path: str, name: str, raw: Any) -> PostbackConfig:
     _identifier(path, name)
-    values = _fields(path, raw, {
-        "token": _str, "event": _identifier, "event_param": _identifier,
-        "min_duration": lambda p, v: _number(p, v), "duration_param": _identifier,
-        "call_id_param": _identifier, "amount_format": _choice("strict", "lenient"),
-        "params": lambda p, v: {_identifier(f"{p}.{k}", k): _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()},
-        "ignore_params": _str_list(_identifier), "global_org_id": _identifier,
-    })
+    values = _fields(
+        path,
+        raw,
+        {
+            "token": _str,
+            "event": _identifier,
+            "event_param": _identifier,
+            "min_duration": lambda p, v: _number(p, v),
+            "duration_param": _identifier,
+            "call_id_param": _identifier,
+            "amount_format": _choice("strict", "lenient"),
+            "params": lambda p, v: {
+                _identifier(f"{p}.{k}", k): _identifier(f"{p}.{k}", x) for k, x in _table(p, v).items()
+            },
+            "ignore_params": _str_list(_identifier),
+            "global_org_id": _identifier,
+        },
+    )
     if len(values.get("token", "")) < MIN_POSTBACK_TOKEN:
         raise ConfigError(f"{path}.token", f"required, at least {MIN_POSTBACK_TOKEN} random characters")
     if bool(values.get("event")) == bool(values.get("event_param")):
@@ -407,14 +469,21 @@ def _check_postbacks(path: str, c: CampaignConfig) -> None:
         if pb.event and pb.event not in c.events:
             raise ConfigError(f"{key}.event", f"no event named {pb.event!r} in this campaign")
         if pb.event and c.events[pb.event].revenue == "signed":
-            raise ConfigError(f"{key}.event", f"events.{pb.event}.revenue is \"signed\": a postback cannot sign")
+            raise ConfigError(
+                f"{key}.event", f'events.{pb.event}.revenue is "signed": a postback cannot sign'
+            )
         if pb.event and c.events[pb.event].allow_duplicates and not pb.call_id_param:
             # A retry and a second call would have the same idempotency key: the second call would be lost.
-            raise ConfigError(f"{key}.call_id_param", f"required because events.{pb.event}.allow_duplicates is "
-                                                      "true (it tells a second call from a retry of the first)")
+            raise ConfigError(
+                f"{key}.call_id_param",
+                f"required because events.{pb.event}.allow_duplicates is "
+                "true (it tells a second call from a retry of the first)",
+            )
         for platform, target in pb.params.items():
             if target not in accepted:
-                raise ConfigError(f"{key}.params.{platform}", f"{target!r} is not a Pingtree field this campaign accepts")
+                raise ConfigError(
+                    f"{key}.params.{platform}", f"{target!r} is not a Pingtree field this campaign accepts"
+                )
 
 
 # Each request in flight holds a socket and a few KB: far beyond this, a box runs out of file
@@ -423,38 +492,54 @@ MAX_IN_FLIGHT_LIMIT = 5000
 
 
 def _replaced_by_max_in_flight(path: str, value: Any) -> Any:
-    raise ConfigError(path, "replaced by relay.max_in_flight: requests in flight to Pingtree per box "
-                            "(default 400), no longer per worker")
+    raise ConfigError(
+        path,
+        "replaced by relay.max_in_flight: requests in flight to Pingtree per box "
+        "(default 400), no longer per worker",
+    )
+
 
 def _relay(path: str, raw: Any) -> RelayConfig:
-    values = _fields(path, raw, {
-        "upstream_url": _url, "store": _store_url, "public_url": _url,
-        "inline_timeout": lambda p, v: _number(p, v),
-        "upstream_timeout": lambda p, v: _number(p, v, minimum=0.1),
-        "max_age_hours": lambda p, v: _number(p, v),
-        "lease_seconds": lambda p, v: _number(p, v, minimum=1),
-        "retry_base_seconds": lambda p, v: _number(p, v, minimum=0.01),
-        "retry_cap_seconds": lambda p, v: _number(p, v, minimum=0.01),
-        "max_in_flight": lambda p, v: _int(p, v, minimum=1, maximum=MAX_IN_FLIGHT_LIMIT),
-        "delivery_concurrency": _replaced_by_max_in_flight,
-        "inline_concurrency": lambda p, v: _int(p, v),
-        "trusted_proxy_hops": lambda p, v: _int(p, v),
-        "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
-        "admin_token": _str, "secret_key": _str, "access_log": _bool, "sdk_archive_dir": _str,
-        "staging_upstream_url": lambda p, v: _url(p, v) if v != "" else "",
-        "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
-    })
+    values = _fields(
+        path,
+        raw,
+        {
+            "upstream_url": _url,
+            "store": _store_url,
+            "public_url": _url,
+            "inline_timeout": lambda p, v: _number(p, v),
+            "upstream_timeout": lambda p, v: _number(p, v, minimum=0.1),
+            "max_age_hours": lambda p, v: _number(p, v),
+            "lease_seconds": lambda p, v: _number(p, v, minimum=1),
+            "retry_base_seconds": lambda p, v: _number(p, v, minimum=0.01),
+            "retry_cap_seconds": lambda p, v: _number(p, v, minimum=0.01),
+            "max_in_flight": lambda p, v: _int(p, v, minimum=1, maximum=MAX_IN_FLIGHT_LIMIT),
+            "delivery_concurrency": _replaced_by_max_in_flight,
+            "inline_concurrency": lambda p, v: _int(p, v),
+            "trusted_proxy_hops": lambda p, v: _int(p, v),
+            "max_body_bytes": lambda p, v: _int(p, v, minimum=256),
+            "admin_token": _str,
+            "secret_key": _str,
+            "access_log": _bool,
+            "sdk_archive_dir": _str,
+            "staging_upstream_url": lambda p, v: _url(p, v) if v != "" else "",
+            "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),
+        },
+    )
     if "upstream_url" not in values:
         raise ConfigError(f"{path}.upstream_url", "required")
     relay = RelayConfig(**values)
     if relay.lease_seconds <= relay.upstream_timeout:
         # A lease that ends while its attempt can still be running would let a second worker send
         # the same event at the same time.
-        raise ConfigError(f"{path}.lease_seconds", f"must be longer than upstream_timeout ({relay.upstream_timeout} s)")
+        raise ConfigError(
+            f"{path}.lease_seconds", f"must be longer than upstream_timeout ({relay.upstream_timeout} s)"
+        )
     if relay.inline_concurrency and relay.inline_timeout and relay.max_in_flight <= relay.inline_concurrency:
         # Inline attempts are part of the box's in-flight budget: the engine needs a share too.
-        raise ConfigError(f"{path}.max_in_flight",
-                          f"must be more than inline_concurrency ({relay.inline_concurrency})")
+        raise ConfigError(
+            f"{path}.max_in_flight", f"must be more than inline_concurrency ({relay.inline_concurrency})"
+        )
     return relay
 
 
@@ -478,19 +563,23 @@ def _check_endpoint_paths(campaigns: Mapping[str, CampaignConfig]) -> None:
 
 def _store_url(path: str, v: Any) -> str:
     if not isinstance(v, str) or not re.match(r"^(sqlite:///.+|redis://[^\s]+)$", v):
-        raise ConfigError(path, 'expected "sqlite:///relative/path", "sqlite:////absolute/path" '
-                                'or "redis://HOST:PORT/DB"')
+        raise ConfigError(
+            path, 'expected "sqlite:///relative/path", "sqlite:////absolute/path" or "redis://HOST:PORT/DB"'
+        )
     if v == "sqlite:///:memory:":
         # Each connection (one per thread) would get its own empty database: every event 503.
-        raise ConfigError(path, "an in-memory SQLite database is private to each thread and lost at exit; "
-                                'give a file, e.g. "sqlite:////var/lib/pingtree-relay/outbox.sqlite3"')
+        raise ConfigError(
+            path,
+            "an in-memory SQLite database is private to each thread and lost at exit; "
+            'give a file, e.g. "sqlite:////var/lib/pingtree-relay/outbox.sqlite3"',
+        )
     return v
 
 
 def store_location(url: str) -> str:
     """Where the store is, for people: a SQLite file's absolute path, or the Redis URL without its password."""
     if url.startswith("sqlite:///"):
-        return "SQLite file " + os.path.abspath(url[len("sqlite:///"):])
+        return "SQLite file " + os.path.abspath(url[len("sqlite:///") :])
     parts = urlsplit(url)
     if parts.password:
         host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
@@ -499,7 +588,9 @@ def store_location(url: str) -> str:
     return "Redis " + url
 
 
-def parse_config(data: Mapping[str, Any], *, source: str = "<memory>", base_dir: Path | None = None) -> Config:
+def parse_config(
+    data: Mapping[str, Any], *, source: str = "<memory>", base_dir: Path | None = None
+) -> Config:
     """Build a :class:`Config` from parsed TOML, raising :class:`ConfigError` naming the bad key."""
     _fields("", data, {"relay": _table, "campaigns": _table})
     if "relay" not in data:
@@ -525,7 +616,7 @@ def _resolve_sqlite(relay: RelayConfig, base_dir: Path) -> RelayConfig:
     """A relative SQLite path is relative to the config file, not to wherever the relay was started."""
     from dataclasses import replace
 
-    path = relay.store[len("sqlite:///"):]
+    path = relay.store[len("sqlite:///") :]
     if path != ":memory:" and not os.path.isabs(path):
         path = str((base_dir / path).resolve())
     return replace(relay, store="sqlite:///" + path)

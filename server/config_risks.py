@@ -20,24 +20,98 @@ from .config import CampaignConfig, ConfigError, RelayConfig
 MIN_SECRET_LENGTH = 16  # admin_token, server_key: long enough that guessing online is hopeless
 
 # Registries' suffixes: "https://*.com" lets every .com site post.
-PUBLIC_SUFFIXES = frozenset({
-    "com", "net", "org", "io", "co", "app", "dev", "info", "biz", "us", "uk", "de", "fr", "es", "it", "nl",
-    "ca", "au", "in", "br", "jp", "cn", "ru", "eu", "me", "tv", "xyz", "online", "site", "store", "shop",
-    "co.uk", "org.uk", "ac.uk", "gov.uk", "com.au", "net.au", "org.au", "co.nz", "co.jp", "com.br",
-    "com.mx", "co.in", "co.za", "com.cn", "com.tr",
-})
+PUBLIC_SUFFIXES = frozenset(
+    {
+        "com",
+        "net",
+        "org",
+        "io",
+        "co",
+        "app",
+        "dev",
+        "info",
+        "biz",
+        "us",
+        "uk",
+        "de",
+        "fr",
+        "es",
+        "it",
+        "nl",
+        "ca",
+        "au",
+        "in",
+        "br",
+        "jp",
+        "cn",
+        "ru",
+        "eu",
+        "me",
+        "tv",
+        "xyz",
+        "online",
+        "site",
+        "store",
+        "shop",
+        "co.uk",
+        "org.uk",
+        "ac.uk",
+        "gov.uk",
+        "com.au",
+        "net.au",
+        "org.au",
+        "co.nz",
+        "co.jp",
+        "com.br",
+        "com.mx",
+        "co.in",
+        "co.za",
+        "com.cn",
+        "com.tr",
+    }
+)
 # Hosting platforms' shared domains: "https://*.webflow.io" lets every Webflow site post, the
 # merchant's and anyone else's. Sometimes what a merchant wants while a site has no domain of its own.
-PLATFORM_SUFFIXES = frozenset({
-    "webflow.io", "github.io", "netlify.app", "vercel.app", "pages.dev", "workers.dev", "herokuapp.com",
-    "web.app", "firebaseapp.com", "azurewebsites.net", "cloudfront.net", "myshopify.com", "wixsite.com",
-    "squarespace.com", "wordpress.com", "blogspot.com", "onrender.com", "fly.dev", "glitch.me",
-    "carrd.co", "framer.website", "unbouncepages.com", "leadpages.co", "clickfunnels.com",
-})
+PLATFORM_SUFFIXES = frozenset(
+    {
+        "webflow.io",
+        "github.io",
+        "netlify.app",
+        "vercel.app",
+        "pages.dev",
+        "workers.dev",
+        "herokuapp.com",
+        "web.app",
+        "firebaseapp.com",
+        "azurewebsites.net",
+        "cloudfront.net",
+        "myshopify.com",
+        "wixsite.com",
+        "squarespace.com",
+        "wordpress.com",
+        "blogspot.com",
+        "onrender.com",
+        "fly.dev",
+        "glitch.me",
+        "carrd.co",
+        "framer.website",
+        "unbouncepages.com",
+        "leadpages.co",
+        "clickfunnels.com",
+    }
+)
 # Cloud instance metadata services: an upstream there would hand them every event, and their answers
 # (credentials) to whoever reads the relay's logs and dashboard.
-METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal",
-                            "100.100.100.200", "fd00:ec2::254"})
+METADATA_HOSTS = frozenset(
+    {
+        "metadata.google.internal",
+        "metadata",
+        "instance-data",
+        "instance-data.ec2.internal",
+        "100.100.100.200",
+        "fd00:ec2::254",
+    }
+)
 # Fields the relay itself decides per event: a fixed value in server_fields would be the same for all.
 PER_EVENT_FIELDS = {
     "transaction_id": "it identifies the lead of each event",
@@ -53,13 +127,19 @@ def check_relay(relay: RelayConfig) -> list[str]:
     url = urlsplit(relay.upstream_url)
     host = (url.hostname or "").lower()
     if host in METADATA_HOSTS or _link_local(host):
-        raise ConfigError("relay.upstream_url", f"{host} is a link-local or cloud metadata address, never Pingtree")
+        raise ConfigError(
+            "relay.upstream_url", f"{host} is a link-local or cloud metadata address, never Pingtree"
+        )
     if url.path.rstrip("/").endswith("/api/event") or "/api/event/" in url.path:
-        raise ConfigError("relay.upstream_url", "give the base URL (e.g. https://api.pingtree.com): "
-                                                "the relay appends /api/event/{cid} itself")
+        raise ConfigError(
+            "relay.upstream_url",
+            "give the base URL (e.g. https://api.pingtree.com): the relay appends /api/event/{cid} itself",
+        )
     if url.username is not None or url.password is not None:
-        warnings.append("relay.upstream_url: has credentials in it; they end up in logs and error messages, "
-                        "and Pingtree's Event Postback API does not use them")
+        warnings.append(
+            "relay.upstream_url: has credentials in it; they end up in logs and error messages, "
+            "and Pingtree's Event Postback API does not use them"
+        )
     if relay.admin_token and len(relay.admin_token) < MIN_SECRET_LENGTH:
         raise ConfigError("relay.admin_token", _too_short())
     return warnings
@@ -80,8 +160,10 @@ def check_campaigns(campaigns: Mapping[str, CampaignConfig]) -> list[str]:
         if not campaign.events:
             warnings.append(f"{path}.events: none; every event sent to this campaign will be refused")
         if not campaign.allowed_origins and not campaign.allow_server_calls:
-            warnings.append(f"{path}.allowed_origins: none, and allow_server_calls is off; nothing can post "
-                            "events to this campaign")
+            warnings.append(
+                f"{path}.allowed_origins: none, and allow_server_calls is off; nothing can post "
+                "events to this campaign"
+            )
     return warnings
 
 
@@ -92,8 +174,10 @@ def _check_wildcard(path: str, origin: str) -> list[str]:
     if domain in PUBLIC_SUFFIXES or ("." not in domain and domain != "localhost"):
         raise ConfigError(path, f"*.{domain} is a public suffix: every site under it could post events")
     if domain in PLATFORM_SUFFIXES:
-        return [f"{path}: *.{domain} is a hosting platform's shared domain: any of its sites, not only yours, "
-                "may post events for this campaign"]
+        return [
+            f"{path}: *.{domain} is a hosting platform's shared domain: any of its sites, not only yours, "
+            "may post events for this campaign"
+        ]
     return []
 
 
@@ -106,5 +190,7 @@ def _link_local(host: str) -> bool:
 
 
 def _too_short() -> str:
-    return (f"at least {MIN_SECRET_LENGTH} characters; make one with "
-            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return (
+        f"at least {MIN_SECRET_LENGTH} characters; make one with "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )

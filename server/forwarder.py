@@ -58,7 +58,9 @@ class Decision:
     delay: float = 0.0
 
 
-def backoff(attempts: int, *, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None) -> float:
+def backoff(
+    attempts: int, *, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None
+) -> float:
     """Capped exponential backoff with jitter: in [d/2, d] where d = min(cap, base * 2**(attempts-1))."""
     ceiling = min(cap, base * (2 ** max(0, attempts - 1)))
     return (rng or random).uniform(ceiling / 2, ceiling)
@@ -126,8 +128,11 @@ class _Upstream:
     def _answered(self, response: httpx.Response, started: float) -> Attempt:
         self._note(response.status_code < 500, f"HTTP {response.status_code}")
         return Attempt(
-            response.status_code, answer=_json_or_none(response), uncertain=response.status_code >= 500,
-            retry_after=_retry_after(response), latency_ms=_ms(started),
+            response.status_code,
+            answer=_json_or_none(response),
+            uncertain=response.status_code >= 500,
+            retry_after=_retry_after(response),
+            latency_ms=_ms(started),
         )
 
     def _failed(self, exc: httpx.TransportError, started: float) -> Attempt:
@@ -147,14 +152,20 @@ class Forwarder(_Upstream):
     """
 
     def __init__(
-        self, upstream_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
+        self,
+        upstream_url: str,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
         max_connections: int = 100,
     ) -> None:
         super().__init__(upstream_url, timeout)
         self._client = httpx.Client(
             timeout=_timeout(timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport, headers=_HEADERS, follow_redirects=False,
+            transport=transport,
+            headers=_HEADERS,
+            follow_redirects=False,
         )
 
     def send(self, cid: str, body: dict[str, Any], *, timeout: float | None = None) -> Attempt:
@@ -195,7 +206,11 @@ class AsyncForwarder(_Upstream):
     """
 
     def __init__(
-        self, upstream_url: str, *, timeout: float = 10.0, max_connections: int = 400,
+        self,
+        upstream_url: str,
+        *,
+        timeout: float = 10.0,
+        max_connections: int = 400,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         from .transport import AsyncH11Transport
@@ -203,7 +218,9 @@ class AsyncForwarder(_Upstream):
         super().__init__(upstream_url, timeout)
         self._transport = transport or AsyncH11Transport(max_connections=max_connections)
         connect = min(timeout, 3.0)
-        self._extensions = {"timeout": {"connect": connect, "read": timeout, "write": timeout, "pool": timeout}}
+        self._extensions = {
+            "timeout": {"connect": connect, "read": timeout, "write": timeout, "pool": timeout}
+        }
         self._urls: dict[str, httpx.URL] = {}  # parsed once per campaign
 
     async def send(self, cid: str, body: dict[str, Any]) -> Attempt:
@@ -214,8 +231,9 @@ class AsyncForwarder(_Upstream):
             url = httpx.URL(target)
         else:
             url = self._urls.get(cid) or self._urls.setdefault(cid, httpx.URL(self.url_for(cid)))
-        request = httpx.Request("POST", url, headers=_HEADERS, content=json.dumps(body).encode(),
-                                extensions=self._extensions)
+        request = httpx.Request(
+            "POST", url, headers=_HEADERS, content=json.dumps(body).encode(), extensions=self._extensions
+        )
         try:
             response = await self._transport.handle_async_request(request)
             await response.aread()

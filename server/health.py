@@ -80,6 +80,9 @@ def _upstream(last: Outcome | None) -> dict[str, object]:
     if last is None:
         return {"state": "unknown", "detail": "no attempt yet"}
     at, answered, detail = last
-    return {"state": "ok" if answered else "failing", "detail": detail,
-            "age_seconds": round(max(0.0, time.time() - at), 1),
-            **({} if answered else {"note": "events are queued and retried"})}
+    return {
+        "state": "ok" if answered else "failing",
+        "detail": detail,
+        "age_seconds": round(max(0.0, time.time() - at), 1),
+        **({} if answered else {"note": "events are queued and retried"}),
+    }

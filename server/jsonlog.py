@@ -31,8 +31,10 @@ from gunicorn.glogging import Logger as _GunicornBaseLogger
 # Libraries that log a line per HTTP request at INFO (one per delivery attempt): warnings only.
 _QUIET = ("httpx", "httpcore", "urllib3", "werkzeug")
 # IPv4 and (loosely) IPv6 in free text; a candidate that does not parse as an address is kept.
-_ADDRESS = re.compile(r"(?<![\w.:/])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})"
-                      r"(?![\w.]*/\d)(?=[^\w.]|\.?$|\.\D)")
+_ADDRESS = re.compile(
+    r"(?<![\w.:/])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})"
+    r"(?![\w.]*/\d)(?=[^\w.]|\.?$|\.\D)"
+)
 
 
 @functools.lru_cache(maxsize=4096)  # on every decision line; a page's events come from one address
@@ -52,6 +54,7 @@ def mask_ip(address: str | None) -> str | None:
 
 def mask_addresses(text: str) -> str:
     """``text`` with every visitor-possible IP address replaced by its masked network."""
+
     def replace(match: re.Match[str]) -> str:
         found = match.group(0)
         try:
@@ -61,11 +64,14 @@ def mask_addresses(text: str) -> str:
         if ip.is_loopback or ip.is_unspecified:
             return found
         return mask_ip(found) or found
+
     return _ADDRESS.sub(replace, text) if ("." in text or ":" in text) else text
 
 
 def utc_timestamp(created: float) -> str:
-    return dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -143,8 +149,15 @@ class JsonLineWriter(io.TextIOBase):
         return len(text)
 
     def _wrap(self, line: str) -> str:
-        return json.dumps({"ts": utc_timestamp(time.time()), "level": self._level,
-                           "message": mask_addresses(line.rstrip()), "logger": "print"}, separators=(",", ":"))
+        return json.dumps(
+            {
+                "ts": utc_timestamp(time.time()),
+                "level": self._level,
+                "message": mask_addresses(line.rstrip()),
+                "logger": "print",
+            },
+            separators=(",", ":"),
+        )
 
     def flush(self) -> None:
         with self._lock:
@@ -179,7 +192,8 @@ def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
         return
     name = args.thread.name if args.thread else "?"
     logging.getLogger("pingtree_relay").critical(
-        "uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        "uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+    )
 
 
 class GunicornLogger(_GunicornBaseLogger):  # type: ignore[misc]

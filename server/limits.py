@@ -54,8 +54,13 @@ def init_app(app: Flask) -> None:
         # Shared: both API forms and every first-party path draw from one bucket per client.
         limiter.shared_limit(limits.per_ip, scope="per_ip", key_func=client_ip, methods=["POST"])(api.bp)
     if limits.per_campaign:
-        limiter.shared_limit(limits.per_campaign, scope="per_campaign", key_func=campaign_key, methods=["POST"],
-                             deduct_when=_taken_in)(api.bp)
+        limiter.shared_limit(
+            limits.per_campaign,
+            scope="per_campaign",
+            key_func=campaign_key,
+            methods=["POST"],
+            deduct_when=_taken_in,
+        )(api.bp)
     limiter.init_app(app)
     app.extensions["pingtree_limiter"] = limiter
     app.register_error_handler(RateLimitExceeded, _too_many_requests)

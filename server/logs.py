@@ -42,8 +42,19 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{8,128}$")
 _DECISIONS = ("accepted", "rejected", "filtered", "delivery")
 # Only these observer fields reach a log line: anything else an emitter adds later stays out until
 # someone decides it is safe to log.
-_FIELDS = ("cid", "event_id", "outcome", "state", "reason", "status", "event_uuid", "latency_ms", "attempts",
-           "inline", "test")
+_FIELDS = (
+    "cid",
+    "event_id",
+    "outcome",
+    "state",
+    "reason",
+    "status",
+    "event_uuid",
+    "latency_ms",
+    "attempts",
+    "inline",
+    "test",
+)
 
 
 def request_id() -> str | None:
@@ -157,12 +168,18 @@ def _access_line(response: Response) -> Response:
     request id; the path without its query string, which may carry a visitor's attribution)."""
     started = request_state().started
     fields: dict[str, Any] = {
-        "event": "request", "request_id": request_state().request_id, "method": request.method, "path": request.path,
-        "status": response.status_code, "bytes": response.calculate_content_length(),
+        "event": "request",
+        "request_id": request_state().request_id,
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "bytes": response.calculate_content_length(),
         "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started is not None else None,
         "client": mask_ip(request.remote_addr),
     }
-    decision_logger().info(f"{request.method} {request.path} {response.status_code}", extra={"fields": fields})
+    decision_logger().info(
+        f"{request.method} {request.path} {response.status_code}", extra={"fields": fields}
+    )
     return response
 
 

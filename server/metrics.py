@@ -44,34 +44,72 @@ class Metrics:
         self.config = config
         self.registry = registry  # None: multiprocess, the values live in PROMETHEUS_MULTIPROC_DIR
         ce = ["cid", "event_id"]
-        self.received = Counter("pingtree_relay_events_received", "Event requests received, by campaign",
-                                ["cid"], registry=registry)
-        self.accepted = Counter("pingtree_relay_events_accepted", "Events accepted, by outcome of the answer",
-                                [*ce, "outcome"], registry=registry)
-        self.rejected = Counter("pingtree_relay_events_rejected", "Event requests refused, by reason",
-                                [*ce, "reason"], registry=registry)
-        self.filtered = Counter("pingtree_relay_events_filtered", "Events accepted but not forwarded (bots)",
-                                [*ce, "reason"], registry=registry)
-        self.delivered = Counter("pingtree_relay_events_delivered", "Events Pingtree accepted",
-                                 ce, registry=registry)
-        self.dead = Counter("pingtree_relay_events_dead", "Events given up on (dead letters)",
-                            ce, registry=registry)
-        self.retries = Counter("pingtree_relay_delivery_retries", "Delivery attempts that will be retried",
-                               ce, registry=registry)
-        self.postbacks = Counter("pingtree_relay_postbacks", "Postback requests, by source and outcome "
-                                 "(refused, or the outcome of an accepted one)", ["cid", "source", "outcome"],
-                                 registry=registry)
-        self.postbacks_refused = Counter("pingtree_relay_postbacks_refused", "Postbacks refused, by source "
-                                         "and reason", ["cid", "source", "reason"], registry=registry)
+        self.received = Counter(
+            "pingtree_relay_events_received",
+            "Event requests received, by campaign",
+            ["cid"],
+            registry=registry,
+        )
+        self.accepted = Counter(
+            "pingtree_relay_events_accepted",
+            "Events accepted, by outcome of the answer",
+            [*ce, "outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "pingtree_relay_events_rejected",
+            "Event requests refused, by reason",
+            [*ce, "reason"],
+            registry=registry,
+        )
+        self.filtered = Counter(
+            "pingtree_relay_events_filtered",
+            "Events accepted but not forwarded (bots)",
+            [*ce, "reason"],
+            registry=registry,
+        )
+        self.delivered = Counter(
+            "pingtree_relay_events_delivered", "Events Pingtree accepted", ce, registry=registry
+        )
+        self.dead = Counter(
+            "pingtree_relay_events_dead", "Events given up on (dead letters)", ce, registry=registry
+        )
+        self.retries = Counter(
+            "pingtree_relay_delivery_retries", "Delivery attempts that will be retried", ce, registry=registry
+        )
+        self.postbacks = Counter(
+            "pingtree_relay_postbacks",
+            "Postback requests, by source and outcome (refused, or the outcome of an accepted one)",
+            ["cid", "source", "outcome"],
+            registry=registry,
+        )
+        self.postbacks_refused = Counter(
+            "pingtree_relay_postbacks_refused",
+            "Postbacks refused, by source and reason",
+            ["cid", "source", "reason"],
+            registry=registry,
+        )
         # Test traffic (staging origins) is counted apart: it must not inflate what reached Pingtree.
-        self.test = Counter("pingtree_relay_test_events", "Test events (staging origins), by outcome; never sent to Pingtree",
-                            [*ce, "outcome"], registry=registry)
-        self.latency = Histogram("pingtree_relay_upstream_latency_seconds", "Time Pingtree took to answer",
-                                 ["state"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.test = Counter(
+            "pingtree_relay_test_events",
+            "Test events (staging origins), by outcome; never sent to Pingtree",
+            [*ce, "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "pingtree_relay_upstream_latency_seconds",
+            "Time Pingtree took to answer",
+            ["state"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.sdk_requests = Counter(
-            "pingtree_relay_sdk_requests", "SDK script requests by campaign, build version and its state "
+            "pingtree_relay_sdk_requests",
+            "SDK script requests by campaign, build version and its state "
             "(stable URL, pinned current, pinned superseded, pinned unknown or expired)",
-            ["cid", "version", "state"], registry=registry)
+            ["cid", "version", "state"],
+            registry=registry,
+        )
         self._sdk_versions: dict[str, set[str]] = {}
         self._sdk_children: dict[tuple[str, str, str], Any] = {}  # labels() is costly on the script path
         self._zeroes()
@@ -156,12 +194,12 @@ class Metrics:
     def _delivery(self, cid: str, event_id: str, fields: dict[str, Any]) -> None:
         state = str(fields.get("state"))
         {"delivered": self.delivered, "dead": self.dead, "retry": self.retries}.get(
-            state, self.retries).labels(cid, event_id).inc()
+            state, self.retries
+        ).labels(cid, event_id).inc()
         latency_ms = fields.get("latency_ms")
         if fields.get("status") is not None and isinstance(latency_ms, (int, float)):
             # Only attempts Pingtree answered: a connection refused in 1 ms is not a latency.
             self.latency.labels(_label(state)).observe(latency_ms / 1000.0)
-
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
         """``(labels, value)`` of every series of counter ``name`` (without ``_total``), summed over
@@ -172,8 +210,13 @@ class Metrics:
 
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-        return [(dict(sample.labels), sample.value) for family in registry.collect() if family.name == name
-                for sample in family.samples if sample.name == name + "_total"]
+        return [
+            (dict(sample.labels), sample.value)
+            for family in registry.collect()
+            if family.name == name
+            for sample in family.samples
+            if sample.name == name + "_total"
+        ]
 
 
 def _label(value: Any) -> str:
@@ -191,8 +234,9 @@ class BuildInfoCollector(Collector):
         self.labels = {"version": version(), "store": store_kind(store_url)}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        info = GaugeMetricFamily("pingtree_relay_build_info", "The running release and the kind of store",
-                                 labels=list(self.labels))
+        info = GaugeMetricFamily(
+            "pingtree_relay_build_info", "The running release and the kind of store", labels=list(self.labels)
+        )
         info.add_metric(list(self.labels.values()), 1)
         yield info
 
@@ -208,12 +252,15 @@ class QueueCollector(Collector):
         depth = GaugeMetricFamily("pingtree_relay_queue_depth", "Events waiting for delivery (pending)")
         depth.add_metric([], stats.counts.get("pending", 0))
         yield depth
-        age = GaugeMetricFamily("pingtree_relay_queue_oldest_pending_age_seconds",
-                                "Age of the oldest event waiting for delivery; 0 when none")
+        age = GaugeMetricFamily(
+            "pingtree_relay_queue_oldest_pending_age_seconds",
+            "Age of the oldest event waiting for delivery; 0 when none",
+        )
         age.add_metric([], stats.oldest_pending_age)
         yield age
-        stored = GaugeMetricFamily("pingtree_relay_outbox_events", "Events in the outbox by state",
-                                   labels=["state"])
+        stored = GaugeMetricFamily(
+            "pingtree_relay_outbox_events", "Events in the outbox by state", labels=["state"]
+        )
         for state, count in sorted(stats.counts.items()):
             stored.add_metric([state], count)
         yield stored
@@ -251,7 +298,8 @@ def init_app(app: Flask) -> None:
             multiprocess.MultiProcessCollector(registry)
             registry.register(queue)
             registry.register(build)
-        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST,
-                        headers={"Cache-Control": "no-store"})
+        return Response(
+            generate_latest(registry), content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"}
+        )
 
     app.add_url_rule("/metrics", "metrics", scrape, methods=["GET"])

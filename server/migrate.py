@@ -29,20 +29,26 @@ class MoveReport:
     history: int = 0  # delivered and dead events copied
 
     def summary(self) -> str:
-        return (f"moved {self.moved} pending events ({self.already_there} were in the new store already); "
-                f"copied {self.history} delivered or dead events")
+        return (
+            f"moved {self.moved} pending events ({self.already_there} were in the new store already); "
+            f"copied {self.history} delivered or dead events"
+        )
 
 
 def move_events(source: Store, target: Store, *, include_history: bool = False) -> MoveReport:
     """Move pending events (oldest first) from ``source`` to ``target``; see the module docstring."""
     if not callable(getattr(source, "delete", None)):  # only SQLite can give up a pending record
-        raise StoreInUse(f"cannot move pending events out of {type(source).__name__}; the old store must be SQLite")
+        raise StoreInUse(
+            f"cannot move pending events out of {type(source).__name__}; the old store must be SQLite"
+        )
     pending = list(reversed(source.find(state="pending", limit=2**31 - 1)))
     now = time.time()
     busy = [r for r in pending if r.lease_owner and r.next_at > now]
     if busy:
-        raise StoreInUse(f"{len(busy)} events are being delivered from the old store right now: restart "
-                         "the relay on the new store first, then move")
+        raise StoreInUse(
+            f"{len(busy)} events are being delivered from the old store right now: restart "
+            "the relay on the new store first, then move"
+        )
     report = MoveReport()
     for record in pending:
         _, created = target.add(_fresh(record), owner=None, lease=0)
@@ -58,8 +64,15 @@ def move_events(source: Store, target: Store, *, include_history: bool = False) 
 
 def _fresh(record: Record) -> Record:
     """The record as the new store should receive it: pending, unleased, its body and ids kept."""
-    return Record(id=record.id, cid=record.cid, event_id=record.event_id, transaction_id=record.transaction_id,
-                  payload=record.payload, received_at=record.received_at, dedupe_key=record.dedupe_key)
+    return Record(
+        id=record.id,
+        cid=record.cid,
+        event_id=record.event_id,
+        transaction_id=record.transaction_id,
+        payload=record.payload,
+        received_at=record.received_at,
+        dedupe_key=record.dedupe_key,
+    )
 
 
 def _copy_final(target: Store, record: Record) -> bool:
@@ -67,9 +80,17 @@ def _copy_final(target: Store, record: Record) -> bool:
     stored, created = target.add(_fresh(record), owner=_MOVER, lease=60)
     if not created:
         return False
-    return target.finish(stored.id, _MOVER, state=record.state, next_at=0.0, status=record.last_status,
-                         answer=record.last_answer, error=record.last_error, uncertain=record.uncertain,
-                         latency_ms=record.latency_ms)
+    return target.finish(
+        stored.id,
+        _MOVER,
+        state=record.state,
+        next_at=0.0,
+        status=record.last_status,
+        answer=record.last_answer,
+        error=record.last_error,
+        uncertain=record.uncertain,
+        latency_ms=record.latency_ms,
+    )
 
 
 __all__ = ["MoveReport", "StoreInUse", "move_events"]

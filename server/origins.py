@@ -34,7 +34,7 @@ def origin_allowed(origin: str | None, allowed: Iterable[str]) -> bool:
             scheme, rest = pattern.split("://*.", 1)
             prefix = scheme + "://"
             if origin.startswith(prefix) and origin.endswith("." + rest):
-                host = origin[len(prefix):-len(rest) - 1]
+                host = origin[len(prefix) : -len(rest) - 1]
                 if host and ":" not in host:
                     return True
     return False

@@ -48,8 +48,14 @@ BACKLOG_CHECK_SECONDS = 0.25  # how stale the accept path's view of the backlog 
 class Relay:
     """Owns the store, the inline forwarder and the delivery engine of one process."""
 
-    def __init__(self, config: Config, *, store: Store | None = None, forwarder: Forwarder | None = None,
-                 delivery_transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store | None = None,
+        forwarder: Forwarder | None = None,
+        delivery_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         """``forwarder`` (the inline attempt's) and ``delivery_transport`` (the engine's) let unit
         tests answer for Pingtree with ``httpx.MockTransport``."""
         settings = config.relay
@@ -57,26 +63,41 @@ class Relay:
         self.observers = Observers()
         self.store = store or open_store(settings.store)
         self.forwarder = forwarder or Forwarder(  # the inline attempt's; the engine builds its own
-            settings.upstream_url, timeout=settings.upstream_timeout,
+            settings.upstream_url,
+            timeout=settings.upstream_timeout,
             max_connections=settings.inline_concurrency + 2,
         )
         # Test traffic (staging origins) is routed at send time, in one place: server/staging.py.
         self.staging_forwarder = (
             Forwarder(settings.staging_upstream_url, timeout=settings.upstream_timeout)
-            if settings.staging_upstream_url else None
+            if settings.staging_upstream_url
+            else None
         )
         self._inline_sender = StagingRouter(config, self.forwarder, self.staging_forwarder)
         self.dispatcher = Dispatcher(
-            self.store, forwarder_factory=lambda connections: AsyncStagingRouter(
+            self.store,
+            forwarder_factory=lambda connections: AsyncStagingRouter(
                 config,
-                AsyncForwarder(settings.upstream_url, timeout=settings.upstream_timeout,
-                               max_connections=connections, transport=delivery_transport),
-                AsyncForwarder(settings.staging_upstream_url, timeout=settings.upstream_timeout,
-                               max_connections=connections, transport=delivery_transport)
-                if settings.staging_upstream_url else None),
+                AsyncForwarder(
+                    settings.upstream_url,
+                    timeout=settings.upstream_timeout,
+                    max_connections=connections,
+                    transport=delivery_transport,
+                ),
+                AsyncForwarder(
+                    settings.staging_upstream_url,
+                    timeout=settings.upstream_timeout,
+                    max_connections=connections,
+                    transport=delivery_transport,
+                )
+                if settings.staging_upstream_url
+                else None,
+            ),
             upstream_timeout=settings.upstream_timeout,
-            lease=settings.lease_seconds, max_age=settings.max_age_hours * 3600,
-            retry_base=settings.retry_base_seconds, retry_cap=settings.retry_cap_seconds,
+            lease=settings.lease_seconds,
+            max_age=settings.max_age_hours * 3600,
+            retry_base=settings.retry_base_seconds,
+            retry_cap=settings.retry_cap_seconds,
             observer=self._delivered,
         )
         self._inline = threading.BoundedSemaphore(max(1, settings.inline_concurrency))
@@ -96,14 +117,23 @@ class Relay:
 
     def upstream_last(self) -> tuple[float, bool, str] | None:
         """The latest attempt upstream from this process, inline or engine: for /readyz."""
-        seen = [last for last in (self.forwarder.last, getattr(self.dispatcher.forwarder, "last", None)) if last]
+        seen = [
+            last for last in (self.forwarder.last, getattr(self.dispatcher.forwarder, "last", None)) if last
+        ]
         return max(seen) if seen else None
 
     def _delivered(self, record: Record, attempt: Attempt, decision: Decision, inline: bool) -> None:
         self.observers.emit(
-            "delivery", cid=record.cid, event_id=record.event_id, event_uuid=record.event_uuid,
-            state=decision.state, status=attempt.status, latency_ms=attempt.latency_ms,
-            attempts=record.attempts, reason=decision.reason or attempt.error or "", inline=inline,
+            "delivery",
+            cid=record.cid,
+            event_id=record.event_id,
+            event_uuid=record.event_uuid,
+            state=decision.state,
+            status=attempt.status,
+            latency_ms=attempt.latency_ms,
+            attempts=record.attempts,
+            reason=decision.reason or attempt.error or "",
+            inline=inline,
             test=True if is_test(record.payload) else None,
         )
 
@@ -111,7 +141,9 @@ class Relay:
 
     def received(self, cid: object) -> None:
         """A request for an event arrived; ``cid`` becomes a label only when it is configured."""
-        self.observers.emit("received", cid=cid if isinstance(cid, str) and cid in self.config.campaigns else None)
+        self.observers.emit(
+            "received", cid=cid if isinstance(cid, str) and cid in self.config.campaigns else None
+        )
 
     def rejected(self, cid: str | None, event_id: str | None, *, reason: str, status: int) -> None:
         """An event request was refused with ``status`` (``reason``: a short label)."""
@@ -122,8 +154,15 @@ class Relay:
         self.observers.emit("filtered", cid=cid, event_id=event_id, reason=reason)
 
     def _accepted(self, cid: str, event_id: str, reply: Reply, *, test: bool) -> None:
-        self.observers.emit("accepted", cid=cid, event_id=event_id, outcome=reply.outcome, status=reply.status,
-                            event_uuid=reply.body["data"].get("event_uuid"), test=True if test else None)
+        self.observers.emit(
+            "accepted",
+            cid=cid,
+            event_id=event_id,
+            outcome=reply.outcome,
+            status=reply.status,
+            event_uuid=reply.body["data"].get("event_uuid"),
+            test=True if test else None,
+        )
 
     def _engine_behind(self) -> bool:
         """True while the delivery engine has a backlog: the inline attempt would only add load.
@@ -146,33 +185,56 @@ class Relay:
         return campaign
 
     def accept(
-        self, campaign: CampaignConfig, event: Event, *, idempotency_key: str | None,
-        ip_address: str | None, user_agent: str | None, test: bool = False,
+        self,
+        campaign: CampaignConfig,
+        event: Event,
+        *,
+        idempotency_key: str | None,
+        ip_address: str | None,
+        user_agent: str | None,
+        test: bool = False,
     ) -> Reply:
         """Store the event, try it once inline, and say what happened.
 
         ``test``: from one of the campaign's staging_origins; stored flagged, never sent to the real
         upstream (see server/staging.py), answered with ``"test": true`` in ``data``.
         """
-        reply = self._accept(campaign, event, idempotency_key=idempotency_key, ip_address=ip_address,
-                             user_agent=user_agent, test=test)
+        reply = self._accept(
+            campaign,
+            event,
+            idempotency_key=idempotency_key,
+            ip_address=ip_address,
+            user_agent=user_agent,
+            test=test,
+        )
         if test:
             reply.body["data"]["test"] = True
         self._accepted(campaign.cid, event.event_id, reply, test=test)
         return reply
 
     def _accept(
-        self, campaign: CampaignConfig, event: Event, *, idempotency_key: str | None,
-        ip_address: str | None, user_agent: str | None, test: bool,
+        self,
+        campaign: CampaignConfig,
+        event: Event,
+        *,
+        idempotency_key: str | None,
+        ip_address: str | None,
+        user_agent: str | None,
+        test: bool,
     ) -> Reply:
         """Store the event, try it once inline, and say what happened."""
         received_at = time.time()
-        payload = forward_body(campaign, event, received_at=received_at, ip_address=ip_address, user_agent=user_agent)
+        payload = forward_body(
+            campaign, event, received_at=received_at, ip_address=ip_address, user_agent=user_agent
+        )
         record = Record(
             id=scoped_id(campaign.cid, event.event_uuid or idempotency_key or uuid.uuid4().hex),
-            cid=campaign.cid, event_id=event.event_id, transaction_id=event.transaction_id,
+            cid=campaign.cid,
+            event_id=event.event_id,
+            transaction_id=event.transaction_id,
             payload=mark(payload) if test else payload,
-            received_at=received_at, dedupe_key=staging_dedupe_key(dedupe_key(event)) if test else dedupe_key(event),
+            received_at=received_at,
+            dedupe_key=staging_dedupe_key(dedupe_key(event)) if test else dedupe_key(event),
             fingerprint=event.fingerprint(),
         )
         inline = self._inline_enabled and not self._engine_behind() and self._inline.acquire(blocking=False)
@@ -187,8 +249,12 @@ class Relay:
             # The store is down (Redis unreachable, disk full): the event is not ours yet, so say
             # "try again" (the SDK keeps it and retries after Retry-After) rather than 500.
             log.exception("could not store event %s", record.id)
-            raise ApiError(503, "Temporarily unable to accept events; retry later",
-                           headers={"Retry-After": "5"}, reason="store_unavailable") from exc
+            raise ApiError(
+                503,
+                "Temporarily unable to accept events; retry later",
+                headers={"Retry-After": "5"},
+                reason="store_unavailable",
+            ) from exc
         if not created:
             if inline:
                 self._inline.release()
@@ -198,8 +264,9 @@ class Relay:
             return _queued(stored)
         try:
             try:
-                attempt = self._inline_sender.send(stored.cid, stored.payload,
-                                                   timeout=self.config.relay.inline_timeout)
+                attempt = self._inline_sender.send(
+                    stored.cid, stored.payload, timeout=self.config.relay.inline_timeout
+                )
             finally:
                 self._inline.release()
             decision = self.dispatcher.settle(stored, attempt, owner=owner or "")
@@ -212,7 +279,9 @@ class Relay:
         if decision.state == "delivered":
             return Reply(200, _success(stored, attempt.answer), "delivered")
         if decision.state == "dead":
-            return Reply(attempt.status or 502, _upstream_error(stored, attempt.answer, decision.reason), "dead")
+            return Reply(
+                attempt.status or 502, _upstream_error(stored, attempt.answer, decision.reason), "dead"
+            )
         self.dispatcher.wake()
         return _queued(stored)
 
@@ -221,9 +290,16 @@ class Relay:
         got there). Should this write fail too, the lease stays set and its expiry does the same."""
         try:
             self.store.finish(
-                stored.id, owner, state="pending", next_at=time.time() + self.config.relay.retry_base_seconds,
-                status=None, answer=None, error="outcome of the inline attempt unknown (store write failed)",
-                uncertain=True, latency_ms=None)
+                stored.id,
+                owner,
+                state="pending",
+                next_at=time.time() + self.config.relay.retry_base_seconds,
+                status=None,
+                answer=None,
+                error="outcome of the inline attempt unknown (store write failed)",
+                uncertain=True,
+                latency_ms=None,
+            )
         except Exception:
             log.exception("could not mark %s uncertain; its lease expiry will", stored.id)
         self.dispatcher.wake()
@@ -234,18 +310,32 @@ class Relay:
             if stored.state == "delivered":
                 body = answer(400, DUPLICATE_MESSAGE, data={"event_uuid": stored.event_uuid})
                 return Reply(400, body, "duplicate")
-            return Reply(202, answer(202, "Collapsed into an event already queued for this transaction_id",
-                                     type="queued", data={"event_uuid": stored.event_uuid}), "collapsed")
+            return Reply(
+                202,
+                answer(
+                    202,
+                    "Collapsed into an event already queued for this transaction_id",
+                    type="queued",
+                    data={"event_uuid": stored.event_uuid},
+                ),
+                "collapsed",
+            )
         if stored.fingerprint and stored.fingerprint != new.fingerprint:
             # Stripe's rule for a reused idempotency key: same request or an error, never a replay.
-            raise ApiError(422, "event_uuid (or Idempotency-Key) already used for a different event; "
-                           "a new event needs a new one",
-                           invalid={"event_uuid": "already used with a different body"}, reason="reused_event_uuid")
+            raise ApiError(
+                422,
+                "event_uuid (or Idempotency-Key) already used for a different event; "
+                "a new event needs a new one",
+                invalid={"event_uuid": "already used with a different body"},
+                reason="reused_event_uuid",
+            )
         if stored.state == "delivered":
             return Reply(200, _success(stored, stored.last_answer), "replay")
         if stored.state == "dead":
             status = stored.last_status if stored.last_status and stored.last_status >= 400 else 502
-            return Reply(status, _upstream_error(stored, stored.last_answer, stored.last_error or ""), "replay")
+            return Reply(
+                status, _upstream_error(stored, stored.last_answer, stored.last_error or ""), "replay"
+            )
         return Reply(202, _queued(stored).body, "replay")
 
     def close(self) -> None:
@@ -257,7 +347,9 @@ class Relay:
 
 
 def _queued(record: Record) -> Reply:
-    body = answer(202, "Event accepted and queued for delivery", type="queued", data={"event_uuid": record.event_uuid})
+    body = answer(
+        202, "Event accepted and queued for delivery", type="queued", data={"event_uuid": record.event_uuid}
+    )
     return Reply(202, body, "queued")
 
 
@@ -273,7 +365,8 @@ def _upstream_error(record: Record, upstream: dict[str, Any] | None, reason: str
     given = upstream.get("status")
     status = given if isinstance(given, int) else 502
     body = answer(
-        status, str(upstream.get("message") or reason or "Upstream rejected the event"),
+        status,
+        str(upstream.get("message") or reason or "Upstream rejected the event"),
         data={"event_uuid": record.event_uuid},
         missing=upstream.get("missingFields") if isinstance(upstream.get("missingFields"), dict) else None,
         invalid=upstream.get("invalidFields") if isinstance(upstream.get("invalidFields"), dict) else None,

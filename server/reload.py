@@ -44,8 +44,9 @@ class LastGoodConfig:
             log.error("reload refused, still serving the previous config: %s: %s", self.path, exc)
             return
         except OSError as exc:
-            log.error("reload refused, still serving the previous config: %s: %s", self.path,
-                      exc.strerror or exc)
+            log.error(
+                "reload refused, still serving the previous config: %s: %s", self.path, exc.strerror or exc
+            )
             return
         self.config, self.text = config, text
         log.warning("reload: %s applied (%d campaigns) to the new workers", self.path, len(config.campaigns))

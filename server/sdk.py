@@ -164,8 +164,9 @@ def package(body: bytes) -> BuiltScript:
     )
 
 
-def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: bool = True,
-                integrity: bool = False) -> str:
+def snippet_tag(
+    config: Config, cid: str, base_url: str | None = None, *, stub: bool = True, integrity: bool = False
+) -> str:
     """The HTML to paste in a page's ``<head>``: the pre-load stub and the script tag.
 
     Default: the stable URL without ``integrity``. It keeps working across every config change and
@@ -181,8 +182,10 @@ def snippet_tag(config: Config, cid: str, base_url: str | None = None, *, stub: 
     if integrity:
         built = render_sdk(campaign, config.relay)
         # A pinned build is always on /sdk/: a first-party script_path names the current build only.
-        tag = (f'<script async src="{html.escape(base + pinned_path(cid, built.version))}" '
-               f'integrity="{built.integrity}" crossorigin="anonymous"></script>')
+        tag = (
+            f'<script async src="{html.escape(base + pinned_path(cid, built.version))}" '
+            f'integrity="{built.integrity}" crossorigin="anonymous"></script>'
+        )
     else:
         path = campaign.sdk.script_path or f"/sdk/{cid}.js"
         tag = f'<script async src="{html.escape(base + path)}"></script>'
@@ -197,6 +200,8 @@ def pin(config: Config, cid: str) -> None:
     """Keep the campaign's current build in the archive, so a pinned tag printed now stays servable."""
     built = render_sdk(config.campaigns[cid], config.relay)
     BuildArchive(default_dir(config)).remember(cid, built.version, built.body)
+
+
 def csp_sources(config: Config, cid: str, base_url: str | None = None) -> dict[str, list[str]]:
     """What a page's Content-Security-Policy must allow for the tag ``snippet_tag`` prints.
 
@@ -212,7 +217,9 @@ def csp_sources(config: Config, cid: str, base_url: str | None = None) -> dict[s
     relay = _origin(base)
     # The SDK posts to relay.public_url when set, else to where it was loaded from (script_config).
     endpoint = _origin(config.relay.public_url) if config.relay.public_url else relay
-    stub_hash = "'sha256-" + base64.b64encode(hashlib.sha256(STUB.encode("utf-8")).digest()).decode("ascii") + "'"
+    stub_hash = (
+        "'sha256-" + base64.b64encode(hashlib.sha256(STUB.encode("utf-8")).digest()).decode("ascii") + "'"
+    )
     return {"script-src": [stub_hash, relay], "connect-src": sorted({relay, endpoint})}
 
 
@@ -252,10 +259,18 @@ class SdkState:
         count, self._unknown_since[cid] = self._unknown_since[cid], 0
         from .logs import decision_logger
 
-        decision_logger().warning("sdk_version_unknown", extra={"fields": {
-            "cid": cid, "version": version if VERSION_RE.match(version) else "invalid", "requests": count,
-            "hint": f"a page loads a pinned tag whose build is unknown or expired; replace it with "
-                    f"the tag from: pingtree-relay snippet {cid}"}})
+        decision_logger().warning(
+            "sdk_version_unknown",
+            extra={
+                "fields": {
+                    "cid": cid,
+                    "version": version if VERSION_RE.match(version) else "invalid",
+                    "requests": count,
+                    "hint": f"a page loads a pinned tag whose build is unknown or expired; replace it with "
+                    f"the tag from: pingtree-relay snippet {cid}",
+                }
+            },
+        )
 
 
 _state_lock = threading.Lock()
@@ -355,9 +370,14 @@ def _remember(state: SdkState, cid: str, built: BuiltScript) -> None:
 
 @lru_cache(maxsize=64)
 def _with_warning(current: BuiltScript, cid: str) -> BuiltScript:
-    warning = ("console.warn(" + json.dumps(
-        f"[pingtree] this page's pinned SDK build is unknown or expired; it gets the current one "
-        f"(an integrity attribute blocks it). Replace the tag: pingtree-relay snippet {cid}") + ");")
+    warning = (
+        "console.warn("
+        + json.dumps(
+            f"[pingtree] this page's pinned SDK build is unknown or expired; it gets the current one "
+            f"(an integrity attribute blocks it). Replace the tag: pingtree-relay snippet {cid}"
+        )
+        + ");"
+    )
     return package(warning.encode("utf-8") + current.body)
 
 
@@ -412,7 +432,9 @@ def _not_found() -> Response:
 def debug_panel_script() -> BuiltScript:
     """js_templates/debug_panel.js as the build minified it: the same for every campaign (it reads the
     SDK's trail)."""
-    return package((JS_TEMPLATES / COMPILED / DEBUG_PANEL_FILE).read_text(encoding="utf-8").rstrip("\n").encode("utf-8"))
+    return package(
+        (JS_TEMPLATES / COMPILED / DEBUG_PANEL_FILE).read_text(encoding="utf-8").rstrip("\n").encode("utf-8")
+    )
 
 
 @bp.get(DEBUG_PANEL_PATH)

@@ -48,7 +48,7 @@ def default_dir(config: Config) -> Path:
     if relay.sdk_archive_dir:
         return Path(relay.sdk_archive_dir)
     if relay.store.startswith("sqlite:///") and relay.store != "sqlite:///:memory:":
-        return Path(relay.store[len("sqlite:///"):]).parent / "sdk-builds"
+        return Path(relay.store[len("sqlite:///") :]).parent / "sdk-builds"
     source = Path(config.source)
     if source.is_file():
         return source.parent / "sdk-builds"
@@ -145,5 +145,9 @@ class BuildArchive:
     def _warn_once(self, exc: OSError) -> None:
         if not self._broken:
             self._broken = True
-            log.warning("SDK builds cannot be kept in %s (%s): pinned tags will break at the next "
-                        "config change; set relay.sdk_archive_dir", self.directory, exc)
+            log.warning(
+                "SDK builds cannot be kept in %s (%s): pinned tags will break at the next "
+                "config change; set relay.sdk_archive_dir",
+                self.directory,
+                exc,
+            )

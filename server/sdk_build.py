@@ -51,7 +51,10 @@ def feature_flags() -> tuple[str, ...]:
 def feature_sets() -> list[dict[str, bool]]:
     """Every combination of the flags: each is one committed variant."""
     flags = feature_flags()
-    return [dict(zip(flags, values, strict=True)) for values in itertools.product((False, True), repeat=len(flags))]
+    return [
+        dict(zip(flags, values, strict=True))
+        for values in itertools.product((False, True), repeat=len(flags))
+    ]
 
 
 def render_source(features: Mapping[str, bool], cfg: Mapping[str, Any] | None = None) -> str:
@@ -61,7 +64,9 @@ def render_source(features: Mapping[str, bool], cfg: Mapping[str, Any] | None = 
     exactly once, through ``|tojson`` (campaign values enter in one place); a real config gives the
     script as a campaign would get it unminified (for the record, as bench/ reports it).
     """
-    source = templates.get_template(SOURCE).render(cfg=PLACEHOLDER if cfg is None else cfg, feature=dict(features))
+    source = templates.get_template(SOURCE).render(
+        cfg=PLACEHOLDER if cfg is None else cfg, feature=dict(features)
+    )
     if cfg is not None:
         return source
     quoted = json.dumps(PLACEHOLDER)  # what |tojson makes of the placeholder string
@@ -87,7 +92,11 @@ def source_files() -> list[Path]:
 def template_constants() -> dict[str, Any]:
     """The values the template gets besides the campaign's: the relay's own (``click_ids``), rendered
     into every variant, so they are inputs of the build."""
-    return {name: value for name, value in templates.globals.items() if isinstance(value, str | int | tuple | list)}
+    return {
+        name: value
+        for name, value in templates.globals.items()
+        if isinstance(value, str | int | tuple | list)
+    }
 
 
 def sources_digest() -> str:
@@ -109,8 +118,14 @@ def minify(sources: Mapping[str, str]) -> dict[str, str]:
     node = shutil.which("node")
     if node is None:
         raise RuntimeError("node is not installed: apt-get install -y nodejs npm")
-    result = subprocess.run([node, str(MINIFY_SCRIPT)], input=json.dumps(dict(sources)), capture_output=True,
-                            text=True, cwd=CHECKOUT, timeout=300)
+    result = subprocess.run(
+        [node, str(MINIFY_SCRIPT)],
+        input=json.dumps(dict(sources)),
+        capture_output=True,
+        text=True,
+        cwd=CHECKOUT,
+        timeout=300,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"the minifier failed:\n{result.stderr}")
     return json.loads(result.stdout)  # type: ignore[no-any-return]
@@ -143,8 +158,11 @@ def build(out_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/build-sdk", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="rebuild into a temporary folder; exit 1 if it differs from the committed build")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="rebuild into a temporary folder; exit 1 if it differs from the committed build",
+    )
     args = parser.parse_args(argv)
     if not args.check:
         manifest = build(COMPILED_DIR)

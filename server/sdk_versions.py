@@ -61,8 +61,9 @@ class VersionLog:
             merged = {key: list(value) for key, value in self._snapshot().items()}
         out: dict[str, list[dict[str, Any]]] = {}
         for (cid, version, state), (count, last) in merged.items():
-            out.setdefault(cid, []).append({"version": version, "state": state, "count": int(count),
-                                            "last_seen": last})
+            out.setdefault(cid, []).append(
+                {"version": version, "state": state, "count": int(count), "last_seen": last}
+            )
         for seen in out.values():
             seen.sort(key=lambda r: r["last_seen"], reverse=True)
         return out

@@ -49,11 +49,18 @@ def sandbox_answer(config: Config, cid: str, body: dict[str, Any]) -> dict[str, 
     campaign = config.campaigns.get(cid)
     event = campaign.events.get(str(body.get("event_id"))) if campaign else None
     conversion = bool(event and event.conversion)
-    return answer(200, SANDBOX_SUCCESS, data={
-        "cid": cid, "pid": body.get("pid") or "organic", "transaction_id": body.get("transaction_id"),
-        "conversion_id": f"conv_test_{uuid.uuid4()}" if conversion else "",
-        "conversion": conversion, "test": True,
-    })
+    return answer(
+        200,
+        SANDBOX_SUCCESS,
+        data={
+            "cid": cid,
+            "pid": body.get("pid") or "organic",
+            "transaction_id": body.get("transaction_id"),
+            "conversion_id": f"conv_test_{uuid.uuid4()}" if conversion else "",
+            "conversion": conversion,
+            "test": True,
+        },
+    )
 
 
 class StagingRouter:

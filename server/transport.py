@@ -36,8 +36,7 @@ class _Connection:
 
     def reusable(self) -> bool:
         # A peer that closed an idle connection shows as EOF on the reader once the loop saw it.
-        return (self.h11.our_state is h11.IDLE and not self.reader.at_eof()
-                and not self.writer.is_closing())
+        return self.h11.our_state is h11.IDLE and not self.reader.at_eof() and not self.writer.is_closing()
 
     def close(self) -> None:
         self.writer.close()
@@ -56,8 +55,11 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
 
     def __init__(self, *, max_connections: int = 100, verify: ssl.SSLContext | bool = True) -> None:
         self.max_connections = max_connections
-        self._ssl = verify if isinstance(verify, ssl.SSLContext) else (
-            ssl.create_default_context() if verify else _insecure_context())
+        self._ssl = (
+            verify
+            if isinstance(verify, ssl.SSLContext)
+            else (ssl.create_default_context() if verify else _insecure_context())
+        )
         self._idle: dict[Origin, deque[_Connection]] = {}
         self._open: dict[Origin, int] = {}
         self._freed: dict[Origin, asyncio.Condition] = {}
@@ -65,8 +67,11 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
-        origin: Origin = (request.url.scheme, request.url.host, request.url.port
-                          or (443 if request.url.scheme == "https" else 80))
+        origin: Origin = (
+            request.url.scheme,
+            request.url.host,
+            request.url.port or (443 if request.url.scheme == "https" else 80),
+        )
         conn = await self._acquire(origin, timeouts.get("connect"), timeouts.get("pool"))
         try:
             response = await self._exchange(conn, request, timeouts.get("write"), timeouts.get("read"))
@@ -76,8 +81,13 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         self._release(origin, conn)
         return response
 
-    async def _exchange(self, conn: _Connection, request: httpx.Request,
-                        write_timeout: float | None, read_timeout: float | None) -> httpx.Response:
+    async def _exchange(
+        self,
+        conn: _Connection,
+        request: httpx.Request,
+        write_timeout: float | None,
+        read_timeout: float | None,
+    ) -> httpx.Response:
         body = request.read()
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -119,17 +129,20 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
             elif isinstance(event, h11.EndOfMessage):
                 break
             elif isinstance(event, h11.ConnectionClosed):
-                raise httpx.RemoteProtocolError("Server disconnected without sending a response",
-                                                request=request)
+                raise httpx.RemoteProtocolError(
+                    "Server disconnected without sending a response", request=request
+                )
         if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
             conn.h11.start_next_cycle()
-        return httpx.Response(status, headers=headers, stream=_Body(b"".join(chunks)),
-                              extensions={"http_version": b"HTTP/1.1"})
+        return httpx.Response(
+            status, headers=headers, stream=_Body(b"".join(chunks)), extensions={"http_version": b"HTTP/1.1"}
+        )
 
     # --- the pool ---------------------------------------------------------------------------------
 
-    async def _acquire(self, origin: Origin, connect_timeout: float | None,
-                       pool_timeout: float | None) -> _Connection:
+    async def _acquire(
+        self, origin: Origin, connect_timeout: float | None, pool_timeout: float | None
+    ) -> _Connection:
         idle = self._idle.setdefault(origin, deque())
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been closed by the peer
@@ -141,8 +154,11 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
             try:
                 async with freed:
                     await asyncio.wait_for(
-                        freed.wait_for(lambda: bool(idle) or self._open.get(origin, 0) < self.max_connections),
-                        pool_timeout)
+                        freed.wait_for(
+                            lambda: bool(idle) or self._open.get(origin, 0) < self.max_connections
+                        ),
+                        pool_timeout,
+                    )
             except TimeoutError as exc:
                 raise httpx.PoolTimeout("no connection free in the pool") from exc
             return await self._acquire(origin, connect_timeout, pool_timeout)
@@ -161,8 +177,9 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
     async def _connect(self, origin: Origin) -> _Connection:
         scheme, host, port = origin
         tls = self._ssl if scheme == "https" else None
-        reader, writer = await asyncio.open_connection(host, port, ssl=tls,
-                                                       server_hostname=host if tls else None)
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls, server_hostname=host if tls else None
+        )
         return _Connection(reader, writer)
 
     def _release(self, origin: Origin, conn: _Connection) -> None:

@@ -54,8 +54,9 @@ class UpstreamState:
             written = self._written
             if written is not None:
                 since = outcome.at - written.at
-                if since < MIN_INTERVAL_SECONDS or (since < REFRESH_SECONDS and written.answered == answered
-                                                    and written.detail == detail):
+                if since < MIN_INTERVAL_SECONDS or (
+                    since < REFRESH_SECONDS and written.answered == answered and written.detail == detail
+                ):
                     return
             self._written = outcome
         self._write(outcome)

@@ -64,9 +64,16 @@ class Event:
         validated event, not of the raw bytes (key order, or 12 against "12", must not matter) and
         not of what the server adds (the time, the client's IP: a retry may change both)."""
         canonical = json.dumps(
-            {"cid": self.cid, "event_id": self.event_id, "transaction_id": self.transaction_id,
-             "amount": None if self.amount is None else str(self.amount.quantize(CENT)), "fields": dict(self.fields)},
-            sort_keys=True, separators=(",", ":"), default=str,
+            {
+                "cid": self.cid,
+                "event_id": self.event_id,
+                "transaction_id": self.transaction_id,
+                "amount": None if self.amount is None else str(self.amount.quantize(CENT)),
+                "fields": dict(self.fields),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+            default=str,
         )
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -79,8 +86,11 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
     """Decode a request body. JSON as ``application/json`` or ``text/plain`` (sendBeacon) only."""
     mime = (content_type or "").split(";")[0].strip().lower()
     if mime not in ("", "application/json", "text/plain"):
-        raise ApiError(415, "Unsupported content type; send JSON as application/json or text/plain",
-                       reason="content_type")
+        raise ApiError(
+            415,
+            "Unsupported content type; send JSON as application/json or text/plain",
+            reason="content_type",
+        )
     if not raw.strip():
         raise ApiError(400, "Empty body; send a JSON object", reason="invalid_json")
     try:
@@ -114,8 +124,12 @@ def _required_id(body: Mapping[str, Any], name: str) -> str:
         raise ApiError(400, f"{name} is required", missing={name: "required"}, reason=f"missing_{name}")
     text = _string(value, MAX_ID)
     if text is None or not text.strip():
-        raise ApiError(400, f"Invalid {name}", invalid={name: f"expected a string of at most {MAX_ID} characters"},
-                       reason=f"invalid_{name}")
+        raise ApiError(
+            400,
+            f"Invalid {name}",
+            invalid={name: f"expected a string of at most {MAX_ID} characters"},
+            reason=f"invalid_{name}",
+        )
     return text
 
 
@@ -145,7 +159,11 @@ def _check_field(name: str, value: Any) -> Any | None:
     if name == "tcpa_consent":
         if isinstance(value, bool):
             return int(value)
-        return {"0": 0, "1": 1}.get(value) if isinstance(value, str) else (int(value) if value in (0, 1) else None)
+        return (
+            {"0": 0, "1": 1}.get(value)
+            if isinstance(value, str)
+            else (int(value) if value in (0, 1) else None)
+        )
     if name == "tcpa_consent_date":
         return value if isinstance(value, str) and _valid_date(value) else None
     return _string(value, MAX_STRING)
@@ -172,7 +190,9 @@ def signature_message(cid: str, transaction_id: str, event_id: str, amount: Deci
     return f"{cid}|{transaction_id}|{event_id}|{Decimal(str(amount)).quantize(CENT)}".encode()
 
 
-def sign_revenue(secret: str, cid: str, transaction_id: str, event_id: str, amount: Decimal | float | str) -> str:
+def sign_revenue(
+    secret: str, cid: str, transaction_id: str, event_id: str, amount: Decimal | float | str
+) -> str:
     """The token a merchant's backend gives its page for a signed conversion (hex HMAC-SHA256)."""
     msg = signature_message(cid, transaction_id, event_id, amount)
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
@@ -197,8 +217,12 @@ def validate_event(
     transaction_id = _required_id(body, "transaction_id")
     event = campaign.events.get(event_id)
     if event is None:
-        raise ApiError(400, "Invalid event_id for this campaign", invalid={"event_id": "not configured"},
-                       reason="invalid_event_id")
+        raise ApiError(
+            400,
+            "Invalid event_id for this campaign",
+            invalid={"event_id": "not configured"},
+            reason="invalid_event_id",
+        )
     # Normalised the way the forwarded pid is (12345 and "12345" are one source), then checked.
     pid = _string(body.get("pid"), MAX_STRING)
     if pid is not None and pid in campaign.inactive_sources:
@@ -207,13 +231,20 @@ def validate_event(
     fields, invalid = _check_fields(campaign, body, trusted=trusted)
     amount = _revenue(campaign, event, body, revenue_key, invalid)
     if invalid:
-        raise ApiError(400, "Invalid fields: " + ", ".join(sorted(invalid)), invalid=invalid,
-                       reason="invalid_fields")
+        raise ApiError(
+            400, "Invalid fields: " + ", ".join(sorted(invalid)), invalid=invalid, reason="invalid_fields"
+        )
     uuid = _event_uuid(body)
     if event.revenue == "signed":
         _check_signature(campaign, transaction_id, event_id, amount, body.get("signature"))
-    return Event(cid=campaign.cid, event=event, transaction_id=transaction_id,
-                 event_uuid=uuid, amount=amount, fields=fields)
+    return Event(
+        cid=campaign.cid,
+        event=event,
+        transaction_id=transaction_id,
+        event_uuid=uuid,
+        amount=amount,
+        fields=fields,
+    )
 
 
 def _check_fields(
@@ -260,7 +291,9 @@ def _check_server_only(fields: dict[str, Any], invalid: dict[str, str]) -> None:
                 fields[name] = float(value)
     op = fields.get("cost_operation")
     if op is not None and op not in COST_OPERATIONS:
-        invalid["cost_operation"] = "expected " + ", ".join(COST_OPERATIONS[:-1]) + " or " + COST_OPERATIONS[-1]
+        invalid["cost_operation"] = (
+            "expected " + ", ".join(COST_OPERATIONS[:-1]) + " or " + COST_OPERATIONS[-1]
+        )
     for name in CONVERSION_TIME_FIELDS:
         fields.pop(name, None)  # always the relay's own: the moment it received the event
     # The visitor's address and browser: the backend has them, the relay (seeing the backend) does not.
@@ -283,7 +316,10 @@ def _safe_key(name: str) -> str:
 
 
 def _revenue(
-    campaign: CampaignConfig, event: EventConfig, body: Mapping[str, Any], revenue_key: str,
+    campaign: CampaignConfig,
+    event: EventConfig,
+    body: Mapping[str, Any],
+    revenue_key: str,
     invalid: dict[str, str],
 ) -> Decimal | None:
     if isinstance(event.revenue, float):
@@ -292,8 +328,12 @@ def _revenue(
     raw = body.get(key)
     if raw is None:
         if event.conversion:
-            raise ApiError(400, f"{revenue_key} is required for conversion events",
-                           missing={revenue_key: "required for conversion events"}, reason="missing_revenue")
+            raise ApiError(
+                400,
+                f"{revenue_key} is required for conversion events",
+                missing={revenue_key: "required for conversion events"},
+                reason="missing_revenue",
+            )
         return None
     value = parse_amount(raw)
     if isinstance(value, str):
@@ -310,8 +350,12 @@ def _event_uuid(body: Mapping[str, Any]) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or not _UUID_RE.match(value):
-        raise ApiError(400, "Invalid event_uuid", invalid={"event_uuid": "8-64 letters, digits, '-' or '_'"},
-                       reason="invalid_event_uuid")
+        raise ApiError(
+            400,
+            "Invalid event_uuid",
+            invalid={"event_uuid": "8-64 letters, digits, '-' or '_'"},
+            reason="invalid_event_uuid",
+        )
     return value
 
 

@@ -33,9 +33,14 @@ _METRICS_PREFIX = "pingtree-relay-metrics-"
 
 
 class _App(BaseApplication):  # type: ignore[misc]
-    def __init__(self, factory: Callable[[], Any], options: dict[str, Any],
-                 sidecar: list[str] | None = None, on_reload: Callable[[], None] | None = None,
-                 sidecar_env: Callable[[], dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Any],
+        options: dict[str, Any],
+        sidecar: list[str] | None = None,
+        on_reload: Callable[[], None] | None = None,
+        sidecar_env: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
         self._factory = factory
         self._options = options
         self._sidecar = sidecar
@@ -76,7 +81,9 @@ class _SidecarArbiter(Arbiter):  # type: ignore[misc]
     collect its exit status; ``Popen.poll`` then reports 0, which is still "not running".
     """
 
-    def __init__(self, app: _App, command: list[str], env: Callable[[], dict[str, str]] | None = None) -> None:
+    def __init__(
+        self, app: _App, command: list[str], env: Callable[[], dict[str, str]] | None = None
+    ) -> None:
         self._command = command
         self._env = env
         self._reloading = False
@@ -94,7 +101,9 @@ class _SidecarArbiter(Arbiter):  # type: ignore[misc]
         if time.monotonic() < self._next_start:
             return
         if self._sidecar is not None and self._reloading:
-            self.log.info("delivery process (pid:%s) stopped for the reload; starting it again", self._sidecar.pid)
+            self.log.info(
+                "delivery process (pid:%s) stopped for the reload; starting it again", self._sidecar.pid
+            )
         elif self._sidecar is not None:
             self.log.error("delivery process (pid:%s) exited; restarting it", self._sidecar.pid)
         self._reloading = False
@@ -210,7 +219,7 @@ def metrics_dir() -> Iterator[str]:
 def _remove_orphans() -> None:
     """Delete metrics directories of masters that died without cleaning up (SIGKILL, power loss)."""
     for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
-        pid = path.name[len(_METRICS_PREFIX):].split("-", 1)[0]
+        pid = path.name[len(_METRICS_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -50,8 +50,9 @@ conversion_timezone = "PST"
 """
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
-             message: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, message: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``message`` at the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -85,7 +86,11 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", *self.args, "--port", str(self.port)],
-            cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -148,7 +153,9 @@ class Sandbox(ServerProcess):
         httpx.post(self.url + "/_sandbox/reset", timeout=5).raise_for_status()
 
     def set_lock(self, seconds: float) -> None:
-        httpx.post(self.url + "/_sandbox/config", json={"lock_seconds": seconds}, timeout=5).raise_for_status()
+        httpx.post(
+            self.url + "/_sandbox/config", json={"lock_seconds": seconds}, timeout=5
+        ).raise_for_status()
 
 
 def campaigns_toml(pages_port: int) -> str:
@@ -187,8 +194,15 @@ class Relay(ServerProcess):
     config_path: Path
     store_path: Path
 
-    def post(self, body: Any, *, cid: str = "cmp_test", origin: str | None = "https://www.example.com",
-             headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+    def post(
+        self,
+        body: Any,
+        *,
+        cid: str = "cmp_test",
+        origin: str | None = "https://www.example.com",
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         h = {"Origin": origin} if origin else {}
         h.update(headers or {})
         if isinstance(body, (dict, list)):
@@ -222,9 +236,18 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-def make_relay(tmp_dir: Path, upstream: str, pages_port: int, campaigns: str | None = None, *,
-               store: str | None = None, port: int | None = None, name: str = "relay", workers: int = 2,
-               **relay_keys: Any) -> Relay:
+def make_relay(
+    tmp_dir: Path,
+    upstream: str,
+    pages_port: int,
+    campaigns: str | None = None,
+    *,
+    store: str | None = None,
+    port: int | None = None,
+    name: str = "relay",
+    workers: int = 2,
+    **relay_keys: Any,
+) -> Relay:
     """A relay process (not started) with its config and log in ``tmp_dir``."""
     relay_keys.setdefault("retry_base_seconds", 0.2)
     relay_keys.setdefault("retry_cap_seconds", 1.0)
@@ -236,8 +259,11 @@ def make_relay(tmp_dir: Path, upstream: str, pages_port: int, campaigns: str | N
         campaigns=campaigns if campaigns is not None else campaigns_toml(pages_port),
         **relay_keys,
     )
-    relay = Relay(["serve", "--config", str(cfg), "--workers", str(workers)], port or free_port(),
-                  tmp_dir / f"{name}.log")
+    relay = Relay(
+        ["serve", "--config", str(cfg), "--workers", str(workers)],
+        port or free_port(),
+        tmp_dir / f"{name}.log",
+    )
     relay.config_path = cfg
     relay.store_path = tmp_dir / "relay.sqlite3"
     return relay
@@ -248,10 +274,12 @@ def relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator
     """Start relays against the sandbox: ``relay_factory(campaigns=..., store=..., **relay_keys)``."""
     started: list[Relay] = []
 
-    def make(campaigns: str | None = None, *, upstream: str | None = None, start: bool = True,
-             **kwargs: Any) -> Relay:
-        relay = make_relay(tmp_path, upstream or sandbox.url, pages_port, campaigns,
-                           name=f"relay{len(started)}", **kwargs)
+    def make(
+        campaigns: str | None = None, *, upstream: str | None = None, start: bool = True, **kwargs: Any
+    ) -> Relay:
+        relay = make_relay(
+            tmp_path, upstream or sandbox.url, pages_port, campaigns, name=f"relay{len(started)}", **kwargs
+        )
         started.append(relay)
         return relay.start() if start else relay
 

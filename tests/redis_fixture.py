@@ -43,9 +43,24 @@ class RedisServer:
     def start(self, timeout: float = 15.0) -> RedisServer:
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - the child process owns it
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--daemonize",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
         deadline = time.monotonic() + timeout
@@ -83,12 +98,15 @@ class RedisServer:
 
 def redis_binary() -> str:
     """The ``redis-server`` path, or fail (skip with ``PTR_ALLOW_NO_REDIS=1``) with a clear message."""
-    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server")
-                                              else None)
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
     if binary:
         return binary
-    message = ("redis-server is not installed: the Redis outbox cannot be tested. Install it "
-               "(apt-get install redis-server) or set PTR_ALLOW_NO_REDIS=1 to skip these tests.")
+    message = (
+        "redis-server is not installed: the Redis outbox cannot be tested. Install it "
+        "(apt-get install redis-server) or set PTR_ALLOW_NO_REDIS=1 to skip these tests."
+    )
     if os.environ.get("PTR_ALLOW_NO_REDIS") == "1":
         pytest.skip(message)
     pytest.fail(message, pytrace=False)

@@ -34,8 +34,14 @@ class Upstream:
         self._keys: set[tuple[str, str, str]] = set()
 
     def stats(self) -> dict[str, Any]:
-        return {"in_flight": self.in_flight, "peak": self.peak, "requests": self.requests,
-                "by_txn": dict(self.by_txn), "counted": dict(self.counted), "delay_ms": self.delay * 1000}
+        return {
+            "in_flight": self.in_flight,
+            "peak": self.peak,
+            "requests": self.requests,
+            "by_txn": dict(self.by_txn),
+            "counted": dict(self.counted),
+            "delay_ms": self.delay * 1000,
+        }
 
     async def event(self, cid: str, body: bytes) -> tuple[int, dict[str, Any]]:
         self.in_flight += 1
@@ -55,12 +61,15 @@ class Upstream:
             self.in_flight -= 1
         if duplicate:
             return 400, {"status": 400, "message": "Duplicate event for this transaction_id"}
-        return 200, {"status": 200, "message": "Event triggered successfully",
-                     "data": {"conversion_id": uuid.uuid4().hex}}
+        return 200, {
+            "status": 200,
+            "message": "Event triggered successfully",
+            "data": {"conversion_id": uuid.uuid4().hex},
+        }
 
     async def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         if method == "POST" and path.startswith("/api/event/"):
-            return await self.event(path[len("/api/event/"):], body)
+            return await self.event(path[len("/api/event/") :], body)
         if path == "/_stats":
             return 200, self.stats()
         if method == "POST" and path == "/_config":
@@ -79,13 +88,18 @@ class Upstream:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in
-                           (line.split(":", 1) for line in lines[1:] if ":" in line)}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 status, answer = await self.handle(method, path, body)
                 payload = json.dumps(answer).encode()
-                writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
-                             f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass

@@ -24,8 +24,10 @@ def redis_script_calls(url: str) -> int:
     with redis.Redis.from_url(url) as client:
         stats = client.info("commandstats")
     # A NOSCRIPT reply (redis-py then loads the script and calls again) ran nothing: not counted.
-    return sum(int(entry.get("calls", 0)) - int(entry.get("failed_calls", 0)) - int(entry.get("rejected_calls", 0))
-               for entry in (stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")))
+    return sum(
+        int(entry.get("calls", 0)) - int(entry.get("failed_calls", 0)) - int(entry.get("rejected_calls", 0))
+        for entry in (stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval"))
+    )
 
 
 @contextmanager

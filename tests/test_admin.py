@@ -55,14 +55,27 @@ def make_app(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Flask
     def make(*, deliver: bool = False, **relay_keys: Any) -> Flask:
         """``deliver``: run the delivery engine in this process too (its Pingtree is ``upstream``)."""
         relay_keys.setdefault("admin_token", TOKEN)
-        config = parse_config({
-            "relay": {"upstream_url": "http://pingtree.invalid", "retry_base_seconds": 0.05,
-                      "store": f"sqlite:///{tmp_path / f'o{len(apps)}.sqlite3'}", **relay_keys},
-            "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"],
-                                    "events": {"view": {}, "sale": {"conversion": True}}}},
-        })
-        relay = Relay(config, forwarder=Forwarder(config.relay.upstream_url, transport=httpx.MockTransport(upstream)),
-                      delivery_transport=httpx.MockTransport(upstream))
+        config = parse_config(
+            {
+                "relay": {
+                    "upstream_url": "http://pingtree.invalid",
+                    "retry_base_seconds": 0.05,
+                    "store": f"sqlite:///{tmp_path / f'o{len(apps)}.sqlite3'}",
+                    **relay_keys,
+                },
+                "campaigns": {
+                    "cmp_a": {
+                        "allowed_origins": ["https://shop.example.com"],
+                        "events": {"view": {}, "sale": {"conversion": True}},
+                    }
+                },
+            }
+        )
+        relay = Relay(
+            config,
+            forwarder=Forwarder(config.relay.upstream_url, transport=httpx.MockTransport(upstream)),
+            delivery_transport=httpx.MockTransport(upstream),
+        )
         app = create_app(config, relay=relay, start_delivery=deliver)
         apps.append(app)
         return app
@@ -111,8 +124,9 @@ def test_login(make_app: Callable[..., Flask]) -> None:
     assert wrong.status_code == 401 and "not right" in wrong.text
     assert client.get("/admin/").status_code == 302
     assert client.post("/admin/login", data={"token": TOKEN}).status_code == 403  # no CSRF token
-    right = client.post("/admin/login", data={"token": TOKEN, "csrf_token": token,
-                                              "next": "https://evil.example.net/"})
+    right = client.post(
+        "/admin/login", data={"token": TOKEN, "csrf_token": token, "next": "https://evil.example.net/"}
+    )
     assert right.status_code == 302 and right.headers["Location"] == "/admin/"  # never off-site
     cookie = right.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/admin" in cookie
@@ -126,8 +140,9 @@ def test_cookie_is_secure_over_https(make_app: Callable[..., Flask]) -> None:
     client = make_app().test_client()
     page = client.get("/admin/login", base_url="https://relay.example.com").text
     token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-    answer = client.post("/admin/login", base_url="https://relay.example.com",
-                         data={"token": TOKEN, "csrf_token": token})
+    answer = client.post(
+        "/admin/login", base_url="https://relay.example.com", data={"token": TOKEN, "csrf_token": token}
+    )
     assert "Secure" in answer.headers["Set-Cookie"]
 
 
@@ -149,12 +164,19 @@ def test_campaigns_page_shows_the_script_versions_pages_load(make_app: Callable[
     page = client.get("/admin/campaigns").text
     pinned = re.search(r"/sdk/cmp_a/v/([0-9a-f]{16})\.js", page)
     assert pinned
-    for url in ("/sdk/cmp_a.js", "/sdk/cmp_a.js", "/sdk/cmp_a.js", f"/sdk/cmp_a/v/{pinned.group(1)}.js",
-                "/sdk/cmp_a/v/0123456789abcdef.js"):
+    for url in (
+        "/sdk/cmp_a.js",
+        "/sdk/cmp_a.js",
+        "/sdk/cmp_a.js",
+        f"/sdk/cmp_a/v/{pinned.group(1)}.js",
+        "/sdk/cmp_a/v/0123456789abcdef.js",
+    ):
         assert client.get(url).status_code == 200
     page = client.get("/admin/campaigns").text
-    rows = {state: re.sub(r"<[^>]+>", " ", row) for state, row in
-            re.findall(r'<tr data-state="(\w+)">(.*?)</tr>', page, re.S)}
+    rows = {
+        state: re.sub(r"<[^>]+>", " ", row)
+        for state, row in re.findall(r'<tr data-state="(\w+)">(.*?)</tr>', page, re.S)
+    }
     assert set(rows) == {"stable", "current", "unknown"}, rows
     assert pinned.group(1) in rows["stable"] and " 3 " in rows["stable"] and "default tag" in rows["stable"]
     assert " 1 " in rows["current"] and "pinned, current" in rows["current"]
@@ -168,14 +190,21 @@ def test_campaigns_page_and_test_event(make_app: Callable[..., Flask], upstream:
     page = client.get("/admin/campaigns").text
     assert "cmp_a" in page and "https://shop.example.com" in page and "conversion" in page
     # The default tag is the stable URL without integrity; the pinned variant is offered beside it.
-    default, pinned = re.findall(r'<textarea class="snippet" id="(?:snippet|pinned)-cmp_a"[^>]*>(.*?)</textarea>',
-                                 page, re.S)
+    default, pinned = re.findall(
+        r'<textarea class="snippet" id="(?:snippet|pinned)-cmp_a"[^>]*>(.*?)</textarea>', page, re.S
+    )
     assert "/sdk/cmp_a.js&#34;&gt;&lt;/script&gt;" in default and "integrity" not in default
     assert re.search(r"/sdk/cmp_a/v/[0-9a-f]{16}\.js&#34; integrity=&#34;sha384-", pinned), pinned
     assert "No page has loaded this campaign's script yet." in page
-    sent = client.post("/admin/campaigns/cmp_a/test", data={
-        "csrf_token": csrf(client, "/admin/campaigns"), "event_id": "sale", "transaction_id": "t-dash-1",
-        "amount": "12.50"})
+    sent = client.post(
+        "/admin/campaigns/cmp_a/test",
+        data={
+            "csrf_token": csrf(client, "/admin/campaigns"),
+            "event_id": "sale",
+            "transaction_id": "t-dash-1",
+            "amount": "12.50",
+        },
+    )
     assert sent.status_code == 302 and "transaction_id=t-dash-1" in sent.headers["Location"]
     assert upstream.bodies[-1]["transaction_id"] == "t-dash-1" and upstream.bodies[-1]["amount"] == 12.5
     record = app.extensions["relay"].store.find(transaction_id="t-dash-1")[0]
@@ -186,8 +215,11 @@ def test_campaigns_page_and_test_event(make_app: Callable[..., Flask], upstream:
 
 def test_test_event_is_validated(make_app: Callable[..., Flask], upstream: Upstream) -> None:
     client = logged_in(make_app())
-    answer = client.post("/admin/campaigns/cmp_a/test", follow_redirects=True, data={
-        "csrf_token": csrf(client, "/admin/campaigns"), "event_id": "sale", "transaction_id": "t-2"})
+    answer = client.post(
+        "/admin/campaigns/cmp_a/test",
+        follow_redirects=True,
+        data={"csrf_token": csrf(client, "/admin/campaigns"), "event_id": "sale", "transaction_id": "t-2"},
+    )
     assert "Not sent: 400 amount is required for conversion events" in answer.text
     assert upstream.bodies == []
 
@@ -196,31 +228,46 @@ def test_dead_letters_masked_and_requeued(make_app: Callable[..., Flask], upstre
     app = make_app(deliver=True)
     upstream.answers.append((400, "Invalid pid"))
     visitor = app.test_client()
-    dead = visitor.post("/api/event/cmp_a", json={"event_id": "view", "transaction_id": "t-dead"},
-                        headers=ORIGIN, environ_base={"REMOTE_ADDR": "198.51.100.23"})
+    dead = visitor.post(
+        "/api/event/cmp_a",
+        json={"event_id": "view", "transaction_id": "t-dead"},
+        headers=ORIGIN,
+        environ_base={"REMOTE_ADDR": "198.51.100.23"},
+    )
     assert dead.status_code == 400
     client = logged_in(app)
     page = client.get("/admin/dead").text
     assert "Invalid pid" in page and "t-dead" in page
     assert "198.51.100.0/24" in page and "198.51.100.23" not in page
     record_id = "cmp_a:" + dead.json["data"]["event_uuid"]  # the store's id: scoped to the campaign
-    requeued = client.post("/admin/dead/requeue", follow_redirects=True,
-                           data={"csrf_token": csrf(client, "/admin/dead"), "id": record_id})
+    requeued = client.post(
+        "/admin/dead/requeue",
+        follow_redirects=True,
+        data={"csrf_token": csrf(client, "/admin/dead"), "id": record_id},
+    )
     assert "Re-queued 1 dead letter." in requeued.text
     store = app.extensions["relay"].store
     wait_for(lambda: store.get(record_id).state == "delivered", timeout=10, message="re-queued delivery")
-    assert client.get("/admin/feed.json", query_string={"state": "delivered"}).json["events"][0]["id"] == record_id
+    assert (
+        client.get("/admin/feed.json", query_string={"state": "delivered"}).json["events"][0]["id"]
+        == record_id
+    )
 
 
 def test_requeue_all(make_app: Callable[..., Flask], upstream: Upstream) -> None:
     app = make_app()
     upstream.answers.extend([(400, "No"), (400, "No")])
     for txn in ("t-1", "t-2"):
-        app.test_client().post("/api/event/cmp_a", json={"event_id": "view", "transaction_id": txn}, headers=ORIGIN)
+        app.test_client().post(
+            "/api/event/cmp_a", json={"event_id": "view", "transaction_id": txn}, headers=ORIGIN
+        )
     client = logged_in(app)
     assert client.post("/admin/dead/requeue", data={"all": "1"}).status_code == 403  # no CSRF token
-    answer = client.post("/admin/dead/requeue", follow_redirects=True,
-                         data={"csrf_token": csrf(client, "/admin/dead"), "all": "1"})
+    answer = client.post(
+        "/admin/dead/requeue",
+        follow_redirects=True,
+        data={"csrf_token": csrf(client, "/admin/dead"), "all": "1"},
+    )
     assert "Re-queued 2 dead letters." in answer.text
 
 
@@ -233,7 +280,9 @@ def test_feed_filters(make_app: Callable[..., Flask], upstream: Upstream) -> Non
     client = logged_in(app)
 
     def txns(**query: str) -> list[str]:
-        return [e["transaction_id"] for e in client.get("/admin/feed.json", query_string=query).json["events"]]
+        return [
+            e["transaction_id"] for e in client.get("/admin/feed.json", query_string=query).json["events"]
+        ]
 
     assert txns() == ["t-ok-2", "t-ok-1", "t-dead"]
     assert txns(state="dead") == ["t-dead"]
@@ -248,8 +297,12 @@ def test_feed_filters(make_app: Callable[..., Flask], upstream: Upstream) -> Non
 def test_chart_geometry() -> None:
     now = 1_700_000_000.0
     minute = int(now // 60) * 60
-    rows = [(minute, "delivered", 7), (minute, "dead", 3), (minute - 600, "queued", 2),
-            (minute - 7200, "delivered", 99)]  # two hours ago: outside the chart
+    rows = [
+        (minute, "delivered", 7),
+        (minute, "dead", 3),
+        (minute - 600, "queued", 2),
+        (minute - 7200, "delivered", 99),
+    ]  # two hours ago: outside the chart
     chart = build_chart(rows, now)
     assert chart.totals == {"delivered": 7, "queued": 2, "retrying": 0, "dead": 3}
     assert [b.outcome for b in chart.bars] == ["queued", "delivered", "dead"]
@@ -267,11 +320,15 @@ def test_nice_ceiling(value: int, ceiling: int) -> None:
 
 def test_presenting() -> None:
     assert masked_payload({"ip_address": "2001:db8:1:2::9", "sub1": "x"}) == {
-        "ip_address": "2001:db8:1::/48", "sub1": "x"}
+        "ip_address": "2001:db8:1::/48",
+        "sub1": "x",
+    }
     assert [age(s) for s in (5, 125, 7300, 200000)] == ["5s", "2m", "2h", "2d"]
 
 
-@pytest.mark.parametrize("tz, zone_text", [("UTC", "UTC"), ("Europe/Paris", "UTC+01:00"), ("America/New_York", "UTC-05:00")])
+@pytest.mark.parametrize(
+    "tz, zone_text", [("UTC", "UTC"), ("Europe/Paris", "UTC+01:00"), ("America/New_York", "UTC-05:00")]
+)
 def test_dashboard_times_carry_their_zone(monkeypatch: pytest.MonkeyPatch, tz: str, zone_text: str) -> None:
     """Times on the dashboard say whose clock they are on: the server's zone, as an offset."""
     import time as time_module
@@ -285,7 +342,9 @@ def test_dashboard_times_carry_their_zone(monkeypatch: pytest.MonkeyPatch, tz: s
         winter = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: no daylight saving anywhere above
         assert clock(winter).endswith(" " + zone_text) and len(clock(winter).split()[0]) == 8
         assert iso_time(winter)[-6:] == ("+00:00" if zone_text == "UTC" else zone_text[3:])
-        row = feed_row(Record(id="r", cid="c", event_id="e", transaction_id="t", payload={}, received_at=winter))
+        row = feed_row(
+            Record(id="r", cid="c", event_id="e", transaction_id="t", payload={}, received_at=winter)
+        )
         assert row["received"] == clock(winter)
         chart = build_chart([], winter)
         assert chart.x_ticks[0].label.endswith(" " + zone_text)

@@ -29,16 +29,27 @@ TOKEN = "s3cret-admin-token"
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def make_app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Flask]]:
-    url = (request.getfixturevalue("redis_url") if request.param == "redis"
-           else f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    url = (
+        request.getfixturevalue("redis_url")
+        if request.param == "redis"
+        else f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    )
     apps: list[Flask] = []
 
     def make(token: str = TOKEN) -> Flask:
-        config = parse_config({
-            "relay": {"upstream_url": "http://127.0.0.1:9", "store": url, "admin_token": token,
-                      "secret_key": "a fixed signing key, so only the token changes"},
-            "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"], "events": {"view": {}}}},
-        })
+        config = parse_config(
+            {
+                "relay": {
+                    "upstream_url": "http://127.0.0.1:9",
+                    "store": url,
+                    "admin_token": token,
+                    "secret_key": "a fixed signing key, so only the token changes",
+                },
+                "campaigns": {
+                    "cmp_a": {"allowed_origins": ["https://shop.example.com"], "events": {"view": {}}}
+                },
+            }
+        )
         app = create_app(config, start_delivery=False)
         apps.append(app)
         return app
@@ -55,8 +66,9 @@ def csrf(client: FlaskClient, path: str = "/admin/login") -> str:
 
 
 def login(client: FlaskClient, token: str = TOKEN, **environ: Any) -> Any:
-    return client.post("/admin/login", data={"token": token, "csrf_token": csrf(client)},
-                       environ_base=environ or {})
+    return client.post(
+        "/admin/login", data={"token": token, "csrf_token": csrf(client)}, environ_base=environ or {}
+    )
 
 
 def session_cookie(response: Any) -> str:
@@ -92,8 +104,9 @@ def test_a_new_token_ends_every_session(make_app: Callable[..., Flask]) -> None:
     assert rotated.get("/admin/").status_code == 302
 
 
-def test_failed_logins_are_logged_then_throttled(make_app: Callable[..., Flask],
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_logins_are_logged_then_throttled(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
     app = make_app()
     attacker = app.test_client()
     with caplog.at_level(logging.WARNING, logger="pingtree_relay.admin"):
@@ -118,7 +131,9 @@ def test_the_failure_count_is_shared_by_every_worker(make_app: Callable[..., Fla
     assert login(one.test_client(), TOKEN, REMOTE_ADDR="203.0.113.9").status_code == 429
 
 
-@pytest.mark.parametrize("target", ["/admin/\r\nSet-Cookie: x=1", "/admin/%0d%0aX: 1", "/admin/\n", "/admin/\x00"])
+@pytest.mark.parametrize(
+    "target", ["/admin/\r\nSet-Cookie: x=1", "/admin/%0d%0aX: 1", "/admin/\n", "/admin/\x00"]
+)
 def test_a_next_with_control_characters_is_400(make_app: Callable[..., Flask], target: str) -> None:
     client = make_app().test_client()
     from urllib.parse import unquote

@@ -14,12 +14,27 @@ from server.config import ConfigError, parse_config
 from server.enrichment import forward_body
 from server.validation import validate_event
 
-ISSUE_ORDER = ("gclid", "gbraid", "wbraid", "fbclid", "msclkid", "ttclid", "li_fat_id", "twclid", "ScCid", "irclickid")
+ISSUE_ORDER = (
+    "gclid",
+    "gbraid",
+    "wbraid",
+    "fbclid",
+    "msclkid",
+    "ttclid",
+    "li_fat_id",
+    "twclid",
+    "ScCid",
+    "irclickid",
+)
 
 
 def config(**campaign: object):  # type: ignore[no-untyped-def]
-    return parse_config({"relay": {"upstream_url": "http://127.0.0.1:1"},
-                         "campaigns": {"cmp_a": {"events": {"lead": {}}, **campaign}}})
+    return parse_config(
+        {
+            "relay": {"upstream_url": "http://127.0.0.1:1"},
+            "campaigns": {"cmp_a": {"events": {"lead": {}}, **campaign}},
+        }
+    )
 
 
 def forwarded(campaign_keys: dict, body: dict) -> dict:
@@ -29,7 +44,7 @@ def forwarded(campaign_keys: dict, body: dict) -> dict:
 
 
 def test_the_issue_order_comes_first() -> None:
-    assert CLICK_IDS[:len(ISSUE_ORDER)] == ISSUE_ORDER
+    assert CLICK_IDS[: len(ISSUE_ORDER)] == ISSUE_ORDER
     assert len(set(CLICK_IDS)) == len(CLICK_IDS)
 
 
@@ -63,7 +78,9 @@ def test_external_clickid_from_changes_the_order_and_empty_turns_it_off() -> Non
     assert forwarded({"external_clickid_from": ["ttclid", "gclid"]}, both)["external_clickid"] == "t"
     assert "external_clickid" not in forwarded({"external_clickid_from": []}, both)
     # Any attribution field may feed it, e.g. clid.
-    assert forwarded({"external_clickid_from": ["clid"]}, {"clid": "c", "gclid": "g"})["external_clickid"] == "c"
+    assert (
+        forwarded({"external_clickid_from": ["clid"]}, {"clid": "c", "gclid": "g"})["external_clickid"] == "c"
+    )
 
 
 def test_empty_values_do_not_count() -> None:
@@ -74,8 +91,9 @@ def test_empty_values_do_not_count() -> None:
 def test_external_clickid_from_names_a_field_the_relay_accepts() -> None:
     with pytest.raises(ConfigError, match=r"campaigns.cmp_a.external_clickid_from\[0\]"):
         config(external_clickid_from=["nope"])
-    assert config(external_clickid_from=["promo"], extra_fields=["promo"]).campaigns["cmp_a"].external_clickid_from == (
-        "promo",)
+    assert config(external_clickid_from=["promo"], extra_fields=["promo"]).campaigns[
+        "cmp_a"
+    ].external_clickid_from == ("promo",)
 
 
 def test_click_ids_need_no_extra_params_and_are_not_repeated_in_the_script_config() -> None:

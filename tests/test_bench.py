@@ -23,8 +23,10 @@ def test_sdk_weights_build_for_both_campaigns() -> None:
 
 
 def test_wrk_summary_is_parsed() -> None:
-    line = ('WRK_JSON {"requests":1000,"duration_us":2000000,"bytes":1,"connect":0,"read":1,"write":0,'
-            '"status":2,"timeout":0,"mean":900.0,"p50":800,"p90":1500,"p95":2000,"p99":5000,"max":9000}')
+    line = (
+        'WRK_JSON {"requests":1000,"duration_us":2000000,"bytes":1,"connect":0,"read":1,"write":0,'
+        '"status":2,"timeout":0,"mean":900.0,"p50":800,"p90":1500,"p95":2000,"p99":5000,"max":9000}'
+    )
     result = load.parse_wrk("noise\n" + line + "\n", concurrency=8)
     assert (result.rps, result.p50_ms, result.p99_ms, result.errors) == (500.0, 0.8, 5.0, 3)
 
@@ -44,8 +46,11 @@ def upstream(tmp_path: Path) -> Iterator[servers.Server]:
 
 
 def _post(url: str, transaction_id: str, cid: str = "cmp_bench") -> httpx.Response:
-    return httpx.post(f"{url}/api/event/{cid}", json={"event_id": "quote_viewed", "transaction_id": transaction_id},
-                      timeout=10)
+    return httpx.post(
+        f"{url}/api/event/{cid}",
+        json={"event_id": "quote_viewed", "transaction_id": transaction_id},
+        timeout=10,
+    )
 
 
 def test_fake_upstream_answers_pingtree_success_and_counts_repeats(upstream: servers.Server) -> None:
@@ -58,7 +63,13 @@ def test_fake_upstream_answers_pingtree_success_and_counts_repeats(upstream: ser
     httpx.post(f"{upstream.url}/api/event/cmp_bench", content=b"not json", timeout=10)
     stats = servers.upstream_stats(upstream)
     assert {k: stats[k] for k in ("received", "unique", "repeats", "bad", "answered", "in_flight")} == {
-        "received": 4, "unique": 2, "repeats": 1, "bad": 1, "answered": 4, "in_flight": 0}
+        "received": 4,
+        "unique": 2,
+        "repeats": 1,
+        "bad": 1,
+        "answered": 4,
+        "in_flight": 0,
+    }
     assert httpx.post(upstream.url + "/_upstream/reset", timeout=10).json()["received"] == 0
 
 
@@ -86,10 +97,13 @@ def test_naive_proxy_passes_the_upstream_answer_back(tmp_path: Path, upstream: s
 def test_paced_load_keeps_to_its_rate_when_answers_are_slow(upstream: servers.Server) -> None:
     """Open loop: 100 ev/s for 3 s with every answer 400 ms late still offers ~300 events, never more."""
     httpx.post(upstream.url + "/_upstream/config", json={"latency_ms": 400}, timeout=10).raise_for_status()
-    result = load.run_paced(upstream.url, "/api/event/cmp_bench", rate=100, seconds=3, origin=servers.ORIGIN,
-                            connections=60)
-    received = wait_for(lambda: (s := servers.upstream_stats(upstream))["in_flight"] == 0 and s["received"],
-                        message="the last answers")
+    result = load.run_paced(
+        upstream.url, "/api/event/cmp_bench", rate=100, seconds=3, origin=servers.ORIGIN, connections=60
+    )
+    received = wait_for(
+        lambda: (s := servers.upstream_stats(upstream))["in_flight"] == 0 and s["received"],
+        message="the last answers",
+    )
     assert 150 <= received <= 100 * result.seconds + 2  # the clock's rate, plus one start per wrk thread
     assert result.errors == 0 and result.p50_ms >= 400
     assert result.wrk_cpu_seconds > 0
@@ -106,7 +120,11 @@ def test_serve_defaults_are_read_from_the_serve_command() -> None:
 
 
 def test_ratio_is_best_of_each_sweep_of_the_same_run() -> None:
-    accept = {"relay": [{"rps": 300.0}, {"rps": 900.0}], "proxy": [{"rps": 1200.0}, {"rps": 600.0}], "empty": []}
+    accept = {
+        "relay": [{"rps": 300.0}, {"rps": 900.0}],
+        "proxy": [{"rps": 1200.0}, {"rps": 600.0}],
+        "empty": [],
+    }
     assert report.best_rps(accept, "relay") == 900.0
     assert report.ratio(accept, "relay", "proxy") == 0.75
     assert report.ratio(accept, "relay", "empty") is None and report.ratio(accept, "missing", "proxy") is None
@@ -120,18 +138,37 @@ def test_target_verdicts_say_by_how_much() -> None:
 
 def test_sustained_figures() -> None:
     row = sustained.SustainedResult(
-        latency_ms=300, store="SQLite", offered_rate=1000, seconds=15.0, sent=14_000, accepted=15_000,
-        answer_errors=0, delivered_during_load=1_500, backlog_mid=6_000, backlog_end=13_500, empty_seconds=None,
-        empty_cap=45, delivered_total=6_000, repeats=0, peak_in_flight=36, p50_ms=1.0, p99_ms=9.0,
-        wrk_cpu_percent=3.0, relay_cpu_percent=120.0, upstream_cpu_percent=4.0)
+        latency_ms=300,
+        store="SQLite",
+        offered_rate=1000,
+        seconds=15.0,
+        sent=14_000,
+        accepted=15_000,
+        answer_errors=0,
+        delivered_during_load=1_500,
+        backlog_mid=6_000,
+        backlog_end=13_500,
+        empty_seconds=None,
+        empty_cap=45,
+        delivered_total=6_000,
+        repeats=0,
+        peak_in_flight=36,
+        p50_ms=1.0,
+        p99_ms=9.0,
+        wrk_cpu_percent=3.0,
+        relay_cpu_percent=120.0,
+        upstream_cpu_percent=4.0,
+    )
     assert (row.accepted_rate, row.delivered_rate, row.backlog_growth) == (1000.0, 100.0, 1000.0)
     assert sustained.nearest([(1.0, 10), (7.4, 70), (8.1, 80)], 7.5) == 70
     assert sustained.nearest([], 3) == 0
 
 
 def test_wrk_cpu_share_and_accepted() -> None:
-    line = ('WRK_JSON {"requests":1000,"duration_us":2000000,"bytes":1,"connect":0,"read":0,"write":0,'
-            '"status":10,"timeout":0,"mean":900.0,"p50":800,"p90":1500,"p95":2000,"p99":5000,"max":9000}')
+    line = (
+        'WRK_JSON {"requests":1000,"duration_us":2000000,"bytes":1,"connect":0,"read":0,"write":0,'
+        '"status":10,"timeout":0,"mean":900.0,"p50":800,"p90":1500,"p95":2000,"p99":5000,"max":9000}'
+    )
     result = load.parse_wrk(line, concurrency=8, wrk_cpu_seconds=0.5)
     assert (result.accepted, result.wrk_cpu_percent) == (990, 25.0)
 
@@ -164,7 +201,10 @@ Thread 13 (active): "MainThread"
 """
     summary = profile.summarise_dump(dump)
     assert summary["threads"] == 3
-    assert summary["where"][0] == ("idle: read (httpcore/_backends/sync.py) <- _receive_event (httpcore/_sync/http11.py)", 2)
+    assert summary["where"][0] == (
+        "idle: read (httpcore/_backends/sync.py) <- _receive_event (httpcore/_sync/http11.py)",
+        2,
+    )
 
 
 def test_durability_figures_are_in_the_docs_for_both_stores_and_faults() -> None:
@@ -173,7 +213,7 @@ def test_durability_figures_are_in_the_docs_for_both_stores_and_faults() -> None
     from bench.durability import MARKERS, Figures, markdown
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "durability.md").read_text()
-    table = text[text.index(MARKERS[0]):text.index(MARKERS[1])]
+    table = text[text.index(MARKERS[0]) : text.index(MARKERS[1])]
     for store in ("sqlite", "redis"):
         for fault in ("relay kill -9", "store outage"):
             assert f"| {store} | {fault} |" in table, f"no {store}/{fault} figures in docs/durability.md"

@@ -54,8 +54,13 @@ def test_no_origin_on_a_browser_only_campaign_says_what_to_do(relay: Relay, sand
     answer = post(relay, "cmp_other", {"event_id": "signup", "transaction_id": txn()})
     assert answer.status_code == 403
     message = answer.json()["message"]
-    for needed in ("Origin header missing", "campaigns.cmp_other.allowed_origins", "Authorization: Bearer <key>",
-                   "campaigns.cmp_other.allow_server_calls = true", "campaigns.cmp_other.server_key"):
+    for needed in (
+        "Origin header missing",
+        "campaigns.cmp_other.allowed_origins",
+        "Authorization: Bearer <key>",
+        "campaigns.cmp_other.allow_server_calls = true",
+        "campaigns.cmp_other.server_key",
+    ):
         assert needed in message, message
     assert sandbox.requests() == []
 
@@ -70,12 +75,15 @@ def test_no_key_names_both_headers_and_the_config_key(relay: Relay, sandbox: San
     assert sandbox.requests() == []
 
 
-@pytest.mark.parametrize("headers", [
-    {"Authorization": f"Bearer {KEY}"},
-    {"Authorization": f"bearer   {KEY}"},
-    {"X_Server_Key": KEY},
-    {"X_Server_Key": KEY, "Authorization": f"Bearer {KEY}"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer {KEY}"},
+        {"Authorization": f"bearer   {KEY}"},
+        {"X_Server_Key": KEY},
+        {"X_Server_Key": KEY, "Authorization": f"Bearer {KEY}"},
+    ],
+)
 def test_the_key_as_bearer_or_header(relay: Relay, sandbox: Sandbox, headers: dict[str, str]) -> None:
     t = txn()
     answer = post(relay, "cmp_test", {"event_id": "quote_viewed", "transaction_id": t}, **headers)
@@ -83,10 +91,13 @@ def test_the_key_as_bearer_or_header(relay: Relay, sandbox: Sandbox, headers: di
     assert len(sandbox.events(transaction_id=t)) == 1
 
 
-@pytest.mark.parametrize("headers", [
-    {"Authorization": "Bearer sk_wrong"},
-    {"Authorization": f"Bearer {KEY}", "X_Server_Key": "sk_wrong"},  # one wrong key is a wrong caller
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer sk_wrong"},
+        {"Authorization": f"Bearer {KEY}", "X_Server_Key": "sk_wrong"},  # one wrong key is a wrong caller
+    ],
+)
 def test_a_wrong_key_is_refused(relay: Relay, sandbox: Sandbox, headers: dict[str, str]) -> None:
     answer = post(relay, "cmp_test", {"event_id": "quote_viewed", "transaction_id": txn()}, **headers)
     assert (answer.status_code, answer.json()["message"]) == (403, "Invalid server key")
@@ -96,17 +107,30 @@ def test_a_wrong_key_is_refused(relay: Relay, sandbox: Sandbox, headers: dict[st
 def test_the_visitors_address_and_browser_are_the_callers_to_give(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
     visitor_ua = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Safari/604.1"
-    answer = post(relay, "cmp_test", {"event_id": "sale_completed", "transaction_id": t, "amount": 45,
-                                     "ip_address": "203.0.113.77", "user_agent": visitor_ua,
-                                     "cost": 9, "conversion_date": "2020-01-01 00:00:00"},
-                  Authorization=f"Bearer {KEY}")
+    answer = post(
+        relay,
+        "cmp_test",
+        {
+            "event_id": "sale_completed",
+            "transaction_id": t,
+            "amount": 45,
+            "ip_address": "203.0.113.77",
+            "user_agent": visitor_ua,
+            "cost": 9,
+            "conversion_date": "2020-01-01 00:00:00",
+        },
+        Authorization=f"Bearer {KEY}",
+    )
     assert answer.status_code == 200, answer.text
     [event] = sandbox.events(transaction_id=t)
     body = event["body"]
     assert (body["ip_address"], body["user_agent"]) == ("203.0.113.77", visitor_ua)  # not the backend's
     assert body["cost"] == 1.25 and body["conversion_date"] != "2020-01-01 00:00:00"
     assert answer.json()["data"]["relay_fields"] == {
-        "conversion_date": "replaced", "conversion_timezone": "set", "cost": "replaced", "cost_operation": "set",
+        "conversion_date": "replaced",
+        "conversion_timezone": "set",
+        "cost": "replaced",
+        "cost_operation": "set",
     }
 
 
@@ -119,27 +143,41 @@ def test_without_them_the_backends_own_are_not_forwarded(relay: Relay, sandbox: 
     assert answer.json()["data"]["relay_fields"]["cost"] == "set"
 
 
-@pytest.mark.parametrize(("field", "value"), [("ip_address", "999.1.1.1"), ("ip_address", 7),
-                                               ("user_agent", "x" * 513)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("ip_address", "999.1.1.1"), ("ip_address", 7), ("user_agent", "x" * 513)]
+)
 def test_passed_visitor_fields_are_checked(relay: Relay, sandbox: Sandbox, field: str, value: Any) -> None:
-    answer = post(relay, "cmp_test", {"event_id": "quote_viewed", "transaction_id": txn(), field: value},
-                  Authorization=f"Bearer {KEY}")
+    answer = post(
+        relay,
+        "cmp_test",
+        {"event_id": "quote_viewed", "transaction_id": txn(), field: value},
+        Authorization=f"Bearer {KEY}",
+    )
     assert answer.status_code == 400 and field in answer.json()["invalidFields"]
     assert sandbox.requests() == []
 
 
 def test_browsers_get_no_relay_fields_and_keep_their_own_address(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
-    answer = httpx.post(f"{relay.url}/api/event/cmp_test", json={"event_id": "quote_viewed", "transaction_id": t},
-                        headers={"Origin": "https://www.example.com", "User-Agent": "Mozilla/5.0 Firefox/126"})
+    answer = httpx.post(
+        f"{relay.url}/api/event/cmp_test",
+        json={"event_id": "quote_viewed", "transaction_id": t},
+        headers={"Origin": "https://www.example.com", "User-Agent": "Mozilla/5.0 Firefox/126"},
+    )
     assert answer.status_code == 200 and "relay_fields" not in answer.json()["data"]
     assert sandbox.events(transaction_id=t)[0]["body"]["ip_address"] == "127.0.0.1"
 
 
-@pytest.mark.parametrize(("headers", "keys"), [
-    ({}, []), ({"Authorization": "Basic dXNlcjpwdw=="}, []), ({"Authorization": "Bearer k1"}, ["k1"]),
-    ({"X-Server-Key": " k2 ", "Authorization": "BEARER k3"}, ["k2", "k3"]), ({"Authorization": "Bearer "}, []),
-])
+@pytest.mark.parametrize(
+    ("headers", "keys"),
+    [
+        ({}, []),
+        ({"Authorization": "Basic dXNlcjpwdw=="}, []),
+        ({"Authorization": "Bearer k1"}, ["k1"]),
+        ({"X-Server-Key": " k2 ", "Authorization": "BEARER k3"}, ["k2", "k3"]),
+        ({"Authorization": "Bearer "}, []),
+    ],
+)
 def test_server_keys(headers: dict[str, str], keys: list[str]) -> None:
     assert server_keys(headers) == keys
 

@@ -35,13 +35,24 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def config_file(tmp_path: Path, store: str | None = None) -> Path:
-    return write_relay_config(tmp_path / "relay.toml", upstream="http://127.0.0.1:1",
-                              store=store or f"sqlite:///{tmp_path / 'outbox.sqlite3'}", campaigns=CAMPAIGNS)
+    return write_relay_config(
+        tmp_path / "relay.toml",
+        upstream="http://127.0.0.1:1",
+        store=store or f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        campaigns=CAMPAIGNS,
+    )
 
 
 def record(rid: str, age: float = 0.0) -> Record:
-    return Record(id=rid, cid="cmp_a", event_id="signup", transaction_id=f"t-{rid}", payload={"n": rid},
-                  received_at=time.time() - age, dedupe_key=f"cmp_a|t-{rid}|signup")
+    return Record(
+        id=rid,
+        cid="cmp_a",
+        event_id="signup",
+        transaction_id=f"t-{rid}",
+        payload={"n": rid},
+        received_at=time.time() - age,
+        dedupe_key=f"cmp_a|t-{rid}|signup",
+    )
 
 
 def test_version() -> None:
@@ -66,7 +77,9 @@ def test_every_option_has_help_and_no_markup() -> None:
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 continue
-            assert action.help and action.help.strip(), f"{parser.prog} {action.option_strings or action.dest}"
+            assert action.help and action.help.strip(), (
+                f"{parser.prog} {action.option_strings or action.dest}"
+            )
         text = parser.format_help()
         for markup in ("``", ":func:", ":class:", ".. "):
             assert markup not in text, f"reST markup {markup!r} in `{parser.prog} --help`:\n{text}"
@@ -86,18 +99,33 @@ def test_unknown_keys_suggest_the_nearest_valid_one(tmp_path: Path) -> None:
     done = cli("check-config", str(path))
     assert done.returncode == 1
     assert done.stderr == f"{path}: relay.upstream_ulr: unknown key; did you mean `upstream_url`?\n"
-    path.write_text('[relay]\nupstream_url = "https://api.pingtree.com"\n[campaigns.c.events.sale]\nconversoin = true\n')
-    assert "campaigns.c.events.sale.conversoin: unknown key; did you mean `conversion`?" in cli(
-        "check-config", str(path)).stderr
+    path.write_text(
+        '[relay]\nupstream_url = "https://api.pingtree.com"\n[campaigns.c.events.sale]\nconversoin = true\n'
+    )
+    assert (
+        "campaigns.c.events.sale.conversoin: unknown key; did you mean `conversion`?"
+        in cli("check-config", str(path)).stderr
+    )
 
 
-def test_outbox_retry_takes_options_before_the_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_outbox_retry_takes_options_before_the_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = config_file(tmp_path)
     store = open_store(load_config(path).relay.store)
     for rid in ("ev-1", "ev-2"):
         store.add(record(rid), owner="w", lease=30)
-        store.finish(rid, "w", state="dead", next_at=0, status=400, answer=None, error="400 x",
-                     uncertain=False, latency_ms=1.0)
+        store.finish(
+            rid,
+            "w",
+            state="dead",
+            next_at=0,
+            status=400,
+            answer=None,
+            error="400 x",
+            uncertain=False,
+            latency_ms=1.0,
+        )
     assert main(["outbox", "retry", "--config", str(path), "ev-1", "ev-2"]) == 0
     assert capsys.readouterr().out == "re-queued 2 dead letters\n"
     assert store.stats().counts["pending"] == 2
@@ -108,15 +136,29 @@ def test_purge_without_an_age_or_all_deletes_nothing(tmp_path: Path) -> None:
     path = config_file(tmp_path)
     store = open_store(load_config(path).relay.store)
     store.add(record("ev-old"), owner="w", lease=30)
-    store.finish("ev-old", "w", state="delivered", next_at=0, status=200, answer={}, error=None,
-                 uncertain=False, latency_ms=1.0)
+    store.finish(
+        "ev-old",
+        "w",
+        state="delivered",
+        next_at=0,
+        status=200,
+        answer={},
+        error=None,
+        uncertain=False,
+        latency_ms=1.0,
+    )
     done = cli("outbox", "purge", "--config", str(path))
     assert done.returncode == 2 and done.stdout == ""
-    assert "--older-than 7d" in done.stderr and "--all" in done.stderr and "Nothing was deleted" in done.stderr
+    assert (
+        "--older-than 7d" in done.stderr and "--all" in done.stderr and "Nothing was deleted" in done.stderr
+    )
     assert "purge deletes delivered events" in done.stderr
     assert store.stats().counts["delivered"] == 1
     done = cli("outbox", "purge", "--older-than", "1d", "--config", str(path))
-    assert (done.returncode, done.stdout) == (0, "purged 0 delivered events (last updated more than 1d ago)\n")
+    assert (done.returncode, done.stdout) == (
+        0,
+        "purged 0 delivered events (last updated more than 1d ago)\n",
+    )
     bad = cli("outbox", "purge", "--older-than", "soon", "--config", str(path))
     assert bad.returncode == 2 and "expected a duration like 7d" in bad.stderr
     done = cli("outbox", "purge", "--all", "--config", str(path))
@@ -173,16 +215,26 @@ def test_move_from_sqlite_to_redis(tmp_path: Path, redis_url: str) -> None:
     for i in range(5):
         old.add(record(f"ev-{i}", age=100 - i), owner=None, lease=30)
     old.add(record("ev-done"), owner="w", lease=30)
-    old.finish("ev-done", "w", state="delivered", next_at=0, status=200, answer={"status": 200},
-               error=None, uncertain=False, latency_ms=3.0)
+    old.finish(
+        "ev-done",
+        "w",
+        state="delivered",
+        next_at=0,
+        status=200,
+        answer={"status": 200},
+        error=None,
+        uncertain=False,
+        latency_ms=3.0,
+    )
     path = config_file(tmp_path, redis_url)
     new = open_store(redis_url)
     new.add(record("ev-0", age=100), owner=None, lease=30)  # a browser's retry reached Redis first
 
     done = cli("outbox", "move", "--from", old_url, "--config", str(path), "--history")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ("moved 4 pending events (1 were in the new store already); "
-                           "copied 1 delivered or dead events\n")
+    assert done.stdout == (
+        "moved 4 pending events (1 were in the new store already); copied 1 delivered or dead events\n"
+    )
     assert new.stats().counts == {"pending": 5, "delivered": 1, "dead": 0}
     assert [r.id for r in reversed(new.find(state="pending"))] == [f"ev-{i}" for i in range(5)]
     assert new.get("ev-3").payload == {"n": "ev-3"}  # type: ignore[union-attr]

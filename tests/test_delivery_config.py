@@ -13,15 +13,18 @@ from tests.conftest import ROOT, free_port
 from tests.test_config import GOOD, check
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("max_in_flight = 0", "relay.max_in_flight: expected a whole number >= 1"),
-    ("max_in_flight = 5001", "relay.max_in_flight: expected a whole number <= 5000"),
-    ('max_in_flight = "400"', "relay.max_in_flight: expected a whole number"),
-    ("max_in_flight = true", "relay.max_in_flight: expected a whole number"),
-    ("max_in_flight = 12.5", "relay.max_in_flight: expected a whole number"),
-    ("max_in_flight = 4", "relay.max_in_flight: must be more than inline_concurrency (4)"),
-    ("delivery_concurrency = 8", "relay.delivery_concurrency: replaced by relay.max_in_flight"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max_in_flight = 0", "relay.max_in_flight: expected a whole number >= 1"),
+        ("max_in_flight = 5001", "relay.max_in_flight: expected a whole number <= 5000"),
+        ('max_in_flight = "400"', "relay.max_in_flight: expected a whole number"),
+        ("max_in_flight = true", "relay.max_in_flight: expected a whole number"),
+        ("max_in_flight = 12.5", "relay.max_in_flight: expected a whole number"),
+        ("max_in_flight = 4", "relay.max_in_flight: must be more than inline_concurrency (4)"),
+        ("delivery_concurrency = 8", "relay.delivery_concurrency: replaced by relay.max_in_flight"),
+    ],
+)
 def test_check_config_names_the_delivery_key(tmp_path: Path, line: str, message: str) -> None:
     result = check(tmp_path, GOOD.replace("[relay]", f"[relay]\n{line}", 1))
     assert result.returncode == 1
@@ -31,15 +34,32 @@ def test_check_config_names_the_delivery_key(tmp_path: Path, line: str, message:
 def test_max_in_flight_defaults_to_several_hundred_and_inline_off_frees_it() -> None:
     relay = parse_config({"relay": {"upstream_url": "http://x"}, "campaigns": {}}).relay
     assert relay.max_in_flight == 400
-    small = parse_config({"relay": {"upstream_url": "http://x", "max_in_flight": 2, "inline_concurrency": 0},
-                          "campaigns": {}}).relay
+    small = parse_config(
+        {"relay": {"upstream_url": "http://x", "max_in_flight": 2, "inline_concurrency": 0}, "campaigns": {}}
+    ).relay
     assert small.max_in_flight == 2  # no inline attempts: the engine may have all of it
 
 
 def test_serve_refuses_a_cap_the_workers_inline_attempts_would_fill(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(GOOD.replace("[relay]", "[relay]\nmax_in_flight = 12", 1))  # 4 workers x 4 inline = 16
-    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--workers", "4",
-                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--config",
+            str(path),
+            "--workers",
+            "4",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "relay.max_in_flight: must be more than workers x inline_concurrency (4 x 4)" in result.stderr

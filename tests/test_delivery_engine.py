@@ -38,8 +38,12 @@ class Upstream:
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.slow_upstream", "--port", str(self.port)],
-                                     cwd=ROOT, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.slow_upstream", "--port", str(self.port)],
+            cwd=ROOT,
+            stdout=open(log_path, "ab"),
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self._up, timeout=15, message="the upstream to listen")
 
     def _up(self) -> bool:
@@ -82,8 +86,9 @@ def relays(tmp_path: Path, upstream: Upstream, pages_port: int, store_url: str) 
     started: list[Relay] = []
 
     def make(**relay_keys: Any) -> Relay:
-        relay = make_relay(tmp_path, upstream.url, pages_port, store=store_url, name=f"relay{len(started)}",
-                           **relay_keys)
+        relay = make_relay(
+            tmp_path, upstream.url, pages_port, store=store_url, name=f"relay{len(started)}", **relay_keys
+        )
         started.append(relay)
         return relay.start()
 
@@ -108,9 +113,19 @@ def backlog_of(store_url: str, txns: list[str]) -> None:
     hundreds through a loaded machine would be slower than the engine, leaving no backlog)."""
     store = open_store(store_url)
     for t in txns:
-        store.add(Record(id=uuid.uuid4().hex, cid="cmp_test", event_id="form_submitted", transaction_id=t,
-                         payload={"event_id": "form_submitted", "transaction_id": t}, received_at=time.time(),
-                         dedupe_key=f"cmp_test|{t}|form_submitted"), owner=None, lease=30)
+        store.add(
+            Record(
+                id=uuid.uuid4().hex,
+                cid="cmp_test",
+                event_id="form_submitted",
+                transaction_id=t,
+                payload={"event_id": "form_submitted", "transaction_id": t},
+                received_at=time.time(),
+                dedupe_key=f"cmp_test|{t}|form_submitted",
+            ),
+            owner=None,
+            lease=30,
+        )
     store.close()
 
 
@@ -156,7 +171,10 @@ def assert_each_counted_once(upstream: Upstream, store: Store, txns: list[str]) 
 
 # --- the cap ---------------------------------------------------------------------------------------
 
-def test_in_flight_never_exceeds_max_in_flight(relays: RelayFactory, upstream: Upstream, store_url: str) -> None:
+
+def test_in_flight_never_exceeds_max_in_flight(
+    relays: RelayFactory, upstream: Upstream, store_url: str
+) -> None:
     # 2 workers x 4 inline + the engine's share = 60 in flight at most, engine and inline together.
     upstream.delay(1000)
     txns = new_txns(300, "cap")
@@ -176,14 +194,24 @@ def test_in_flight_never_exceeds_max_in_flight(relays: RelayFactory, upstream: U
 
 # --- batches ---------------------------------------------------------------------------------------
 
+
 def test_outcomes_are_settled_in_batches(store_url: str, upstream: Upstream) -> None:
     """The engine in this process (real store, real upstream): count the store's write transactions
     (SQLite commits) or script calls (Redis) for 300 deliveries: claims and settles, batched."""
     upstream.delay(300)
     store = open_store(store_url)
-    records = [Record(id=uuid.uuid4().hex, cid="cmp_test", event_id="form_submitted", transaction_id=t,
-                      payload={"event_id": "form_submitted", "transaction_id": t}, received_at=time.time(),
-                      dedupe_key=f"cmp_test|{t}|form_submitted") for t in new_txns(300, "batch")]
+    records = [
+        Record(
+            id=uuid.uuid4().hex,
+            cid="cmp_test",
+            event_id="form_submitted",
+            transaction_id=t,
+            payload={"event_id": "form_submitted", "transaction_id": t},
+            received_at=time.time(),
+            dedupe_key=f"cmp_test|{t}|form_submitted",
+        )
+        for t in new_txns(300, "batch")
+    ]
     for record in records:
         store.add(record, owner=None, lease=30)
     engine = Dispatcher(store, forwarder_factory=lambda n: AsyncForwarder(upstream.url, max_connections=n))
@@ -202,8 +230,10 @@ def test_outcomes_are_settled_in_batches(store_url: str, upstream: Upstream) -> 
 
 # --- shutdown --------------------------------------------------------------------------------------
 
+
 def test_sigterm_with_hundreds_in_flight_finishes_or_hands_back_every_lease(
-        relays: RelayFactory, upstream: Upstream, store_url: str) -> None:
+    relays: RelayFactory, upstream: Upstream, store_url: str
+) -> None:
     upstream.delay(2000)
     txns = new_txns(400, "term")
     backlog_of(store_url, txns)
@@ -240,37 +270,61 @@ wsgi.run(lambda: app, host="127.0.0.1", port=int(sys.argv[2]), workers=2, preloa
 """
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known hazard, not fixed: the engine thread started in the master may hold a lock (the decision "
-    "log's queue) at the fork, and the child's engine then hangs; seen on Redis under heavy load. The "
-    "fix is to start the engine after the fork (gunicorn post_worker_init), not in create_app."))
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "known hazard, not fixed: the engine thread started in the master may hold a lock (the decision "
+        "log's queue) at the fork, and the child's engine then hangs; seen on Redis under heavy load. The "
+        "fix is to start the engine after the fork (gunicorn post_worker_init), not in create_app."
+    ),
+)
 def test_an_engine_started_before_gunicorns_fork_delivers_in_the_workers(
-        tmp_path: Path, upstream: Upstream, pages_port: int, store_url: str) -> None:
+    tmp_path: Path, upstream: Upstream, pages_port: int, store_url: str
+) -> None:
     upstream.delay(1500)
     # A small cap per engine: the master's engine (still running: it was started there) cannot take
     # everything, so the workers' engines must show up among the lease owners.
-    cfg = write_relay_config(tmp_path / "fork.toml", upstream=upstream.url, store=store_url,
-                             campaigns=campaigns_toml(pages_port), inline_concurrency=0, max_in_flight=10,
-                             rate_limits={"per_ip": "", "per_campaign": ""})
+    cfg = write_relay_config(
+        tmp_path / "fork.toml",
+        upstream=upstream.url,
+        store=store_url,
+        campaigns=campaigns_toml(pages_port),
+        inline_concurrency=0,
+        max_in_flight=10,
+        rate_limits={"per_ip": "", "per_campaign": ""},
+    )
     txns = new_txns(600, "fork")
     backlog_of(store_url, txns)  # 90 s of work for the master's engine alone: the workers' must join
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", APP_BUILT_BEFORE_THE_FORK, str(cfg), str(port)], cwd=ROOT,
-                              stdout=open(tmp_path / "fork.log", "ab"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", APP_BUILT_BEFORE_THE_FORK, str(cfg), str(port)],
+        cwd=ROOT,
+        stdout=open(tmp_path / "fork.log", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     relay = Relay([], port, tmp_path / "fork.log")
     relay.proc = server
     store = open_store(store_url)
     try:
         wait_for(lambda: _healthy(relay.url), timeout=30, message="the preloaded relay to answer")
+
         def workers() -> set[str]:
             return set(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split())
 
         # While the upstream holds answers, the leases show who is delivering: owners carry their pid.
-        wait_for(lambda: {r.lease_owner.split(":")[1] for r in store.find(state="pending", limit=700)
-                          if r.lease_owner} & workers(), timeout=60, message="a worker's engine leasing")
+        wait_for(
+            lambda: (
+                {r.lease_owner.split(":")[1] for r in store.find(state="pending", limit=700) if r.lease_owner}
+                & workers()
+            ),
+            timeout=60,
+            message="a worker's engine leasing",
+        )
         upstream.delay(0)
-        assert relay.post({"event_id": "form_submitted", "transaction_id": txns[0] + "_new"}).status_code == 202
+        assert (
+            relay.post({"event_id": "form_submitted", "transaction_id": txns[0] + "_new"}).status_code == 202
+        )
         wait_for(lambda: all_settled(store, 601), timeout=90, message="all delivered")
         assert upstream.stats()["counted"] == {t: 1 for t in [*txns, txns[0] + "_new"]}
     finally:
@@ -288,8 +342,10 @@ def _healthy(url: str) -> bool:
 
 # --- accepting while hundreds wait ------------------------------------------------------------------
 
+
 def test_a_slow_upstream_with_hundreds_in_flight_does_not_stop_accepting(
-        relays: RelayFactory, upstream: Upstream, store_url: str) -> None:
+    relays: RelayFactory, upstream: Upstream, store_url: str
+) -> None:
     upstream.delay(15000)  # longer than everything below takes, even on a loaded machine
     backlog = new_txns(500, "slow")
     backlog_of(store_url, backlog)
@@ -308,9 +364,11 @@ def test_a_slow_upstream_with_hundreds_in_flight_does_not_stop_accepting(
 
 # --- kill -9 -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("victim", ["deliver", "relay"])
 def test_kill_9_during_a_drain_loses_and_doubles_nothing(
-        relays: RelayFactory, upstream: Upstream, store_url: str, victim: str) -> None:
+    relays: RelayFactory, upstream: Upstream, store_url: str, victim: str
+) -> None:
     upstream.delay(3000)
     txns = new_txns(500, f"kill_{victim}")
     backlog_of(store_url, txns)
@@ -320,8 +378,11 @@ def test_kill_9_during_a_drain_loses_and_doubles_nothing(
         pid = deliver_pid(relay)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)  # serve's master starts another; the leases expire, then go again
-        wait_for(lambda: (p := deliver_pid(relay)) is not None and p != pid, timeout=15,
-                 message="the delivery process restarted")
+        wait_for(
+            lambda: (p := deliver_pid(relay)) is not None and p != pid,
+            timeout=15,
+            message="the delivery process restarted",
+        )
     else:
         relay.kill()  # the whole process group: master, workers, delivery process
         relay.start()

@@ -47,7 +47,10 @@ def outbox_cli(relay: Relay, *args: str) -> str:
     """``pingtree-relay outbox ARGS --config CFG`` in a subprocess; its stdout."""
     done = subprocess.run(
         [sys.executable, "-m", "server.cli", "outbox", *args, "--config", str(relay.config_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -69,8 +72,13 @@ def drained(store: Store, expected: int) -> bool:
     return counts["pending"] == 0 and counts["delivered"] + counts["dead"] >= expected
 
 
-def post_many(relays: list[Relay], bodies: Iterable[dict[str, Any]], *, threads: int = 8,
-              after_each: Callable[[int], None] | None = None) -> list[tuple[dict[str, Any], int | None]]:
+def post_many(
+    relays: list[Relay],
+    bodies: Iterable[dict[str, Any]],
+    *,
+    threads: int = 8,
+    after_each: Callable[[int], None] | None = None,
+) -> list[tuple[dict[str, Any], int | None]]:
     """Post ``bodies`` round-robin to ``relays`` from a thread pool: ``(body, status or None)``."""
 
     def one(item: tuple[int, dict[str, Any]]) -> tuple[dict[str, Any], int | None]:
@@ -89,8 +97,10 @@ def post_many(relays: list[Relay], bodies: Iterable[dict[str, Any]], *, threads:
 
 # --- a. an outage, then a crash: nothing lost, nothing doubled, original conversion_date -----------
 
+
 def test_outage_then_sigkill_then_restart_delivers_everything_once(
-        relay_factory: RelayFactory, sandbox: Sandbox) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox
+) -> None:
     relay = relay_factory(inline_timeout=0.5, upstream_timeout=1.5, lease_seconds=2)
     sandbox.fault(status=500)  # Pingtree down until cleared
     txns = new_txns(40, "outage")
@@ -106,8 +116,11 @@ def test_outage_then_sigkill_then_restart_delivers_everything_once(
         statuses = list(pool.map(post, txns))
     assert statuses == [202] * 40, statuses
     last_post = max(after for _, after in windows.values())
-    wait_for(lambda: sum(requests_by_txn(sandbox)[t] >= 2 for t in txns) >= 10, timeout=20,
-             message="background retries against the failing upstream")
+    wait_for(
+        lambda: sum(requests_by_txn(sandbox)[t] >= 2 for t in txns) >= 10,
+        timeout=20,
+        message="background retries against the failing upstream",
+    )
     relay.kill()  # SIGKILL: master and workers, mid-retry, no clean-up
     assert events_by_txn(sandbox) == Counter()
     # Not synchronisation: a delivery-time conversion_date must be seconds away from the receipt
@@ -131,12 +144,17 @@ def test_outage_then_sigkill_then_restart_delivers_everything_once(
 
 # --- b. Pingtree processed it but answered too late --------------------------------------------
 
-@pytest.mark.parametrize("fault", [
-    pytest.param({"delay_ms": 1500, "when": "after", "count": 1}, id="late-answer"),
-    pytest.param({"drop": True, "when": "after", "count": 1}, id="dropped-answer"),
-])
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"delay_ms": 1500, "when": "after", "count": 1}, id="late-answer"),
+        pytest.param({"drop": True, "when": "after", "count": 1}, id="dropped-answer"),
+    ],
+)
 def test_a_processed_but_unanswered_event_is_counted_once(
-        relay_factory: RelayFactory, sandbox: Sandbox, fault: dict[str, Any]) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox, fault: dict[str, Any]
+) -> None:
     relay = relay_factory(inline_timeout=0.4, upstream_timeout=0.6, lease_seconds=2)
     sandbox.fault(**fault)
     [txn] = new_txns(1, "late")
@@ -144,8 +162,11 @@ def test_a_processed_but_unanswered_event_is_counted_once(
     assert response.status_code == 202, response.text
     uuid_ = "cmp_test:" + response.json()["data"]["event_uuid"]  # the store's id: scoped to the campaign
     store = store_of(relay)
-    record = wait_for(lambda: (r := store.get(uuid_)) is not None and r.state != "pending" and r,
-                      timeout=20, message="an outcome for the late-answered event")
+    record = wait_for(
+        lambda: (r := store.get(uuid_)) is not None and r.state != "pending" and r,
+        timeout=20,
+        message="an outcome for the late-answered event",
+    )
     assert events_by_txn(sandbox)[txn] == 1  # Pingtree counted it once
     assert requests_by_txn(sandbox)[txn] >= 2  # although the relay had to send it again
     assert (record.state, record.last_status, record.uncertain) == ("delivered", 400, True)
@@ -157,11 +178,18 @@ def test_a_processed_but_unanswered_event_is_counted_once(
 
 # --- c. many nodes: two relays on one Redis, one killed mid-load -------------------------------
 
+
 @pytest.mark.redis
 def test_two_relays_on_one_redis_survive_losing_one(
-        relay_factory: RelayFactory, sandbox: Sandbox, redis_url: str) -> None:
-    keys = {"store": redis_url, "inline_concurrency": 0, "max_in_flight": 8, "lease_seconds": 1,
-            "upstream_timeout": 0.8}
+    relay_factory: RelayFactory, sandbox: Sandbox, redis_url: str
+) -> None:
+    keys = {
+        "store": redis_url,
+        "inline_concurrency": 0,
+        "max_in_flight": 8,
+        "lease_seconds": 1,
+        "upstream_timeout": 0.8,
+    }
     a, b = relay_factory(**keys), relay_factory(**keys)
     sandbox.fault(delay_ms=100)  # every delivery takes a while: some are in flight at the kill
     killed = threading.Event()
@@ -172,8 +200,9 @@ def test_two_relays_on_one_redis_survive_losing_one(
             a.kill()
 
     txns = new_txns(100, "two")
-    results = post_many([a, b], ({"event_id": "form_submitted", "transaction_id": t} for t in txns),
-                        after_each=maybe_kill)
+    results = post_many(
+        [a, b], ({"event_id": "form_submitted", "transaction_id": t} for t in txns), after_each=maybe_kill
+    )
     accepted = [body["transaction_id"] for body, status in results if status == 202]
     refused = [body for body, status in results if status is None]
     assert killed.is_set() and refused, "relay A should have died during the load"
@@ -203,7 +232,8 @@ def test_two_relays_on_one_redis_survive_losing_one(
 
 @pytest.mark.redis
 def test_a_redis_restart_stalls_nothing(
-        relay_factory: RelayFactory, sandbox: Sandbox, tmp_path: Path) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox, tmp_path: Path
+) -> None:
     from tests.redis_fixture import RedisServer, redis_binary  # here: the plugin must load it first
 
     server = RedisServer(redis_binary(), free_port(), tmp_path).start()
@@ -220,8 +250,11 @@ def test_a_redis_restart_stalls_nothing(
         assert up.status_code == 200, up.text  # the inline slot came back
         sandbox.fault(status=500, count=1)
         assert relay.post({"event_id": "form_submitted", "transaction_id": t2}).status_code == 202
-        wait_for(lambda: events_by_txn(sandbox)[t2] == 1, timeout=10,
-                 message="background delivery after the Redis restart")
+        wait_for(
+            lambda: events_by_txn(sandbox)[t2] == 1,
+            timeout=10,
+            message="background delivery after the Redis restart",
+        )
         assert events_by_txn(sandbox)[t0] == 0
     finally:
         server.stop()
@@ -229,11 +262,14 @@ def test_a_redis_restart_stalls_nothing(
 
 # --- d. several gunicorn workers on one SQLite file --------------------------------------------
 
+
 def test_many_workers_on_one_sqlite_file(relay_factory: RelayFactory, sandbox: Sandbox) -> None:
     relay = relay_factory(workers=4, inline_timeout=1.0)
     sandbox.fault(status=503, count=40)  # some go to the background, claimed by all four workers
     txns = new_txns(200, "workers")
-    results = post_many([relay], ({"event_id": "call_clicked", "transaction_id": t} for t in txns), threads=12)
+    results = post_many(
+        [relay], ({"event_id": "call_clicked", "transaction_id": t} for t in txns), threads=12
+    )
     assert Counter(status for _, status in results).keys() <= {200, 202}, Counter(s for _, s in results)
     store = store_of(relay)
     wait_for(lambda: drained(store, 200), timeout=30, message="all 200 events delivered")
@@ -250,9 +286,11 @@ def test_many_workers_on_one_sqlite_file(relay_factory: RelayFactory, sandbox: S
 
 # --- e. idempotency ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["body", "header"])
 def test_the_same_event_uuid_twice_is_forwarded_once(
-        relay_factory: RelayFactory, sandbox: Sandbox, how: str) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox, how: str
+) -> None:
     relay = relay_factory()
     [txn] = new_txns(1, "uuid")
     key = f"evt-{uuid.uuid4().hex}"
@@ -270,7 +308,8 @@ def test_the_same_event_uuid_twice_is_forwarded_once(
 
 
 def test_one_lead_one_event_posted_twice_at_once_is_delivered_once(
-        relay_factory: RelayFactory, sandbox: Sandbox) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox
+) -> None:
     relay = relay_factory()
     for txn in new_txns(5, "race"):
         barrier = threading.Barrier(2)
@@ -289,8 +328,10 @@ def test_one_lead_one_event_posted_twice_at_once_is_delivered_once(
 
 # --- f. SIGTERM is graceful ----------------------------------------------------------------------
 
+
 def test_sigterm_while_delivering_then_restart_delivers_everything_once(
-        relay_factory: RelayFactory, sandbox: Sandbox) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox
+) -> None:
     # A long lease: were a lease left behind by the shutdown, the restart would wait it out and time out.
     relay = relay_factory(inline_concurrency=0, max_in_flight=2, lease_seconds=60)
     sandbox.fault(delay_ms=700)
@@ -313,8 +354,10 @@ def test_sigterm_while_delivering_then_restart_delivers_everything_once(
 
 # --- g. dead letters -----------------------------------------------------------------------------
 
+
 def test_dead_letters_can_be_listed_retried_and_purged(
-        relay_factory: RelayFactory, sandbox: Sandbox, pages_port: int) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox, pages_port: int
+) -> None:
     # relay_only exists in the relay's campaign but not in the sandbox's: Pingtree answers 400.
     relay = relay_factory(campaigns_toml(pages_port) + "\n[campaigns.cmp_test.events.relay_only]\n")
     [txn] = new_txns(1, "dead")
@@ -334,7 +377,9 @@ def test_dead_letters_can_be_listed_retried_and_purged(
 
     wait_for(dead_again, timeout=15, message="the re-queued dead letter to be re-sent")
     assert requests_by_txn(sandbox)[txn] == 2
-    assert outbox_cli(relay, "purge", "--state", "dead", "--all").strip() == "purged 1 dead events (all of them)"
+    assert (
+        outbox_cli(relay, "purge", "--state", "dead", "--all").strip() == "purged 1 dead events (all of them)"
+    )
     assert store.get(uuid_) is None and outbox_cli(relay, "list") == ""
     store.close()
 
@@ -346,8 +391,13 @@ def test_an_event_older_than_max_age_is_given_up(relay_factory: RelayFactory, sa
     response = relay.post({"event_id": "form_submitted", "transaction_id": txn})
     assert response.status_code == 202
     store = store_of(relay)
-    record = wait_for(lambda: (r := store.get("cmp_test:" + response.json()["data"]["event_uuid"])) and r.state == "dead" and r,
-                      timeout=15, message="the event to be given up")
+    record = wait_for(
+        lambda: (
+            (r := store.get("cmp_test:" + response.json()["data"]["event_uuid"])) and r.state == "dead" and r
+        ),
+        timeout=15,
+        message="the event to be given up",
+    )
     assert record.last_error.startswith("gave up after ") and "500" in record.last_error
     assert events_by_txn(sandbox)[txn] == 0
     store.close()

@@ -46,23 +46,35 @@ PATTERN_REJECTS: dict[str, tuple[str, ...]] = {
 
 def campaign() -> CampaignConfig:
     """A campaign that rejects unknown fields, so 'unknown field' tells a field the validator does not know."""
-    config = parse_config({
-        "relay": {"upstream_url": "http://127.0.0.1:9", "store": "sqlite:///unused.sqlite3"},
-        "campaigns": {"cmp_test": {
-            "allowed_origins": ["https://www.example.com"], "unknown_fields": "reject",
-            "allow_server_calls": True, "server_key": "sk_0123456789abcdef",
-            "events": {"quote_viewed": {}},
-        }},
-    })
+    config = parse_config(
+        {
+            "relay": {"upstream_url": "http://127.0.0.1:9", "store": "sqlite:///unused.sqlite3"},
+            "campaigns": {
+                "cmp_test": {
+                    "allowed_origins": ["https://www.example.com"],
+                    "unknown_fields": "reject",
+                    "allow_server_calls": True,
+                    "server_key": "sk_0123456789abcdef",
+                    "events": {"quote_viewed": {}},
+                }
+            },
+        }
+    )
     return config.campaigns["cmp_test"]
 
 
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
-    return build_spec(parse_config({
-        "relay": {"upstream_url": "http://127.0.0.1:9", "store": "sqlite:///unused.sqlite3"},
-        "campaigns": {"cmp_test": {"allowed_origins": ["https://www.example.com"], "events": {"e": {}}}},
-    }))
+    return build_spec(
+        parse_config(
+            {
+                "relay": {"upstream_url": "http://127.0.0.1:9", "store": "sqlite:///unused.sqlite3"},
+                "campaigns": {
+                    "cmp_test": {"allowed_origins": ["https://www.example.com"], "events": {"e": {}}}
+                },
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +128,9 @@ def test_every_field_of_the_schema_is_accepted_with_every_value_the_schema_allow
             try:
                 event = validate({**BASE, name: value}, trusted=server_only)
             except ApiError as exc:
-                pytest.fail(f"{name}={value!r} matches the schema but validate_event refused it: {exc.body()}")
+                pytest.fail(
+                    f"{name}={value!r} matches the schema but validate_event refused it: {exc.body()}"
+                )
             if name not in fields.CONTROL_FIELDS and name not in fields.CONVERSION_TIME_FIELDS:
                 assert name in event.fields, name  # accepted, not silently dropped
             checked += 1
@@ -151,23 +165,32 @@ def model_names() -> set[str]:
 
 
 def test_every_field_the_validator_accepts_is_in_the_schema_and_no_other(
-    spec: dict[str, Any], properties: dict[str, Any],
+    spec: dict[str, Any],
+    properties: dict[str, Any],
 ) -> None:
-    trigger = spec["paths"]["/api/event/trigger"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    trigger = spec["paths"]["/api/event/trigger"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     documented = set(properties) | set(trigger["allOf"][1]["properties"])  # cid: the trigger form's
     candidates = model_names() | documented | {"quote_id", "gclid_x", "Pid", "unknown"}
     accepted = {name for name in candidates if known_to_the_validator(name)}
-    assert accepted == documented, {"accepted, undocumented": accepted - documented,
-                                    "documented, refused": documented - accepted}
+    assert accepted == documented, {
+        "accepted, undocumented": accepted - documented,
+        "documented, refused": documented - accepted,
+    }
     assert {"gclid", "utm_source", "email", "tcpa_consent", "cost", "cid"} <= accepted  # the probe works
 
 
 @pytest.mark.parametrize("pattern", sorted(PATTERN_REJECTS))
 def test_values_outside_a_pattern_are_refused_by_schema_and_validator(
-    properties: dict[str, Any], pattern: str,
+    properties: dict[str, Any],
+    pattern: str,
 ) -> None:
-    names = [name for name, schema in properties.items()
-             if pattern in (schema.get("pattern"), *(b.get("pattern") for b in schema.get("oneOf", ())))]
+    names = [
+        name
+        for name, schema in properties.items()
+        if pattern in (schema.get("pattern"), *(b.get("pattern") for b in schema.get("oneOf", ())))
+    ]
     assert names, f"no property of the schema uses {pattern}"
     for name in names:
         for value in PATTERN_REJECTS[pattern]:
@@ -176,12 +199,17 @@ def test_values_outside_a_pattern_are_refused_by_schema_and_validator(
                 validate({**BASE, name: value}, trusted=name in fields.SERVER_ONLY_FIELDS)
 
 
-def test_the_document_and_the_checks_read_the_models_patterns(spec: dict[str, Any],
-                                                              properties: dict[str, Any]) -> None:
+def test_the_document_and_the_checks_read_the_models_patterns(
+    spec: dict[str, Any], properties: dict[str, Any]
+) -> None:
     assert validation._UUID_RE.pattern == fields.UUID_PATTERN == properties["event_uuid"]["pattern"]
-    assert validation._DECIMAL_RE.pattern == fields.MONEY_PATTERN == properties["amount"]["oneOf"][1]["pattern"]
+    assert (
+        validation._DECIMAL_RE.pattern == fields.MONEY_PATTERN == properties["amount"]["oneOf"][1]["pattern"]
+    )
     assert validation._DATE_RE.pattern == fields.DATE_PATTERN == properties["tcpa_consent_date"]["pattern"]
-    assert rules._DATE_RE.pattern == fields.CONVERSION_DATE_PATTERN == properties["conversion_date"]["pattern"]
+    assert (
+        rules._DATE_RE.pattern == fields.CONVERSION_DATE_PATTERN == properties["conversion_date"]["pattern"]
+    )
     cid = spec["paths"]["/api/event/{cid}"]["post"]["parameters"][0]
     assert cid["name"] == "cid" and cid["schema"]["pattern"] == fields.ID_PATTERN
     assert properties["conversion_timezone"]["enum"] == list(fields.TIMEZONES)

@@ -11,27 +11,32 @@ import pytest
 from server.forwarder import Attempt, Forwarder, backoff, classify
 
 
-@pytest.mark.parametrize(("attempt", "uncertain", "state"), [
-    (Attempt(200, {"status": 200}), False, "delivered"),
-    (Attempt(400, {"message": "Duplicate event for this transaction_id"}), True, "delivered"),
-    (Attempt(400, {"message": "Duplicate event for this transaction_id"}), False, "dead"),
-    (Attempt(400, {"message": "Invalid event_id for this campaign"}), True, "dead"),
-    (Attempt(403, {"message": "Source Inactive"}), False, "dead"),
-    (Attempt(403, {"message": "Concurrent event in progress"}), False, "retry"),
-    (Attempt(408, {}), False, "retry"),
-    (Attempt(429, {}, retry_after=30), False, "retry"),
-    (Attempt(500, {}), False, "retry"),
-    (Attempt(503, None), False, "retry"),
-    (Attempt(None, error="ReadTimeout", uncertain=True), False, "retry"),
-    (Attempt(None, error="connect: ConnectError"), False, "retry"),
-    (Attempt(404, {"message": "Not found"}), False, "dead"),
-])
+@pytest.mark.parametrize(
+    ("attempt", "uncertain", "state"),
+    [
+        (Attempt(200, {"status": 200}), False, "delivered"),
+        (Attempt(400, {"message": "Duplicate event for this transaction_id"}), True, "delivered"),
+        (Attempt(400, {"message": "Duplicate event for this transaction_id"}), False, "dead"),
+        (Attempt(400, {"message": "Invalid event_id for this campaign"}), True, "dead"),
+        (Attempt(403, {"message": "Source Inactive"}), False, "dead"),
+        (Attempt(403, {"message": "Concurrent event in progress"}), False, "retry"),
+        (Attempt(408, {}), False, "retry"),
+        (Attempt(429, {}, retry_after=30), False, "retry"),
+        (Attempt(500, {}), False, "retry"),
+        (Attempt(503, None), False, "retry"),
+        (Attempt(None, error="ReadTimeout", uncertain=True), False, "retry"),
+        (Attempt(None, error="connect: ConnectError"), False, "retry"),
+        (Attempt(404, {"message": "Not found"}), False, "dead"),
+    ],
+)
 def test_classify(attempt: Attempt, uncertain: bool, state: str) -> None:
     assert classify(attempt, attempts=1, was_uncertain=uncertain).state == state
 
 
 def test_lock_retry_waits_out_the_two_second_window() -> None:
-    decision = classify(Attempt(403, {"message": "Concurrent event in progress"}), attempts=1, was_uncertain=False)
+    decision = classify(
+        Attempt(403, {"message": "Concurrent event in progress"}), attempts=1, was_uncertain=False
+    )
     assert 2.0 < decision.delay < 3.0
 
 
@@ -63,11 +68,14 @@ def test_forwarder_posts_json_to_the_campaign_path() -> None:
     assert seen[0].headers["content-type"] == "application/json"
 
 
-@pytest.mark.parametrize(("exc", "uncertain"), [
-    (httpx.ConnectError("refused"), False),
-    (httpx.ReadTimeout("slow"), True),
-    (httpx.RemoteProtocolError("dropped"), True),
-])
+@pytest.mark.parametrize(
+    ("exc", "uncertain"),
+    [
+        (httpx.ConnectError("refused"), False),
+        (httpx.ReadTimeout("slow"), True),
+        (httpx.RemoteProtocolError("dropped"), True),
+    ],
+)
 def test_transport_errors_are_attempts_not_exceptions(exc: Exception, uncertain: bool) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
@@ -77,8 +85,10 @@ def test_transport_errors_are_attempts_not_exceptions(exc: Exception, uncertain:
 
 
 def test_non_json_answer_is_kept_as_message() -> None:
-    forwarder = Forwarder("http://up.example", transport=httpx.MockTransport(
-        lambda r: httpx.Response(502, text="<html>bad gateway</html>")))
+    forwarder = Forwarder(
+        "http://up.example",
+        transport=httpx.MockTransport(lambda r: httpx.Response(502, text="<html>bad gateway</html>")),
+    )
     attempt = forwarder.send("c", {})
     assert attempt.status == 502 and attempt.answer == {"message": "<html>bad gateway</html>"}
     assert attempt.uncertain

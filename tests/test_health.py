@@ -26,10 +26,15 @@ ORIGIN = "https://www.example.com"
 
 
 def config(tmp_path: Path) -> Any:
-    return parse_config({
-        "relay": {"upstream_url": "http://upstream.invalid", "store": f"sqlite:///{tmp_path / 'o.sqlite3'}"},
-        "campaigns": {"cmp_h": {"allowed_origins": [ORIGIN], "events": {"quote_viewed": {}}}},
-    })
+    return parse_config(
+        {
+            "relay": {
+                "upstream_url": "http://upstream.invalid",
+                "store": f"sqlite:///{tmp_path / 'o.sqlite3'}",
+            },
+            "campaigns": {"cmp_h": {"allowed_origins": [ORIGIN], "events": {"quote_viewed": {}}}},
+        }
+    )
 
 
 _relays: list[Relay] = []
@@ -53,8 +58,11 @@ def app_with(tmp_path: Path, status: int, *, store: Any = None) -> Flask:
 
 
 def post(app: Flask, txn: str = "t-1") -> Any:
-    return app.test_client().post("/api/event/cmp_h", data=json.dumps({"event_id": "quote_viewed", "transaction_id": txn}),
-                                  headers={"Origin": ORIGIN, "Content-Type": "text/plain"})
+    return app.test_client().post(
+        "/api/event/cmp_h",
+        data=json.dumps({"event_id": "quote_viewed", "transaction_id": txn}),
+        headers={"Origin": ORIGIN, "Content-Type": "text/plain"},
+    )
 
 
 def test_readyz_before_any_attempt(tmp_path: Path) -> None:
@@ -64,7 +72,9 @@ def test_readyz_before_any_attempt(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("status, state, code", [(200, "ok", 200), (500, "failing", 202)])
-def test_readyz_reports_the_latest_upstream_answer(tmp_path: Path, status: int, state: str, code: int) -> None:
+def test_readyz_reports_the_latest_upstream_answer(
+    tmp_path: Path, status: int, state: str, code: int
+) -> None:
     app = app_with(tmp_path, status)
     assert post(app).status_code == code
     answer = app.test_client().get("/readyz")

@@ -41,8 +41,10 @@ def post_b(relay: Relay, body: dict[str, Any], **kw: Any) -> Any:
 
 def test_an_id_used_by_campaign_b_does_not_return_campaign_as_answer(relay: Relay, sandbox: Sandbox) -> None:
     uid, t = new_id(), f"txn_{uuid.uuid4().hex}"
-    a = post_a(relay, {"event_id": "sale_completed", "transaction_id": t, "amount": 20, "pid": "src_a",
-                       "event_uuid": uid})
+    a = post_a(
+        relay,
+        {"event_id": "sale_completed", "transaction_id": t, "amount": 20, "pid": "src_a", "event_uuid": uid},
+    )
     assert a.status_code == 200 and a.json()["data"]["conversion_id"], a.text
     b = post_b(relay, {"event_id": "signup", "transaction_id": f"b_{t}", "event_uuid": uid})
     assert b.status_code == 200, b.text
@@ -54,9 +56,13 @@ def test_an_id_used_by_campaign_b_does_not_return_campaign_as_answer(relay: Rela
 
 
 def test_an_id_registered_first_in_campaign_b_does_not_suppress_campaign_as_event(
-        relay: Relay, sandbox: Sandbox) -> None:
+    relay: Relay, sandbox: Sandbox
+) -> None:
     uid, t = new_id(), f"txn_{uuid.uuid4().hex}"
-    assert post_b(relay, {"event_id": "signup", "transaction_id": f"b_{t}", "event_uuid": uid}).status_code == 200
+    assert (
+        post_b(relay, {"event_id": "signup", "transaction_id": f"b_{t}", "event_uuid": uid}).status_code
+        == 200
+    )
     a = post_a(relay, {"event_id": "quote_viewed", "transaction_id": t, "event_uuid": uid})
     assert a.status_code == 200 and a.json()["data"]["event_uuid"] == uid, a.text
     [event] = wait_for(lambda: sandbox.events(transaction_id=t), message="campaign A's event upstream")
@@ -64,7 +70,9 @@ def test_an_id_registered_first_in_campaign_b_does_not_suppress_campaign_as_even
 
 
 @pytest.mark.parametrize("how", ["event_uuid", "Idempotency-Key"])
-def test_a_reused_id_with_another_event_is_422_and_never_a_replay(relay: Relay, sandbox: Sandbox, how: str) -> None:
+def test_a_reused_id_with_another_event_is_422_and_never_a_replay(
+    relay: Relay, sandbox: Sandbox, how: str
+) -> None:
     uid, t = new_id(), f"txn_{uuid.uuid4().hex}"
 
     def send(body: dict[str, Any]) -> Any:
@@ -92,8 +100,17 @@ def test_the_same_event_resent_is_a_replay_with_the_first_answer(relay: Relay, s
     body = {"event_id": "sale_completed", "transaction_id": t, "amount": 20, "sub1": "x", "event_uuid": uid}
     first = post_a(relay, body)
     # The same event in other clothes: keys reordered, the amount as a string with two decimals.
-    again = post_a(relay, {"event_uuid": uid, "sub1": "x", "amount": "20.00", "transaction_id": t,
-                           "event_id": "sale_completed"}, headers={"User-Agent": "another browser"})
+    again = post_a(
+        relay,
+        {
+            "event_uuid": uid,
+            "sub1": "x",
+            "amount": "20.00",
+            "transaction_id": t,
+            "event_id": "sale_completed",
+        },
+        headers={"User-Agent": "another browser"},
+    )
     assert (first.status_code, again.status_code) == (200, 200), again.text
     assert again.json()["data"] == first.json()["data"]
     assert len(sandbox.events(transaction_id=t)) == 1

@@ -34,18 +34,23 @@ def decision_lines(path: Path) -> list[dict[str, Any]]:
 def test_one_line_per_decision(relay_factory: RelayFactory) -> None:
     relay = relay_factory(trusted_proxy_hops=1)
     proxy = {"X-Forwarded-For": VISITOR_IP}
-    first = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex, "sub1": MARKER},
-                       headers={**proxy, "X-Request-Id": "lb-7f3a9c21-0001"})
-    second = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex, "sub2": MARKER},
-                        headers={**proxy, "X-Request-Id": '{"injected": true}'})
+    first = relay.post(
+        {"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex, "sub1": MARKER},
+        headers={**proxy, "X-Request-Id": "lb-7f3a9c21-0001"},
+    )
+    second = relay.post(
+        {"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex, "sub2": MARKER},
+        headers={**proxy, "X-Request-Id": '{"injected": true}'},
+    )
     refused = relay.post({"event_id": "nope", "transaction_id": MARKER}, headers=proxy)
     assert (first.status_code, second.status_code, refused.status_code) == (200, 200, 400)
     assert first.headers["X-Request-Id"] == "lb-7f3a9c21-0001"  # a sane incoming id is kept
     generated = second.headers["X-Request-Id"]
     assert generated != '{"injected": true}' and len(generated) == 32  # an insane one is replaced
 
-    lines = wait_for(lambda: (ls := decision_lines(relay.log_path)) and len(ls) >= 5 and ls,
-                     message="5 decision lines")
+    lines = wait_for(
+        lambda: (ls := decision_lines(relay.log_path)) and len(ls) >= 5 and ls, message="5 decision lines"
+    )
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_kind.setdefault(line["event"], []).append(line)
@@ -63,34 +68,41 @@ def test_one_line_per_decision(relay_factory: RelayFactory) -> None:
     assert MARKER not in text, "payload content reached the log"
 
 
-@pytest.mark.parametrize("address, masked", [
-    ("203.0.113.77", "203.0.113.0/24"),
-    ("10.1.2.3", "10.1.2.0/24"),
-    ("2001:db8:abcd:12:1:2:3:4", "2001:db8:abcd::/48"),
-    ("::ffff:198.51.100.9", "198.51.100.0/24"),
-    ("not-an-ip", "invalid"),
-    ("", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "address, masked",
+    [
+        ("203.0.113.77", "203.0.113.0/24"),
+        ("10.1.2.3", "10.1.2.0/24"),
+        ("2001:db8:abcd:12:1:2:3:4", "2001:db8:abcd::/48"),
+        ("::ffff:198.51.100.9", "198.51.100.0/24"),
+        ("not-an-ip", "invalid"),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_mask_ip(address: str | None, masked: str | None) -> None:
     assert mask_ip(address) == masked
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> Flask:
-    config = parse_config({"relay": {"upstream_url": "http://127.0.0.1:1",
-                                     "store": f"sqlite:///{tmp_path / 'o.sqlite3'}"}})
+    config = parse_config(
+        {"relay": {"upstream_url": "http://127.0.0.1:1", "store": f"sqlite:///{tmp_path / 'o.sqlite3'}"}}
+    )
     return create_app(config, start_delivery=False)
 
 
-@pytest.mark.parametrize("incoming, kept", [
-    ("abc12345-trace", True),
-    ("x" * 128, True),
-    ("short", False),  # under 8 characters: not worth correlating on
-    ("x" * 129, False),
-    ("has space 1234", False),
-    ('{"a":"b"}12345', False),
-])
+@pytest.mark.parametrize(
+    "incoming, kept",
+    [
+        ("abc12345-trace", True),
+        ("x" * 128, True),
+        ("short", False),  # under 8 characters: not worth correlating on
+        ("x" * 129, False),
+        ("has space 1234", False),
+        ('{"a":"b"}12345', False),
+    ],
+)
 def test_request_id_header(app: Flask, incoming: str, kept: bool) -> None:
     """Every answer (health checks included) carries an id; only a sane incoming one is echoed."""
     answer = app.test_client().get("/healthz", headers={"X-Request-Id": incoming})

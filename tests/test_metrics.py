@@ -40,15 +40,29 @@ def expected_counts(samples: Samples) -> dict[str, float]:
     ev = {"cid": "cmp_test", "event_id": "quote_viewed"}
     return {
         "received": value(samples, "pingtree_relay_events_received_total", cid="cmp_test"),
-        "delivered_answers": value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="delivered"),
+        "delivered_answers": value(
+            samples, "pingtree_relay_events_accepted_total", **ev, outcome="delivered"
+        ),
         "dead_answers": value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="dead"),
-        "bad_event": value(samples, "pingtree_relay_events_rejected_total", cid="cmp_test", event_id="unknown",
-                           reason="invalid_event_id"),
-        "bad_origin": value(samples, "pingtree_relay_events_rejected_total", cid="cmp_test", event_id="unknown",
-                            reason="origin"),
+        "bad_event": value(
+            samples,
+            "pingtree_relay_events_rejected_total",
+            cid="cmp_test",
+            event_id="unknown",
+            reason="invalid_event_id",
+        ),
+        "bad_origin": value(
+            samples,
+            "pingtree_relay_events_rejected_total",
+            cid="cmp_test",
+            event_id="unknown",
+            reason="origin",
+        ),
         "delivered": value(samples, "pingtree_relay_events_delivered_total", **ev),
         "dead": value(samples, "pingtree_relay_events_dead_total", **ev),
-        "latency_delivered": value(samples, "pingtree_relay_upstream_latency_seconds_count", state="delivered"),
+        "latency_delivered": value(
+            samples, "pingtree_relay_upstream_latency_seconds_count", state="delivered"
+        ),
         "latency_dead": value(samples, "pingtree_relay_upstream_latency_seconds_count", state="dead"),
         "queue_depth": value(samples, "pingtree_relay_queue_depth"),
         "outbox_delivered": value(samples, "pingtree_relay_outbox_events", state="delivered"),
@@ -71,15 +85,31 @@ def test_counts_after_known_traffic(relay_factory: RelayFactory, sandbox: Sandbo
         r = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex})
         assert r.status_code == 200, r.text
     assert relay.post({"event_id": "no_such_event", "transaction_id": "t-1"}).status_code == 400
-    assert relay.post({"event_id": "quote_viewed", "transaction_id": "t-2"},
-                      origin="https://evil.example.net").status_code == 403
+    assert (
+        relay.post(
+            {"event_id": "quote_viewed", "transaction_id": "t-2"}, origin="https://evil.example.net"
+        ).status_code
+        == 403
+    )
     sandbox.fault(status=400, message="Campaign is paused", count=1)
     r = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex})
     assert r.status_code == 400 and r.json()["message"] == "Campaign is paused", r.text
 
-    want = {"received": 6, "delivered_answers": 3, "dead_answers": 1, "bad_event": 1, "bad_origin": 1,
-            "delivered": 3, "dead": 1, "latency_delivered": 3, "latency_dead": 1, "queue_depth": 0,
-            "outbox_delivered": 3, "outbox_dead": 1, "build_info": 1}
+    want = {
+        "received": 6,
+        "delivered_answers": 3,
+        "dead_answers": 1,
+        "bad_event": 1,
+        "bad_origin": 1,
+        "delivered": 3,
+        "dead": 1,
+        "latency_delivered": 3,
+        "latency_dead": 1,
+        "queue_depth": 0,
+        "outbox_delivered": 3,
+        "outbox_dead": 1,
+        "build_info": 1,
+    }
     # A fresh connection per scrape, so the two workers take turns answering.
     pages = [httpx.get(relay.url + "/metrics", headers={"Connection": "close"}, timeout=5) for _ in range(6)]
     for page in pages:
@@ -96,11 +126,20 @@ def make_app(tmp_path: Path) -> Iterator[Callable[[str, list[int]], Any]]:
     apps: list[Any] = []
 
     def make(name: str, answers: list[int]) -> Any:
-        config = parse_config({
-            "relay": {"upstream_url": "http://pingtree.invalid", "store": f"sqlite:///{tmp_path / name}.sqlite3"},
-            "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"],
-                                    "events": {"view": {}, "sale": {"conversion": True}}}},
-        })
+        config = parse_config(
+            {
+                "relay": {
+                    "upstream_url": "http://pingtree.invalid",
+                    "store": f"sqlite:///{tmp_path / name}.sqlite3",
+                },
+                "campaigns": {
+                    "cmp_a": {
+                        "allowed_origins": ["https://shop.example.com"],
+                        "events": {"view": {}, "sale": {"conversion": True}},
+                    }
+                },
+            }
+        )
 
         def upstream(request: httpx.Request) -> httpx.Response:
             status = answers.pop(0) if answers else 200
@@ -121,24 +160,46 @@ def test_labels_come_from_configuration_only(make_app: Callable[[str, list[int]]
     client = make_app("a", []).test_client()
     origin = {"Origin": "https://shop.example.com"}
     for i in range(5):
-        client.post(f"/api/event/cmp_random_{i}", json={"event_id": "view", "transaction_id": "t"}, headers=origin)
+        client.post(
+            f"/api/event/cmp_random_{i}", json={"event_id": "view", "transaction_id": "t"}, headers=origin
+        )
         client.post("/api/event/cmp_a", json={"event_id": f"ev_{i}", "transaction_id": "t"}, headers=origin)
     text = client.get("/metrics").text
     assert "cmp_random" not in text and "ev_0" not in text
     samples = scrape(text)
     assert value(samples, "pingtree_relay_events_received_total", cid="unknown") == 5
-    assert value(samples, "pingtree_relay_events_rejected_total", cid="unknown", event_id="unknown",
-                 reason="unknown_campaign") == 5
-    assert value(samples, "pingtree_relay_events_rejected_total", cid="cmp_a", event_id="unknown",
-                 reason="invalid_event_id") == 5
+    assert (
+        value(
+            samples,
+            "pingtree_relay_events_rejected_total",
+            cid="unknown",
+            event_id="unknown",
+            reason="unknown_campaign",
+        )
+        == 5
+    )
+    assert (
+        value(
+            samples,
+            "pingtree_relay_events_rejected_total",
+            cid="cmp_a",
+            event_id="unknown",
+            reason="invalid_event_id",
+        )
+        == 5
+    )
 
 
 def test_single_process_registry_per_app(make_app: Callable[[str, list[int]], Any]) -> None:
     """Without a multiprocess dir each app has its own registry: two apps in one process coexist."""
     first, second = make_app("a", [503] * 100), make_app("b", [])
     origin = {"Origin": "https://shop.example.com"}
-    assert first.test_client().post("/api/event/cmp_a", json={"event_id": "view", "transaction_id": "t"},
-                                    headers=origin).status_code == 202
+    assert (
+        first.test_client()
+        .post("/api/event/cmp_a", json={"event_id": "view", "transaction_id": "t"}, headers=origin)
+        .status_code
+        == 202
+    )
     samples = scrape(first.test_client().get("/metrics").text)
     assert value(samples, "pingtree_relay_delivery_retries_total", cid="cmp_a", event_id="view") == 1
     assert value(samples, "pingtree_relay_queue_depth") == 1
@@ -160,8 +221,11 @@ def test_build_info_and_duplicates_are_not_accepted(make_app: Callable[[str, lis
     assert value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="delivered") == 1
     assert value(samples, "pingtree_relay_events_accepted_total", **ev, outcome="duplicate") == 0
     assert value(samples, "pingtree_relay_events_rejected_total", **ev, reason="duplicate") == 1
-    assert not [key for key in samples if key[0] == "pingtree_relay_events_accepted_total"
-                and ("outcome", "duplicate") in key[1]]
+    assert not [
+        key
+        for key in samples
+        if key[0] == "pingtree_relay_events_accepted_total" and ("outcome", "duplicate") in key[1]
+    ]
 
 
 def test_sdk_requests_by_version_with_bounded_labels(make_app: Callable[[str, list[int]], Any]) -> None:
@@ -172,17 +236,33 @@ def test_sdk_requests_by_version_with_bounded_labels(make_app: Callable[[str, li
     client = app.test_client()
     current = re.search(r"/sdk/cmp_a/v/([0-9a-f]{16})\.js", _pinned_path(app)).group(1)
     client.get("/sdk/cmp_a.js")
-    assert value(scrape(client.get("/metrics").text), "pingtree_relay_sdk_requests_total", cid="cmp_a",
-                 version="unknown", state="unknown") == 0  # present from the start, for alerts
+    assert (
+        value(
+            scrape(client.get("/metrics").text),
+            "pingtree_relay_sdk_requests_total",
+            cid="cmp_a",
+            version="unknown",
+            state="unknown",
+        )
+        == 0
+    )  # present from the start, for alerts
     client.get("/sdk/cmp_a.js")
     client.get(f"/sdk/cmp_a/v/{current}.js")
     for i in range(20):
         client.get(f"/sdk/cmp_a/v/{i:016x}.js")
     text = client.get("/metrics").text
     samples = scrape(text)
-    assert value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version=current, state="stable") == 2
-    assert value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version=current, state="current") == 1
-    assert value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version="unknown", state="unknown") == 20
+    assert (
+        value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version=current, state="stable") == 2
+    )
+    assert (
+        value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version=current, state="current")
+        == 1
+    )
+    assert (
+        value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_a", version="unknown", state="unknown")
+        == 20
+    )
     assert f"{3:016x}" not in text
 
 

@@ -35,29 +35,53 @@ BROWSER = "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36"
 
 
 def make_config(upstream: str, store: Path) -> Config:
-    return parse_config({
-        "relay": {"upstream_url": upstream, "store": f"sqlite:///{store}", "inline_timeout": 0.5,
-                  "rate_limits": {"per_ip": "", "per_campaign": ""}},
-        "campaigns": {
-            "cmp_test": {
-                "allowed_origins": [ORIGIN], "inactive_sources": ["src_paused"], "extra_fields": ["quote_id"],
-                "secret": "s3cret", "allow_server_calls": True, "server_key": "sk_0123456789abcdef",
-                "events": {"quote_viewed": {}, "sale_completed": {"conversion": True, "max_revenue": 5000}},
-                "sdk": {"endpoint_path": "/p/collect"},
-                "postbacks": {"ringba": {"token": "t" * 32, "event": "sale_completed", "min_duration": 30,
-                                         "duration_param": "duration", "params": {"tid": "transaction_id"}}},
+    return parse_config(
+        {
+            "relay": {
+                "upstream_url": upstream,
+                "store": f"sqlite:///{store}",
+                "inline_timeout": 0.5,
+                "rate_limits": {"per_ip": "", "per_campaign": ""},
             },
-            "cmp_other": {"allowed_origins": ["https://other.example.org"], "bot_filter": True,
-                          "events": {"signup": {}}},
-        },
-    })
+            "campaigns": {
+                "cmp_test": {
+                    "allowed_origins": [ORIGIN],
+                    "inactive_sources": ["src_paused"],
+                    "extra_fields": ["quote_id"],
+                    "secret": "s3cret",
+                    "allow_server_calls": True,
+                    "server_key": "sk_0123456789abcdef",
+                    "events": {
+                        "quote_viewed": {},
+                        "sale_completed": {"conversion": True, "max_revenue": 5000},
+                    },
+                    "sdk": {"endpoint_path": "/p/collect"},
+                    "postbacks": {
+                        "ringba": {
+                            "token": "t" * 32,
+                            "event": "sale_completed",
+                            "min_duration": 30,
+                            "duration_param": "duration",
+                            "params": {"tid": "transaction_id"},
+                        }
+                    },
+                },
+                "cmp_other": {
+                    "allowed_origins": ["https://other.example.org"],
+                    "bot_filter": True,
+                    "events": {"signup": {}},
+                },
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox) -> Iterator[Flask]:
     """The relay as a WSGI app, delivering to the session's sandbox."""
-    application = create_app(make_config(sandbox.url, tmp_path_factory.mktemp("openapi") / "r.sqlite3"),
-                             start_delivery=False)
+    application = create_app(
+        make_config(sandbox.url, tmp_path_factory.mktemp("openapi") / "r.sqlite3"), start_delivery=False
+    )
     yield application
     application.extensions["relay"].close()
 
@@ -70,23 +94,33 @@ def spec(app: Flask) -> dict[str, Any]:
 # The document as the app serves it (test_the_document_covers_the_relay checks they are equal); loaded
 # from a dict because the app needs the session's sandbox, which exists only once fixtures run.
 HAS_METRICS = importlib.util.find_spec("server.metrics") is not None
-schema = schemathesis.openapi.from_dict(build_spec(make_config("http://127.0.0.1:9", Path("unused.sqlite3")),
-                                                   has_metrics=HAS_METRICS))
+schema = schemathesis.openapi.from_dict(
+    build_spec(make_config("http://127.0.0.1:9", Path("unused.sqlite3")), has_metrics=HAS_METRICS)
+)
 
 
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_answer_matches_the_document(app: Flask, case: Any) -> None:
-    case.call_and_validate(app=app, checks=[not_a_server_error, response_schema_conformance, status_code_conformance])
+    case.call_and_validate(
+        app=app, checks=[not_a_server_error, response_schema_conformance, status_code_conformance]
+    )
 
 
 def test_the_document_covers_the_relay(spec: dict[str, Any], app: Flask) -> None:
     paths = spec["paths"]
     assert spec["openapi"].startswith("3.")
-    for path, methods in {"/api/event/{cid}": {"post", "options"}, "/api/event/trigger": {"post"},
-                          "/p/collect": {"post", "options"}, "/sdk/{cid}.js": {"get"},
-                          "/sdk/{cid}/pingtree.js": {"get"}, "/healthz": {"get"}, "/readyz": {"get"},
-                          "/openapi.json": {"get"}, "/postback/{cid}/{source}": {"get", "post"}}.items():
+    for path, methods in {
+        "/api/event/{cid}": {"post", "options"},
+        "/api/event/trigger": {"post"},
+        "/p/collect": {"post", "options"},
+        "/sdk/{cid}.js": {"get"},
+        "/sdk/{cid}/pingtree.js": {"get"},
+        "/healthz": {"get"},
+        "/readyz": {"get"},
+        "/openapi.json": {"get"},
+        "/postback/{cid}/{source}": {"get", "post"},
+    }.items():
         assert methods <= set(paths[path]), path
     codes = set(paths["/api/event/{cid}"]["post"]["responses"])
     assert {"200", "202", "400", "403", "404", "413", "415", "429", "500"} <= codes
@@ -98,13 +132,36 @@ def test_the_document_covers_the_relay(spec: dict[str, Any], app: Flask) -> None
 
 # --- hypothesis: validation never fails with anything but a 4xx, and its answers match the document -------
 
-KNOWN = ["event_id", "transaction_id", "amount", "revenue", "event_uuid", "signature", "cid", "tcpa_consent",
-         "tcpa_consent_date", "cost", "min_price", "quote_id", *ATTRIBUTION_FIELDS[:6]]
-scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-           | st.text(max_size=40) | st.sampled_from(["quote_viewed", "sale_completed", "src_paused", "45.50",
-                                                     "1.005", "-1", "2026-01-01", "1", "0"]))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+KNOWN = [
+    "event_id",
+    "transaction_id",
+    "amount",
+    "revenue",
+    "event_uuid",
+    "signature",
+    "cid",
+    "tcpa_consent",
+    "tcpa_consent_date",
+    "cost",
+    "min_price",
+    "quote_id",
+    *ATTRIBUTION_FIELDS[:6],
+]
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+    | st.sampled_from(
+        ["quote_viewed", "sale_completed", "src_paused", "45.50", "1.005", "-1", "2026-01-01", "1", "0"]
+    )
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
 bodies = st.dictionaries(st.sampled_from(KNOWN) | st.text(max_size=12), json_values, max_size=12)
 
 
@@ -115,8 +172,9 @@ def answer_schema(spec: dict[str, Any]) -> dict[str, Any]:
 
 @given(body=bodies, revenue_key=st.sampled_from(["amount", "revenue"]), trusted=st.booleans())
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-def test_validation_answers_are_4xx_and_well_shaped(answer_schema: dict[str, Any], body: dict[str, Any],
-                                                    revenue_key: str, trusted: bool) -> None:
+def test_validation_answers_are_4xx_and_well_shaped(
+    answer_schema: dict[str, Any], body: dict[str, Any], revenue_key: str, trusted: bool
+) -> None:
     campaign = make_config("http://127.0.0.1:9", Path("/tmp/x.sqlite3")).campaigns["cmp_test"]
     try:
         event = validate_event(campaign, body, revenue_key=revenue_key, trusted=trusted)
@@ -129,9 +187,12 @@ def test_validation_answers_are_4xx_and_well_shaped(answer_schema: dict[str, Any
         json.dumps(dict(event.fields))  # forwardable as JSON
 
 
-@given(raw=st.binary(max_size=300) | bodies.map(lambda b: json.dumps(b).encode()),
-       ctype=st.sampled_from(["application/json", "text/plain", "", "text/plain;charset=UTF-8",
-                              "application/xml"]))
+@given(
+    raw=st.binary(max_size=300) | bodies.map(lambda b: json.dumps(b).encode()),
+    ctype=st.sampled_from(
+        ["application/json", "text/plain", "", "text/plain;charset=UTF-8", "application/xml"]
+    ),
+)
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 def test_parsing_never_fails_otherwise(answer_schema: dict[str, Any], raw: bytes, ctype: str) -> None:
     try:
@@ -141,12 +202,15 @@ def test_parsing_never_fails_otherwise(answer_schema: dict[str, Any], raw: bytes
         jsonschema_rs.validate(answer_schema, exc.body())
 
 
-@given(raw=st.binary(max_size=200) | bodies.map(lambda b: json.dumps(b, default=str).encode()),
-       path=st.sampled_from(["/api/event/cmp_test", "/api/event/trigger", "/p/collect", "/api/event/cmp_other"]),
-       origin=st.sampled_from([ORIGIN, None, "https://evil.example", "null"]))
+@given(
+    raw=st.binary(max_size=200) | bodies.map(lambda b: json.dumps(b, default=str).encode()),
+    path=st.sampled_from(["/api/event/cmp_test", "/api/event/trigger", "/p/collect", "/api/event/cmp_other"]),
+    origin=st.sampled_from([ORIGIN, None, "https://evil.example", "null"]),
+)
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-def test_the_endpoint_never_answers_5xx(app: Flask, answer_schema: dict[str, Any], raw: bytes, path: str,
-                                       origin: str | None) -> None:
+def test_the_endpoint_never_answers_5xx(
+    app: Flask, answer_schema: dict[str, Any], raw: bytes, path: str, origin: str | None
+) -> None:
     headers = {"User-Agent": BROWSER, "Content-Type": "application/json"}
     if origin:
         headers["Origin"] = origin
@@ -157,9 +221,15 @@ def test_the_endpoint_never_answers_5xx(app: Flask, answer_schema: dict[str, Any
 
 def test_the_server_key_is_a_security_scheme(spec: dict[str, Any]) -> None:
     schemes = spec["components"]["securitySchemes"]
-    assert schemes["serverKeyBearer"] == {"type": "http", "scheme": "bearer", "description": schemes[
-        "serverKeyBearer"]["description"]}
-    assert (schemes["serverKeyHeader"]["in"], schemes["serverKeyHeader"]["name"]) == ("header", "X-Server-Key")
+    assert schemes["serverKeyBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schemes["serverKeyBearer"]["description"],
+    }
+    assert (schemes["serverKeyHeader"]["in"], schemes["serverKeyHeader"]["name"]) == (
+        "header",
+        "X-Server-Key",
+    )
     post = spec["paths"]["/api/event/{cid}"]["post"]
     assert {} in post["security"] and {"serverKeyBearer": []} in post["security"]  # browsers need no key
     assert "Authorization: Bearer <key>" in post["description"] and "relay_fields" in post["description"]

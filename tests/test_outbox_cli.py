@@ -27,8 +27,14 @@ allowed_origins = ["https://www.example.com"]
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def config(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """A relay config whose store is SQLite in ``tmp_path`` or the test Redis."""
-    url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}" if request.param == "sqlite" else request.getfixturevalue("redis_url")
-    return write_relay_config(tmp_path / "relay.toml", upstream="http://127.0.0.1:1", store=url, campaigns=CAMPAIGNS)
+    url = (
+        f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("redis_url")
+    )
+    return write_relay_config(
+        tmp_path / "relay.toml", upstream="http://127.0.0.1:1", store=url, campaigns=CAMPAIGNS
+    )
 
 
 @pytest.fixture
@@ -39,14 +45,39 @@ def store(config: Path) -> Iterator[Store]:
     store = open_store(load_config(config).relay.store)
     now = time.time()
 
-    def add(rid: str, cid: str, age: float, outcome: str | None = None, status: int | None = None,
-            error: str | None = None) -> None:
-        store.add(Record(id=rid, cid=cid, event_id="signup", transaction_id=f"t-{rid}", payload={"x": rid},
-                         received_at=now - age, dedupe_key=f"{cid}|t-{rid}|signup"),
-                  owner="w" if outcome else None, lease=30)
+    def add(
+        rid: str,
+        cid: str,
+        age: float,
+        outcome: str | None = None,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        store.add(
+            Record(
+                id=rid,
+                cid=cid,
+                event_id="signup",
+                transaction_id=f"t-{rid}",
+                payload={"x": rid},
+                received_at=now - age,
+                dedupe_key=f"{cid}|t-{rid}|signup",
+            ),
+            owner="w" if outcome else None,
+            lease=30,
+        )
         if outcome:
-            assert store.finish(rid, "w", state=outcome, next_at=now + (600 if outcome == "pending" else 0),
-                                status=status, answer=None, error=error, uncertain=False, latency_ms=5.0)
+            assert store.finish(
+                rid,
+                "w",
+                state=outcome,
+                next_at=now + (600 if outcome == "pending" else 0),
+                status=status,
+                answer=None,
+                error=error,
+                uncertain=False,
+                latency_ms=5.0,
+            )
 
     add("ev-queued", "cmp_a", 300)
     add("ev-retrying", "cmp_a", 200, "pending", 500, "500 Internal Server Error")
@@ -76,7 +107,8 @@ def test_stats(store: Store, config: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_list_newest_first_with_state_reason_and_filters(
-        store: Store, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store: Store, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, out, _ = outbox(capsys, config, "list")
     assert ids(out) == ["ev-dead-b2", "ev-dead-b1", "ev-dead-a", "ev-delivered", "ev-retrying", "ev-queued"]
     lines = dict(zip(ids(out), out.splitlines(), strict=True))
@@ -84,8 +116,15 @@ def test_list_newest_first_with_state_reason_and_filters(
     assert "  retrying  attempts=1  500 Internal Server Error" in lines["ev-retrying"]
     assert "  queued  attempts=0" in lines["ev-queued"] and "  cmp_a  signup  " in lines["ev-queued"]
     assert lines["ev-delivered"].endswith("delivered  attempts=1")
-    assert ids(outbox(capsys, config, "list", "--state", "dead")[1]) == ["ev-dead-b2", "ev-dead-b1", "ev-dead-a"]
-    assert ids(outbox(capsys, config, "list", "--cid", "cmp_a", "--limit", "2")[1]) == ["ev-dead-a", "ev-delivered"]
+    assert ids(outbox(capsys, config, "list", "--state", "dead")[1]) == [
+        "ev-dead-b2",
+        "ev-dead-b1",
+        "ev-dead-a",
+    ]
+    assert ids(outbox(capsys, config, "list", "--cid", "cmp_a", "--limit", "2")[1]) == [
+        "ev-dead-a",
+        "ev-delivered",
+    ]
     assert outbox(capsys, config, "list", "--cid", "nobody")[1] == ""
 
 
@@ -95,7 +134,9 @@ def test_retry_needs_a_target(store: Store, config: Path, capsys: pytest.Capture
     assert store.stats().counts["dead"] == 3
 
 
-def test_retry_by_id_by_campaign_and_all(store: Store, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_retry_by_id_by_campaign_and_all(
+    store: Store, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert outbox(capsys, config, "retry", "ev-dead-a", "ev-delivered")[1] == "re-queued 1 dead letters\n"
     record = store.get("ev-dead-a")
     assert record is not None and record.state == "pending" and record.next_at <= time.time()
@@ -106,9 +147,13 @@ def test_retry_by_id_by_campaign_and_all(store: Store, config: Path, capsys: pyt
 
 def test_purge(store: Store, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert outbox(capsys, config, "purge", "--older-than-hours", "1")[1] == (
-        "purged 0 delivered events (last updated more than 1h ago)\n")
+        "purged 0 delivered events (last updated more than 1h ago)\n"
+    )
     assert outbox(capsys, config, "purge", "--all")[1] == "purged 1 delivered events (all of them)\n"
-    assert outbox(capsys, config, "purge", "--state", "dead", "--all")[1] == "purged 3 dead events (all of them)\n"
+    assert (
+        outbox(capsys, config, "purge", "--state", "dead", "--all")[1]
+        == "purged 3 dead events (all of them)\n"
+    )
     assert store.stats().counts == {"pending": 2, "delivered": 0, "dead": 0}
     assert store.get("ev-queued") is not None and store.get("ev-delivered") is None
 
@@ -120,8 +165,13 @@ def test_purge_refuses_pending(store: Store, config: Path, capsys: pytest.Captur
 
 
 def test_the_installed_command_line(store: Store, config: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "server.cli", "outbox", "stats", "--config", str(config)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "outbox", "stats", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["dead"] == 3
 

@@ -11,9 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_contents(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     [wheel] = tmp_path.glob("pingtree_relay-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     templates = {p.relative_to(ROOT).as_posix() for p in (ROOT / "js_templates").rglob("*") if p.is_file()}
@@ -22,8 +25,11 @@ def test_wheel_contents(tmp_path: Path) -> None:
     for path in templates | static:
         assert f"server/{path}" in names, f"{path} is missing from the wheel"
     assert "server/demo.toml" in names
-    admin = {p.relative_to(ROOT).as_posix() for p in (ROOT / "server" / "admin").rglob("*")
-             if p.is_file() and "__pycache__" not in p.parts}
+    admin = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "server" / "admin").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     assert "server/admin/templates/admin/base.html" in admin
     for path in admin:
         assert path in names, f"{path} is missing from the wheel"

@@ -60,14 +60,26 @@ def refusal(params: dict[str, Any], text: str = CONFIG) -> ApiError:
 
 
 def test_platform_names_become_pingtree_names() -> None:
-    body = mapped({"token": TOKEN, "tid": "T1", "payout": "25.00", "duration": "120", "call_id": "C", "sub1": "x"})
+    body = mapped(
+        {"token": TOKEN, "tid": "T1", "payout": "25.00", "duration": "120", "call_id": "C", "sub1": "x"}
+    )
     assert body == {"transaction_id": "T1", "amount": "25.00", "sub1": "x", "event_id": "call_completed"}
 
 
-@pytest.mark.parametrize(("raw", "seconds"), [
-    ("90", 90), (90, 90), ("90.5", 90.5), ("1:30", 90), ("00:01:30", 90), ("-5", None), ("ninety", None),
-    (True, None), ("1:3", None),
-])
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("90", 90),
+        (90, 90),
+        ("90.5", 90.5),
+        ("1:30", 90),
+        ("00:01:30", 90),
+        ("-5", None),
+        ("ninety", None),
+        (True, None),
+        ("1:3", None),
+    ],
+)
 def test_call_length(raw: Any, seconds: float | None) -> None:
     assert parse_seconds(raw) == seconds
 
@@ -77,10 +89,16 @@ def test_a_call_exactly_min_duration_long_counts() -> None:
     assert refusal({"tid": "T", "payout": "1", "duration": "89"}).reason == "short_call"
 
 
-@pytest.mark.parametrize(("amount", "lenient"), [
-    ("$45.00", "45.00"), ("1,234.50", "1234.50"), ("USD 1,234", "1234.00"), ("€45.5", "45.50"),
-    ("45.005 USD", "45.01"),
-])
+@pytest.mark.parametrize(
+    ("amount", "lenient"),
+    [
+        ("$45.00", "45.00"),
+        ("1,234.50", "1234.50"),
+        ("USD 1,234", "1234.00"),
+        ("€45.5", "45.50"),
+        ("45.005 USD", "45.01"),
+    ],
+)
 def test_amounts_with_symbols_or_commas(amount: str, lenient: str) -> None:
     error = refusal({"tid": "T", "payout": amount, "duration": "100"})
     assert (error.status, error.reason, list(error.invalid)) == (400, "amount_format", ["payout"])
@@ -96,45 +114,74 @@ def test_conflicting_and_reserved_parameters() -> None:
     error = refusal({"tid": "T", "transaction_id": "U", "payout": "1", "duration": "100"})
     assert error.reason == "invalid_parameter" and "conflicts with tid" in next(iter(error.invalid.values()))
     assert refusal({"tid": "T", "payout": "1", "duration": "100", "event_uuid": "x" * 10}).invalid == {
-        "event_uuid": "set by the postback's configuration, not by a parameter"}
+        "event_uuid": "set by the postback's configuration, not by a parameter"
+    }
 
 
 def test_idempotency_key_is_stable_and_scoped() -> None:
     key = idempotency_key("cmp_1", "ringba", "T", "call_completed", "C1")
     assert key == idempotency_key("cmp_1", "ringba", "T", "call_completed", "C1")
-    others = {idempotency_key("cmp_2", "ringba", "T", "call_completed", "C1"),
-              idempotency_key("cmp_1", "retreaver", "T", "call_completed", "C1"),
-              idempotency_key("cmp_1", "ringba", "T", "call_completed", "C2"),
-              idempotency_key("cmp_1", "ringba", "T2", "call_completed", "C1")}
+    others = {
+        idempotency_key("cmp_2", "ringba", "T", "call_completed", "C1"),
+        idempotency_key("cmp_1", "retreaver", "T", "call_completed", "C1"),
+        idempotency_key("cmp_1", "ringba", "T", "call_completed", "C2"),
+        idempotency_key("cmp_1", "ringba", "T2", "call_completed", "C1"),
+    }
     assert key not in others and len(others) == 4
     assert 8 <= len(key) <= 64
 
 
 def test_route_to_the_global_api_strips_its_note() -> None:
     assert route("https://u", "cmp_1", {"a": 1}) == ("https://u/api/event/cmp_1", {"a": 1})
-    assert route("https://u", "cmp_1", {"a": 1, ROUTE_KEY: "org_9"}) == ("https://u/api/event/global/org_9", {"a": 1})
+    assert route("https://u", "cmp_1", {"a": 1, ROUTE_KEY: "org_9"}) == (
+        "https://u/api/event/global/org_9",
+        {"a": 1},
+    )
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ((f'token = "{TOKEN}"', 'token = "short"'),
-     "campaigns.cmp_1.postbacks.ringba.token: required, at least 32 random characters"),
-    ((f'token = "{TOKEN}"\n', ""), "campaigns.cmp_1.postbacks.ringba.token: required"),
-    (('event = "call_completed"', 'event = "sale"'),
-     "campaigns.cmp_1.postbacks.ringba.event: no event named 'sale' in this campaign"),
-    (('event = "call_completed"', 'event_param = "evt"\nevent = "call_completed"'),
-     "campaigns.cmp_1.postbacks.ringba.event: set exactly one of event"),
-    (('payout = "amount"', 'payout = "payout"'),
-     "campaigns.cmp_1.postbacks.ringba.params.payout: 'payout' is not a Pingtree field this campaign accepts"),
-    (('payout = "amount"', 'payout = "cost"'),
-     "campaigns.cmp_1.postbacks.ringba.params.payout: 'cost' is not a Pingtree field"),
-    (('duration_param = "duration"\n', ""), "campaigns.cmp_1.postbacks.ringba.duration_param: required"),
-    (('min_duration = 90', 'min_duration = "90"'), "campaigns.cmp_1.postbacks.ringba.min_duration: expected a number"),
-    (('call_id_param', 'callid_param'), "campaigns.cmp_1.postbacks.ringba.callid_param: unknown key"),
-    (('conversion = true\n[campaigns.cmp_1.events.quote_viewed]', 'conversion = true\nallow_duplicates = true\n'
-      '[campaigns.cmp_1.events.quote_viewed]'), None),
-    (('call_id_param = "call_id"', 'amount_format = "loose"'),
-     "campaigns.cmp_1.postbacks.ringba.amount_format: expected one of strict, lenient"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            (f'token = "{TOKEN}"', 'token = "short"'),
+            "campaigns.cmp_1.postbacks.ringba.token: required, at least 32 random characters",
+        ),
+        ((f'token = "{TOKEN}"\n', ""), "campaigns.cmp_1.postbacks.ringba.token: required"),
+        (
+            ('event = "call_completed"', 'event = "sale"'),
+            "campaigns.cmp_1.postbacks.ringba.event: no event named 'sale' in this campaign",
+        ),
+        (
+            ('event = "call_completed"', 'event_param = "evt"\nevent = "call_completed"'),
+            "campaigns.cmp_1.postbacks.ringba.event: set exactly one of event",
+        ),
+        (
+            ('payout = "amount"', 'payout = "payout"'),
+            "campaigns.cmp_1.postbacks.ringba.params.payout: 'payout' is not a Pingtree field this campaign accepts",
+        ),
+        (
+            ('payout = "amount"', 'payout = "cost"'),
+            "campaigns.cmp_1.postbacks.ringba.params.payout: 'cost' is not a Pingtree field",
+        ),
+        (('duration_param = "duration"\n', ""), "campaigns.cmp_1.postbacks.ringba.duration_param: required"),
+        (
+            ("min_duration = 90", 'min_duration = "90"'),
+            "campaigns.cmp_1.postbacks.ringba.min_duration: expected a number",
+        ),
+        (("call_id_param", "callid_param"), "campaigns.cmp_1.postbacks.ringba.callid_param: unknown key"),
+        (
+            (
+                "conversion = true\n[campaigns.cmp_1.events.quote_viewed]",
+                "conversion = true\nallow_duplicates = true\n[campaigns.cmp_1.events.quote_viewed]",
+            ),
+            None,
+        ),
+        (
+            ('call_id_param = "call_id"', 'amount_format = "loose"'),
+            "campaigns.cmp_1.postbacks.ringba.amount_format: expected one of strict, lenient",
+        ),
+    ],
+)
 def test_a_bad_source_key_is_named(change: tuple[str, str], message: str | None) -> None:
     text = CONFIG.replace(*change)
     if message is None:  # a valid change: the multi-trigger event with call_id_param set
@@ -150,12 +197,22 @@ def test_a_bad_source_key_is_named(change: tuple[str, str], message: str | None)
 def test_check_config_command_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(CONFIG)
-    ok = subprocess.run([sys.executable, "-m", "server.cli", "check-config", str(path)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "server.cli", "check-config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     path.write_text(CONFIG.replace('payout = "amount"', 'payout = "amountt"'))
-    bad = subprocess.run([sys.executable, "-m", "server.cli", "check-config", str(path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "server.cli", "check-config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1
     assert "campaigns.cmp_1.postbacks.ringba.params.payout: 'amountt' is not a Pingtree field" in bad.stderr
 
@@ -167,19 +224,43 @@ def test_the_mapping_may_name_an_extra_field() -> None:
 
 # --- hypothesis: whatever a platform sends, the answer is an event or a 4xx ---------------------------
 
-PARAM_NAMES = ["tid", "payout", "duration", "call_id", "token", "sub1", "transaction_id", "amount", "cost",
-               "event_id", "cid", "evt", "tcpa_consent"]
-values = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-          | st.decimals(allow_nan=False, allow_infinity=False, places=3) | st.text(max_size=20)
-          | st.sampled_from(["$1,234.50", "90", "1:30", "[tag:x]", "{{x}}", "45.00", "-3", "USD 9", ""]))
+PARAM_NAMES = [
+    "tid",
+    "payout",
+    "duration",
+    "call_id",
+    "token",
+    "sub1",
+    "transaction_id",
+    "amount",
+    "cost",
+    "event_id",
+    "cid",
+    "evt",
+    "tcpa_consent",
+]
+values = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.decimals(allow_nan=False, allow_infinity=False, places=3)
+    | st.text(max_size=20)
+    | st.sampled_from(["$1,234.50", "90", "1:30", "[tag:x]", "{{x}}", "45.00", "-3", "USD 9", ""])
+)
 
 
-@given(params=st.dictionaries(st.sampled_from(PARAM_NAMES) | st.text(max_size=8), values, max_size=10),
-       lenient=st.booleans())
+@given(
+    params=st.dictionaries(st.sampled_from(PARAM_NAMES) | st.text(max_size=8), values, max_size=10),
+    lenient=st.booleans(),
+)
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 def test_any_parameters_give_an_event_or_a_4xx(params: dict[str, Any], lenient: bool) -> None:
-    text = CONFIG.replace('call_id_param = "call_id"', 'call_id_param = "call_id"\namount_format = "lenient"') \
-        if lenient else CONFIG
+    text = (
+        CONFIG.replace('call_id_param = "call_id"', 'call_id_param = "call_id"\namount_format = "lenient"')
+        if lenient
+        else CONFIG
+    )
     campaign = config(text).campaigns["cmp_1"]
     try:
         body = map_postback(campaign, campaign.postbacks["ringba"], params).body

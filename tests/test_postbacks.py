@@ -57,9 +57,14 @@ payout = "amount"
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox, pages_port: int) -> Iterator[Relay]:
     """One relay (two workers) with three postback sources; each test uses fresh transaction ids."""
-    server = make_relay(tmp_path_factory.mktemp("postbacks"), sandbox.url, pages_port,
-                        campaigns_toml(pages_port) + POSTBACKS, admin_token="admin-" + "a" * 32,
-                        inline_timeout=5.0)  # a loaded machine must not turn a 200 into a 202
+    server = make_relay(
+        tmp_path_factory.mktemp("postbacks"),
+        sandbox.url,
+        pages_port,
+        campaigns_toml(pages_port) + POSTBACKS,
+        admin_token="admin-" + "a" * 32,
+        inline_timeout=5.0,
+    )  # a loaded machine must not turn a 200 into a 202
     server.start()
     yield server
     server.kill()
@@ -96,8 +101,11 @@ def metric(relay: Relay, name: str, **labels: str) -> float:
 
 def test_get_with_macros_filled_is_delivered(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
-    response = ringba(relay, f"token={RINGBA_TOKEN}&tid={t}&payout=25.00&duration=184&call_id=CA11"
-                             "&publisher=pub_7&caller_state=TX&utm_source=radio")
+    response = ringba(
+        relay,
+        f"token={RINGBA_TOKEN}&tid={t}&payout=25.00&duration=184&call_id=CA11"
+        "&publisher=pub_7&caller_state=TX&utm_source=radio",
+    )
     assert response.status_code == 200, response.text
     assert response.json()["data"]["conversion_id"].startswith("conv_")
     (event,) = sandbox.events(transaction_id=t)
@@ -105,18 +113,32 @@ def test_get_with_macros_filled_is_delivered(relay: Relay, sandbox: Sandbox) -> 
     assert body["event_id"] == "sale_completed" and body["amount"] == 25.0
     assert body["sub1"] == "pub_7" and body["utm_source"] == "radio"  # mapped, and kept under its name
     assert body["cost"] == 1.25 and body["sub5"] == "from-server"  # the campaign's server fields
-    assert body["conversion_timezone"] == "EST" and re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$",
-                                                             body["conversion_date"])
+    assert body["conversion_timezone"] == "EST" and re.match(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", body["conversion_date"]
+    )
     # Consumed or ignored, never forwarded; and no visitor IP or user agent from a server caller.
-    for absent in ("token", "tid", "payout", "duration", "call_id", "caller_state", "publisher",
-                   "ip_address", "user_agent"):
+    for absent in (
+        "token",
+        "tid",
+        "payout",
+        "duration",
+        "call_id",
+        "caller_state",
+        "publisher",
+        "ip_address",
+        "user_agent",
+    ):
         assert absent not in body, absent
 
 
 def test_token_in_a_header_post_json(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
-    response = httpx.post(f"{relay.url}/postback/cmp_test/buyer", headers={"X-Postback-Token": BUYER_TOKEN},
-                          json={"txid": t, "evt": "sale_completed", "revenue": 310.5, "sub2": "buyer-9"}, timeout=15)
+    response = httpx.post(
+        f"{relay.url}/postback/cmp_test/buyer",
+        headers={"X-Postback-Token": BUYER_TOKEN},
+        json={"txid": t, "evt": "sale_completed", "revenue": 310.5, "sub2": "buyer-9"},
+        timeout=15,
+    )
     assert response.status_code == 200, response.text
     (event,) = sandbox.events(transaction_id=t)
     assert event["body"]["amount"] == 310.5 and event["body"]["sub2"] == "buyer-9"
@@ -125,8 +147,11 @@ def test_token_in_a_header_post_json(relay: Relay, sandbox: Sandbox) -> None:
 
 def test_form_encoded_post(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
-    response = httpx.post(f"{relay.url}/postback/cmp_test/ringba?token={RINGBA_TOKEN}",
-                          data={"tid": t, "payout": "12.50", "duration": "1:45"}, timeout=15)
+    response = httpx.post(
+        f"{relay.url}/postback/cmp_test/ringba?token={RINGBA_TOKEN}",
+        data={"tid": t, "payout": "12.50", "duration": "1:45"},
+        timeout=15,
+    )
     assert response.status_code == 200, response.text
     (event,) = sandbox.events(transaction_id=t)
     assert event["body"]["amount"] == 12.5
@@ -134,9 +159,11 @@ def test_form_encoded_post(relay: Relay, sandbox: Sandbox) -> None:
 
 def test_lenient_amount_reads_currency_and_commas(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
-    response = httpx.get(f"{relay.url}/postback/cmp_test/buyer",
-                         params={"token": BUYER_TOKEN, "txid": t, "evt": "sale_completed", "revenue": "$1,234.50"},
-                         timeout=15)
+    response = httpx.get(
+        f"{relay.url}/postback/cmp_test/buyer",
+        params={"token": BUYER_TOKEN, "txid": t, "evt": "sale_completed", "revenue": "$1,234.50"},
+        timeout=15,
+    )
     assert response.status_code == 200, response.text
     assert sandbox.events(transaction_id=t)[0]["body"]["amount"] == 1234.5
 
@@ -171,24 +198,36 @@ def test_short_call_is_refused_and_counted(relay: Relay, sandbox: Sandbox) -> No
     assert response.json()["message"] == "Call too short to be a conversion: 45 s, min_duration is 90 s"
     assert response.json()["invalidFields"] == {"duration": "at least 90 seconds"}
     assert stored(relay, t) == [] and sandbox.events(transaction_id=t) == []
-    assert metric(relay, "pingtree_relay_postbacks_refused_total", source="ringba", reason="short_call") == before + 1
+    assert (
+        metric(relay, "pingtree_relay_postbacks_refused_total", source="ringba", reason="short_call")
+        == before + 1
+    )
 
 
-@pytest.mark.parametrize(("query", "status", "reason"), [
-    ("token=" + "x" * 40, 403, "token_invalid"),
-    ("token=" + RINGBA_TOKEN[:-1], 403, "token_invalid"),
-    ("token=" + BUYER_TOKEN, 403, "token_invalid"),  # another source's token
-    ("", 401, "token_missing"),
-])
+@pytest.mark.parametrize(
+    ("query", "status", "reason"),
+    [
+        ("token=" + "x" * 40, 403, "token_invalid"),
+        ("token=" + RINGBA_TOKEN[:-1], 403, "token_invalid"),
+        ("token=" + BUYER_TOKEN, 403, "token_invalid"),  # another source's token
+        ("", 401, "token_missing"),
+    ],
+)
 def test_wrong_or_missing_token_is_refused_and_nothing_stored(
-    relay: Relay, sandbox: Sandbox, query: str, status: int, reason: str,
+    relay: Relay,
+    sandbox: Sandbox,
+    query: str,
+    status: int,
+    reason: str,
 ) -> None:
     t = txn()
     before = metric(relay, "pingtree_relay_postbacks_refused_total", source="ringba", reason=reason)
     response = ringba(relay, f"{query}&tid={t}&payout=25&duration=200")
     assert response.status_code == status, response.text
     assert stored(relay, t) == [] and sandbox.requests() == []
-    assert metric(relay, "pingtree_relay_postbacks_refused_total", source="ringba", reason=reason) == before + 1
+    assert (
+        metric(relay, "pingtree_relay_postbacks_refused_total", source="ringba", reason=reason) == before + 1
+    )
 
 
 def test_postback_during_an_outage_is_delivered_after_it(relay: Relay, sandbox: Sandbox) -> None:
@@ -203,7 +242,10 @@ def test_postback_during_an_outage_is_delivered_after_it(relay: Relay, sandbox: 
     assert event["body"]["amount"] == 60.0
     wait_for(lambda: [r.state for r in stored(relay, t)] == ["delivered"], message="the record delivered")
     # The platform's retry during the outage, answered later: still one event.
-    assert ringba(relay, f"token={RINGBA_TOKEN}&tid={t}&payout=60&duration=95&call_id=CA-outage").status_code == 200
+    assert (
+        ringba(relay, f"token={RINGBA_TOKEN}&tid={t}&payout=60&duration=95&call_id=CA-outage").status_code
+        == 200
+    )
     assert len(sandbox.events(transaction_id=t)) == 1
 
 
@@ -211,8 +253,11 @@ def test_through_the_global_api(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
     # The lead exists at Pingtree once the visitor's page fired an event for it.
     assert relay.post({"event_id": "form_submitted", "transaction_id": t}).status_code == 200
-    response = httpx.get(f"{relay.url}/postback/cmp_test/network",
-                         params={"token": NETWORK_TOKEN, "tid": t, "payout": "75"}, timeout=15)
+    response = httpx.get(
+        f"{relay.url}/postback/cmp_test/network",
+        params={"token": NETWORK_TOKEN, "tid": t, "payout": "75"},
+        timeout=15,
+    )
     assert response.status_code == 200, response.text
     assert response.json()["data"]["cid"] == "cmp_test"  # Pingtree found the campaign from the lead
     request = [r for r in sandbox.requests() if r["path"].startswith("/api/event/global/")]
@@ -224,36 +269,93 @@ def test_through_the_global_api(relay: Relay, sandbox: Sandbox) -> None:
 
 def test_global_api_for_an_unknown_lead_says_so(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
-    response = httpx.get(f"{relay.url}/postback/cmp_test/network",
-                         params={"token": NETWORK_TOKEN, "tid": t, "payout": "75"}, timeout=15)
+    response = httpx.get(
+        f"{relay.url}/postback/cmp_test/network",
+        params={"token": NETWORK_TOKEN, "tid": t, "payout": "75"},
+        timeout=15,
+    )
     assert response.status_code == 404 and response.json()["message"] == "Lead Not Found", response.text
     assert [r.state for r in stored(relay, t)] == ["dead"]  # kept as a dead letter, re-queueable
 
 
-@pytest.mark.parametrize(("path", "query", "status", "message", "fields"), [
-    ("cmp_test/nope", f"token={RINGBA_TOKEN}", 404, "Postback source not found", {}),
-    ("cmp_nope/ringba", f"token={RINGBA_TOKEN}", 404, "Campaign not found", {}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&payout=25&duration=200", 400,
-     "transaction_id is required: no tid parameter in the postback", {"tid": "required (the lead's transaction_id)"}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&tid=[tag:transaction_id]&payout=25&duration=200", 400,
-     "Unfilled macros: tid", {"tid": "the macro [tag:transaction_id] was not filled in by the platform"}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&tid=T&payout=25", 400,
-     "call duration is required: no duration parameter in the postback", {"duration": "required (the call duration)"}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&tid=T&payout=25&duration=long", 400,
-     "Invalid duration: expected the call length in seconds", {"duration": "expected a number of seconds (or M:SS)"}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&tid=T&tid=U&payout=25&duration=200", 400,
-     "Parameter tid given more than once", {"tid": "given more than once"}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&tid=T&payout=25&duration=200&cost=9", 400,
-     "Invalid fields: cost", {"cost": "set by the server only"}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&tid=T&payout=25&duration=200&callerid=555", 400,
-     "Invalid fields: callerid", {"callerid": "unknown field"}),
-    ("cmp_test/ringba", f"token={RINGBA_TOKEN}&tid=T&duration=200", 400,
-     "amount is required for conversion events", {"amount": "required for conversion events"}),
-    ("cmp_test/buyer", f"token={BUYER_TOKEN}&txid=T&evt=nope", 400, "Invalid event_id for this campaign",
-     {"event_id": "not configured"}),
-])
+@pytest.mark.parametrize(
+    ("path", "query", "status", "message", "fields"),
+    [
+        ("cmp_test/nope", f"token={RINGBA_TOKEN}", 404, "Postback source not found", {}),
+        ("cmp_nope/ringba", f"token={RINGBA_TOKEN}", 404, "Campaign not found", {}),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&payout=25&duration=200",
+            400,
+            "transaction_id is required: no tid parameter in the postback",
+            {"tid": "required (the lead's transaction_id)"},
+        ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=[tag:transaction_id]&payout=25&duration=200",
+            400,
+            "Unfilled macros: tid",
+            {"tid": "the macro [tag:transaction_id] was not filled in by the platform"},
+        ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=T&payout=25",
+            400,
+            "call duration is required: no duration parameter in the postback",
+            {"duration": "required (the call duration)"},
+        ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=T&payout=25&duration=long",
+            400,
+            "Invalid duration: expected the call length in seconds",
+            {"duration": "expected a number of seconds (or M:SS)"},
+        ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=T&tid=U&payout=25&duration=200",
+            400,
+            "Parameter tid given more than once",
+            {"tid": "given more than once"},
+        ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=T&payout=25&duration=200&cost=9",
+            400,
+            "Invalid fields: cost",
+            {"cost": "set by the server only"},
+        ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=T&payout=25&duration=200&callerid=555",
+            400,
+            "Invalid fields: callerid",
+            {"callerid": "unknown field"},
+        ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=T&duration=200",
+            400,
+            "amount is required for conversion events",
+            {"amount": "required for conversion events"},
+        ),
+        (
+            "cmp_test/buyer",
+            f"token={BUYER_TOKEN}&txid=T&evt=nope",
+            400,
+            "Invalid event_id for this campaign",
+            {"event_id": "not configured"},
+        ),
+    ],
+)
 def test_bad_postbacks_get_a_clear_answer(
-    relay: Relay, sandbox: Sandbox, path: str, query: str, status: int, message: str, fields: dict[str, str],
+    relay: Relay,
+    sandbox: Sandbox,
+    path: str,
+    query: str,
+    status: int,
+    message: str,
+    fields: dict[str, str],
 ) -> None:
     response = httpx.get(f"{relay.url}/postback/{path}?{query}", timeout=15)
     body = response.json()
@@ -264,7 +366,9 @@ def test_bad_postbacks_get_a_clear_answer(
 
 def test_head_does_not_fire(relay: Relay, sandbox: Sandbox) -> None:
     t = txn()
-    response = httpx.head(f"{relay.url}/postback/cmp_test/ringba?token={RINGBA_TOKEN}&tid={t}&payout=5&duration=99")
+    response = httpx.head(
+        f"{relay.url}/postback/cmp_test/ringba?token={RINGBA_TOKEN}&tid={t}&payout=5&duration=99"
+    )
     assert response.status_code == 405
     assert stored(relay, t) == []
 
@@ -277,7 +381,7 @@ def test_dashboard_shows_postbacks_per_source_with_refusals(relay: Relay, sandbo
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
         client.post("/admin/login", data={"token": "admin-" + "a" * 32, "csrf_token": csrf})
         html = client.get("/admin/postbacks").text
-    section = html[html.index('id="postback-cmp_test-ringba"'):html.index('id="postback-cmp_test-buyer"')]
+    section = html[html.index('id="postback-cmp_test-ringba"') : html.index('id="postback-cmp_test-buyer"')]
     assert f"{relay.url}/postback/cmp_test/ringba" in section
     refused = int(re.search(r'class="pb-refused">(\d+)<', section).group(1))  # type: ignore[union-attr]
     accepted = int(re.search(r'class="pb-accepted">(\d+)<', section).group(1))  # type: ignore[union-attr]

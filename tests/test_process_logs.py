@@ -45,8 +45,9 @@ def workers_of(relay: Relay) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_every_line_serve_writes_is_json(relay_factory: RelayFactory, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_line_serve_writes_is_json(
+    relay_factory: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = tmp_path / "small.sqlite3"
     SQLiteStore(str(store)).close()
     pages = sqlite3.connect(store).execute("PRAGMA page_count").fetchone()[0]
@@ -56,24 +57,37 @@ def test_every_line_serve_writes_is_json(relay_factory: RelayFactory, tmp_path: 
     accepted = relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex}, headers=proxy)
     refused = relay.post({"event_id": "nope", "transaction_id": "t"}, headers={"X-Forwarded-For": VISITOR_V6})
     assert (accepted.status_code, refused.status_code) == (200, 400)
-    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as raw:  # gunicorn answers this itself
+    with socket.create_connection(
+        ("127.0.0.1", relay.port), timeout=5
+    ) as raw:  # gunicorn answers this itself
         raw.sendall(b"NOT A REQUEST LINE\r\n\r\n")
         assert raw.recv(100).startswith(b"HTTP/1.1 400")
 
-    wait_for(lambda: any(x.get("event") == "request" and x["status"] == 400 for x in json_lines(relay.log_path)),
-             message="the access line of the refused event")
+    wait_for(
+        lambda: any(x.get("event") == "request" and x["status"] == 400 for x in json_lines(relay.log_path)),
+        message="the access line of the refused event",
+    )
     # An edited-but-invalid config and a SIGHUP: the master's refusal is a JSON line too.
     relay.config_path.write_text(relay.config_path.read_text() + "\n[relay.oops\n")
     assert relay.proc is not None
     os.kill(relay.proc.pid, signal.SIGHUP)
-    wait_for(lambda: any("reload refused" in x["message"] for x in json_lines(relay.log_path)),
-             message="the refused reload")
+    wait_for(
+        lambda: any("reload refused" in x["message"] for x in json_lines(relay.log_path)),
+        message="the refused reload",
+    )
     # A traceback: the store's "disk" fills up (each refusal logs why, with its traceback).
     for n in range(400):
-        if relay.post({"event_id": "quote_viewed", "transaction_id": f"fill-{n}"}, headers=proxy).status_code == 503:
+        if (
+            relay.post({"event_id": "quote_viewed", "transaction_id": f"fill-{n}"}, headers=proxy).status_code
+            == 503
+        ):
             break
-    wait_for(lambda: any("Traceback (most recent call last)" in x.get("error", "") for x in json_lines(relay.log_path)),
-             message="a traceback line")
+    wait_for(
+        lambda: any(
+            "Traceback (most recent call last)" in x.get("error", "") for x in json_lines(relay.log_path)
+        ),
+        message="a traceback line",
+    )
 
     lines = json_lines(relay.log_path)
     text = relay.log_path.read_text()
@@ -83,7 +97,9 @@ def test_every_line_serve_writes_is_json(relay_factory: RelayFactory, tmp_path: 
     assert any(m.startswith("Invalid request from ip=127.0.0.1") for m in messages), messages  # gunicorn's
     access = [line for line in lines if line.get("event") == "request"]
     assert {(a["method"], a["path"], a["status"]) for a in access} >= {
-        ("POST", "/api/event/cmp_test", 200), ("POST", "/api/event/cmp_test", 400)}
+        ("POST", "/api/event/cmp_test", 200),
+        ("POST", "/api/event/cmp_test", 400),
+    }
     events = [a for a in access if a["path"] == "/api/event/cmp_test"]
     assert {a["client"] for a in events} == {"203.0.113.0/24", "2001:db8:85a3::/48"}
     assert all(a["request_id"] and a["duration_ms"] >= 0 for a in access)
@@ -95,7 +111,9 @@ def test_every_line_serve_writes_is_json(relay_factory: RelayFactory, tmp_path: 
 def test_no_access_log_unless_asked(relay_factory: RelayFactory) -> None:
     relay = relay_factory()
     assert relay.post({"event_id": "quote_viewed", "transaction_id": uuid.uuid4().hex}).status_code == 200
-    wait_for(lambda: any(x.get("event") == "accepted" for x in json_lines(relay.log_path)), message="a decision")
+    wait_for(
+        lambda: any(x.get("event") == "accepted" for x in json_lines(relay.log_path)), message="a decision"
+    )
     assert not [line for line in json_lines(relay.log_path) if line.get("event") == "request"]
 
 
@@ -114,8 +132,10 @@ def test_free_text_addresses_are_masked() -> None:
     assert line["message"] == "Invalid request from ip=203.0.113.0/24: x"
     assert "bad peer 203.0.113.0/24" in line["error"] and VISITOR_IP not in line["error"]
     assert (line["level"], line["logger"]) == ("warning", "gunicorn.error")
-    assert mask_addresses("Listening at: http://127.0.0.1:8000 (42), at 12:00:00, 0.1.0") == \
-        "Listening at: http://127.0.0.1:8000 (42), at 12:00:00, 0.1.0"
+    assert (
+        mask_addresses("Listening at: http://127.0.0.1:8000 (42), at 12:00:00, 0.1.0")
+        == "Listening at: http://127.0.0.1:8000 (42), at 12:00:00, 0.1.0"
+    )
     assert mask_addresses(f"[{VISITOR_V6}]:443") == "[2001:db8:85a3::/48]:443"
 
 

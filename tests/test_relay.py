@@ -60,15 +60,29 @@ def make_client(store_url: str, sandbox: Sandbox) -> Iterator[Any]:
     relays: list[Relay] = []
 
     def make(failures: int) -> tuple[Any, Store]:
-        config = parse_config({
-            "relay": {"upstream_url": sandbox.url, "store": store_url, "retry_base_seconds": 0.05,
-                      "inline_timeout": 5.0, "rate_limits": {"per_ip": "", "per_campaign": ""}},
-            "campaigns": {"cmp_test": {"allowed_origins": ["https://www.example.com"],
-                                       "events": {"quote_viewed": {}}}},
-        })
+        config = parse_config(
+            {
+                "relay": {
+                    "upstream_url": sandbox.url,
+                    "store": store_url,
+                    "retry_base_seconds": 0.05,
+                    "inline_timeout": 5.0,
+                    "rate_limits": {"per_ip": "", "per_campaign": ""},
+                },
+                "campaigns": {
+                    "cmp_test": {
+                        "allowed_origins": ["https://www.example.com"],
+                        "events": {"quote_viewed": {}},
+                    }
+                },
+            }
+        )
         real = open_store(store_url)
-        error = (sqlite3.OperationalError("database or disk is full") if store_url.startswith("sqlite")
-                 else redis.ConnectionError("Connection reset by peer"))
+        error = (
+            sqlite3.OperationalError("database or disk is full")
+            if store_url.startswith("sqlite")
+            else redis.ConnectionError("Connection reset by peer")
+        )
         store = FinishFails(real, error, failures)
         relay = Relay(config, store=store)  # type: ignore[arg-type]
         relays.append(relay)
@@ -81,12 +95,15 @@ def make_client(store_url: str, sandbox: Sandbox) -> Iterator[Any]:
 
 @pytest.mark.parametrize("failures", [1, 99], ids=["once", "every-time"])
 def test_a_stored_event_is_202_when_the_write_after_the_attempt_fails(
-        make_client: Any, sandbox: Sandbox, failures: int) -> None:
+    make_client: Any, sandbox: Sandbox, failures: int
+) -> None:
     client, store = make_client(failures)
     uid, t = f"id_{uuid.uuid4().hex[:16]}", f"txn_{uuid.uuid4().hex}"
-    response = client.post("/api/event/cmp_test", json={"event_id": "quote_viewed", "transaction_id": t,
-                                                        "event_uuid": uid},
-                           headers={"Origin": "https://www.example.com"})
+    response = client.post(
+        "/api/event/cmp_test",
+        json={"event_id": "quote_viewed", "transaction_id": t, "event_uuid": uid},
+        headers={"Origin": "https://www.example.com"},
+    )
     assert response.status_code == 202, response.text
     assert response.json["type"] == "queued" and response.json["data"]["event_uuid"] == uid
     assert len(sandbox.events(transaction_id=t)) == 1  # the inline attempt did reach Pingtree
@@ -94,9 +111,13 @@ def test_a_stored_event_is_202_when_the_write_after_the_attempt_fails(
         # The outcome was recorded as unknown at once (the 30 s lease has not expired): the retry
         # goes out uncertain, so Pingtree's "Duplicate event" answer to it counts as delivered.
         client.application.extensions["relay"].start_delivery()
-        delivered = wait_for(lambda: (r := store.get(f"cmp_test:{uid}")) and r.state == "delivered" and r,
-                             message="the uncertain retry settled as delivered")
-        assert delivered.uncertain and delivered.last_error == "duplicate after an attempt with unknown outcome"
+        delivered = wait_for(
+            lambda: (r := store.get(f"cmp_test:{uid}")) and r.state == "delivered" and r,
+            message="the uncertain retry settled as delivered",
+        )
+        assert (
+            delivered.uncertain and delivered.last_error == "duplicate after an attempt with unknown outcome"
+        )
         assert len(sandbox.events(transaction_id=t)) == 1  # counted once
     else:
         # Nothing could be written: the lease stays, and when it expires the claim marks the

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from tests.conftest import Relay, RelayFactory, wait_for
 
-INVALID = '\n[campaigns.cmp_bad]\nallowed_origins = 5\n[campaigns.cmp_bad.events.x]\n'
-NEW_CAMPAIGN = ('\n[campaigns.cmp_new]\nallowed_origins = ["https://www.example.com"]\n'
-                '[campaigns.cmp_new.events.signup]\n')
+INVALID = "\n[campaigns.cmp_bad]\nallowed_origins = 5\n[campaigns.cmp_bad.events.x]\n"
+NEW_CAMPAIGN = (
+    '\n[campaigns.cmp_new]\nallowed_origins = ["https://www.example.com"]\n'
+    "[campaigns.cmp_new.events.signup]\n"
+)
 
 
 def workers(relay: Relay) -> set[int]:

@@ -73,7 +73,9 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-def fire(client: FlaskClient, form: str, body: dict[str, Any], cid: str = "cmp_test") -> tuple[int, dict[str, Any]]:
+def fire(
+    client: FlaskClient, form: str, body: dict[str, Any], cid: str = "cmp_test"
+) -> tuple[int, dict[str, Any]]:
     """POST ``body`` to one of the two documented forms ("campaign" or "trigger"); (status, answer)."""
     if form == "trigger":
         response = client.post("/api/event/trigger", json={"cid": cid, **body})
@@ -124,14 +126,22 @@ RULES: list[tuple[str, dict[str, Any], int, str]] = [
     ("both ids missing: event_id first", {}, 400, "event_id is required"),
     ("unknown event", {**QV, "event_id": "nope"}, 400, "Invalid event_id for this campaign"),
     ("event of another campaign", {**QV, "event_id": "signup"}, 400, "Invalid event_id for this campaign"),
-    ("unknown event before inactive pid", {**QV, "event_id": "nope", "pid": "src_paused"}, 400,
-     "Invalid event_id for this campaign"),
+    (
+        "unknown event before inactive pid",
+        {**QV, "event_id": "nope", "pid": "src_paused"},
+        400,
+        "Invalid event_id for this campaign",
+    ),
     ("inactive source", {**QV, "pid": "src_paused"}, 403, "Source Inactive"),
     ("inactive source before revenue", {**SALE, "pid": "src_paused"}, 403, "Source Inactive"),
     ("non-string pid", {**QV, "pid": 5}, 400, "Invalid pid"),
     ("conversion without revenue", SALE, 400, "revenue is required for conversion events"),
-    ("conversion with null revenue", {**SALE, "revenue": None, "amount": None}, 400,
-     "revenue is required for conversion events"),
+    (
+        "conversion with null revenue",
+        {**SALE, "revenue": None, "amount": None},
+        400,
+        "revenue is required for conversion events",
+    ),
     ("date only", {**QV, "conversion_date": "2024-02-29"}, 200, OK),
     ("date and time", {**QV, "conversion_date": "2024-02-29 23:59:59"}, 200, OK),
     ("impossible date", {**QV, "conversion_date": "2023-02-29"}, 400, "Invalid conversion_date"),
@@ -143,8 +153,12 @@ RULES: list[tuple[str, dict[str, Any], int, str]] = [
     ("cost_operation sic", {**QV, "cost_operation": "substract", "cost": 1.5}, 200, OK),
     ("cost_operation spelled right", {**QV, "cost_operation": "subtract"}, 400, "Invalid cost_operation"),
     ("non-numeric cost", {**QV, "cost": "lots"}, 400, "Invalid cost"),
-    ("two bad fields", {**QV, "conversion_timezone": "UTC", "cost_operation": "x"}, 400,
-     "Invalid conversion_timezone, cost_operation"),
+    (
+        "two bad fields",
+        {**QV, "conversion_timezone": "UTC", "cost_operation": "x"},
+        400,
+        "Invalid conversion_timezone, cost_operation",
+    ),
 ]
 
 
@@ -171,24 +185,46 @@ REVENUE_CASES: list[tuple[str, str, dict[str, Any], int, str, dict[str, Any]]] =
     ("campaign", "amount", {"amount": 45.5}, 200, OK, {}),
     ("campaign", "amount zero", {"amount": 0}, 200, OK, {}),
     ("campaign", "numeric string", {"amount": "45.00"}, 200, OK, {}),
-    ("campaign", "revenue is not its field", {"revenue": 45}, 400, "revenue is required for conversion events",
-     {"missingFields": {"amount": "revenue is required for conversion events"}}),
+    (
+        "campaign",
+        "revenue is not its field",
+        {"revenue": 45},
+        400,
+        "revenue is required for conversion events",
+        {"missingFields": {"amount": "revenue is required for conversion events"}},
+    ),
     ("campaign", "negative", {"amount": -1}, 400, "Invalid revenue", {"invalidFields": {"amount": ...}}),
     ("campaign", "word", {"amount": "lots"}, 400, "Invalid revenue", {"invalidFields": {"amount": ...}}),
     ("campaign", "boolean", {"amount": True}, 400, "Invalid revenue", {"invalidFields": {"amount": ...}}),
     ("trigger", "revenue", {"revenue": 45}, 200, OK, {}),
     ("trigger", "amount accepted", {"amount": 45}, 200, OK, {}),
-    ("trigger", "missing", {}, 400, "revenue is required for conversion events",
-     {"missingFields": {"revenue": "revenue is required for conversion events"}}),
+    (
+        "trigger",
+        "missing",
+        {},
+        400,
+        "revenue is required for conversion events",
+        {"missingFields": {"revenue": "revenue is required for conversion events"}},
+    ),
     ("trigger", "negative", {"revenue": -0.01}, 400, "Invalid revenue", {"invalidFields": {"revenue": ...}}),
     ("trigger", "object", {"revenue": {"x": 1}}, 400, "Invalid revenue", {"invalidFields": {"revenue": ...}}),
 ]
 
 
-@pytest.mark.parametrize(("form", "case", "extra", "status", "message", "fields"), REVENUE_CASES,
-                         ids=[f"{c[0]}-{c[1]}" for c in REVENUE_CASES])
-def test_conversion_revenue(client: FlaskClient, form: str, case: str, extra: dict[str, Any], status: int,
-                            message: str, fields: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("form", "case", "extra", "status", "message", "fields"),
+    REVENUE_CASES,
+    ids=[f"{c[0]}-{c[1]}" for c in REVENUE_CASES],
+)
+def test_conversion_revenue(
+    client: FlaskClient,
+    form: str,
+    case: str,
+    extra: dict[str, Any],
+    status: int,
+    message: str,
+    fields: dict[str, Any],
+) -> None:
     got_status, answer = fire(client, form, {**SALE, **extra})
     assert (got_status, answer["message"]) == (status, message)
     for key, expected in fields.items():
@@ -203,15 +239,18 @@ def test_non_finite_revenue_is_invalid(client: FlaskClient) -> None:
     assert (response.status_code, response.get_json()["message"]) == (400, "Invalid revenue")
 
 
-@pytest.mark.parametrize(("form", "cid", "body", "message"), [
-    ("trigger", None, QV, "cid is required"),
-    ("trigger", "", QV, "cid is required"),
-    ("trigger", "cmp_nope", QV, "Invalid cid"),
-    ("trigger", 12, QV, "Invalid cid"),
-    ("trigger", None, {}, "cid is required"),  # cid is checked before everything else
-    ("campaign", "cmp_nope", QV, "Invalid cid"),
-    ("campaign", "cmp_nope", {}, "Invalid cid"),
-])
+@pytest.mark.parametrize(
+    ("form", "cid", "body", "message"),
+    [
+        ("trigger", None, QV, "cid is required"),
+        ("trigger", "", QV, "cid is required"),
+        ("trigger", "cmp_nope", QV, "Invalid cid"),
+        ("trigger", 12, QV, "Invalid cid"),
+        ("trigger", None, {}, "cid is required"),  # cid is checked before everything else
+        ("campaign", "cmp_nope", QV, "Invalid cid"),
+        ("campaign", "cmp_nope", {}, "Invalid cid"),
+    ],
+)
 def test_campaign_rules(client: FlaskClient, form: str, cid: Any, body: dict[str, Any], message: str) -> None:
     if form == "trigger":
         payload = body if cid is None else {"cid": cid, **body}
@@ -226,15 +265,18 @@ def test_path_cid_wins_over_body_cid(client: FlaskClient) -> None:
     assert (status, answer["data"]["cid"]) == (200, "cmp_test")
 
 
-@pytest.mark.parametrize(("data", "content_type"), [
-    ("not json", "application/json"),
-    ("[1, 2]", "application/json"),
-    ('"a string"', "application/json"),
-    ('{"event_id": NaN}', "application/json"),
-    (b"\xff\xfe{}", "application/json"),
-    ("event_id=quote_viewed&transaction_id=t", "application/x-www-form-urlencoded"),
-    ("", "application/json"),
-])
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        ("not json", "application/json"),
+        ("[1, 2]", "application/json"),
+        ('"a string"', "application/json"),
+        ('{"event_id": NaN}', "application/json"),
+        (b"\xff\xfe{}", "application/json"),
+        ("event_id=quote_viewed&transaction_id=t", "application/x-www-form-urlencoded"),
+        ("", "application/json"),
+    ],
+)
 def test_invalid_json_body(client: FlaskClient, data: str | bytes, content_type: str) -> None:
     for path in ("/api/event/cmp_test", "/api/event/trigger"):
         response = client.post(path, data=data, content_type=content_type)
@@ -243,8 +285,11 @@ def test_invalid_json_body(client: FlaskClient, data: str | bytes, content_type:
 
 def test_text_plain_json_is_accepted(client: FlaskClient) -> None:
     # What navigator.sendBeacon sends: no CORS preflight.
-    response = client.post("/api/event/trigger", data=json.dumps({"cid": "cmp_test", **QV}),
-                           content_type="text/plain;charset=UTF-8")
+    response = client.post(
+        "/api/event/trigger",
+        data=json.dumps({"cid": "cmp_test", **QV}),
+        content_type="text/plain;charset=UTF-8",
+    )
     assert response.status_code == 200
 
 
@@ -255,8 +300,13 @@ def test_text_plain_json_is_accepted(client: FlaskClient) -> None:
 def test_success_data(client: FlaskClient, form: str) -> None:
     status, answer = fire(client, form, QV)
     assert status == 200 and answer["message"] == OK
-    assert answer["data"] == {"cid": "cmp_test", "pid": "organic", "transaction_id": "txn_1",
-                              "conversion_id": "", "conversion": False}
+    assert answer["data"] == {
+        "cid": "cmp_test",
+        "pid": "organic",
+        "transaction_id": "txn_1",
+        "conversion_id": "",
+        "conversion": False,
+    }
     _, answer = fire(client, form, {**SALE, "pid": "src_live", "amount": 10, "revenue": 10})
     data = answer["data"]
     assert (data["pid"], data["conversion"]) == ("src_live", True)
@@ -265,8 +315,12 @@ def test_success_data(client: FlaskClient, form: str) -> None:
 
 
 def test_conversion_ids_are_unique(client: FlaskClient) -> None:
-    ids = {fire(client, "trigger", {"event_id": "renewal", "transaction_id": f"t{i}", "revenue": 1})[1]
-           ["data"]["conversion_id"] for i in range(20)}
+    ids = {
+        fire(client, "trigger", {"event_id": "renewal", "transaction_id": f"t{i}", "revenue": 1})[1]["data"][
+            "conversion_id"
+        ]
+        for i in range(20)
+    }
     assert len(ids) == 20
 
 
@@ -355,8 +409,17 @@ def test_allow_duplicates_fires_again(client: FlaskClient) -> None:
 
 
 def test_events_keep_the_body_field_by_field(client: FlaskClient) -> None:
-    body = {**SALE, "amount": 45.5, "pid": "src_live", "sub1": "a", "utm_source": "g", "cost": 1.25,
-            "cost_operation": "add", "first_name": "Ann", "tcpa_consent": 1}
+    body = {
+        **SALE,
+        "amount": 45.5,
+        "pid": "src_live",
+        "sub1": "a",
+        "utm_source": "g",
+        "cost": 1.25,
+        "cost_operation": "add",
+        "first_name": "Ann",
+        "tcpa_consent": 1,
+    }
     client.post("/api/event/cmp_test", json=body, headers={"User-Agent": "relay-test/1"})
     fire(client, "trigger", QV | {"transaction_id": "other"})
     [event] = events(client, transaction_id="txn_1")
@@ -374,8 +437,12 @@ def test_requests_and_stats_count_rejections(client: FlaskClient) -> None:
     fire(client, "campaign", QV)
     fire(client, "campaign", QV)
     fire(client, "campaign", {**QV, "pid": "src_paused"})
-    client.post("/api/event/trigger", data="nope", content_type="text/plain",
-                headers={"Authorization": "Bearer secret"})
+    client.post(
+        "/api/event/trigger",
+        data="nope",
+        content_type="text/plain",
+        headers={"Authorization": "Bearer secret"},
+    )
     requests = client.get("/_sandbox/requests").get_json()["requests"]
     assert [r["status"] for r in requests] == [200, 403, 403, 400]
     assert requests[3]["body"] == "nope" and requests[3]["headers"]["authorization"] == "[redacted]"
@@ -428,7 +495,11 @@ def test_works_mounted_under_a_prefix(app: Flask) -> None:
 def test_status_fault_answers_without_processing(client: FlaskClient) -> None:
     client.post("/_sandbox/faults", json={"status": 500, "count": 2})
     assert client.get("/_sandbox/faults").get_json()["faults"][0]["remaining"] == 2
-    assert [fire(client, "campaign", {**QV, "transaction_id": f"t{i}"})[0] for i in range(3)] == [500, 500, 200]
+    assert [fire(client, "campaign", {**QV, "transaction_id": f"t{i}"})[0] for i in range(3)] == [
+        500,
+        500,
+        200,
+    ]
     assert [e["transaction_id"] for e in events(client)] == ["t2"]
     assert client.get("/_sandbox/faults").get_json() == {"faults": []}
     assert client.get("/_sandbox/stats").get_json()["faults_applied"] == 2
@@ -474,10 +545,21 @@ def test_drop_fault_without_a_socket_raises(client: FlaskClient, when: str) -> N
     assert client.get("/_sandbox/requests").get_json()["requests"][0]["status"] is None
 
 
-@pytest.mark.parametrize("fault", [
-    {}, {"status": 99}, {"status": "500"}, {"status": 500, "count": 0}, {"drop": True, "status": 500},
-    {"delay_ms": -1}, {"delay_ms": 10, "when": "later"}, {"drop": "yes"}, {"status": 500, "bogus": 1}, [1],
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {},
+        {"status": 99},
+        {"status": "500"},
+        {"status": 500, "count": 0},
+        {"drop": True, "status": 500},
+        {"delay_ms": -1},
+        {"delay_ms": 10, "when": "later"},
+        {"drop": "yes"},
+        {"status": 500, "bogus": 1},
+        [1],
+    ],
+)
 def test_bad_fault_is_refused(client: FlaskClient, fault: Any) -> None:
     response = client.post("/_sandbox/faults", json=fault)
     assert response.status_code == 400 and response.get_json()["message"].startswith("Invalid fault")
@@ -502,9 +584,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.sandbox", "--config", str(config), "--port", str(port),
-         "--lock-seconds", str(LOCK)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "server.sandbox",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--lock-seconds",
+            str(LOCK),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
 
@@ -563,8 +656,11 @@ def test_live_late_answer_after_processing(live: httpx.Client, server: str) -> N
 def test_live_realistic_delay_and_text_plain(live: httpx.Client) -> None:
     live.post("/_sandbox/faults", json={"delay_ms": 300, "when": "before"})
     started = time.monotonic()
-    response = live.post("/api/event/trigger", content=json.dumps({"cid": "cmp_test", **QV}),
-                         headers={"Content-Type": "text/plain", "User-Agent": "beacon/1"})
+    response = live.post(
+        "/api/event/trigger",
+        content=json.dumps({"cid": "cmp_test", **QV}),
+        headers={"Content-Type": "text/plain", "User-Agent": "beacon/1"},
+    )
     assert response.status_code == 200 and time.monotonic() - started >= 0.3
     assert live.get("/_sandbox/requests").json()["requests"][0]["headers"]["user-agent"] == "beacon/1"
 
@@ -592,6 +688,11 @@ def test_live_concurrent_duplicates_fire_once(live: httpx.Client, server: str) -
 def test_main_refuses_a_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[relay]\nupstream_url = "http://x"\n[campaigns.c.events.e]\nconversion = "yes"\n')
-    proc = subprocess.run([sys.executable, "-m", "server.sandbox", "--config", str(bad), "--port", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.sandbox", "--config", str(bad), "--port", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "campaigns.c.events.e.conversion" in proc.stderr

@@ -27,22 +27,33 @@ def client() -> FlaskClient:
 
 
 def test_the_lead_names_the_campaign(client: FlaskClient) -> None:
-    assert client.post("/api/event/cmp_b", json={"event_id": "visit", "transaction_id": "T-b"}).status_code == 200
-    assert client.post("/api/event/cmp_a", json={"event_id": "visit", "transaction_id": "T-a"}).status_code == 200
-    answer = client.post("/api/event/global/org_1", json={"event_id": "call", "transaction_id": "T-a", "amount": 9})
+    assert (
+        client.post("/api/event/cmp_b", json={"event_id": "visit", "transaction_id": "T-b"}).status_code
+        == 200
+    )
+    assert (
+        client.post("/api/event/cmp_a", json={"event_id": "visit", "transaction_id": "T-a"}).status_code
+        == 200
+    )
+    answer = client.post(
+        "/api/event/global/org_1", json={"event_id": "call", "transaction_id": "T-a", "amount": 9}
+    )
     assert answer.status_code == 200, answer.json
     assert answer.json["data"]["cid"] == "cmp_a" and answer.json["data"]["conversion_id"].startswith("conv_")
     events = client.get("/_sandbox/events?event_id=call").json["events"]
     assert [(e["cid"], e["transaction_id"]) for e in events] == [("cmp_a", "T-a")]
 
 
-@pytest.mark.parametrize(("body", "status", "message"), [
-    ({"event_id": "call", "transaction_id": "T-nobody", "amount": 1}, 404, "Lead Not Found"),
-    ({"event_id": "call", "amount": 1}, 400, "transaction_id is required"),
-    ({"transaction_id": "T-a"}, 400, "event_id is required"),
-    ({"event_id": "call", "transaction_id": "T-a"}, 400, "revenue is required for conversion events"),
-    ({"event_id": "other", "transaction_id": "T-a"}, 400, "Invalid event_id for this campaign"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"event_id": "call", "transaction_id": "T-nobody", "amount": 1}, 404, "Lead Not Found"),
+        ({"event_id": "call", "amount": 1}, 400, "transaction_id is required"),
+        ({"transaction_id": "T-a"}, 400, "event_id is required"),
+        ({"event_id": "call", "transaction_id": "T-a"}, 400, "revenue is required for conversion events"),
+        ({"event_id": "other", "transaction_id": "T-a"}, 400, "Invalid event_id for this campaign"),
+    ],
+)
 def test_refusals(client: FlaskClient, body: dict[str, object], status: int, message: str) -> None:
     client.post("/api/event/cmp_a", json={"event_id": "visit", "transaction_id": "T-a"})
     answer = client.post("/api/event/global/org_1", json=body)
@@ -51,5 +62,7 @@ def test_refusals(client: FlaskClient, body: dict[str, object], status: int, mes
 
 def test_revenue_is_read_from_either_name(client: FlaskClient) -> None:
     client.post("/api/event/cmp_a", json={"event_id": "visit", "transaction_id": "T-r"})
-    answer = client.post("/api/event/global/org_1", json={"event_id": "call", "transaction_id": "T-r", "revenue": 4})
+    answer = client.post(
+        "/api/event/global/org_1", json={"event_id": "call", "transaction_id": "T-r", "revenue": 4}
+    )
     assert answer.status_code == 200, answer.json

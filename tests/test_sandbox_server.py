@@ -44,8 +44,22 @@ def _start(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     config.write_text(CONFIG_TOML, encoding="utf-8")
     port = _free_port()
     log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "server.sandbox", "--config", str(config), "--port", str(port),
-                             "--lock-seconds", "0"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.sandbox",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--lock-seconds",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -91,12 +105,19 @@ def _event(i: int | str) -> bytes:
 
 
 def _post(body: bytes, *, extra: str = "") -> bytes:
-    return (f"POST /api/event/cmp_test HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+    return (
+        f"POST /api/event/cmp_test HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
 
 
-def _exchange(base: str, raw: bytes, *, answers: int = 1, expect_open: bool = False,
-              ) -> tuple[list[tuple[int, Any]], bytes]:
+def _exchange(
+    base: str,
+    raw: bytes,
+    *,
+    answers: int = 1,
+    expect_open: bool = False,
+) -> tuple[list[tuple[int, Any]], bytes]:
     """Send ``raw`` on one connection; read ``answers`` answers; return them and what follows.
 
     What follows is b"" when the server closed the connection, b"<open>" when it stayed open for
@@ -118,8 +139,13 @@ def _exchange(base: str, raw: bytes, *, answers: int = 1, expect_open: bool = Fa
                 if status == 100:
                     buf = rest
                     continue
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
                 if len(rest) < length:
                     break
                 out.append((status, json.loads(rest[:length]) if length else None))
@@ -188,8 +214,13 @@ def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
 
         async def held_then_term() -> int:
             task = asyncio.ensure_future(_held_posts(base, 1))
-            await asyncio.to_thread(wait_for, lambda: httpx.get(base + "/_sandbox/stats").json()["held"] == 1,
-                                    30, 0.05, "the answer to be held")
+            await asyncio.to_thread(
+                wait_for,
+                lambda: httpx.get(base + "/_sandbox/stats").json()["held"] == 1,
+                30,
+                0.05,
+                "the answer to be held",
+            )
             proc.send_signal(signal.SIGTERM)
             return (await task)[0]
 
@@ -203,18 +234,23 @@ def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
 
 
 def test_keep_alive_and_pipelined_requests_answer_in_order(live: httpx.Client, server: str) -> None:
-    answers, tail = _exchange(server, _post(_event("p1")) + _post(b"nope") + _post(_event("p2")), answers=3,
-                              expect_open=True)
+    answers, tail = _exchange(
+        server, _post(_event("p1")) + _post(b"nope") + _post(_event("p2")), answers=3, expect_open=True
+    )
     assert [status for status, _ in answers] == [200, 400, 200]
-    assert answers[0][1]["data"]["transaction_id"] == "tp1" and answers[2][1]["data"]["transaction_id"] == "tp2"
+    assert (
+        answers[0][1]["data"]["transaction_id"] == "tp1" and answers[2][1]["data"]["transaction_id"] == "tp2"
+    )
     assert tail == b"<open>"  # still open for the next request
     assert [e["transaction_id"] for e in live.get("/_sandbox/events").json()["events"]] == ["tp1", "tp2"]
 
 
 def test_chunked_body_and_expect_continue(live: httpx.Client, server: str) -> None:
     body = _event("chunked")
-    raw = (b"POST /api/event/trigger HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-           b"Expect: 100-continue\r\n\r\n")
+    raw = (
+        b"POST /api/event/trigger HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
     body = json.dumps({"cid": "cmp_test", **json.loads(body)}).encode()
     raw += b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (5, body[:5], len(body) - 5, body[5:])
     [(status, answer)], _ = _exchange(server, raw, expect_open=True)
@@ -227,14 +263,19 @@ def test_http10_without_keep_alive_is_closed_after_the_answer(server: str) -> No
     assert (status, tail) == (200, b"")
 
 
-@pytest.mark.parametrize(("raw", "status"), [
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"POST /api/event/cmp_test HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
-    (b"POST /api/event/cmp_test HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"POST /api/event/cmp_test HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
-    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 431),
-])
-def test_malformed_requests_get_a_pingtree_shaped_error_and_a_close(server: str, raw: bytes, status: int) -> None:
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"POST /api/event/cmp_test HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
+        (b"POST /api/event/cmp_test HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST /api/event/cmp_test HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 431),
+    ],
+)
+def test_malformed_requests_get_a_pingtree_shaped_error_and_a_close(
+    server: str, raw: bytes, status: int
+) -> None:
     [(got, answer)], tail = _exchange(server, raw)
     assert got == status and set(answer) == ANSWER_KEYS and answer["type"] == "error"
     assert tail == b""
@@ -264,7 +305,12 @@ def test_other_routes_go_through_flask(live: httpx.Client) -> None:
 
 def test_parse_head_keeps_duplicate_headers_lowercase() -> None:
     request = parse_head(b"POST /a%20b?x=1 HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nHost: h")
-    assert (request.path, request.query, request.header("x-a"), request.header("host")) == ("/a b", "x=1", "1,2", "h")
+    assert (request.path, request.query, request.header("x-a"), request.header("host")) == (
+        "/a b",
+        "x=1",
+        "1,2",
+        "h",
+    )
     with pytest.raises(BadRequest):
         parse_head(b"POST /a HTTP/1.1\r\nno colon")
 

@@ -38,16 +38,18 @@ def archive_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def make_config(sdk_table: dict | None = None, **relay: str) -> Config:
-    return parse_config({
-        "relay": {"upstream_url": "http://127.0.0.1:1", **relay},
-        "campaigns": {
-            "cmp_a": {
-                "events": {"quote_viewed": {}, "call_clicked": {}, "sale": {"conversion": True}},
-                "extra_fields": ["gclid", "promo_code"],
-                "sdk": sdk_table or {},
+    return parse_config(
+        {
+            "relay": {"upstream_url": "http://127.0.0.1:1", **relay},
+            "campaigns": {
+                "cmp_a": {
+                    "events": {"quote_viewed": {}, "call_clicked": {}, "sale": {"conversion": True}},
+                    "extra_fields": ["gclid", "promo_code"],
+                    "sdk": sdk_table or {},
+                },
             },
-        },
-    })
+        }
+    )
 
 
 def demo_config() -> Config:
@@ -70,28 +72,48 @@ def embedded_config(js: str) -> dict:
 
 # --- the pure part ---------------------------------------------------------------------------------
 
+
 def test_script_config_of_the_demo_campaign() -> None:
     config = demo_config()
     cfg = sdk.script_config(config.campaigns["cmp_demo"], config.relay)
     assert cfg == {
-        "cid": "cmp_demo", "path": "/api/event/cmp_demo", "cookie": "pt_attr", "days": 30,
-        "ptCookie": "pt_transaction_id", "generate": True, "call": "call_clicked",
+        "cid": "cmp_demo",
+        "path": "/api/event/cmp_demo",
+        "cookie": "pt_attr",
+        "days": 30,
+        "ptCookie": "pt_transaction_id",
+        "generate": True,
+        "call": "call_clicked",
     }
 
 
 def test_script_config_carries_every_sdk_setting() -> None:
     config = make_config(
-        {"cookie_name": "attr", "cookie_days": 7, "cookie_domain": ".example.com", "attribution": "last",
-         "pingtree_cookie": "ptid", "generate_transaction_id": False,
-         # gclid and pid are captured by every campaign already: only promo_code is extra.
-         "extra_params": ["gclid", "pid", "promo_code"],
-         "selectors": {".buy": "sale"}, "endpoint_path": "/t/e"},
+        {
+            "cookie_name": "attr",
+            "cookie_days": 7,
+            "cookie_domain": ".example.com",
+            "attribution": "last",
+            "pingtree_cookie": "ptid",
+            "generate_transaction_id": False,
+            # gclid and pid are captured by every campaign already: only promo_code is extra.
+            "extra_params": ["gclid", "pid", "promo_code"],
+            "selectors": {".buy": "sale"},
+            "endpoint_path": "/t/e",
+        },
         public_url="https://relay.example.com",
     )
     cfg = sdk.script_config(config.campaigns["cmp_a"], config.relay)
     assert cfg == {
-        "cid": "cmp_a", "base": "https://relay.example.com", "path": "/t/e", "cookie": "attr", "days": 7,
-        "domain": ".example.com", "last": True, "ptCookie": "ptid", "extra": ["promo_code"],
+        "cid": "cmp_a",
+        "base": "https://relay.example.com",
+        "path": "/t/e",
+        "cookie": "attr",
+        "days": 7,
+        "domain": ".example.com",
+        "last": True,
+        "ptCookie": "ptid",
+        "extra": ["promo_code"],
         "selectors": [[".buy", "sale"]],
     }
 
@@ -102,16 +124,23 @@ def test_server_only_fields_are_never_attribution_params() -> None:
     assert not SERVER_ONLY_FIELDS & set(sdk.URL_PARAMS)
 
 
-@pytest.mark.parametrize(("table", "present", "absent"), [
-    ({}, ["data-pt-event", "input[type=hidden]"], ["tcpa_consent", "tel:", "bad selector"]),
-    ({"call_event": "call_clicked"}, ["tel:"], ["tcpa_consent"]),
-    ({"consent": True}, ["tcpa_consent", '"consent"'], ["tel:"]),
-    ({"selectors": {".buy": "sale"}}, ["bad selector"], ["tel:"]),
-    ({"fill_forms": False}, ["data-pt-event"], ["input[type=hidden]"]),
-    ({}, ["data-pt-event"], ['createElement("input")']),
-    ({"add_hidden_fields": True}, ['createElement("input")', "input[type=hidden]"], []),
-    ({"add_hidden_fields": True, "fill_forms": False}, ['createElement("input")', "input[type=hidden]"], []),
-])
+@pytest.mark.parametrize(
+    ("table", "present", "absent"),
+    [
+        ({}, ["data-pt-event", "input[type=hidden]"], ["tcpa_consent", "tel:", "bad selector"]),
+        ({"call_event": "call_clicked"}, ["tel:"], ["tcpa_consent"]),
+        ({"consent": True}, ["tcpa_consent", '"consent"'], ["tel:"]),
+        ({"selectors": {".buy": "sale"}}, ["bad selector"], ["tel:"]),
+        ({"fill_forms": False}, ["data-pt-event"], ["input[type=hidden]"]),
+        ({}, ["data-pt-event"], ['createElement("input")']),
+        ({"add_hidden_fields": True}, ['createElement("input")', "input[type=hidden]"], []),
+        (
+            {"add_hidden_fields": True, "fill_forms": False},
+            ['createElement("input")', "input[type=hidden]"],
+            [],
+        ),
+    ],
+)
 def test_unused_features_are_left_out(table: dict, present: list[str], absent: list[str]) -> None:
     config = make_config(table)
     js = sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode()
@@ -138,7 +167,14 @@ def test_script_is_minified_and_csp_clean() -> None:
     js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay).body.decode()
     assert "//" not in js.replace("://", "") and "/*" not in js
     assert len(js.splitlines()) < 40
-    for forbidden in ("eval(", "new Function", "innerHTML", "setAttribute('style", ".style.", "document.write"):
+    for forbidden in (
+        "eval(",
+        "new Function",
+        "innerHTML",
+        "setAttribute('style",
+        ".style.",
+        "document.write",
+    ):
         assert forbidden not in js
 
 
@@ -159,8 +195,15 @@ def test_hostile_values_through_the_renderer_directly() -> None:
     # Hand-built config objects (bypassing config validation): every string field at once.
     config = make_config()
     campaign = config.campaigns["cmp_a"]
-    hostile_sdk = replace(campaign.sdk, cookie_domain=HOSTILE, cookie_name="a'b", pingtree_cookie='x"y',
-                          call_event=HOSTILE, selectors={HOSTILE: HOSTILE}, extra_params=(HOSTILE,))
+    hostile_sdk = replace(
+        campaign.sdk,
+        cookie_domain=HOSTILE,
+        cookie_name="a'b",
+        pingtree_cookie='x"y',
+        call_event=HOSTILE,
+        selectors={HOSTILE: HOSTILE},
+        extra_params=(HOSTILE,),
+    )
     relay = replace(config.relay, public_url="https://x.example/</script>")
     js = sdk.render_sdk(replace(campaign, cid="c</script>", sdk=hostile_sdk), relay).body.decode()
     assert "</script" not in js.lower()
@@ -169,8 +212,20 @@ def test_hostile_values_through_the_renderer_directly() -> None:
     _node_check(js)
 
 
-@pytest.mark.parametrize("table", [{}, {"consent": True, "selectors": {"a.b, #c": "sale"}, "call_event": "call_clicked",
-                                        "attribution": "last", "extra_params": ["gclid"], "add_hidden_fields": True}])
+@pytest.mark.parametrize(
+    "table",
+    [
+        {},
+        {
+            "consent": True,
+            "selectors": {"a.b, #c": "sale"},
+            "call_event": "call_clicked",
+            "attribution": "last",
+            "extra_params": ["gclid"],
+            "add_hidden_fields": True,
+        },
+    ],
+)
 def test_script_parses(table: dict) -> None:
     config = make_config(table)
     _node_check(sdk.render_sdk(config.campaigns["cmp_a"], config.relay).body.decode())
@@ -185,6 +240,7 @@ def _node_check(js: str) -> None:
 
 
 # --- serving ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["/sdk/cmp_demo.js", "/sdk/cmp_demo/pingtree.js"])
 def test_serves_the_script(path: str) -> None:
@@ -202,9 +258,15 @@ def test_serves_the_script(path: str) -> None:
     assert etag.startswith('"') and not etag.startswith("W/")
 
 
-@pytest.mark.parametrize(("accept", "encoding"), [
-    ("gzip, deflate", "gzip"), ("gzip, deflate, br", "br"), ("br;q=0, gzip", "gzip"), ("identity", None),
-])
+@pytest.mark.parametrize(
+    ("accept", "encoding"),
+    [
+        ("gzip, deflate", "gzip"),
+        ("gzip, deflate, br", "br"),
+        ("br;q=0, gzip", "gzip"),
+        ("identity", None),
+    ],
+)
 def test_compressed_when_accepted(accept: str, encoding: str | None) -> None:
     import brotli
 
@@ -218,7 +280,9 @@ def test_compressed_when_accepted(accept: str, encoding: str | None) -> None:
 def test_etag_gives_304() -> None:
     client = client_for(demo_config())
     first = client.get("/sdk/cmp_demo.js", headers={"Accept-Encoding": "gzip"})
-    again = client.get("/sdk/cmp_demo.js", headers={"If-None-Match": first.headers["ETag"], "Accept-Encoding": "gzip"})
+    again = client.get(
+        "/sdk/cmp_demo.js", headers={"If-None-Match": first.headers["ETag"], "Accept-Encoding": "gzip"}
+    )
     assert again.status_code == 304 and again.data == b""
     assert again.headers["ETag"] == first.headers["ETag"]
     assert again.headers["Cache-Control"] == "public, max-age=300"
@@ -248,6 +312,7 @@ def test_first_party_script_path() -> None:
 
 # --- the snippet -------------------------------------------------------------------------------------
 
+
 def test_default_snippet_is_the_stable_url_without_integrity() -> None:
     # The tag a marketer pastes once: any SRI hash on this URL breaks at the next config change.
     config = demo_config()
@@ -256,14 +321,18 @@ def test_default_snippet_is_the_stable_url_without_integrity() -> None:
     assert stub == f"<script>{sdk.STUB}</script>"
     assert tag == '<script async src="https://relay.example.com/sdk/cmp_demo.js"></script>'
     assert sdk.snippet_tag(config, "cmp_demo", "https://r.example", stub=False) == tag.replace(
-        "https://relay.example.com", "https://r.example")
+        "https://relay.example.com", "https://r.example"
+    )
 
 
 def test_pinned_snippet_names_its_build_and_matches_its_sri() -> None:
     config = demo_config()
     tag = sdk.snippet_tag(config, "cmp_demo", "https://relay.example.com", stub=False, integrity=True)
-    match = re.fullmatch(r'<script async src="https://relay\.example\.com(/sdk/cmp_demo/v/([0-9a-f]{16})\.js)" '
-                         r'integrity="sha384-([A-Za-z0-9+/=]+)" crossorigin="anonymous"></script>', tag)
+    match = re.fullmatch(
+        r'<script async src="https://relay\.example\.com(/sdk/cmp_demo/v/([0-9a-f]{16})\.js)" '
+        r'integrity="sha384-([A-Za-z0-9+/=]+)" crossorigin="anonymous"></script>',
+        tag,
+    )
     assert match, tag
     r = client_for(config).get(match.group(1))
     assert r.status_code == 200
@@ -276,11 +345,15 @@ def test_csp_sources_allow_the_stub_by_hash_and_the_relay_by_origin() -> None:
     config = make_config(public_url="https://relay.example.com/base")
     sources = sdk.csp_sources(config, "cmp_a")
     digest = base64.b64encode(hashlib.sha256(sdk.STUB.encode()).digest()).decode()
-    assert sources == {"script-src": [f"'sha256-{digest}'", "https://relay.example.com"],
-                       "connect-src": ["https://relay.example.com"]}
+    assert sources == {
+        "script-src": [f"'sha256-{digest}'", "https://relay.example.com"],
+        "connect-src": ["https://relay.example.com"],
+    }
     # Served from a first-party host while posting to public_url: both are connect sources.
     assert sdk.csp_sources(config, "cmp_a", "https://www.shop.example")["connect-src"] == [
-        "https://relay.example.com", "https://www.shop.example"]
+        "https://relay.example.com",
+        "https://www.shop.example",
+    ]
     with pytest.raises(KeyError):
         sdk.csp_sources(config, "nope")
 
@@ -301,8 +374,13 @@ def test_debug_panel_parses() -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is needed to check the panel's syntax")
-    result = subprocess.run([node, "--input-type=module", "--check", "-"],
-                            input=sdk.debug_panel_script().body.decode(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [node, "--input-type=module", "--check", "-"],
+        input=sdk.debug_panel_script().body.decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -319,6 +397,7 @@ def test_snippet_uses_script_path_and_public_url() -> None:
 
 # --- pinned builds after a change --------------------------------------------------------------------
 
+
 def pinned_url(config: Config, cid: str = "cmp_a") -> str:
     tag = sdk.snippet_tag(config, cid, "https://r.example", stub=False, integrity=True)
     return re.search(r'src="https://r\.example([^"]+)"', tag).group(1)
@@ -326,7 +405,9 @@ def pinned_url(config: Config, cid: str = "cmp_a") -> str:
 
 def with_days(config: Config, days: int) -> Config:
     campaign = config.campaigns["cmp_a"]
-    return replace(config, campaigns={"cmp_a": replace(campaign, sdk=replace(campaign.sdk, cookie_days=days))})
+    return replace(
+        config, campaigns={"cmp_a": replace(campaign, sdk=replace(campaign.sdk, cookie_days=days))}
+    )
 
 
 def test_superseded_build_is_served_after_a_config_change_and_a_restart(archive_in_tmp: Path) -> None:
@@ -341,7 +422,8 @@ def test_superseded_build_is_served_after_a_config_change_and_a_restart(archive_
     assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
     assert client.get("/sdk/cmp_a.js").data == sdk.render_sdk(after.campaigns["cmp_a"], after.relay).body
     assert sorted(p.name for p in archive_in_tmp.glob("*.js")) == sorted(
-        f"cmp_a.{v}.js" for v in (pinned_url(before)[-19:-3], pinned_url(after)[-19:-3]))
+        f"cmp_a.{v}.js" for v in (pinned_url(before)[-19:-3], pinned_url(after)[-19:-3])
+    )
 
 
 def test_pin_keeps_a_build_the_relay_never_served(archive_in_tmp: Path) -> None:
@@ -392,8 +474,12 @@ def test_versions_seen_counts_each_tag_kind() -> None:
         rows = sdk.versions_seen()["cmp_a"]
     got = sorted((r["state"], r["version"], r["count"]) for r in rows)
     new_version = pinned_url(after)[-19:-3]
-    assert (("current", new_version, 1) in got and ("stable", new_version, 2) in got
-            and ("superseded", old[-19:-3], 1) in got and ("unknown", "unknown", 1) in got), got
+    assert (
+        ("current", new_version, 1) in got
+        and ("stable", new_version, 2) in got
+        and ("superseded", old[-19:-3], 1) in got
+        and ("unknown", "unknown", 1) in got
+    ), got
 
 
 def test_stub_is_valid_javascript() -> None:

@@ -50,16 +50,20 @@ def test_an_unwritable_directory_costs_the_archive_not_the_script(tmp_path: Path
 
 def test_default_dir_is_beside_the_store_unless_configured(tmp_path: Path) -> None:
     assert default_dir(make_config(store=f"sqlite:///{tmp_path}/o.sqlite3")) == tmp_path / "sdk-builds"
-    assert default_dir(make_config(store="redis://127.0.0.1:6379/0", sdk_archive_dir=str(tmp_path / "x"))) == \
-        tmp_path / "x"
+    assert (
+        default_dir(make_config(store="redis://127.0.0.1:6379/0", sdk_archive_dir=str(tmp_path / "x")))
+        == tmp_path / "x"
+    )
 
 
 def test_sdk_archive_dir_is_checked_and_relative_to_the_config_file(tmp_path: Path) -> None:
     from server.config import ConfigError, load_config
 
     path = tmp_path / "relay.toml"
-    path.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\nstore = "redis://127.0.0.1:6379/0"\n'
-                    'sdk_archive_dir = "builds"\n')
+    path.write_text(
+        '[relay]\nupstream_url = "http://127.0.0.1:1"\nstore = "redis://127.0.0.1:6379/0"\n'
+        'sdk_archive_dir = "builds"\n'
+    )
     config = load_config(path)
     assert config.relay.sdk_archive_dir == str(tmp_path.resolve() / "builds")
     assert default_dir(config) == tmp_path.resolve() / "builds"

@@ -34,8 +34,11 @@ def test_one_committed_variant_per_feature_set() -> None:
     assert len(expected) == 2 ** len(sdk_build.feature_flags())
     assert manifest()["flags"] == list(sdk_build.feature_flags()), STALE
     assert manifest()["variants"] == expected, STALE
-    on_disk = sorted(p.name for p in sdk_build.COMPILED_DIR.iterdir()
-                     if p.name not in (sdk_build.MANIFEST, sdk.DEBUG_PANEL_FILE))
+    on_disk = sorted(
+        p.name
+        for p in sdk_build.COMPILED_DIR.iterdir()
+        if p.name not in (sdk_build.MANIFEST, sdk.DEBUG_PANEL_FILE)
+    )
     assert on_disk == expected, STALE
 
 
@@ -69,11 +72,16 @@ def test_script_features_names_the_build_flags() -> None:
 
 
 def _gzip_size(config_name: str) -> tuple[int, int, int]:
-    config, cid = ((load_config(ROOT / "server" / "demo.toml"), "cmp_demo") if config_name == "demo"
-                   else (all_features_config(), "cmp_full"))
+    config, cid = (
+        (load_config(ROOT / "server" / "demo.toml"), "cmp_demo")
+        if config_name == "demo"
+        else (all_features_config(), "cmp_full")
+    )
     built = sdk.render_sdk(config.campaigns[cid], config.relay)
     assert gzip.decompress(built.gzip) == built.body
-    print(f"\n{config_name} SDK: {len(built.body)} B minified, {len(built.gzip)} B gzip, {len(built.br)} B brotli")
+    print(
+        f"\n{config_name} SDK: {len(built.body)} B minified, {len(built.gzip)} B gzip, {len(built.br)} B brotli"
+    )
     return len(built.body), len(built.gzip), len(built.br)
 
 
@@ -102,7 +110,10 @@ def test_sizes_stay_under_the_previous_ceilings() -> None:
 
 def test_the_digest_covers_every_template_and_the_minifier() -> None:
     inputs = {p.relative_to(ROOT).as_posix() for p in sdk_build.source_files()}
-    templates = {p.relative_to(ROOT).as_posix() for p in (ROOT / "js_templates").rglob("*")
-                 if p.is_file() and "compiled" not in p.parts}
+    templates = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "js_templates").rglob("*")
+        if p.is_file() and "compiled" not in p.parts
+    }
     assert templates <= inputs and "js_templates/sdk.js.j2" in inputs
     assert {"package-lock.json", "scripts/sdk-minify.mjs", "server/sdk_build.py"} <= inputs

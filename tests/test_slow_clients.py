@@ -24,7 +24,7 @@ def open_slow(relay: Relay, index: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
     head = "POST /api/event/cmp_test HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://www.example.com\r\n"
     if index % 2:
-        head += "Content-Type: text/plain\r\nContent-Length: 400\r\n\r\n{\"event_id\":"
+        head += 'Content-Type: text/plain\r\nContent-Length: 400\r\n\r\n{"event_id":'
     sock.sendall(head.encode())
     return sock
 
@@ -59,14 +59,21 @@ def test_legitimate_requests_are_answered_while_50_slow_clients_trickle(relay_fa
             while time.monotonic() < stop:
                 for i, sock in enumerate(slow):
                     trickle(sock, i)
-                answer = client.post(f"{relay.url}/api/event/cmp_test", headers={"Origin": "https://www.example.com"},
-                                     json={"event_id": "quote_viewed", "transaction_id": f"legit-{answered}"})
+                answer = client.post(
+                    f"{relay.url}/api/event/cmp_test",
+                    headers={"Origin": "https://www.example.com"},
+                    json={"event_id": "quote_viewed", "transaction_id": f"legit-{answered}"},
+                )
                 assert answer.status_code in (200, 202), answer.text
                 answered += 1
         assert answered >= 3
         # Each slow client is cut off once its read deadline passes (408 for a started request).
-        wait_for(lambda: all(closed_by_server(s) for s in slow), timeout=READ_TIMEOUT_SECONDS + 15,
-                 interval=0.2, message="the relay to close every slow connection")
+        wait_for(
+            lambda: all(closed_by_server(s) for s in slow),
+            timeout=READ_TIMEOUT_SECONDS + 15,
+            interval=0.2,
+            message="the relay to close every slow connection",
+        )
     finally:
         for sock in slow:
             sock.close()

@@ -41,28 +41,43 @@ def test_router_sends_real_events_to_the_real_upstream_only() -> None:
 
 
 def test_router_without_a_staging_upstream_answers_as_the_sandbox() -> None:
-    config = parse_config({"relay": {"upstream_url": "http://127.0.0.1:1"},
-                           "campaigns": {"c": {"events": {"sale": {"conversion": True}}}}})
+    config = parse_config(
+        {
+            "relay": {"upstream_url": "http://127.0.0.1:1"},
+            "campaigns": {"c": {"events": {"sale": {"conversion": True}}}},
+        }
+    )
     real = Recorder("real")
     attempt = StagingRouter(config, real, None).send("c", mark({"event_id": "sale", "transaction_id": "t"}))
     assert real.sent == []
     assert attempt.status == 200 and attempt.answer is not None
     data = attempt.answer["data"]
-    assert data["test"] is True and data["conversion"] is True and data["conversion_id"].startswith("conv_test_")
+    assert (
+        data["test"] is True and data["conversion"] is True and data["conversion_id"].startswith("conv_test_")
+    )
     assert attempt.answer["message"] == "Event triggered successfully" and data["pid"] == "organic"
 
 
 def staging_campaigns(pages_port: int) -> str:
     return campaigns_toml(pages_port).replace(
-        "[campaigns.cmp_test]\n", '[campaigns.cmp_test]\nstaging_origins = ["https://*.webflow.io"]\n', 1)
+        "[campaigns.cmp_test]\n", '[campaigns.cmp_test]\nstaging_origins = ["https://*.webflow.io"]\n', 1
+    )
 
 
 def event(t: str, **fields: Any) -> dict[str, Any]:
-    return {"event_id": "sale_completed", "transaction_id": t, "amount": 45, "event_uuid": uuid.uuid4().hex, **fields}
+    return {
+        "event_id": "sale_completed",
+        "transaction_id": t,
+        "amount": 45,
+        "event_uuid": uuid.uuid4().hex,
+        **fields,
+    }
 
 
 def test_staging_event_is_stored_flagged_answered_as_test_and_never_forwarded(
-    relay_factory: Any, pages_port: int, sandbox: Sandbox,
+    relay_factory: Any,
+    pages_port: int,
+    sandbox: Sandbox,
 ) -> None:
     # *.webflow.io is in allowed_origins too: staging_origins wins (test traffic).
     relay = relay_factory(staging_campaigns(pages_port), admin_token="tok-0123456789abcdef")
@@ -88,18 +103,28 @@ def test_staging_event_is_stored_flagged_answered_as_test_and_never_forwarded(
     rows = client.get("/admin/feed.json", params={"transaction_id": t}).json()["events"]
     assert sorted(row["test"] for row in rows) == [False, True], rows
     metrics = httpx.get(relay.url + "/metrics", timeout=10).text
-    assert 'pingtree_relay_test_events_total{cid="cmp_test",event_id="sale_completed",outcome="delivered"} 1.0' in metrics
+    assert (
+        'pingtree_relay_test_events_total{cid="cmp_test",event_id="sale_completed",outcome="delivered"} 1.0'
+        in metrics
+    )
     assert 'pingtree_relay_events_delivered_total{cid="cmp_test",event_id="sale_completed"} 1.0' in metrics
-    lines = [json.loads(line) for line in Path(relay.log_path).read_text().splitlines() if line.startswith("{")]
+    lines = [
+        json.loads(line) for line in Path(relay.log_path).read_text().splitlines() if line.startswith("{")
+    ]
     assert any(line.get("test") is True and line.get("event") == "accepted" for line in lines)
 
 
 def test_staging_upstream_url_receives_test_events_and_pingtree_none(
-    relay_factory: Any, pages_port: int, sandbox: Sandbox, tmp_path: Path,
+    relay_factory: Any,
+    pages_port: int,
+    sandbox: Sandbox,
+    tmp_path: Path,
 ) -> None:
     cfg = tmp_path / "staging-sandbox.toml"
     cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\n' + campaigns_toml(pages_port))
-    staging = Sandbox(["sandbox", "--config", str(cfg)], free_port(), tmp_path / "staging-sandbox.log").start()
+    staging = Sandbox(
+        ["sandbox", "--config", str(cfg)], free_port(), tmp_path / "staging-sandbox.log"
+    ).start()
     try:
         relay = relay_factory(staging_campaigns(pages_port), staging_upstream_url=staging.url)
         t = "txn_" + uuid.uuid4().hex[:10]

@@ -52,13 +52,23 @@ def store(store_factory: StoreFactory) -> Store:
     return store_factory()
 
 
-def rec(*, id: str | None = None, cid: str = "cmp_test", event_id: str = "form_submitted",
-        txn: str | None = None, dedupe: bool = True, received_at: float | None = None,
-        payload: dict[str, Any] | None = None) -> Record:
+def rec(
+    *,
+    id: str | None = None,
+    cid: str = "cmp_test",
+    event_id: str = "form_submitted",
+    txn: str | None = None,
+    dedupe: bool = True,
+    received_at: float | None = None,
+    payload: dict[str, Any] | None = None,
+) -> Record:
     """A new record; its dedupe key is the relay's ``cid|transaction_id|event_id`` unless ``dedupe=False``."""
     txn = txn or f"txn_{uuid.uuid4().hex[:12]}"
     return Record(
-        id=id or uuid.uuid4().hex, cid=cid, event_id=event_id, transaction_id=txn,
+        id=id or uuid.uuid4().hex,
+        cid=cid,
+        event_id=event_id,
+        transaction_id=txn,
         payload=payload or {"transaction_id": txn, "event_id": event_id, "sub1": "é✓", "amount": 12.5},
         received_at=time.time() if received_at is None else received_at,
         dedupe_key=f"{cid}|{txn}|{event_id}" if dedupe else None,
@@ -66,8 +76,14 @@ def rec(*, id: str | None = None, cid: str = "cmp_test", event_id: str = "form_s
 
 
 def finish(store: Store, record: Record, owner: str, state: str, **kw: Any) -> bool:
-    args: dict[str, Any] = {"next_at": time.time(), "status": None, "answer": None, "error": None,
-                            "uncertain": False, "latency_ms": None}
+    args: dict[str, Any] = {
+        "next_at": time.time(),
+        "status": None,
+        "answer": None,
+        "error": None,
+        "uncertain": False,
+        "latency_ms": None,
+    }
     args.update(kw)
     return store.finish(record.id, owner, state=state, **args)
 
@@ -79,19 +95,30 @@ def make_dead(store: Store, record: Record, error: str = "400 Invalid event_id f
 
 # --- add and get ------------------------------------------------------------------------------------
 
+
 def test_add_then_get_round_trips_every_field(store: Store) -> None:
     r = rec(received_at=1_700_000_000.123456, payload={"a": [1, {"b": None}], "s": "é✓", "f": 0.1})
     stored, created = store.add(r, owner=None, lease=30)
     assert created and stored.state == "pending" and stored.attempts == 0 and stored.lease_owner is None
     got = store.get(r.id)
     assert got is not None
-    assert (got.id, got.cid, got.event_id, got.transaction_id, got.dedupe_key) == \
-        (r.id, r.cid, r.event_id, r.transaction_id, r.dedupe_key)
+    assert (got.id, got.cid, got.event_id, got.transaction_id, got.dedupe_key) == (
+        r.id,
+        r.cid,
+        r.event_id,
+        r.transaction_id,
+        r.dedupe_key,
+    )
     assert got.payload == {"a": [1, {"b": None}], "s": "é✓", "f": 0.1}
     assert got.received_at == 1_700_000_000.123456
     assert (got.state, got.attempts, got.lease_owner, got.uncertain) == ("pending", 0, None, False)
-    assert (got.last_status, got.last_answer, got.last_error, got.delivered_at, got.latency_ms) == \
-        (None, None, None, None, None)
+    assert (got.last_status, got.last_answer, got.last_error, got.delivered_at, got.latency_ms) == (
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
     assert got.next_at <= time.time() and got.display_state() == "queued"
     assert store.get("no-such-id") is None
 
@@ -178,6 +205,7 @@ def test_concurrent_adds_of_one_dedupe_key_keep_exactly_one(store_factory: Store
 
 # --- ids scoped to their campaign, with the event's fingerprint -----------------------------------
 
+
 def test_one_client_id_in_two_campaigns_is_two_records(store: Store) -> None:
     a = rec(id=scoped_id("cmp_a", "same-client-id"), cid="cmp_a", txn="t1")
     b = rec(id=scoped_id("cmp_b", "same-client-id"), cid="cmp_b", txn="t1")
@@ -205,11 +233,13 @@ def test_the_fingerprint_is_kept_and_comes_back_with_the_existing_record(store: 
 def test_a_record_stored_before_ids_were_scoped_is_found_for_its_own_campaign_only(store: Store) -> None:
     legacy = rec(id="legacy-client-id", cid="cmp_a", dedupe=False)  # the bare event_uuid, as before
     store.add(legacy, owner=None, lease=30)
-    stored, created = store.add(rec(id=scoped_id("cmp_a", "legacy-client-id"), cid="cmp_a", dedupe=False),
-                                owner=None, lease=30)
+    stored, created = store.add(
+        rec(id=scoped_id("cmp_a", "legacy-client-id"), cid="cmp_a", dedupe=False), owner=None, lease=30
+    )
     assert not created and stored.id == "legacy-client-id" and stored.event_uuid == "legacy-client-id"
-    stored, created = store.add(rec(id=scoped_id("cmp_b", "legacy-client-id"), cid="cmp_b", dedupe=False),
-                                owner=None, lease=30)
+    stored, created = store.add(
+        rec(id=scoped_id("cmp_b", "legacy-client-id"), cid="cmp_b", dedupe=False), owner=None, lease=30
+    )
     assert created and stored.cid == "cmp_b"
 
 
@@ -219,15 +249,18 @@ def test_sqlite_file_of_an_older_relay_gets_the_new_column(tmp_path: Path) -> No
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as conn:  # the schema before fingerprints, with one pending event
         conn.executescript(OLD_SQLITE_SCHEMA)
-        conn.execute("INSERT INTO events (id, cid, event_id, transaction_id, payload, received_at, updated_at) "
-                     "VALUES ('old-client-id', 'cmp_a', 'view', 't1', '{}', 1.0, 1.0)")
+        conn.execute(
+            "INSERT INTO events (id, cid, event_id, transaction_id, payload, received_at, updated_at) "
+            "VALUES ('old-client-id', 'cmp_a', 'view', 't1', '{}', 1.0, 1.0)"
+        )
     conn.close()
     store = SQLiteStore(str(path))
     try:
         old = store.get("old-client-id")
         assert old is not None and old.fingerprint is None and old.state == "pending"
-        stored, created = store.add(rec(id=scoped_id("cmp_a", "old-client-id"), cid="cmp_a", dedupe=False),
-                                    owner=None, lease=30)
+        stored, created = store.add(
+            rec(id=scoped_id("cmp_a", "old-client-id"), cid="cmp_a", dedupe=False), owner=None, lease=30
+        )
         assert not created and stored.id == "old-client-id"
         assert [r.id for r in store.claim("w", 10, 30)] == ["old-client-id"]
     finally:
@@ -246,6 +279,7 @@ CREATE TABLE events (
 
 
 # --- claim, leases, finish, release ----------------------------------------------------------------
+
 
 def test_claim_leases_due_records_up_to_the_limit(store: Store) -> None:
     ids = [store.add(rec(), owner=None, lease=30)[0].id for _ in range(5)]
@@ -276,8 +310,9 @@ def test_claim_takes_the_earliest_due_first(store: Store) -> None:
 def test_a_retry_is_not_claimed_before_its_time(store: Store) -> None:
     r = rec()
     store.add(r, owner="w", lease=30)
-    assert finish(store, r, "w", "pending", next_at=time.time() + 0.6, status=500, error="500 boom",
-                  uncertain=True)
+    assert finish(
+        store, r, "w", "pending", next_at=time.time() + 0.6, status=500, error="500 boom", uncertain=True
+    )
     got = store.get(r.id)
     assert got is not None and got.lease_owner is None and got.display_state() == "retrying"
     assert got.uncertain and got.last_error == "500 boom" and got.last_status == 500
@@ -318,8 +353,9 @@ def test_finish_is_only_for_the_lease_owner(store: Store) -> None:
     assert not finish(store, r, "intruder", "delivered", status=200)
     got = store.get(r.id)
     assert got is not None and got.state == "pending" and got.lease_owner == "w"
-    assert finish(store, r, "w", "delivered", status=200, answer={"data": {"conversion_id": "c1"}},
-                  latency_ms=12.5)
+    assert finish(
+        store, r, "w", "delivered", status=200, answer={"data": {"conversion_id": "c1"}}, latency_ms=12.5
+    )
     assert not finish(store, r, "w", "dead", status=400)  # finished once only
     assert not finish(store, rec(), "w", "delivered")  # unknown id
 
@@ -329,17 +365,35 @@ def test_finish_records_the_outcome(store: Store) -> None:
     for r in (a, b):
         store.add(r, owner="w", lease=30)
     before = time.time()
-    assert finish(store, a, "w", "delivered", status=200, answer={"data": {"conversion_id": "c1"}},
-                  latency_ms=12.5)
-    assert finish(store, b, "w", "dead", status=400, answer={"message": "Invalid event_id"},
-                  error="400 Invalid event_id", uncertain=True)
+    assert finish(
+        store, a, "w", "delivered", status=200, answer={"data": {"conversion_id": "c1"}}, latency_ms=12.5
+    )
+    assert finish(
+        store,
+        b,
+        "w",
+        "dead",
+        status=400,
+        answer={"message": "Invalid event_id"},
+        error="400 Invalid event_id",
+        uncertain=True,
+    )
     got_a, got_b = store.get(a.id), store.get(b.id)
     assert got_a is not None and got_b is not None
-    assert (got_a.state, got_a.lease_owner, got_a.last_status, got_a.latency_ms) == ("delivered", None, 200, 12.5)
+    assert (got_a.state, got_a.lease_owner, got_a.last_status, got_a.latency_ms) == (
+        "delivered",
+        None,
+        200,
+        12.5,
+    )
     assert got_a.last_answer == {"data": {"conversion_id": "c1"}} and got_a.last_error is None
     assert got_a.delivered_at is not None and before - 1 <= got_a.delivered_at <= time.time() + 1
-    assert (got_b.state, got_b.last_status, got_b.last_error, got_b.uncertain) == \
-        ("dead", 400, "400 Invalid event_id", True)
+    assert (got_b.state, got_b.last_status, got_b.last_error, got_b.uncertain) == (
+        "dead",
+        400,
+        "400 Invalid event_id",
+        True,
+    )
     assert got_b.delivered_at is None and got_b.display_state() == "dead"
     assert store.claim("w", 10, 30) == []
 
@@ -359,18 +413,25 @@ def test_finish_many_settles_a_batch_in_order_and_checks_each_owner(store: Store
     assert len(store.claim("w", 5, 30)) == 5
     a, b, c, d, e = records
     later = time.time() + 3600
-    flags = store.finish_many([
-        Outcome(a.id, "w", "delivered", time.time(), 200, {"data": {"conversion_id": "c1"}}, None, False, 5.0),
-        Outcome(b.id, "intruder", "delivered", time.time(), 200),  # not the lease owner
-        Outcome(c.id, "w", "dead", time.time(), 400, {"message": "no"}, "400 no", True),
-        Outcome(d.id, "w", "pending", later, 503, None, "503", True),  # a retry, due in an hour
-        Outcome("no-such-id", "w", "delivered", time.time()),
-        Outcome(e.id, "w", "pending", time.time() - 1, None, None, "connect: ConnectError", False),
-    ])
+    flags = store.finish_many(
+        [
+            Outcome(
+                a.id, "w", "delivered", time.time(), 200, {"data": {"conversion_id": "c1"}}, None, False, 5.0
+            ),
+            Outcome(b.id, "intruder", "delivered", time.time(), 200),  # not the lease owner
+            Outcome(c.id, "w", "dead", time.time(), 400, {"message": "no"}, "400 no", True),
+            Outcome(d.id, "w", "pending", later, 503, None, "503", True),  # a retry, due in an hour
+            Outcome("no-such-id", "w", "delivered", time.time()),
+            Outcome(e.id, "w", "pending", time.time() - 1, None, None, "connect: ConnectError", False),
+        ]
+    )
     assert flags == [True, False, True, True, False, True]
     got = {r.id: store.get(r.id) for r in records}
-    assert (got[a.id].state, got[a.id].last_answer, got[a.id].latency_ms) == \
-        ("delivered", {"data": {"conversion_id": "c1"}}, 5.0)
+    assert (got[a.id].state, got[a.id].last_answer, got[a.id].latency_ms) == (
+        "delivered",
+        {"data": {"conversion_id": "c1"}},
+        5.0,
+    )
     assert got[a.id].delivered_at is not None
     assert (got[b.id].state, got[b.id].lease_owner) == ("pending", "w")
     assert (got[c.id].state, got[c.id].last_error, got[c.id].uncertain) == ("dead", "400 no", True)
@@ -479,6 +540,7 @@ def test_claims_from_forked_processes_never_overlap(store: Store) -> None:
 
 
 # --- reading and operating -----------------------------------------------------------------------
+
 
 def test_list_is_newest_first_with_filters(store: Store) -> None:
     base = time.time() - 100
@@ -592,14 +654,21 @@ def test_timeline_buckets_received_events_by_minute_and_outcome(store: Store) ->
     store.add(old, owner=None, lease=30)
     queued = rec(received_at=minute + 1)
     store.add(queued, owner=None, lease=30)
-    retrying, delivered, dead = rec(received_at=minute + 2), rec(received_at=minute + 61), rec(received_at=minute + 62)
+    retrying, delivered, dead = (
+        rec(received_at=minute + 2),
+        rec(received_at=minute + 61),
+        rec(received_at=minute + 62),
+    )
     for r in (retrying, delivered, dead):
         store.add(r, owner="w", lease=30)
     assert finish(store, retrying, "w", "pending", next_at=time.time() + 60, status=500)
     assert finish(store, delivered, "w", "delivered", status=200)
     assert finish(store, dead, "w", "dead", status=400)
     assert sorted(store.timeline(minute)) == [
-        (minute, "queued", 1), (minute, "retrying", 1), (minute + 60, "dead", 1), (minute + 60, "delivered", 1),
+        (minute, "queued", 1),
+        (minute, "retrying", 1),
+        (minute + 60, "dead", 1),
+        (minute + 60, "delivered", 1),
     ]
     assert store.timeline(time.time() + 60) == []
 

@@ -31,8 +31,14 @@ pytest_plugins = ["tests.redis_fixture"]
 
 
 def record(i: int, size: int = 600) -> Record:
-    return Record(id=f"ev-{i:05d}", cid="cmp_test", event_id="quote_viewed", transaction_id=f"t-{i}",
-                  payload={"filler": "x" * size}, received_at=time.time())
+    return Record(
+        id=f"ev-{i:05d}",
+        cid="cmp_test",
+        event_id="quote_viewed",
+        transaction_id=f"t-{i}",
+        payload={"filler": "x" * size},
+        received_at=time.time(),
+    )
 
 
 def readyz(relay: Relay) -> httpx.Response:
@@ -43,8 +49,9 @@ def post_until_refused(relay: Relay, limit: int = 400) -> list[str]:
     """Post events until the relay answers 503; returns the transaction ids it accepted."""
     accepted = []
     for i in range(limit):
-        answer = relay.post({"event_id": "quote_viewed", "transaction_id": f"full-{i}",
-                             "quote_id": "q" * 200})
+        answer = relay.post(
+            {"event_id": "quote_viewed", "transaction_id": f"full-{i}", "quote_id": "q" * 200}
+        )
         if answer.status_code == 503:
             assert answer.headers["Retry-After"]
             return accepted
@@ -83,7 +90,9 @@ def test_a_failed_claim_reports_the_real_error_not_the_rollback(tmp_path: Path) 
     assert [r.id for r in store.claim("w1", 10, 30)] == ["ev-00001"]  # the store still works
 
 
-def test_a_write_that_fails_for_space_truncates_the_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_that_fails_for_space_truncates_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "o.sqlite3"
     SQLiteStore(str(path)).close()
     monkeypatch.setenv(MAX_PAGE_COUNT_ENV, "60")
@@ -98,7 +107,8 @@ def test_a_write_that_fails_for_space_truncates_the_wal(tmp_path: Path, monkeypa
 
 
 def test_sqlite_full_disk_makes_the_relay_unready_and_it_recovers_by_itself(
-        relay_factory: RelayFactory, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "relay.sqlite3"
     SQLiteStore(str(path)).close()
     with sqlite3.connect(path) as db:  # space the "operator" frees later
@@ -122,8 +132,11 @@ def test_sqlite_full_disk_makes_the_relay_unready_and_it_recovers_by_itself(
     fresh = relay.post({"event_id": "quote_viewed", "transaction_id": "after-recovery"})
     assert fresh.status_code in (200, 202), fresh.text
     wanted = set(held) | {"after-recovery"}
-    wait_for(lambda: wanted <= {e["transaction_id"] for e in sandbox.events()}, timeout=40,
-             message="every held event delivered")
+    wait_for(
+        lambda: wanted <= {e["transaction_id"] for e in sandbox.events()},
+        timeout=40,
+        message="every held event delivered",
+    )
     assert "cannot rollback" not in relay.log()
 
 
@@ -131,15 +144,19 @@ def test_sqlite_full_disk_makes_the_relay_unready_and_it_recovers_by_itself(
 
 
 def test_redis_oom_makes_the_relay_unready_with_503_and_it_recovers(
-        relay_factory: RelayFactory, sandbox: Sandbox, redis_url: str, redis_server: RedisServer) -> None:
+    relay_factory: RelayFactory, sandbox: Sandbox, redis_url: str, redis_server: RedisServer
+) -> None:
     relay = relay_factory(store=redis_url, workers=1)
     control = redis_server.client()
     try:
         control.config_set("maxmemory", "1")  # noeviction: every write is refused with OOM
         answer = relay.post({"event_id": "quote_viewed", "transaction_id": "oom-1"})
         assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
-        ready = wait_for(lambda: (r := readyz(relay)).status_code == 503 and r, timeout=10,
-                         message="/readyz unready under OOM")
+        ready = wait_for(
+            lambda: (r := readyz(relay)).status_code == 503 and r,
+            timeout=10,
+            message="/readyz unready under OOM",
+        )
         assert ready.json()["store"] == "unwritable" and "maxmemory" in ready.json()["store_error"]
     finally:
         control.config_set("maxmemory", "0")
@@ -163,8 +180,11 @@ def test_redis_misconf_refuses_writes_and_readiness_says_so(tmp_path: Path) -> N
         assert store.check_writable() is None
         shutil.rmtree(workdir)
         control.bgsave()
-        wait_for(lambda: control.info("persistence")["rdb_last_bgsave_status"] == "err", timeout=10,
-                 message="the snapshot to fail")
+        wait_for(
+            lambda: control.info("persistence")["rdb_last_bgsave_status"] == "err",
+            timeout=10,
+            message="the snapshot to fail",
+        )
         assert "MISCONF" in (store.check_writable() or "")
         with pytest.raises(redis.ResponseError, match="MISCONF"):
             store.add(record(1), owner=None, lease=30)
@@ -176,18 +196,23 @@ def test_redis_misconf_refuses_writes_and_readiness_says_so(tmp_path: Path) -> N
 
 
 def test_redis_persistence_is_checked_at_start_and_reported(
-        redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     control = redis_server.client()
     try:
         with caplog.at_level("WARNING", logger="pingtree_relay.outbox"):
-            assert RedisStore(redis_url).persistence().state == "off"  # the test server: --save "" --appendonly no
+            assert (
+                RedisStore(redis_url).persistence().state == "off"
+            )  # the test server: --save "" --appendonly no
         assert "every queued event" in caplog.text
         control.config_set("save", "3600 1")
         assert RedisStore(redis_url).persistence().state == "snapshots"
         control.config_set("appendonly", "yes")
         found = RedisStore(redis_url).persistence()
         assert found.state == "ok" and "appendfsync" in found.detail
-        control.acl_setuser("noconfig", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-config"])
+        control.acl_setuser(
+            "noconfig", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-config"]
+        )
         caplog.clear()
         with caplog.at_level("WARNING", logger="pingtree_relay.outbox"):
             limited = RedisStore(redis_url.replace("redis://", "redis://noconfig:pw@"))
@@ -213,10 +238,12 @@ def admin_overview(store_url: str) -> str:
     from server.config import parse_config
     from tests.test_admin import TOKEN, logged_in
 
-    config = parse_config({
-        "relay": {"upstream_url": "http://pingtree.invalid", "store": store_url, "admin_token": TOKEN},
-        "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"], "events": {"view": {}}}},
-    })
+    config = parse_config(
+        {
+            "relay": {"upstream_url": "http://pingtree.invalid", "store": store_url, "admin_token": TOKEN},
+            "campaigns": {"cmp_a": {"allowed_origins": ["https://shop.example.com"], "events": {"view": {}}}},
+        }
+    )
     app = create_app(config, start_delivery=False)
     try:
         return str(logged_in(app).get("/admin/").text)

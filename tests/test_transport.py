@@ -20,8 +20,14 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
     return head + await reader.readexactly(length)
 
 
@@ -66,8 +72,9 @@ def serve(handler: Handler, test: Callable[[str, list[int]], Awaitable[None]]) -
 async def keep_alive_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while True:
         await read_request(reader)
-        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 16\r\n\r\n'
-                     b'{"message":"ok"}')
+        writer.write(
+            b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 16\r\n\r\n{"message":"ok"}'
+        )
         await writer.drain()
 
 
@@ -87,8 +94,10 @@ def test_connections_are_kept_alive_and_reused() -> None:
 def test_chunked_and_close_delimited_answers_are_read_whole() -> None:
     async def chunked_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\nretry-after: 7\r\n\r\n"
-                     b"5\r\n{\"a\":\r\n3\r\n 1}\r\n0\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\nretry-after: 7\r\n\r\n"
+            b'5\r\n{"a":\r\n3\r\n 1}\r\n0\r\n\r\n'
+        )
         await read_request(reader)
         writer.write(b"HTTP/1.1 503 Busy\r\nconnection: close\r\n\r\nlater")
         await writer.drain()

@@ -37,7 +37,9 @@ def readiness_by_worker(relay_url: str) -> dict[str, set[tuple[str, str]]]:
     def ask() -> bool:
         response = httpx.get(relay_url + "/readyz", headers={"Connection": "close"}, timeout=5)
         upstream = response.json()["upstream"]
-        answers.setdefault(response.headers["X-Request-Id"][:24], set()).add((upstream["state"], upstream["detail"]))
+        answers.setdefault(response.headers["X-Request-Id"][:24], set()).add(
+            (upstream["state"], upstream["detail"])
+        )
         return len(answers) >= 2
 
     wait_for(ask, interval=0.01, message="both workers to answer /readyz")

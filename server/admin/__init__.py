@@ -38,8 +38,14 @@ from flask.sessions import SecureCookieSessionInterface
 from ..relay import Relay, current_relay, relay_of
 from .sessions import SessionStore, open_sessions
 
-bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates",
-               static_folder="static", static_url_path="/static")
+bp = Blueprint(
+    "admin",
+    __name__,
+    url_prefix="/admin",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
 
 SESSION_HOURS = 12
 MAX_FAILED_LOGINS = 5  # per client and window: enough for typos, hopeless for guessing
@@ -119,8 +125,9 @@ def guard() -> Any:
             return Response("Log in first.\n", status=401, mimetype="text/plain")
         return redirect(url_for("admin.login", next=request.full_path if request.args else request.path))
     if request.method == "POST" and not csrf_ok():
-        return Response("CSRF token missing or wrong: reload the page and try again.\n", status=403,
-                        mimetype="text/plain")
+        return Response(
+            "CSRF token missing or wrong: reload the page and try again.\n", status=403, mimetype="text/plain"
+        )
     return None
 
 
@@ -161,8 +168,9 @@ def _secret_key(app: Flask, relay: Relay) -> None:
     # worker would be refused by the next. Deriving it from the admin token keeps the workers in
     # agreement, and changing the token ends every session.
     if not relay.config.relay.secret_key and relay.config.relay.admin_token:
-        app.config["SECRET_KEY"] = hmac.new(relay.config.relay.admin_token.encode(),
-                                            b"pingtree-relay session key", hashlib.sha256).digest()
+        app.config["SECRET_KEY"] = hmac.new(
+            relay.config.relay.admin_token.encode(), b"pingtree-relay session key", hashlib.sha256
+        ).digest()
 
 
 def init_app(app: Flask) -> None:

@@ -85,12 +85,24 @@ def build_chart(rows: list[tuple[int, str, int]], now: float | None = None) -> C
             h = plot_h * count / top
             base -= h
             label = f"{time.strftime('%H:%M', time.localtime(minute))} {zone(minute)}"
-            chart.bars.append(Bar(round(LEFT + i * slot + 1, 2), round(base, 2), round(slot - 2, 2),
-                                  round(h, 2), outcome, f"{label}: {count} {outcome}"))
+            chart.bars.append(
+                Bar(
+                    round(LEFT + i * slot + 1, 2),
+                    round(base, 2),
+                    round(slot - 2, 2),
+                    round(h, 2),
+                    outcome,
+                    f"{label}: {count} {outcome}",
+                )
+            )
     chart.y_ticks = [Tick(round(HEIGHT - BOTTOM - plot_h * f, 2), _count(top * f)) for f in (0, 0.5, 1)]
-    chart.x_ticks = [Tick(round(LEFT + i * slot + slot / 2, 2),
-                          time.strftime("%H:%M", time.localtime(first_minute + i * 60)))
-                     for i in range(0, MINUTES, 15)] + [Tick(WIDTH, "now", "end")]
+    chart.x_ticks = [
+        Tick(
+            round(LEFT + i * slot + slot / 2, 2),
+            time.strftime("%H:%M", time.localtime(first_minute + i * 60)),
+        )
+        for i in range(0, MINUTES, 15)
+    ] + [Tick(WIDTH, "now", "end")]
     # The axis's zone once, on its first tick: the times are the server's clock, not the viewer's.
     first = chart.x_ticks[0]
     chart.x_ticks[0] = Tick(first.position, f"{first.label} {zone(first_minute)}", first.anchor)

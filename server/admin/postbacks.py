@@ -16,7 +16,9 @@ from ..relay import current_relay
 from . import bp
 
 
-def postback_counts() -> tuple[dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], dict[str, float]]]:
+def postback_counts() -> tuple[
+    dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], dict[str, float]]
+]:
     """Per (cid, source): counts by outcome, and refusals by reason. Empty without the metrics module."""
     metrics = current_app.extensions.get("metrics")
     outcomes: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
@@ -43,14 +45,23 @@ def postbacks() -> str:
         for source in campaign.postbacks.values():
             key = (campaign.cid, source.name)
             counted = outcomes.get(key, {})
-            rows.append({
-                "cid": campaign.cid, "source": source, "url": source_url(base, campaign, source),
-                "accepted": int(sum(n for outcome, n in counted.items() if outcome != "refused")),
-                "refused": int(counted.get("refused", 0)),
-                "outcomes": {k: int(v) for k, v in sorted(counted.items()) if k != "refused"},
-                "reasons": {k: int(v) for k, v in sorted(reasons.get(key, {}).items(), key=lambda kv: -kv[1])},
-            })
+            rows.append(
+                {
+                    "cid": campaign.cid,
+                    "source": source,
+                    "url": source_url(base, campaign, source),
+                    "accepted": int(sum(n for outcome, n in counted.items() if outcome != "refused")),
+                    "refused": int(counted.get("refused", 0)),
+                    "outcomes": {k: int(v) for k, v in sorted(counted.items()) if k != "refused"},
+                    "reasons": {
+                        k: int(v) for k, v in sorted(reasons.get(key, {}).items(), key=lambda kv: -kv[1])
+                    },
+                }
+            )
     # Postbacks to a source (or campaign) that is not configured: counted under "unknown".
-    unknown = [{"cid": cid, "reasons": {k: int(v) for k, v in sorted(counted.items())}}
-               for (cid, source), counted in sorted(reasons.items()) if source == "unknown"]
+    unknown = [
+        {"cid": cid, "reasons": {k: int(v) for k, v in sorted(counted.items())}}
+        for (cid, source), counted in sorted(reasons.items())
+        if source == "unknown"
+    ]
     return render_template("admin/postbacks.html", rows=rows, unknown=unknown, page="postbacks")

@@ -14,8 +14,13 @@ from ..staging import is_test
 
 DISPLAY_STATES = ("queued", "delivering", "retrying", "delivered", "dead")
 # Store states to ask for, per display state (the store filters on its own states only).
-STORE_STATE: dict[str, State] = {"queued": "pending", "delivering": "pending", "retrying": "pending",
-               "delivered": "delivered", "dead": "dead"}
+STORE_STATE: dict[str, State] = {
+    "queued": "pending",
+    "delivering": "pending",
+    "retrying": "pending",
+    "delivered": "delivered",
+    "dead": "dead",
+}
 
 
 def upstream_message(record: Record) -> str:

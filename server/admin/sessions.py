@@ -41,7 +41,9 @@ def _digest(text: str) -> str:
 
 def _bound(session_id: str, token: str) -> str:
     """What ties a session to the token it was opened under."""
-    return hmac.new(token.encode(), b"pingtree-relay admin session|" + session_id.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(
+        token.encode(), b"pingtree-relay admin session|" + session_id.encode(), hashlib.sha256
+    ).hexdigest()
 
 
 def _window(window: float, now: float) -> int:
@@ -65,7 +67,8 @@ class SQLiteSessions:
                 "CREATE TABLE IF NOT EXISTS admin_sessions (id TEXT PRIMARY KEY, bound TEXT NOT NULL, "
                 "expires REAL NOT NULL);"
                 "CREATE TABLE IF NOT EXISTS admin_login_failures (client TEXT NOT NULL, win INTEGER NOT NULL, "
-                "count INTEGER NOT NULL, PRIMARY KEY (client, win));")
+                "count INTEGER NOT NULL, PRIMARY KEY (client, win));"
+            )
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
@@ -73,13 +76,21 @@ class SQLiteSessions:
         session_id, now = secrets.token_urlsafe(32), time.time()
         conn = self._conn()
         conn.execute("DELETE FROM admin_sessions WHERE expires < ?", (now,))
-        conn.execute("INSERT INTO admin_sessions VALUES (?, ?, ?)",
-                     (_digest(session_id), _bound(session_id, token), now + lifetime))
+        conn.execute(
+            "INSERT INTO admin_sessions VALUES (?, ?, ?)",
+            (_digest(session_id), _bound(session_id, token), now + lifetime),
+        )
         return session_id
 
     def valid(self, session_id: str, token: str) -> bool:
-        row = self._conn().execute("SELECT bound FROM admin_sessions WHERE id = ? AND expires >= ?",
-                                   (_digest(session_id), time.time())).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT bound FROM admin_sessions WHERE id = ? AND expires >= ?",
+                (_digest(session_id), time.time()),
+            )
+            .fetchone()
+        )
         return row is not None and hmac.compare_digest(row[0], _bound(session_id, token))
 
     def revoke(self, session_id: str) -> None:
@@ -91,12 +102,20 @@ class SQLiteSessions:
         conn.execute("DELETE FROM admin_login_failures WHERE win < ?", (_window(window, now) - 1,))
         row = conn.execute(
             "INSERT INTO admin_login_failures VALUES (?, ?, 1) ON CONFLICT (client, win) "
-            "DO UPDATE SET count = count + 1 RETURNING count", (_digest(client), _window(window, now))).fetchone()
+            "DO UPDATE SET count = count + 1 RETURNING count",
+            (_digest(client), _window(window, now)),
+        ).fetchone()
         return int(row[0])
 
     def failures(self, client: str, window: float) -> int:
-        row = self._conn().execute("SELECT count FROM admin_login_failures WHERE client = ? AND win = ?",
-                                   (_digest(client), _window(window, time.time()))).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT count FROM admin_login_failures WHERE client = ? AND win = ?",
+                (_digest(client), _window(window, time.time())),
+            )
+            .fetchone()
+        )
         return int(row[0]) if row else 0
 
 
@@ -116,8 +135,9 @@ class RedisSessions:
 
     def open(self, token: str, lifetime: float) -> str:
         session_id = secrets.token_urlsafe(32)
-        self._redis().set(f"{self.prefix}session:{_digest(session_id)}", _bound(session_id, token),
-                          ex=max(1, int(lifetime)))
+        self._redis().set(
+            f"{self.prefix}session:{_digest(session_id)}", _bound(session_id, token), ex=max(1, int(lifetime))
+        )
         return session_id
 
     def valid(self, session_id: str, token: str) -> bool:
@@ -145,4 +165,4 @@ def open_sessions(store_url: str) -> SessionStore:
     """The session store next to the outbox at ``store_url`` (see :func:`server.outbox.open_store`)."""
     if store_url.startswith("redis://"):
         return RedisSessions(store_url)
-    return SQLiteSessions(store_url[len("sqlite:///"):])
+    return SQLiteSessions(store_url[len("sqlite:///") :])

@@ -40,22 +40,31 @@ def login() -> Any:
     one client answer 429 (even with the right token) until the window ends."""
     raw_next = request.values.get("next", "")
     if any(ord(c) < 32 or ord(c) == 127 for c in raw_next):  # CR/LF would split the Location header
-        return Response("next: not a dashboard path (it holds control characters)\n", status=400,
-                        mimetype="text/plain")
+        return Response(
+            "next: not a dashboard path (it holds control characters)\n", status=400, mimetype="text/plain"
+        )
     target = _safe_next(raw_next)
     if request.method == "POST":
         client = request.remote_addr or "unknown"
         if login_blocked(client):
             log.warning("admin login refused from %s: too many failed logins", mask_ip(client))
-            page = render_template("admin/login.html", next=target,
-                                   error=f"Too many failed logins; try again in {LOGIN_WINDOW_SECONDS // 60} minutes.")
+            page = render_template(
+                "admin/login.html",
+                next=target,
+                error=f"Too many failed logins; try again in {LOGIN_WINDOW_SECONDS // 60} minutes.",
+            )
             return page, 429, {"Retry-After": str(LOGIN_WINDOW_SECONDS)}
         if token_matches(request.form.get("token", "")):
             log_in()
             return redirect(target)
         failures = count_failed_login(client)
-        log.warning("admin login failed from %s (%d of %d allowed in %d s)", mask_ip(client), failures,
-                    MAX_FAILED_LOGINS, LOGIN_WINDOW_SECONDS)
+        log.warning(
+            "admin login failed from %s (%d of %d allowed in %d s)",
+            mask_ip(client),
+            failures,
+            MAX_FAILED_LOGINS,
+            LOGIN_WINDOW_SECONDS,
+        )
         return render_template("admin/login.html", error="That token is not right.", next=target), 401
     return render_template("admin/login.html", error=None, next=target)
 
@@ -82,8 +91,15 @@ def overview() -> str:
     recent = [feed_row(r, now) for r in store.find(limit=10)]
     # The same cached write probe as /readyz: a full disk or a Redis refusing writes shows here too.
     write_error = write_probe(current_app).error()
-    return render_template("admin/overview.html", stats=store.stats(), chart=chart, recent=recent,
-                           write_error=write_error, persistence=store.persistence(), page="overview")
+    return render_template(
+        "admin/overview.html",
+        stats=store.stats(),
+        chart=chart,
+        recent=recent,
+        write_error=write_error,
+        persistence=store.persistence(),
+        page="overview",
+    )
 
 
 @bp.get("/campaigns")
@@ -94,11 +110,21 @@ def campaigns() -> str:
     base = config.relay.public_url or request.host_url.rstrip("/")
     seen = versions_seen()
     now = time.time()
-    items = [{"campaign": c, "snippet": _snippet(c.cid, base),
-              "versions": [{**row, "age": age(now - row["last_seen"])} for row in seen.get(c.cid, [])]}
-             for c in config.campaigns.values()]
-    return render_template("admin/campaigns.html", items=items, page="campaigns", retention_days=RETENTION_DAYS,
-                           suggested_txn=f"test-{secrets.token_hex(4)}")
+    items = [
+        {
+            "campaign": c,
+            "snippet": _snippet(c.cid, base),
+            "versions": [{**row, "age": age(now - row["last_seen"])} for row in seen.get(c.cid, [])],
+        }
+        for c in config.campaigns.values()
+    ]
+    return render_template(
+        "admin/campaigns.html",
+        items=items,
+        page="campaigns",
+        retention_days=RETENTION_DAYS,
+        suggested_txn=f"test-{secrets.token_hex(4)}",
+    )
 
 
 def _snippet(cid: str, base: str) -> dict[str, str]:
@@ -113,8 +139,10 @@ def send_test_event(cid: str) -> Response:
     rel = current_relay()
     rel.received(cid)
     campaign = rel.campaign(cid)
-    body: dict[str, Any] = {"event_id": request.form.get("event_id", ""),
-                            "transaction_id": request.form.get("transaction_id", "").strip()}
+    body: dict[str, Any] = {
+        "event_id": request.form.get("event_id", ""),
+        "transaction_id": request.form.get("transaction_id", "").strip(),
+    }
     for name in ("amount", "pid"):
         if request.form.get(name, "").strip():
             body[name] = request.form[name].strip()
@@ -124,10 +152,18 @@ def send_test_event(cid: str) -> Response:
         rel.rejected(cid, None, reason=exc.reason, status=exc.status)
         flash(f"Not sent: {exc.status} {exc.message}", "error")
         return redirect(url_for("admin.campaigns") + f"#{cid}")
-    reply = rel.accept(campaign, event, idempotency_key=None, ip_address=None,
-                       user_agent="pingtree-relay dashboard (test event)")
-    flash(f"Test event {event.event_id} for {event.transaction_id}: {reply.outcome} "
-          f"({reply.status} {reply.body.get('message', '')})", "ok" if reply.status < 400 else "error")
+    reply = rel.accept(
+        campaign,
+        event,
+        idempotency_key=None,
+        ip_address=None,
+        user_agent="pingtree-relay dashboard (test event)",
+    )
+    flash(
+        f"Test event {event.event_id} for {event.transaction_id}: {reply.outcome} "
+        f"({reply.status} {reply.body.get('message', '')})",
+        "ok" if reply.status < 400 else "error",
+    )
     return redirect(url_for("admin.feed", transaction_id=event.transaction_id))
 
 
@@ -138,7 +174,9 @@ def _feed_filters() -> dict[str, str]:
 def _feed_rows(filters: dict[str, str]) -> list[dict[str, Any]]:
     wanted = filters["state"] if filters["state"] in DISPLAY_STATES else ""
     records = current_relay().store.find(
-        state=STORE_STATE.get(wanted), cid=filters["cid"] or None, event_id=filters["event_id"] or None,
+        state=STORE_STATE.get(wanted),
+        cid=filters["cid"] or None,
+        event_id=filters["event_id"] or None,
         transaction_id=filters["transaction_id"] or None,
         limit=FEED_LIMIT * (3 if wanted in ("queued", "delivering", "retrying") else 1),
     )
@@ -152,8 +190,15 @@ def feed() -> str:
     filters = _feed_filters()
     config = current_relay().config
     events = sorted({e for c in config.campaigns.values() for e in c.events})
-    return render_template("admin/feed.html", rows=_feed_rows(filters), filters=filters, page="feed",
-                           campaigns=list(config.campaigns), events=events, states=DISPLAY_STATES)
+    return render_template(
+        "admin/feed.html",
+        rows=_feed_rows(filters),
+        filters=filters,
+        page="feed",
+        campaigns=list(config.campaigns),
+        events=events,
+        states=DISPLAY_STATES,
+    )
 
 
 @bp.get("/feed.json")
@@ -165,8 +210,10 @@ def feed_json() -> Response:
 @bp.get("/dead")
 def dead() -> str:
     """Dead letters: why each died, and the body it would send (IP cut to its network)."""
-    rows = [{**feed_row(r), "reason": r.last_error or "", "payload": masked_payload(r.payload)}
-            for r in current_relay().store.find(state="dead", limit=200)]
+    rows = [
+        {**feed_row(r), "reason": r.last_error or "", "payload": masked_payload(r.payload)}
+        for r in current_relay().store.find(state="dead", limit=200)
+    ]
     return render_template("admin/dead.html", rows=rows, page="dead")
 
 

@@ -48,7 +48,7 @@ class Record:
     def event_uuid(self) -> str:
         """The client's id, as answers give it back (records stored before ids were scoped: the id)."""
         prefix = self.cid + ":"
-        return self.id[len(prefix):] if self.id.startswith(prefix) else self.id
+        return self.id[len(prefix) :] if self.id.startswith(prefix) else self.id
 
     def display_state(self, now: float | None = None) -> str:
         """What an operator wants to see: queued, delivering, retrying, delivered or dead."""
@@ -119,8 +119,17 @@ class Store(Protocol):
         """Lease up to ``limit`` due pending records (including ones whose lease expired)."""
 
     def finish(
-        self, record_id: str, owner: str, *, state: State, next_at: float, status: int | None,
-        answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
+        self,
+        record_id: str,
+        owner: str,
+        *,
+        state: State,
+        next_at: float,
+        status: int | None,
+        answer: dict[str, Any] | None,
+        error: str | None,
+        uncertain: bool,
+        latency_ms: float | None,
     ) -> bool:
         """Record an attempt's outcome and drop the lease; False when ``owner`` no longer holds it."""
 
@@ -138,8 +147,13 @@ class Store(Protocol):
     def get(self, record_id: str) -> Record | None: ...
 
     def find(
-        self, *, state: State | None = None, cid: str | None = None, event_id: str | None = None,
-        transaction_id: str | None = None, limit: int = 50,
+        self,
+        *,
+        state: State | None = None,
+        cid: str | None = None,
+        event_id: str | None = None,
+        transaction_id: str | None = None,
+        limit: int = 50,
     ) -> list[Record]:
         """Newest first."""
 
@@ -173,7 +187,7 @@ def open_store(url: str) -> Store:
     if url.startswith("sqlite:///"):
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(url[len("sqlite:///"):])
+        return SQLiteStore(url[len("sqlite:///") :])
     if url.startswith("redis://"):
         from .redis import RedisStore
 

@@ -21,9 +21,11 @@ class BackupError(RuntimeError):
 def backup(store_url: str, destination: str | os.PathLike[str]) -> int:
     """Copy the SQLite store at ``store_url`` to ``destination``; returns the number of pages copied."""
     if not store_url.startswith("sqlite:///"):
-        raise BackupError("the outbox is in Redis: back it up with Redis's own persistence "
-                          "(the AOF file, or BGSAVE's dump.rdb); see docs/deployment.md")
-    source_path = store_url[len("sqlite:///"):]
+        raise BackupError(
+            "the outbox is in Redis: back it up with Redis's own persistence "
+            "(the AOF file, or BGSAVE's dump.rdb); see docs/deployment.md"
+        )
+    source_path = store_url[len("sqlite:///") :]
     target = Path(destination)
     if target.exists():
         raise BackupError(f"{target} exists already; give a new file name (backups never overwrite)")

@@ -86,6 +86,7 @@ class Dispatcher:
         self._restart_after_fork = False
         self._lock = threading.Lock()
         me = weakref.ref(self)  # the hook must not keep a dropped engine alive
+
         def forget_in_child() -> None:
             engine = me()
             if engine is not None:
@@ -111,8 +112,9 @@ class Dispatcher:
                 return
             self._stop_requested = False
             self._thread_pid = os.getpid()
-            self._thread = threading.Thread(target=self.run, args=(max_in_flight,), name="pt-delivery",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self.run, args=(max_in_flight,), name="pt-delivery", daemon=True
+            )
             self._thread.start()
             self._restart_after_fork = True
 
@@ -149,7 +151,11 @@ class Dispatcher:
         if self._thread_pid == os.getpid():
             self.request_stop()
         thread = self._thread
-        if thread is not None and self._thread_pid == os.getpid() and thread is not threading.current_thread():
+        if (
+            thread is not None
+            and self._thread_pid == os.getpid()
+            and thread is not threading.current_thread()
+        ):
             thread.join(self.upstream_timeout + 10.0 if timeout is None else timeout)
 
     def _request_stop(self) -> None:
@@ -230,8 +236,13 @@ class Dispatcher:
             except Exception as exc:  # the store may be briefly unreachable (Redis restart): keep going
                 # One traceback per outage, then one line per retry: an outage must not flood the log.
                 failures += 1
-                log.error("claim failed (%d in a row): %s: %s", failures, type(exc).__name__, exc,
-                          exc_info=failures == 1)
+                log.error(
+                    "claim failed (%d in a row): %s: %s",
+                    failures,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=failures == 1,
+                )
                 await self._pause(STORE_RETRY_SECONDS)
                 continue
             failures = 0
@@ -286,7 +297,9 @@ class Dispatcher:
                     give_up_at = give_up_at or time.monotonic() + self.lease
                     if time.monotonic() > give_up_at:
                         # Their leases expire and the records are sent again, marked uncertain.
-                        log.error("gave up settling %d outcomes at shutdown", len(batch) + len(self._to_settle))
+                        log.error(
+                            "gave up settling %d outcomes at shutdown", len(batch) + len(self._to_settle)
+                        )
                         return
                 self._to_settle[:0] = batch
                 await asyncio.sleep(STORE_RETRY_SECONDS)
@@ -307,14 +320,34 @@ class Dispatcher:
     def outcome(self, record: Record, attempt: Attempt, *, owner: str) -> tuple[Decision, Outcome]:
         """What ``attempt`` means for ``record`` (pure apart from the clock): forwarder.classify, and
         a retry that would pass ``max_age`` becomes dead."""
-        decision = classify(attempt, attempts=record.attempts, was_uncertain=record.uncertain,
-                            base=self.retry_base, cap=self.retry_cap)
+        decision = classify(
+            attempt,
+            attempts=record.attempts,
+            was_uncertain=record.uncertain,
+            base=self.retry_base,
+            cap=self.retry_cap,
+        )
         now = time.time()
         if decision.state == "retry" and now - record.received_at + decision.delay > self.max_age:
             decision = Decision("dead", reason=f"gave up after {record.attempts} attempts: {decision.reason}")
-        state: State = "dead" if decision.state == "dead" else "delivered" if decision.state == "delivered" else "pending"
-        return decision, Outcome(record.id, owner, state, now + decision.delay, attempt.status, attempt.answer,
-                                 decision.reason or attempt.error, attempt.uncertain, attempt.latency_ms)
+        state: State = (
+            "dead"
+            if decision.state == "dead"
+            else "delivered"
+            if decision.state == "delivered"
+            else "pending"
+        )
+        return decision, Outcome(
+            record.id,
+            owner,
+            state,
+            now + decision.delay,
+            attempt.status,
+            attempt.answer,
+            decision.reason or attempt.error,
+            attempt.uncertain,
+            attempt.latency_ms,
+        )
 
     def settle(self, record: Record, attempt: Attempt, *, owner: str) -> Decision:
         """Store one inline attempt's outcome, the way the engine stores its batches."""
@@ -324,13 +357,23 @@ class Dispatcher:
         return decision
 
     def _settle_batch(self, batch: list[tuple[Record, Attempt]]) -> None:
-        decided = [(record, attempt, *self.outcome(record, attempt, owner=self.owner)) for record, attempt in batch]
+        decided = [
+            (record, attempt, *self.outcome(record, attempt, owner=self.owner)) for record, attempt in batch
+        ]
         flags = self.store.finish_many([outcome for _, _, _, outcome in decided])
         for (record, attempt, decision, outcome), stored in zip(decided, flags, strict=True):
             self._report(record, attempt, decision, outcome, stored, inline=False)
 
-    def _report(self, record: Record, attempt: Attempt, decision: Decision, outcome: Outcome,
-                stored: bool, *, inline: bool) -> None:
+    def _report(
+        self,
+        record: Record,
+        attempt: Attempt,
+        decision: Decision,
+        outcome: Outcome,
+        stored: bool,
+        *,
+        inline: bool,
+    ) -> None:
         if not stored:
             log.warning("lease on %s was lost before its outcome was stored", record.id)
         record.state = outcome.state

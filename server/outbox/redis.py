@@ -79,7 +79,9 @@ end
 # KEYS: none. ARGV: prefix, id, dedupe_key, owner, lease, legacy id, cid, then field/value pairs of
 # the new record. The legacy id is the bare event_uuid a record stored before ids were scoped has:
 # for its own campaign it is the same event.
-_ADD = _PRELUDE + """
+_ADD = (
+    _PRELUDE
+    + """
 local id, dkey, owner, lease = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local legacy, cid = ARGV[6], ARGV[7]
 local ev = P .. 'ev:' .. id
@@ -107,9 +109,12 @@ redis.call('ZADD', P .. 'txn:' .. cur[3], cur[1], id)
 if dkey ~= '' then redis.call('SET', P .. 'dedupe:' .. dkey, id) end
 return {1, fmt(t), fmt(next_at)}
 """
+)
 
 # ARGV: prefix, owner, limit, lease. Returns a list of HGETALL replies of the claimed records.
-_CLAIM = _PRELUDE + """
+_CLAIM = (
+    _PRELUDE
+    + """
 local owner, limit, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = now()
 local ids = redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', fmt(t), 'LIMIT', 0, limit)
@@ -131,10 +136,13 @@ for _, id in ipairs(ids) do
 end
 return out
 """
+)
 
 # ARGV: prefix, then per outcome 9 values: id, owner, state, next_at, status, answer, error,
 # uncertain (0/1), latency_ms. Returns one 1/0 per outcome (0: the owner no longer held the lease).
-_FINISH = _PRELUDE + """
+_FINISH = (
+    _PRELUDE
+    + """
 local t = fmt(now())
 local function finish(id, owner, state, next_at, status, answer, err, uncertain, latency)
   local ev = P .. 'ev:' .. id
@@ -169,9 +177,12 @@ for i = 2, #ARGV, 9 do
 end
 return out
 """
+)
 
 # ARGV: prefix, owner, ids...
-_RELEASE = _PRELUDE + """
+_RELEASE = (
+    _PRELUDE
+    + """
 local owner, t, n = ARGV[2], fmt(now()), 0
 for i = 3, #ARGV do
   local id = ARGV[i]
@@ -187,9 +198,12 @@ for i = 3, #ARGV do
 end
 return n
 """
+)
 
 # ARGV: prefix, ids...
-_REQUEUE = _PRELUDE + """
+_REQUEUE = (
+    _PRELUDE
+    + """
 local t, n = fmt(now()), 0
 for i = 2, #ARGV do
   local id = ARGV[i]
@@ -214,9 +228,12 @@ for i = 2, #ARGV do
 end
 return n
 """
+)
 
 # ARGV: prefix, state, older_than, batch. Returns {entries looked at, records deleted}.
-_PURGE = _PRELUDE + """
+_PURGE = (
+    _PRELUDE
+    + """
 local state, batch = ARGV[2], tonumber(ARGV[4])
 local cutoff = fmt(now() - tonumber(ARGV[3]))
 local ids = redis.call('ZRANGEBYSCORE', P .. 'upd:' .. state, '-inf', cutoff, 'LIMIT', 0, batch)
@@ -240,9 +257,16 @@ for _, id in ipairs(ids) do
 end
 return {#ids, n}
 """
+)
 
-_SCRIPTS = {"add": _ADD, "claim": _CLAIM, "finish": _FINISH, "release": _RELEASE,
-            "requeue": _REQUEUE, "purge": _PURGE}
+_SCRIPTS = {
+    "add": _ADD,
+    "claim": _CLAIM,
+    "finish": _FINISH,
+    "release": _RELEASE,
+    "requeue": _REQUEUE,
+    "purge": _PURGE,
+}
 
 _FLOATS = frozenset({"received_at", "next_at", "updated_at", "delivered_at", "latency_ms"})
 _INTS = frozenset({"attempts", "last_status"})
@@ -299,7 +323,10 @@ class RedisStore:
         # did not open in this process.)
         if self._redis is None or self._pid != os.getpid():
             client = redis.Redis.from_url(
-                self.url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=3.0,
+                self.url,
+                decode_responses=True,
+                socket_timeout=5.0,
+                socket_connect_timeout=3.0,
                 health_check_interval=30,
                 # A script run twice does no harm (a repeat finds the work done; a claim whose reply
                 # was lost waits out its lease, then goes out as uncertain), so retry broken calls.
@@ -319,16 +346,35 @@ class RedisStore:
     # --- the accept path ------------------------------------------------------------------------
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
-        fields = ["id", record.id, "cid", record.cid, "event_id", record.event_id, "transaction_id", record.transaction_id,
-                  "payload", json.dumps(record.payload, separators=(",", ":")),
-                  "received_at", repr(float(record.received_at))]
+        fields = [
+            "id",
+            record.id,
+            "cid",
+            record.cid,
+            "event_id",
+            record.event_id,
+            "transaction_id",
+            record.transaction_id,
+            "payload",
+            json.dumps(record.payload, separators=(",", ":")),
+            "received_at",
+            repr(float(record.received_at)),
+        ]
         if record.dedupe_key:
             fields += ["dedupe_key", record.dedupe_key]
         if record.fingerprint:
             fields += ["fingerprint", record.fingerprint]
         legacy = record.event_uuid if record.event_uuid != record.id else ""
-        reply = self._run("add", record.id, record.dedupe_key or "", owner or "", repr(float(lease)),
-                          legacy, record.cid, *fields)
+        reply = self._run(
+            "add",
+            record.id,
+            record.dedupe_key or "",
+            owner or "",
+            repr(float(lease)),
+            legacy,
+            record.cid,
+            *fields,
+        )
         if int(reply[0]) == 1:
             now, next_at = float(reply[1]), float(reply[2])
             record.state, record.lease_owner, record.updated_at = "pending", owner, now
@@ -347,11 +393,21 @@ class RedisStore:
         return [_decode(flat) for flat in self._run("claim", owner, int(limit), repr(float(lease)))]
 
     def finish(
-        self, record_id: str, owner: str, *, state: State, next_at: float, status: int | None,
-        answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
+        self,
+        record_id: str,
+        owner: str,
+        *,
+        state: State,
+        next_at: float,
+        status: int | None,
+        answer: dict[str, Any] | None,
+        error: str | None,
+        uncertain: bool,
+        latency_ms: float | None,
     ) -> bool:
-        return self.finish_many([Outcome(record_id, owner, state, next_at, status, answer, error,
-                                         uncertain, latency_ms)])[0]
+        return self.finish_many(
+            [Outcome(record_id, owner, state, next_at, status, answer, error, uncertain, latency_ms)]
+        )[0]
 
     def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
         for outcome in outcomes:
@@ -360,10 +416,18 @@ class RedisStore:
         done: list[bool] = []
         for i in range(0, len(outcomes), _BATCH):  # one script call (one round trip) per batch
             args: list[str] = []
-            for o in outcomes[i:i + _BATCH]:
-                args += [o.record_id, o.owner, o.state, repr(float(o.next_at)), _opt(o.status),
-                         json.dumps(o.answer) if o.answer is not None else "", o.error or "",
-                         "1" if o.uncertain else "0", _opt(None if o.latency_ms is None else float(o.latency_ms))]
+            for o in outcomes[i : i + _BATCH]:
+                args += [
+                    o.record_id,
+                    o.owner,
+                    o.state,
+                    repr(float(o.next_at)),
+                    _opt(o.status),
+                    json.dumps(o.answer) if o.answer is not None else "",
+                    o.error or "",
+                    "1" if o.uncertain else "0",
+                    _opt(None if o.latency_ms is None else float(o.latency_ms)),
+                ]
             done += [int(flag) == 1 for flag in self._run("finish", *args)]
         return done
 
@@ -374,7 +438,7 @@ class RedisStore:
 
     def release(self, record_ids: Iterable[str], owner: str) -> int:
         ids = list(record_ids)
-        return sum(int(self._run("release", owner, *ids[i:i + _BATCH])) for i in range(0, len(ids), _BATCH))
+        return sum(int(self._run("release", owner, *ids[i : i + _BATCH])) for i in range(0, len(ids), _BATCH))
 
     # --- reading and operating ---------------------------------------------------------------------
 
@@ -390,8 +454,13 @@ class RedisStore:
         return [_decode(raw) if raw else None for raw in pipe.execute()]
 
     def find(
-        self, *, state: State | None = None, cid: str | None = None, event_id: str | None = None,
-        transaction_id: str | None = None, limit: int = 50,
+        self,
+        *,
+        state: State | None = None,
+        cid: str | None = None,
+        event_id: str | None = None,
+        transaction_id: str | None = None,
+        limit: int = 50,
     ) -> list[Record]:
         # Walk the smallest applicable index newest-first and filter the rest here.
         candidates = [self._key("txn", transaction_id)] if transaction_id else []
@@ -443,7 +512,9 @@ class RedisStore:
             targets = [rid for rid, dead in zip(ids_of_cid, pipe.execute(), strict=True) if dead is not None]
         else:
             targets = list(ids)
-        return sum(int(self._run("requeue", *targets[i:i + _BATCH])) for i in range(0, len(targets), _BATCH))
+        return sum(
+            int(self._run("requeue", *targets[i : i + _BATCH])) for i in range(0, len(targets), _BATCH)
+        )
 
     def purge(self, *, state: str, older_than: float = 0.0) -> int:
         if state not in ("delivered", "dead"):
@@ -460,7 +531,9 @@ class RedisStore:
         counts: dict[tuple[int, str], int] = {}
         offset = 0
         while True:
-            ids = cast(list[str], client.zrangebyscore(self._key("recv"), since, "+inf", start=offset, num=_BATCH))
+            ids = cast(
+                list[str], client.zrangebyscore(self._key("recv"), since, "+inf", start=offset, num=_BATCH)
+            )
             if not ids:
                 break
             pipe = client.pipeline(transaction=False)
@@ -503,17 +576,26 @@ class RedisStore:
             fsync = client.config_get("appendfsync").get("appendfsync")
             save = client.config_get("save").get("save")
         except redis.ResponseError as exc:  # CONFIG renamed away or not permitted (managed Redis, ACL)
-            return Persistence("unknown", f"cannot verify (CONFIG GET refused: {exc}); make sure Redis "
-                                          "runs with appendonly yes, or a restart loses queued events")
+            return Persistence(
+                "unknown",
+                f"cannot verify (CONFIG GET refused: {exc}); make sure Redis "
+                "runs with appendonly yes, or a restart loses queued events",
+            )
         except redis.RedisError as exc:
             return Persistence("unknown", f"cannot verify: {exc}")
         if aof == "yes":
             return Persistence("ok", f"appendonly yes, appendfsync {fsync}")
         if save:
-            return Persistence("snapshots", f"RDB snapshots only (save {save}): a Redis restart loses the "
-                                            "events queued since the last snapshot; set appendonly yes")
-        return Persistence("off", "appendonly no and no RDB snapshots: a Redis restart loses every "
-                                  "queued event; set appendonly yes")
+            return Persistence(
+                "snapshots",
+                f"RDB snapshots only (save {save}): a Redis restart loses the "
+                "events queued since the last snapshot; set appendonly yes",
+            )
+        return Persistence(
+            "off",
+            "appendonly no and no RDB snapshots: a Redis restart loses every "
+            "queued event; set appendonly yes",
+        )
 
     def close(self) -> None:
         if self._redis is not None and self._pid == os.getpid():

@@ -25,7 +25,8 @@ class StoreTooNew(RuntimeError):
         super().__init__(
             f"{where} has schema version {found}, but this pingtree-relay ({version()}) knows versions up "
             f"to {known}: it was upgraded by a newer release. Install that release again (or newer); "
-            "do not downgrade a store.")
+            "do not downgrade a store."
+        )
         self.found, self.known = found, known
 
 

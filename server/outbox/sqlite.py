@@ -81,9 +81,25 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 
 _COLUMNS = (
-    "id", "cid", "event_id", "transaction_id", "dedupe_key", "fingerprint", "payload", "received_at", "state",
-    "attempts", "next_at", "lease_owner", "uncertain", "last_status", "last_answer", "last_error",
-    "updated_at", "delivered_at", "latency_ms",
+    "id",
+    "cid",
+    "event_id",
+    "transaction_id",
+    "dedupe_key",
+    "fingerprint",
+    "payload",
+    "received_at",
+    "state",
+    "attempts",
+    "next_at",
+    "lease_owner",
+    "uncertain",
+    "last_status",
+    "last_answer",
+    "last_error",
+    "updated_at",
+    "delivered_at",
+    "latency_ms",
 )
 
 
@@ -243,10 +259,27 @@ class SQLiteStore:
             f"INSERT INTO events ({', '.join(_COLUMNS)}) SELECT {', '.join('?' * len(_COLUMNS))} "
             "WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = ? AND cid = ?) ON CONFLICT DO NOTHING",
             (
-                record.id, record.cid, record.event_id, record.transaction_id, record.dedupe_key,
-                record.fingerprint, json.dumps(record.payload, separators=(",", ":")), record.received_at,
-                "pending", 1 if owner else 0, now + lease if owner else now, owner, 0, None, None, None, now,
-                None, None, record.event_uuid, record.cid,
+                record.id,
+                record.cid,
+                record.event_id,
+                record.transaction_id,
+                record.dedupe_key,
+                record.fingerprint,
+                json.dumps(record.payload, separators=(",", ":")),
+                record.received_at,
+                "pending",
+                1 if owner else 0,
+                now + lease if owner else now,
+                owner,
+                0,
+                None,
+                None,
+                None,
+                now,
+                None,
+                None,
+                record.event_uuid,
+                record.cid,
             ),
         )
         if cur.rowcount == 1:
@@ -299,11 +332,21 @@ class SQLiteStore:
         return [_row_to_record(r) for r in rows]
 
     def finish(
-        self, record_id: str, owner: str, *, state: State, next_at: float, status: int | None,
-        answer: dict[str, Any] | None, error: str | None, uncertain: bool, latency_ms: float | None,
+        self,
+        record_id: str,
+        owner: str,
+        *,
+        state: State,
+        next_at: float,
+        status: int | None,
+        answer: dict[str, Any] | None,
+        error: str | None,
+        uncertain: bool,
+        latency_ms: float | None,
     ) -> bool:
-        return self.finish_many([Outcome(record_id, owner, state, next_at, status, answer, error,
-                                         uncertain, latency_ms)])[0]
+        return self.finish_many(
+            [Outcome(record_id, owner, state, next_at, status, answer, error, uncertain, latency_ms)]
+        )[0]
 
     def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
         for outcome in outcomes:
@@ -324,10 +367,27 @@ class SQLiteStore:
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            done = [conn.execute(_FINISH_SQL, (
-                o.state, o.next_at, o.status, json.dumps(o.answer) if o.answer is not None else None, o.error,
-                1 if o.uncertain else 0, now, o.latency_ms, o.state, now, o.record_id, o.owner,
-            )).rowcount == 1 for o in outcomes]
+            done = [
+                conn.execute(
+                    _FINISH_SQL,
+                    (
+                        o.state,
+                        o.next_at,
+                        o.status,
+                        json.dumps(o.answer) if o.answer is not None else None,
+                        o.error,
+                        1 if o.uncertain else 0,
+                        now,
+                        o.latency_ms,
+                        o.state,
+                        now,
+                        o.record_id,
+                        o.owner,
+                    ),
+                ).rowcount
+                == 1
+                for o in outcomes
+            ]
             conn.execute("COMMIT")
         except BaseException:
             self._rollback(conn)
@@ -335,8 +395,10 @@ class SQLiteStore:
         return done
 
     def backlog(self, limit: int) -> int:
-        rows = self._read("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE state = 'pending' AND next_at <= ? "
-                          "LIMIT ?)", (time.time(), limit))
+        rows = self._read(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE state = 'pending' AND next_at <= ? LIMIT ?)",
+            (time.time(), limit),
+        )
         return int(rows[0][0])
 
     def release(self, record_ids: Iterable[str], owner: str) -> int:
@@ -347,7 +409,9 @@ class SQLiteStore:
             # attempts was counted at claim; this one never happened.
             cur = self._write(
                 "UPDATE events SET lease_owner = NULL, next_at = ?, attempts = MAX(0, attempts - 1) "
-                "WHERE id = ? AND lease_owner = ? AND state = 'pending'", (now, rid, owner))
+                "WHERE id = ? AND lease_owner = ? AND state = 'pending'",
+                (now, rid, owner),
+            )
             count += cur.rowcount
         return count
 
@@ -358,12 +422,21 @@ class SQLiteStore:
         return _row_to_record(rows[0]) if rows else None
 
     def find(
-        self, *, state: State | None = None, cid: str | None = None, event_id: str | None = None,
-        transaction_id: str | None = None, limit: int = 50,
+        self,
+        *,
+        state: State | None = None,
+        cid: str | None = None,
+        event_id: str | None = None,
+        transaction_id: str | None = None,
+        limit: int = 50,
     ) -> list[Record]:
         where, params = [], []
-        for column, value in (("state", state), ("cid", cid), ("event_id", event_id),
-                              ("transaction_id", transaction_id)):
+        for column, value in (
+            ("state", state),
+            ("cid", cid),
+            ("event_id", event_id),
+            ("transaction_id", transaction_id),
+        ):
             if value:
                 where.append(f"{column} = ?")
                 params.append(value)
@@ -385,8 +458,9 @@ class SQLiteStore:
         if everything:
             targets = [r[0] for r in self._read("SELECT id FROM events WHERE state = 'dead'")]
         elif cid:
-            targets = [r[0] for r in self._read(
-                "SELECT id FROM events WHERE state = 'dead' AND cid = ?", (cid,))]
+            targets = [
+                r[0] for r in self._read("SELECT id FROM events WHERE state = 'dead' AND cid = ?", (cid,))
+            ]
         else:
             targets = list(ids)
         now, count = time.time(), 0
@@ -394,7 +468,9 @@ class SQLiteStore:
             try:
                 cur = self._write(
                     "UPDATE events SET state = 'pending', next_at = ?, lease_owner = NULL, updated_at = ?, "
-                    "received_at = received_at WHERE id = ? AND state = 'dead'", (now, now, rid))
+                    "received_at = received_at WHERE id = ? AND state = 'dead'",
+                    (now, now, rid),
+                )
                 count += cur.rowcount
             except sqlite3.IntegrityError:
                 continue  # a live event with the same dedupe key exists: re-queueing would duplicate it
@@ -403,8 +479,9 @@ class SQLiteStore:
     def purge(self, *, state: str, older_than: float = 0.0) -> int:
         if state not in ("delivered", "dead"):
             raise ValueError("only delivered or dead records can be purged")
-        cur = self._write("DELETE FROM events WHERE state = ? AND updated_at <= ?",
-                          (state, time.time() - older_than))
+        cur = self._write(
+            "DELETE FROM events WHERE state = ? AND updated_at <= ?", (state, time.time() - older_than)
+        )
         return cur.rowcount
 
     def timeline(self, since: float) -> list[tuple[int, str, int]]:
@@ -412,7 +489,8 @@ class SQLiteStore:
             "SELECT CAST(received_at / 60 AS INTEGER) * 60 AS minute, "
             "CASE WHEN state = 'pending' AND attempts > 0 THEN 'retrying' "
             "WHEN state = 'pending' THEN 'queued' ELSE state END AS outcome, COUNT(*) "
-            "FROM events WHERE received_at >= ? GROUP BY minute, outcome ORDER BY minute", (since,)
+            "FROM events WHERE received_at >= ? GROUP BY minute, outcome ORDER BY minute",
+            (since,),
         )
         return [(int(m), o, int(n)) for m, o, n in rows]
 
@@ -442,7 +520,9 @@ class SQLiteStore:
         # Insert before delete: the new row needs space of its own, as an event would.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("INSERT INTO write_probe (at, filler) VALUES (?, zeroblob(?))", (time.time(), PROBE_BYTES))
+            conn.execute(
+                "INSERT INTO write_probe (at, filler) VALUES (?, zeroblob(?))", (time.time(), PROBE_BYTES)
+            )
             conn.execute("DELETE FROM write_probe WHERE rowid != last_insert_rowid()")
             conn.execute("COMMIT")
         except BaseException:

@@ -42,8 +42,15 @@ def postback(cid: str, source: str) -> Response:
     except (ApiError, HTTPException) as exc:
         status = exc.status if isinstance(exc, ApiError) else (exc.code or 500)
         reason = exc.reason if isinstance(exc, ApiError) else {413: "body_too_large"}.get(status, str(status))
-        rel.observers.emit("postback", cid=state.cid, source=state.postback_source, event_id=state.event_id,
-                           outcome="refused", reason=reason, status=status)
+        rel.observers.emit(
+            "postback",
+            cid=state.cid,
+            source=state.postback_source,
+            event_id=state.event_id,
+            outcome="refused",
+            reason=reason,
+            status=status,
+        )
         raise
 
 
@@ -62,9 +69,16 @@ def _accept(rel: Relay, cid: str, source_name: str) -> Response:
     event = validate_event(campaign, mapped.body, revenue_key="amount", trusted=False)
     if source.global_org_id:
         event = with_global_route(event, source.global_org_id)
-    reply = rel.accept(campaign, event, idempotency_key=mapped.idempotency_key, ip_address=None, user_agent=None)
+    reply = rel.accept(
+        campaign, event, idempotency_key=mapped.idempotency_key, ip_address=None, user_agent=None
+    )
     request_state().outcome = reply.outcome
-    fields = {"cid": campaign.cid, "event_id": event.event_id, "outcome": reply.outcome, "status": reply.status}
+    fields = {
+        "cid": campaign.cid,
+        "event_id": event.event_id,
+        "outcome": reply.outcome,
+        "status": reply.status,
+    }
     rel.observers.emit("postback", **fields, source=source.name, reason="")
     response = jsonify(reply.body)
     response.status_code = reply.status
@@ -102,9 +116,12 @@ def _body_params() -> dict[str, Any]:
     body = parse_json_body(raw, request.content_type)
     nested = sorted(k for k, v in body.items() if isinstance(v, (dict, list)))
     if nested:
-        raise ApiError(400, "Invalid parameters: " + ", ".join(nested[:5]),
-                       invalid={k[:64]: "expected a string or a number" for k in nested[:5]},
-                       reason="invalid_parameter")
+        raise ApiError(
+            400,
+            "Invalid parameters: " + ", ".join(nested[:5]),
+            invalid={k[:64]: "expected a string or a number" for k in nested[:5]},
+            reason="invalid_parameter",
+        )
     return body
 
 
@@ -118,8 +135,12 @@ def _single(values: MultiDict[str, str], where: str) -> dict[str, Any]:
 
 
 def _given_twice(name: str) -> ApiError:
-    return ApiError(400, f"Parameter {name[:64]} given more than once", invalid={name[:64]: "given more than once"},
-                    reason="repeated_parameter")
+    return ApiError(
+        400,
+        f"Parameter {name[:64]} given more than once",
+        invalid={name[:64]: "given more than once"},
+        reason="repeated_parameter",
+    )
 
 
 def source_url(base: str, campaign: CampaignConfig, source: PostbackConfig) -> str:

@@ -30,7 +30,8 @@ _UNFILLED_MACRO = re.compile(r"^(\[[^\]]*\]|\{\{[^}]*\}\}|\{[A-Za-z_:.]+\}|%[A-Z
 _PLAIN_AMOUNT = re.compile(r"^\d{1,10}(\.\d{1,2})?$")
 # "$1,234.50", "1234.5 USD", "€45": a currency symbol or code around digits with thousands commas.
 _LENIENT_AMOUNT = re.compile(
-    r"^(?:[A-Z]{3}\s*)?[$€£¥]?\s*(?P<int>\d{1,3}(?:,\d{3})+|\d{1,10})(?P<frac>\.\d+)?\s*(?:[A-Z]{3})?$")
+    r"^(?:[A-Z]{3}\s*)?[$€£¥]?\s*(?P<int>\d{1,3}(?:,\d{3})+|\d{1,10})(?P<frac>\.\d+)?\s*(?:[A-Z]{3})?$"
+)
 _DECORATED = re.compile(r"[$€£¥,]|[A-Z]{3}")
 _CLOCK = re.compile(r"^(?:(?P<h>\d{1,3}):)?(?P<m>\d{1,2}):(?P<s>\d{2})$")  # "1:30", "00:01:30"
 CENT = Decimal("0.01")
@@ -46,7 +47,9 @@ class Postback:
 
 def postback_fields(campaign: CampaignConfig) -> frozenset[str]:
     """The Pingtree names a source's ``params`` may map to (what the campaign accepts from a caller)."""
-    return frozenset({"transaction_id", "amount", "revenue"}) | BROWSER_FIELDS | frozenset(campaign.extra_fields)
+    return (
+        frozenset({"transaction_id", "amount", "revenue"}) | BROWSER_FIELDS | frozenset(campaign.extra_fields)
+    )
 
 
 def map_postback(campaign: CampaignConfig, source: PostbackConfig, params: Mapping[str, Any]) -> Postback:
@@ -59,18 +62,28 @@ def map_postback(campaign: CampaignConfig, source: PostbackConfig, params: Mappi
     transaction_id = body.get("transaction_id")
     if transaction_id is None:
         names = [p for p, target in source.params.items() if target == "transaction_id"] or ["transaction_id"]
-        raise ApiError(400, f"transaction_id is required: no {' or '.join(names)} parameter in the postback",
-                       missing={names[0]: "required (the lead's transaction_id)"}, reason="missing_transaction_id")
+        raise ApiError(
+            400,
+            f"transaction_id is required: no {' or '.join(names)} parameter in the postback",
+            missing={names[0]: "required (the lead's transaction_id)"},
+            reason="missing_transaction_id",
+        )
     if "amount" in body:
         body["amount"] = _amount(source, origin["amount"], body["amount"])
     call_id = present.get(source.call_id_param, "") if source.call_id_param else ""
-    return Postback(body=body, idempotency_key=idempotency_key(campaign.cid, source.name, str(transaction_id),
-                                                               event_id, str(call_id)))
+    return Postback(
+        body=body,
+        idempotency_key=idempotency_key(
+            campaign.cid, source.name, str(transaction_id), event_id, str(call_id)
+        ),
+    )
 
 
 def idempotency_key(cid: str, source: str, transaction_id: str, event_id: str, call_id: str = "") -> str:
     """Stable across a platform's retries of one postback: the same call reported twice is one event."""
-    digest = hashlib.sha256("\x1f".join((cid, source, transaction_id, event_id, call_id)).encode()).hexdigest()
+    digest = hashlib.sha256(
+        "\x1f".join((cid, source, transaction_id, event_id, call_id)).encode()
+    ).hexdigest()
     return "pb_" + digest[:40]
 
 
@@ -86,16 +99,21 @@ def _present(source: PostbackConfig, params: Mapping[str, Any]) -> dict[str, Any
             continue
         present[name] = value
     if unfilled:
-        raise ApiError(400, "Unfilled macros: " + ", ".join(sorted(unfilled)), invalid=unfilled,
-                       reason="unfilled_macro")
+        raise ApiError(
+            400, "Unfilled macros: " + ", ".join(sorted(unfilled)), invalid=unfilled, reason="unfilled_macro"
+        )
     return present
 
 
 def _required_param(params: Mapping[str, Any], name: str, carries: str, reason: str) -> Any:
     value = params.get(name)
     if value is None:
-        raise ApiError(400, f"{carries} is required: no {name} parameter in the postback",
-                       missing={name: f"required (the {carries})"}, reason=reason)
+        raise ApiError(
+            400,
+            f"{carries} is required: no {name} parameter in the postback",
+            missing={name: f"required (the {carries})"},
+            reason=reason,
+        )
     return value
 
 
@@ -117,8 +135,12 @@ def _renamed(source: PostbackConfig, params: Mapping[str, Any]) -> tuple[dict[st
         else:
             body[target], origin[target] = value, name
     if invalid:
-        raise ApiError(400, "Invalid parameters: " + ", ".join(sorted(invalid)), invalid=invalid,
-                       reason="invalid_parameter")
+        raise ApiError(
+            400,
+            "Invalid parameters: " + ", ".join(sorted(invalid)),
+            invalid=invalid,
+            reason="invalid_parameter",
+        )
     return body, origin
 
 
@@ -130,12 +152,19 @@ def _check_duration(source: PostbackConfig, params: Mapping[str, Any]) -> None:
     raw = _required_param(params, name, "call duration", "missing_duration")
     seconds = parse_seconds(raw)
     if seconds is None:
-        raise ApiError(400, f"Invalid {name}: expected the call length in seconds",
-                       invalid={name: "expected a number of seconds (or M:SS)"}, reason="invalid_duration")
+        raise ApiError(
+            400,
+            f"Invalid {name}: expected the call length in seconds",
+            invalid={name: "expected a number of seconds (or M:SS)"},
+            reason="invalid_duration",
+        )
     if seconds < source.min_duration:
-        raise ApiError(400, f"Call too short to be a conversion: {seconds:g} s, min_duration is "
-                            f"{source.min_duration:g} s", invalid={name: f"at least {source.min_duration:g} seconds"},
-                       reason="short_call")
+        raise ApiError(
+            400,
+            f"Call too short to be a conversion: {seconds:g} s, min_duration is {source.min_duration:g} s",
+            invalid={name: f"at least {source.min_duration:g} seconds"},
+            reason="short_call",
+        )
 
 
 def parse_seconds(raw: Any) -> float | None:
@@ -168,6 +197,10 @@ def _amount(source: PostbackConfig, param: str, raw: Any) -> Any:
     if source.amount_format == "lenient" and lenient:
         number = Decimal(lenient["int"].replace(",", "") + (lenient["frac"] or ""))
         return str(number.quantize(CENT, rounding=ROUND_HALF_UP))
-    raise ApiError(400, f"Invalid {param}: {text[:40]!r} has a currency symbol or a thousands separator; "
-                        'send a plain number like 1234.50, or set amount_format = "lenient"',
-                   invalid={param: "expected a plain number like 1234.50"}, reason="amount_format")
+    raise ApiError(
+        400,
+        f"Invalid {param}: {text[:40]!r} has a currency symbol or a thousands separator; "
+        'send a plain number like 1234.50, or set amount_format = "lenient"',
+        invalid={param: "expected a plain number like 1234.50"},
+        reason="amount_format",
+    )

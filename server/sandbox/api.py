@@ -66,8 +66,12 @@ def handle_event(state: SandboxState, req: EventRequest) -> EventSteps:
     started = time.monotonic()
     fault = state.take_fault()  # the whole body was read first, so even a drop happens after the upload
     record: dict[str, Any] = {
-        "received_at": utc_now(), "method": req.method, "path": req.path,
-        "headers": _recorded_headers(req.headers), "body": _recorded_body(req.raw), "accepted": False,
+        "received_at": utc_now(),
+        "method": req.method,
+        "path": req.path,
+        "headers": _recorded_headers(req.headers),
+        "body": _recorded_body(req.raw),
+        "accepted": False,
         "fault": dict(fault.as_dict) if fault else None,
     }
     if fault and fault.when == "before":
@@ -119,8 +123,15 @@ def global_event(org_id: str) -> Response:
 
 def _respond(path_cid: str | None, global_org: str | None = None) -> Response:
     state: SandboxState = current_app.extensions["sandbox"]
-    req = EventRequest(method=request.method, path=request.path, headers=request.headers.items(),
-                       raw=request.get_data(), mimetype=request.mimetype, path_cid=path_cid, global_org=global_org)
+    req = EventRequest(
+        method=request.method,
+        path=request.path,
+        headers=request.headers.items(),
+        raw=request.get_data(),
+        mimetype=request.mimetype,
+        path_cid=path_cid,
+        global_org=global_org,
+    )
     outcome = run_blocking(handle_event(state, req))
     if outcome.status is None:
         request.environ[DROP_KEY] = True  # DropConnection closes the socket once Flask returns
@@ -150,8 +161,9 @@ def _fault_answer(fault: Fault) -> Outcome:
 
 
 def _finish(state: SandboxState, record: dict[str, Any], started: float, outcome: Outcome) -> Outcome:
-    record.update(status=outcome.status, answer=outcome.body,
-                  duration_ms=round((time.monotonic() - started) * 1000, 1))
+    record.update(
+        status=outcome.status, answer=outcome.body, duration_ms=round((time.monotonic() - started) * 1000, 1)
+    )
     state.record_request(record)
     return outcome
 

@@ -27,7 +27,9 @@ def create_sandbox_app(config: Config, *, lock_seconds: float = 2.0, max_records
     app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True  # tidy page source
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep Pingtree's field order
     app.extensions["sandbox"] = SandboxState(
-        config.campaigns, lock_seconds=lock_seconds, max_records=max_records,
+        config.campaigns,
+        lock_seconds=lock_seconds,
+        max_records=max_records,
     )
     app.register_blueprint(api.bp)
     app.register_blueprint(control.bp)

@@ -35,9 +35,13 @@ def _json_body() -> Any:
 def events() -> Response:
     """Accepted events, oldest first, filtered by ``cid``, ``event_id``, ``transaction_id``."""
     args = request.args
-    return jsonify(events=_state().events(
-        cid=args.get("cid"), event_id=args.get("event_id"), transaction_id=args.get("transaction_id"),
-    ))
+    return jsonify(
+        events=_state().events(
+            cid=args.get("cid"),
+            event_id=args.get("event_id"),
+            transaction_id=args.get("transaction_id"),
+        )
+    )
 
 
 @bp.get("/requests")
@@ -85,8 +89,12 @@ def set_config() -> Response:
         raise ApiError(400, "Invalid config: only lock_seconds can be set", invalid={"config": "unknown key"})
     if "lock_seconds" in body:
         value = body["lock_seconds"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not 0 <= value <= MAX_LOCK_SECONDS:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not 0 <= value <= MAX_LOCK_SECONDS
+        ):
             message = f"should be a number of seconds from 0 to {MAX_LOCK_SECONDS:g}"
             raise ApiError(400, "Invalid lock_seconds", invalid={"lock_seconds": message})
         _state().lock_seconds = float(value)  # a float assignment is atomic; fire() reads it once

@@ -97,7 +97,12 @@ def _optional_str(path: str, v: Any) -> str | None:
 
 
 def _delay(path: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= MAX_DELAY_MS:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or not 0 <= v <= MAX_DELAY_MS
+    ):
         raise _bad(path, f"should be a number of milliseconds from 0 to {MAX_DELAY_MS}")
     return float(v)
 

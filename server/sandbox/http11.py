@@ -123,23 +123,25 @@ class _Chunked:
             except ValueError:
                 raise BadRequest(400, "malformed chunk size") from None
             if size == 0:  # the last chunk, then optional trailers ending with a blank line
-                end = eol if buf[eol:eol + 4] == _HEAD_END else buf.find(_HEAD_END, eol)
+                end = eol if buf[eol : eol + 4] == _HEAD_END else buf.find(_HEAD_END, eol)
                 if end < 0:
                     return False
-                del buf[:end + 4]
+                del buf[: end + 4]
                 return True
             if len(self.body) + size > self.limit:
                 raise BadRequest(413, "body too large")
             if len(buf) < eol + 2 + size + 2:
                 return False
-            self.body += buf[eol + 2:eol + 2 + size]
-            del buf[:eol + 2 + size + 2]
+            self.body += buf[eol + 2 : eol + 2 + size]
+            del buf[: eol + 2 + size + 2]
 
 
 class HttpProtocol(asyncio.Protocol):
     """One client connection: parse, hand each request to the handler, write answers in order."""
 
-    def __init__(self, handler: Handler, on_error: ErrorAnswer, max_body: int, live: set[HttpProtocol]) -> None:
+    def __init__(
+        self, handler: Handler, on_error: ErrorAnswer, max_body: int, live: set[HttpProtocol]
+    ) -> None:
         self.handler = handler
         self.on_error = on_error
         self.max_body = max_body
@@ -190,7 +192,7 @@ class HttpProtocol(asyncio.Protocol):
             if end < 0:
                 return None
             head = parse_head(bytes(self.buf[:end]))
-            del self.buf[:end + 4]
+            del self.buf[: end + 4]
             self._check_body_framing(head)
             self.pending_head = head
         head = self.pending_head
@@ -261,7 +263,9 @@ def _keep_alive(request: Request) -> bool:
 class HttpServer:
     """Listen on ``host:port`` and serve ``handler``; :meth:`shutdown` waits for answers in flight."""
 
-    def __init__(self, handler: Handler, *, on_error: ErrorAnswer = plain_error, max_body: int = 1024 * 1024) -> None:
+    def __init__(
+        self, handler: Handler, *, on_error: ErrorAnswer = plain_error, max_body: int = 1024 * 1024
+    ) -> None:
         self.handler = handler
         self.on_error = on_error
         self.max_body = max_body
@@ -273,7 +277,11 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: HttpProtocol(self.handler, self.on_error, self.max_body, self.connections),
-            host, port, backlog=4096, reuse_address=True)
+            host,
+            port,
+            backlog=4096,
+            reuse_address=True,
+        )
         return int(self._server.sockets[0].getsockname()[1])
 
     async def shutdown(self, grace_seconds: float) -> None:

@@ -62,17 +62,24 @@ class SandboxHandler:
             return
         cid, org = match.group("cid"), match.group("org")
         req = api.EventRequest(
-            method=request.method, path=request.path, headers=request.headers, raw=request.body,
+            method=request.method,
+            path=request.path,
+            headers=request.headers,
+            raw=request.body,
             mimetype=request.header("content-type").split(";", 1)[0].strip().lower(),
-            path_cid=None if cid in (None, "trigger") else cid, global_org=org,
+            path_cid=None if cid in (None, "trigger") else cid,
+            global_org=org,
         )
         _advance(api.handle_event(self.state, req), respond)
 
     def _wsgi(self, request: Request, respond: Respond) -> None:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.pool, call_wsgi, self.app, request)
-        future.add_done_callback(lambda f: respond(f.result() if f.exception() is None
-                                                   else error_response(500, "Internal server error")))
+        future.add_done_callback(
+            lambda f: respond(
+                f.result() if f.exception() is None else error_response(500, "Internal server error")
+            )
+        )
 
 
 def _advance(steps: api.EventSteps, respond: Respond, first: bool = True) -> None:
@@ -81,7 +88,9 @@ def _advance(steps: api.EventSteps, respond: Respond, first: bool = True) -> Non
         delay = next(steps) if first else steps.send(None)
     except StopIteration as done:
         outcome: api.Outcome = done.value
-        respond(Response(0, drop=True) if outcome.status is None else json_response(outcome.status, outcome.body))
+        respond(
+            Response(0, drop=True) if outcome.status is None else json_response(outcome.status, outcome.body)
+        )
         return
     asyncio.get_running_loop().call_later(delay, _advance, steps, respond, False)
 
@@ -90,13 +99,22 @@ def call_wsgi(app: Callable[..., Iterable[bytes]], request: Request) -> Response
     """Call a WSGI app with ``request`` and collect its whole answer."""
     host, _, port = request.header("host", "127.0.0.1").partition(":")
     environ: dict[str, Any] = {
-        "REQUEST_METHOD": request.method, "SCRIPT_NAME": "",
+        "REQUEST_METHOD": request.method,
+        "SCRIPT_NAME": "",
         "PATH_INFO": request.path.encode("utf-8", "replace").decode("latin-1"),
-        "QUERY_STRING": request.query, "SERVER_NAME": host, "SERVER_PORT": port or "80",
-        "SERVER_PROTOCOL": request.version, "REMOTE_ADDR": (request.peer or ("127.0.0.1", 0))[0],
-        "CONTENT_TYPE": request.header("content-type"), "CONTENT_LENGTH": str(len(request.body)),
-        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(request.body),
-        "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+        "QUERY_STRING": request.query,
+        "SERVER_NAME": host,
+        "SERVER_PORT": port or "80",
+        "SERVER_PROTOCOL": request.version,
+        "REMOTE_ADDR": (request.peer or ("127.0.0.1", 0))[0],
+        "CONTENT_TYPE": request.header("content-type"),
+        "CONTENT_LENGTH": str(len(request.body)),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(request.body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
         "wsgi.run_once": False,
     }
     for name, value in request.headers:
@@ -105,7 +123,9 @@ def call_wsgi(app: Callable[..., Iterable[bytes]], request: Request) -> Response
             environ[key] = f"{environ[key]},{value}" if key in environ else value
     started: list[Any] = []
 
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
         started[:] = [int(status.split(" ", 1)[0]), headers]
         return lambda data: None
 
@@ -120,8 +140,14 @@ def call_wsgi(app: Callable[..., Iterable[bytes]], request: Request) -> Response
     return Response(started[0], body, headers)
 
 
-async def serve(config: Config, *, host: str, port: int, lock_seconds: float = 2.0,
-                ready: Callable[[int], None] | None = None) -> None:
+async def serve(
+    config: Config,
+    *,
+    host: str,
+    port: int,
+    lock_seconds: float = 2.0,
+    ready: Callable[[int], None] | None = None,
+) -> None:
     """Serve the sandbox until SIGTERM or SIGINT; ``ready(port)`` once it listens."""
     app = create_sandbox_app(config, lock_seconds=lock_seconds)
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandbox-wsgi") as pool:

@@ -91,7 +91,10 @@ def check_event(
 
 
 def check_global_event(
-    campaigns: Mapping[str, CampaignConfig], body: Mapping[str, Any], *, find_lead: Callable[[str], str | None]
+    campaigns: Mapping[str, CampaignConfig],
+    body: Mapping[str, Any],
+    *,
+    find_lead: Callable[[str], str | None],
 ) -> Accepted:
     """``POST /api/event/global/{org-id}``: the campaign is the one of the lead ``transaction_id`` names
     (``find_lead``); then the campaign form's rules apply, revenue as ``amount`` (or ``revenue``)."""
@@ -119,7 +122,9 @@ def _required(body: Mapping[str, Any], name: str, message: str) -> Any:
     return value
 
 
-def _campaign(campaigns: Mapping[str, CampaignConfig], body: Mapping[str, Any], path_cid: str | None) -> CampaignConfig:
+def _campaign(
+    campaigns: Mapping[str, CampaignConfig], body: Mapping[str, Any], path_cid: str | None
+) -> CampaignConfig:
     cid = path_cid if path_cid is not None else _required(body, "cid", CID_REQUIRED)
     campaign = campaigns.get(cid) if isinstance(cid, str) else None
     if campaign is None:

@@ -32,7 +32,11 @@ class SandboxState:
     """Thread-safe in-memory state; ``clock`` is injectable so lock windows can be tested exactly."""
 
     def __init__(
-        self, campaigns: Mapping[str, CampaignConfig], *, lock_seconds: float, max_records: int = 100_000,
+        self,
+        campaigns: Mapping[str, CampaignConfig],
+        *,
+        lock_seconds: float,
+        max_records: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.campaigns = campaigns  # read-only configuration, safe to share between threads
@@ -74,18 +78,30 @@ class SandboxState:
                 raise ApiError(400, rules.DUPLICATE)
             self._fired.add(key)
             self._leads.setdefault(accepted.transaction_id, accepted.cid)
-            result = answer(200, rules.SUCCESS, data={
-                "cid": accepted.cid, "pid": accepted.pid, "transaction_id": accepted.transaction_id,
-                "conversion_id": f"conv_{uuid.uuid4()}" if accepted.event.conversion else "",
-                "conversion": accepted.event.conversion,
-            })
+            result = answer(
+                200,
+                rules.SUCCESS,
+                data={
+                    "cid": accepted.cid,
+                    "pid": accepted.pid,
+                    "transaction_id": accepted.transaction_id,
+                    "conversion_id": f"conv_{uuid.uuid4()}" if accepted.event.conversion else "",
+                    "conversion": accepted.event.conversion,
+                },
+            )
             # Recorded while still holding the lock: a caller that times out and asks the control
             # API straight away already sees the event (the "processed, answered late" case).
-            self._events.append({
-                "id": self._new_id(), "received_at": utc_now(), "cid": accepted.cid,
-                "event_id": accepted.event.name, "transaction_id": accepted.transaction_id,
-                "body": dict(body), "answer": result,
-            })
+            self._events.append(
+                {
+                    "id": self._new_id(),
+                    "received_at": utc_now(),
+                    "cid": accepted.cid,
+                    "event_id": accepted.event.name,
+                    "transaction_id": accepted.transaction_id,
+                    "body": dict(body),
+                    "answer": result,
+                }
+            )
             self._counts["accepted"] += 1
             self._counts["conversions"] += accepted.event.conversion
             return result
@@ -145,11 +161,17 @@ class SandboxState:
         a fault then replaced or dropped the answer; ``rejected`` counts answers of 400 and above."""
         with self._mutex:
             now = self._clock()
-            counts = {k: self._counts[k] for k in ("requests", "accepted", "conversions", "faults_applied", "dropped")}
+            counts = {
+                k: self._counts[k]
+                for k in ("requests", "accepted", "conversions", "faults_applied", "dropped")
+            }
             return {
                 **counts,
-                "rejected": sum(n for status, n in self._by_status.items() if status.isdigit() and int(status) >= 400),
-                "by_status": dict(self._by_status), "by_message": dict(self._by_message),
+                "rejected": sum(
+                    n for status, n in self._by_status.items() if status.isdigit() and int(status) >= 400
+                ),
+                "by_status": dict(self._by_status),
+                "by_message": dict(self._by_message),
                 "active_locks": sum(1 for t in self._locks.values() if t > now),
                 "held": self._held,
             }

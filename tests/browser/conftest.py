@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "static" / "demo"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 _LOOPBACK_ORIGIN = re.compile(r"^http://127\.0\.0\.1:\d{1,5}$")
 
@@ -90,7 +94,9 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return '"' + "".join(c if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}" for c in escaped) + '"'
+        return (
+            '"' + "".join(c if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}" for c in escaped) + '"'
+        )
     return repr(value)
 
 

@@ -43,7 +43,10 @@ def test_simulated_call_arrives_at_the_sandbox(page: Page, demo: ServerProcess, 
     (event,) = wait_for(call_events, message="the call conversion at the sandbox")
     assert event["transaction_id"] == tid and event["cid"] == "cmp_demo"
     assert event["body"]["amount"] == 30.0 and "ip_address" not in event["body"]
-    path = next(r["path"] for r in httpx.get(demo.url + "/sandbox/_sandbox/requests", timeout=5).json()["requests"]
-                if (r["body"] or {}).get("event_id") == "call_completed")
+    path = next(
+        r["path"]
+        for r in httpx.get(demo.url + "/sandbox/_sandbox/requests", timeout=5).json()["requests"]
+        if (r["body"] or {}).get("event_id") == "call_completed"
+    )
     assert path == "/api/event/cmp_demo"
     assert not [line for line in console if "Content Security Policy" in line or "pageerror" in line], console

@@ -59,7 +59,9 @@ def test_test_event_appears_delivered(page: Page, relay: Relay, sandbox: Sandbox
     expect(campaign.locator("#snippet-cmp_test")).to_have_value(re.compile(r'/sdk/cmp_test\.js"></script>$'))
     expect(campaign.locator("#pinned-cmp_test")).to_be_hidden()
     campaign.get_by_text("Pinned variant with").click()
-    expect(campaign.locator("#pinned-cmp_test")).to_have_value(re.compile(r'/sdk/cmp_test/v/[0-9a-f]{16}\.js" integrity="sha384-'))
+    expect(campaign.locator("#pinned-cmp_test")).to_have_value(
+        re.compile(r'/sdk/cmp_test/v/[0-9a-f]{16}\.js" integrity="sha384-')
+    )
     txn = f"dash-{uuid.uuid4().hex[:10]}"
     campaign.get_by_label("Event").select_option("quote_viewed")
     campaign.get_by_label("transaction_id").fill(txn)
@@ -74,8 +76,9 @@ def test_test_event_appears_delivered(page: Page, relay: Relay, sandbox: Sandbox
     no_csp_violations(console)
 
 
-def test_dead_letter_requeued_then_delivered(page: Page, relay: Relay, sandbox: Sandbox,
-                                             console: list[str]) -> None:
+def test_dead_letter_requeued_then_delivered(
+    page: Page, relay: Relay, sandbox: Sandbox, console: list[str]
+) -> None:
     sandbox.fault(status=400, message="Campaign paused at Pingtree", count=1)
     txn = f"dead-{uuid.uuid4().hex[:10]}"
     refused = relay.post({"event_id": "form_submitted", "transaction_id": txn, "pid": "src_live"})
@@ -95,8 +98,12 @@ def test_dead_letter_requeued_then_delivered(page: Page, relay: Relay, sandbox: 
     page.get_by_role("link", name="Live feed").click()
     page.get_by_label("transaction_id").fill(txn)
     page.get_by_role("button", name="Filter").click()
-    expect(page.locator("#feed-rows tr", has_text=txn).locator(".state")).to_have_text("delivered", timeout=15_000)
-    arrived = wait_for(lambda: sandbox.events(transaction_id=txn), message="the re-queued event at the sandbox")
+    expect(page.locator("#feed-rows tr", has_text=txn).locator(".state")).to_have_text(
+        "delivered", timeout=15_000
+    )
+    arrived = wait_for(
+        lambda: sandbox.events(transaction_id=txn), message="the re-queued event at the sandbox"
+    )
     assert arrived[0]["body"]["pid"] == "src_live"
     no_csp_violations(console)
 
@@ -112,11 +119,13 @@ def test_overview_chart(page: Page, relay: Relay, console: list[str]) -> None:
     no_csp_violations(console)
 
 
-
 def test_script_versions_summed_over_workers(page: Page, relay: Relay, console: list[str]) -> None:
     """Pages' script loads reach the campaigns page whichever of the two workers served them."""
     for _ in range(6):  # a fresh connection each time: the workers take turns
-        assert httpx.get(relay.url + "/sdk/cmp_test.js", headers={"Connection": "close"}, timeout=5).status_code == 200
+        assert (
+            httpx.get(relay.url + "/sdk/cmp_test.js", headers={"Connection": "close"}, timeout=5).status_code
+            == 200
+        )
     assert httpx.get(relay.url + "/sdk/cmp_test/v/0123456789abcdef.js", timeout=5).status_code == 200
     log_in(page, relay)
 
@@ -126,7 +135,10 @@ def test_script_versions_summed_over_workers(page: Page, relay: Relay, console: 
         return {row.get_attribute("data-state") or "": row.inner_text() for row in table.all()}
 
     # Each worker writes its counts every few seconds: poll, never sleep.
-    seen = wait_for(lambda: (r := rows()) and "\t6\t" in r.get("stable", "") and "unknown" in r and r,
-                    timeout=30, message="6 stable loads and 1 unknown on the dashboard")
+    seen = wait_for(
+        lambda: (r := rows()) and "\t6\t" in r.get("stable", "") and "unknown" in r and r,
+        timeout=30,
+        message="6 stable loads and 1 unknown on the dashboard",
+    )
     assert "default tag" in seen["stable"] and "events lost" in seen["unknown"]
     no_csp_violations(console)

@@ -46,13 +46,29 @@ def proxied(relay_factory: Any, pages_port: int, site: WebflowSite) -> Iterator[
 # yet, the case that always worked. "close": the visitor closes the tab, or the page's JS is gone
 # before the body could settle anything (what a cross-process navigation does); "navigate": a
 # same-tab navigation, where Chromium may still abort the body and settle the event first.
-@pytest.mark.parametrize(("leave", "hold", "run"), [
-    ("close", "body", 1), ("close", "body", 2), ("close", "body", 3), ("close", "body", 4), ("close", "body", 5),
-    ("close", "all", 1), ("navigate", "body", 1), ("navigate", "body", 2),
-])
+@pytest.mark.parametrize(
+    ("leave", "hold", "run"),
+    [
+        ("close", "body", 1),
+        ("close", "body", 2),
+        ("close", "body", 3),
+        ("close", "body", 4),
+        ("close", "body", 5),
+        ("close", "all", 1),
+        ("navigate", "body", 1),
+        ("navigate", "body", 2),
+    ],
+)
 def test_leaving_while_the_answer_arrives_gives_the_lease_back(
-    proxied: HoldingProxy, site: WebflowSite, sandbox: Any, context: Any, page: Any,  # noqa: F811
-    console: list[str], leave: str, hold: str, run: int,
+    proxied: HoldingProxy,
+    site: WebflowSite,
+    sandbox: Any,
+    context: Any,
+    page: Any,  # noqa: F811
+    console: list[str],
+    leave: str,
+    hold: str,
+    run: int,
 ) -> None:
     t = "txn_" + uuid.uuid4().hex[:12]
     context.add_init_script(QUEUE_AT_LOAD)

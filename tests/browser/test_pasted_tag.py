@@ -51,14 +51,17 @@ class Site:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), partial(_SiteHandler, directory=str(root)))
+        self.server = ThreadingHTTPServer(
+            ("127.0.0.1", free_port()), partial(_SiteHandler, directory=str(root))
+        )
         self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def paste(self, tag: str) -> None:
         (self.root / "landing.html").write_text(
-            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Pasted tag</title>\n"
-            f"{tag}</head>\n<body><h1>A landing page</h1></body></html>\n")
+            '<!doctype html>\n<html><head><meta charset="utf-8"><title>Pasted tag</title>\n'
+            f"{tag}</head>\n<body><h1>A landing page</h1></body></html>\n"
+        )
 
     def url(self, transaction_id: str) -> str:
         return f"{self.origin}/landing.html?transaction_id={transaction_id}&pt_debug=1"
@@ -97,9 +100,22 @@ class Scene:
 
     def snippet(self, *flags: str) -> str:
         """What ``pingtree-relay snippet cmp_test`` prints for this relay, as printed."""
-        result = subprocess.run([sys.executable, "-m", "server.cli", "snippet", "cmp_test", "--config",
-                                 str(self.relay.config_path), *flags], cwd=ROOT, capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "snippet",
+                "cmp_test",
+                "--config",
+                str(self.relay.config_path),
+                *flags,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -125,7 +141,9 @@ class Scene:
 def release_tree(tmp_path: Path) -> Path:
     """A copy of the relay's source whose script build has a new line: the next release."""
     tree = tmp_path / "release-2"
-    shutil.copytree(ROOT / "server", tree / "server", ignore=shutil.ignore_patterns("__pycache__", "sdk-builds"))
+    shutil.copytree(
+        ROOT / "server", tree / "server", ignore=shutil.ignore_patterns("__pycache__", "sdk-builds")
+    )
     shutil.copytree(ROOT / "js_templates", tree / "js_templates")
     # What the relay serves is the committed build (scripts/build-sdk): every variant of it changes.
     for template in (tree / "js_templates" / "compiled").glob("*.js.j2"):
@@ -161,7 +179,9 @@ def fire_from_pasted_page(page: Any, site: Site, sandbox: Any) -> None:
     page.wait_for_function(SDK_LOADED)
     answer = page.evaluate("() => pingtree('event', 'quote_viewed')")
     assert answer["status"] in (200, 202), answer
-    wait_for(lambda: sandbox.events(event_id="quote_viewed", transaction_id=t), message=f"quote_viewed for {t}")
+    wait_for(
+        lambda: sandbox.events(event_id="quote_viewed", transaction_id=t), message=f"quote_viewed for {t}"
+    )
 
 
 def fire_from_demo(page: Any, funnel: Funnel, sandbox: Any) -> None:
@@ -170,7 +190,9 @@ def fire_from_demo(page: Any, funnel: Funnel, sandbox: Any) -> None:
     page.click("#get-quote")
     page.wait_for_url("**/form.html")
     page.wait_for_function(SDK_LOADED)  # the next page loads the same script, a check may look at it
-    wait_for(lambda: sandbox.events(event_id="quote_viewed", transaction_id=t), message=f"quote_viewed for {t}")
+    wait_for(
+        lambda: sandbox.events(event_id="quote_viewed", transaction_id=t), message=f"quote_viewed for {t}"
+    )
 
 
 def check_new_build_reached_the_page(kind: str, page: Any, loads: Loads, scene: Scene) -> None:
@@ -185,9 +207,18 @@ def check_new_build_reached_the_page(kind: str, page: Any, loads: Loads, scene: 
 
 @pytest.mark.parametrize("change", CHANGES)
 @pytest.mark.parametrize("where", ["pasted", "demo"])
-def test_tag_keeps_working_after_a_change(where: str, change: str, relay_factory: RelayFactory, pages: str,
-                                          pages_port: int, site: Site, sandbox: Any, fresh_loads: Any,
-                                          tmp_path: Path, console: list[str]) -> None:
+def test_tag_keeps_working_after_a_change(
+    where: str,
+    change: str,
+    relay_factory: RelayFactory,
+    pages: str,
+    pages_port: int,
+    site: Site,
+    sandbox: Any,
+    fresh_loads: Any,
+    tmp_path: Path,
+    console: list[str],
+) -> None:
     page = fresh_loads
     scene = Scene(relay_factory, pages_port, site, tmp_path)
     tag = scene.snippet()
@@ -210,9 +241,16 @@ def test_tag_keeps_working_after_a_change(where: str, change: str, relay_factory
 
 
 @pytest.mark.parametrize("change", ["sdk_setting", "release"])
-def test_pinned_tag_keeps_working_after_a_change(change: str, relay_factory: RelayFactory, pages_port: int,
-                                                 site: Site, sandbox: Any, fresh_loads: Any, tmp_path: Path,
-                                                 console: list[str]) -> None:
+def test_pinned_tag_keeps_working_after_a_change(
+    change: str,
+    relay_factory: RelayFactory,
+    pages_port: int,
+    site: Site,
+    sandbox: Any,
+    fresh_loads: Any,
+    tmp_path: Path,
+    console: list[str],
+) -> None:
     page = fresh_loads
     scene = Scene(relay_factory, pages_port, site, tmp_path)
     tag = scene.snippet("--integrity")
@@ -226,13 +264,23 @@ def test_pinned_tag_keeps_working_after_a_change(change: str, relay_factory: Rel
     assert loads.scripts[-1] == pinned_body  # the old build, from the archive, as the tag demands
     assert page.evaluate("() => window.ptRelease") is None
     samples = scrape(httpx.get(scene.relay.url + "/metrics", timeout=5).text)
-    assert value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_test", version=version,
-                 state="superseded") >= 1
+    assert (
+        value(
+            samples, "pingtree_relay_sdk_requests_total", cid="cmp_test", version=version, state="superseded"
+        )
+        >= 1
+    )
 
 
-def test_expired_pinned_build_shows_in_metrics_and_the_log(relay_factory: RelayFactory, pages_port: int,
-                                                           site: Site, sandbox: Any, fresh_loads: Any,
-                                                           tmp_path: Path, console: list[str]) -> None:
+def test_expired_pinned_build_shows_in_metrics_and_the_log(
+    relay_factory: RelayFactory,
+    pages_port: int,
+    site: Site,
+    sandbox: Any,
+    fresh_loads: Any,
+    tmp_path: Path,
+    console: list[str],
+) -> None:
     page = fresh_loads
     scene = Scene(relay_factory, pages_port, site, tmp_path)
     tag = scene.snippet("--integrity")
@@ -253,6 +301,10 @@ def test_expired_pinned_build_shows_in_metrics_and_the_log(relay_factory: RelayF
     assert not kept.exists(), "the restarted relay prunes builds past their retention"
     metrics: Callable[[], float] = lambda: value(  # noqa: E731
         scrape(httpx.get(scene.relay.url + "/metrics", timeout=5).text),
-        "pingtree_relay_sdk_requests_total", cid="cmp_test", version="unknown", state="unknown")
+        "pingtree_relay_sdk_requests_total",
+        cid="cmp_test",
+        version="unknown",
+        state="unknown",
+    )
     assert wait_for(lambda: metrics() >= 1, message="the unknown build counted in /metrics")
     wait_for(lambda: "sdk_version_unknown" in scene.relay.log(), message="a warning line in the relay's log")

@@ -17,16 +17,23 @@ from tests.browser.test_sdk_browser import QUEUED
 pytestmark = pytest.mark.browser
 
 
-def test_a_refused_origin_is_final_for_the_sdk(relay_factory: Any, pages: str, pages_port: int, page: Any,
-                                               console: list[str]) -> None:
+def test_a_refused_origin_is_final_for_the_sdk(
+    relay_factory: Any, pages: str, pages_port: int, page: Any, console: list[str]
+) -> None:
     allowed = f'allowed_origins = ["http://127.0.0.1:{pages_port}", "http://localhost:{pages_port}", '
-    campaigns = sdk_campaigns(pages_port).replace(allowed, 'allowed_origins = ["https://www.example.com", ', 1)
+    campaigns = sdk_campaigns(pages_port).replace(
+        allowed, 'allowed_origins = ["https://www.example.com", ', 1
+    )
     assert campaigns != sdk_campaigns(pages_port), "the pages' origin must be taken out of cmp_test"
     funnel = Funnel(pages, relay_factory(campaigns))
     posts: list[str] = []
-    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" and "/api/event/" in r.url else None)
+    page.on(
+        "request", lambda r: posts.append(r.url) if r.method == "POST" and "/api/event/" in r.url else None
+    )
     funnel.open(page, "index.html", transaction_id="txn_refused_origin")
-    page.evaluate("() => { window.answer = null; pingtree('event', 'quote_viewed').then(a => window.answer = a); }")
+    page.evaluate(
+        "() => { window.answer = null; pingtree('event', 'quote_viewed').then(a => window.answer = a); }"
+    )
     page.wait_for_function("() => window.answer", timeout=15_000)
     answer = page.evaluate("() => window.answer")
     assert (answer["status"], answer["message"]) == (403, "Origin not allowed")

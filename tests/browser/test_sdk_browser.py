@@ -19,11 +19,27 @@ from tests.conftest import wait_for
 pytestmark = pytest.mark.browser
 
 ATTRIBUTION = {
-    "pid": "src_demo", "clid": "clk_9", "sub1": "ad42", "sub2": "s2", "sub3": "s3", "sub4": "s4",
-    "adv1": "a1", "adv2": "a2", "adv3": "a3", "adv4": "a4", "adv5": "a5",
-    "utm_source": "google", "utm_medium": "cpc", "utm_campaign": "spring", "utm_adgroup": "grp",
-    "utm_matchtype": "exact", "utm_term": "car insurance", "utm_content": "v1", "utm_creative": "cr7",
-    "utm_placement": "top", "external_clickid": "ext-1",
+    "pid": "src_demo",
+    "clid": "clk_9",
+    "sub1": "ad42",
+    "sub2": "s2",
+    "sub3": "s3",
+    "sub4": "s4",
+    "adv1": "a1",
+    "adv2": "a2",
+    "adv3": "a3",
+    "adv4": "a4",
+    "adv5": "a5",
+    "utm_source": "google",
+    "utm_medium": "cpc",
+    "utm_campaign": "spring",
+    "utm_adgroup": "grp",
+    "utm_matchtype": "exact",
+    "utm_term": "car insurance",
+    "utm_content": "v1",
+    "utm_creative": "cr7",
+    "utm_placement": "top",
+    "external_clickid": "ext-1",
 }
 QUEUED = "() => Object.keys(localStorage).filter(k => k.startsWith('pt:cmp_test:')).length"
 
@@ -36,9 +52,14 @@ def events(sandbox: Any, event_id: str, transaction_id: str) -> list[dict[str, A
     return [e["body"] for e in sandbox.events(event_id=event_id, transaction_id=transaction_id)]
 
 
-def arrived(sandbox: Any, event_id: str, transaction_id: str, count: int = 1, timeout: float = 15) -> list[dict]:
-    return wait_for(lambda: (found := events(sandbox, event_id, transaction_id)) and len(found) >= count and found,
-                    timeout=timeout, message=f"{count} x {event_id} for {transaction_id}")
+def arrived(
+    sandbox: Any, event_id: str, transaction_id: str, count: int = 1, timeout: float = 15
+) -> list[dict]:
+    return wait_for(
+        lambda: (found := events(sandbox, event_id, transaction_id)) and len(found) >= count and found,
+        timeout=timeout,
+        message=f"{count} x {event_id} for {transaction_id}",
+    )
 
 
 @pytest.fixture
@@ -46,8 +67,9 @@ def funnel(relay_factory: Any, pages: str, pages_port: int) -> Funnel:
     return Funnel(pages, relay_factory(sdk_campaigns(pages_port)))
 
 
-def test_attribution_survives_navigation_and_arrives_enriched(funnel: Funnel, sandbox: Any, page: Any,
-                                                            console: list[str]) -> None:
+def test_attribution_survives_navigation_and_arrives_enriched(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str]
+) -> None:
     t = tid()
     funnel.open(page, "index.html", transaction_id=t, **ATTRIBUTION)
     # A link that navigates at once: the event must still arrive (keepalive / beacon).
@@ -71,7 +93,9 @@ def test_attribution_survives_navigation_and_arrives_enriched(funnel: Funnel, sa
             assert forbidden not in body
 
 
-def test_conversion_resolves_with_conversion_id(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
+def test_conversion_resolves_with_conversion_id(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str]
+) -> None:
     t = tid()
     page.goto(funnel.url("thanks.html", transaction_id=t, utm_source="bing"))
     page.wait_for_selector("#conversion-id:not([hidden])")
@@ -82,7 +106,9 @@ def test_conversion_resolves_with_conversion_id(funnel: Funnel, sandbox: Any, pa
     assert shown == answer["data"]["conversion_id"] and shown.startswith("conv_")
 
 
-def test_data_pt_revenue_and_js_api_promise(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
+def test_data_pt_revenue_and_js_api_promise(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str]
+) -> None:
     t = tid()
     funnel.open(page, "csp.html", transaction_id=t)
     # data-pt-revenue on an element added by the page after load (delegation sees it).
@@ -98,7 +124,9 @@ def test_data_pt_revenue_and_js_api_promise(funnel: Funnel, sandbox: Any, page: 
     assert answer["status"] == 400 and answer["type"] == "error"
 
 
-def test_calls_before_load_are_queued_by_the_stub(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
+def test_calls_before_load_are_queued_by_the_stub(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str]
+) -> None:
     t = tid()
     # Block the SDK until the page has made its calls through the stub.
     gate: list[Any] = []
@@ -114,8 +142,9 @@ def test_calls_before_load_are_queued_by_the_stub(funnel: Funnel, sandbox: Any, 
     assert arrived(sandbox, "sale_completed", t)[0]["amount"] == 12.5
 
 
-def test_relay_down_then_back_each_event_arrives_once(funnel: Funnel, sandbox: Any, page: Any,
-                                                      console: list[str]) -> None:
+def test_relay_down_then_back_each_event_arrives_once(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str]
+) -> None:
     t = tid()
     funnel.open(page, "csp.html", transaction_id=t)
     funnel.relay.stop()
@@ -123,8 +152,10 @@ def test_relay_down_then_back_each_event_arrives_once(funnel: Funnel, sandbox: A
     page.evaluate("() => { pingtree('event', 'call_clicked'); pingtree('event', 'call_clicked'); }")
     wait_for(lambda: page.evaluate(QUEUED) == 3, message="3 events queued in localStorage")
     # The SDK's debug trail (what the ?pt_debug=1 panel shows): one "retry" per failed attempt.
-    wait_for(lambda: page.evaluate("() => pingtree.t.filter(e => e[0] == 'retry').length") >= 3,
-             message="3 failed attempts logged")
+    wait_for(
+        lambda: page.evaluate("() => pingtree.t.filter(e => e[0] == 'retry').length") >= 3,
+        message="3 failed attempts logged",
+    )
     page.reload()  # the relay is still down: not even the SDK loads; the queue waits in storage
     assert page.evaluate(QUEUED) == 3
     funnel.relay.start()
@@ -139,8 +170,9 @@ def test_relay_down_then_back_each_event_arrives_once(funnel: Funnel, sandbox: A
     assert len(events(sandbox, "call_clicked", t)) == 2
 
 
-def test_two_tabs_do_not_send_the_same_event_twice(funnel: Funnel, sandbox: Any, context: Any, page: Any,
-                                                   console: list[str]) -> None:
+def test_two_tabs_do_not_send_the_same_event_twice(
+    funnel: Funnel, sandbox: Any, context: Any, page: Any, console: list[str]
+) -> None:
     t = tid()
     funnel.open(page, "csp.html", transaction_id=t)
     funnel.relay.stop()
@@ -156,29 +188,37 @@ def test_two_tabs_do_not_send_the_same_event_twice(funnel: Funnel, sandbox: Any,
     assert len(requests) == 1, requests
 
 
-def test_consent_gates_events(relay_factory: Any, pages: str, pages_port: int, sandbox: Any, page: Any,
-                              console: list[str]) -> None:
+def test_consent_gates_events(
+    relay_factory: Any, pages: str, pages_port: int, sandbox: Any, page: Any, console: list[str]
+) -> None:
     funnel = Funnel(pages, relay_factory(sdk_campaigns(pages_port, consent=True)))
     t = tid()
     funnel.open(page, "csp.html", transaction_id=t)
     page.click("#csp-button")
     wait_for(lambda: page.evaluate(QUEUED) == 1, message="the event held in the queue")
-    queue = page.locator("#pingtree-debug table[data-section=\"Waiting in this browser's queue\"]")
-    wait_for(lambda: queue.count() and "waiting for consent" in queue.inner_text(), message="the debug panel's reason")
+    queue = page.locator('#pingtree-debug table[data-section="Waiting in this browser\'s queue"]')
+    wait_for(
+        lambda: queue.count() and "waiting for consent" in queue.inner_text(),
+        message="the debug panel's reason",
+    )
     assert events(sandbox, "quote_viewed", t) == []
     assert page.evaluate("() => pingtree('consent', true)") is True
     body = arrived(sandbox, "quote_viewed", t)[0]
     assert body["tcpa_consent"] == 1
     assert body["tcpa_consent_date"] == page.evaluate(
         "() => { const d = new Date(); return d.getFullYear() + '-' + String(d.getMonth() + 1).padStart(2, '0') + "
-        "'-' + String(d.getDate()).padStart(2, '0'); }")
+        "'-' + String(d.getDate()).padStart(2, '0'); }"
+    )
 
 
 def test_hidden_fields_are_filled(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
     t = tid()
     funnel.open(page, "index.html", transaction_id=t, pid="src_demo", sub1="ad42", utm_source="google")
     funnel.open(page, "form.html")
-    values = {name: page.input_value(f"input[name={name}]") for name in ("transaction_id", "pid", "sub1", "utm_source")}
+    values = {
+        name: page.input_value(f"input[name={name}]")
+        for name in ("transaction_id", "pid", "sub1", "utm_source")
+    }
     assert values == {"transaction_id": t, "pid": "src_demo", "sub1": "ad42", "utm_source": "google"}
     assert page.input_value("input[name=utm_campaign]") == ""  # nothing to fill it with
     page.click("#next-1")
@@ -199,12 +239,15 @@ def test_csp_page_has_no_violations(funnel: Funnel, sandbox: Any, page: Any, con
     assert not [line for line in console if "Content Security Policy" in line]
 
 
-def test_hostile_config_value_does_not_inject(relay_factory: Any, pages: str, pages_port: int, sandbox: Any,
-                                              page: Any, console: list[str]) -> None:
+def test_hostile_config_value_does_not_inject(
+    relay_factory: Any, pages: str, pages_port: int, sandbox: Any, page: Any, console: list[str]
+) -> None:
     # A CSS selector is the one free-text campaign value that reaches the script (check-config
     # refuses such a cookie_domain); the selector is invalid CSS too, which the SDK must survive.
     hostile = "</script><script>window.__pwned=1</script>\"'\u2028<!--"
-    campaigns = sdk_campaigns(pages_port) + f'[campaigns.cmp_test.sdk.selectors]\n{_toml(hostile)} = "quote_viewed"\n'
+    campaigns = (
+        sdk_campaigns(pages_port) + f'[campaigns.cmp_test.sdk.selectors]\n{_toml(hostile)} = "quote_viewed"\n'
+    )
     funnel = Funnel(pages, relay_factory(campaigns))
     t = tid()
     funnel.open(page, "csp.html", transaction_id=t)

@@ -32,6 +32,7 @@ def arrived(sandbox: Any, event_id: str, transaction_id: str, count: int = 1) ->
     def found() -> list[dict[str, Any]] | None:
         bodies = [e["body"] for e in sandbox.events(event_id=event_id, transaction_id=transaction_id)]
         return bodies if len(bodies) >= count else None
+
     return wait_for(found, message=f"{count} x {event_id} for {transaction_id}")  # type: ignore[no-any-return]
 
 
@@ -56,8 +57,13 @@ def fill_form(page: Any) -> None:
 # --- forms --------------------------------------------------------------------------------------
 
 
-def test_hidden_fields_are_added_to_a_native_webflow_form(tagged: Any, site: WebflowSite, sandbox: Any,  # noqa: F811
-                                                          page: Any, console: list[str]) -> None:
+def test_hidden_fields_are_added_to_a_native_webflow_form(
+    tagged: Any,
+    site: WebflowSite,
+    sandbox: Any,  # noqa: F811
+    page: Any,
+    console: list[str],
+) -> None:
     t = tid()
     open_site(page, site, transaction_id=t, utm_source="google", sub1="ad42", gclid="Cj0KCQ")
     # One hidden input per attribution value, by Pingtree's names, in the form webflow.js serializes.
@@ -68,34 +74,56 @@ def test_hidden_fields_are_added_to_a_native_webflow_form(tagged: Any, site: Web
     page.wait_for_selector(".w-form-done", state="visible")  # webflow.js handled the submit as usual
     [submission] = page.evaluate(SUBMISSIONS)
     assert submission["name"] == "Email Form"
-    assert submission["fields"] == {"Name": "Jane Doe", "Email": "jane@example.com", "transaction_id": t,
-                                    "utm_source": "google", "sub1": "ad42", "gclid": "Cj0KCQ"}
+    assert submission["fields"] == {
+        "Name": "Jane Doe",
+        "Email": "jane@example.com",
+        "transaction_id": t,
+        "utm_source": "google",
+        "sub1": "ad42",
+        "gclid": "Cj0KCQ",
+    }
     body = arrived(sandbox, "form_submitted", t)[0]
     assert body["utm_source"] == "google" and body["gclid"] == "Cj0KCQ"
     assert not [line for line in console if "pageerror" in line], console
 
 
-def test_a_field_the_form_has_is_not_added_twice(tagged: Any, site: WebflowSite, page: Any,  # noqa: F811
-                                                 console: list[str]) -> None:
+def test_a_field_the_form_has_is_not_added_twice(
+    tagged: Any,
+    site: WebflowSite,
+    page: Any,  # noqa: F811
+    console: list[str],
+) -> None:
     page.add_init_script("""document.addEventListener('DOMContentLoaded', () => {
         const i = document.createElement('input'); i.type = 'text'; i.name = 'sub1'; i.id = 'own-sub1';
         document.querySelector('#email-form').prepend(i); }, { capture: true });""")
     open_site(page, site, transaction_id=tid(), sub1="ad42", utm_medium="cpc")
     assert page.eval_on_selector_all("#email-form [name=sub1]", "els => els.length") == 1
-    assert page.eval_on_selector_all("#email-form input[type=hidden]", "els => els.map(e => e.name).sort()") == [
-        "transaction_id", "utm_medium"]
+    assert page.eval_on_selector_all(
+        "#email-form input[type=hidden]", "els => els.map(e => e.name).sort()"
+    ) == ["transaction_id", "utm_medium"]
 
 
-def test_without_add_hidden_fields_no_input_is_added(relay_factory: Any, pages_port: int, site: WebflowSite,  # noqa: F811
-                                                     page: Any, console: list[str]) -> None:
+def test_without_add_hidden_fields_no_input_is_added(
+    relay_factory: Any,
+    pages_port: int,
+    site: WebflowSite,  # noqa: F811
+    page: Any,
+    console: list[str],
+) -> None:
     site.paste(relay_factory(site_campaigns(pages_port, site)))
     open_site(page, site, transaction_id=tid(), sub1="ad42")
     assert page.eval_on_selector_all("#email-form input[type=hidden]", "els => els.length") == 0
 
 
 @pytest.mark.parametrize("marked", ["form", "submit button"])
-def test_form_event_fires_on_a_real_submit_only(tagged: Any, site: WebflowSite, sandbox: Any, page: Any,  # noqa: F811
-                                                console: list[str], marked: str) -> None:
+def test_form_event_fires_on_a_real_submit_only(
+    tagged: Any,
+    site: WebflowSite,
+    sandbox: Any,
+    page: Any,  # noqa: F811
+    console: list[str],
+    marked: str,
+) -> None:
     t = tid()
     open_site(page, site, "index.html" if marked == "form" else "signup.html", transaction_id=t)
     # Empty required fields: the browser's validation stops the submit, so no event.
@@ -111,8 +139,10 @@ def test_form_event_fires_on_a_real_submit_only(tagged: Any, site: WebflowSite, 
     page.wait_for_selector(".w-form-done", state="visible")
     arrived(sandbox, "form_submitted", t)
     assert len(page.evaluate(SUBMISSIONS)) == 1
-    wait_for(lambda: page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('pt:')).length") == 0,
-             message="the queue to empty")
+    wait_for(
+        lambda: page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('pt:')).length") == 0,
+        message="the queue to empty",
+    )
     assert len(sandbox.requests()) == 2  # quote_viewed and form_submitted: no click event on the button
 
 
@@ -120,8 +150,15 @@ def test_form_event_fires_on_a_real_submit_only(tagged: Any, site: WebflowSite, 
 
 
 @pytest.mark.parametrize("stub", [True, False], ids=["inline stub by hash", "no stub"])
-def test_strict_csp_from_snippet_csp(relay_factory: Any, pages_port: int, site: WebflowSite, sandbox: Any,  # noqa: F811
-                                     page: Any, console: list[str], stub: bool) -> None:
+def test_strict_csp_from_snippet_csp(
+    relay_factory: Any,
+    pages_port: int,
+    site: WebflowSite,
+    sandbox: Any,  # noqa: F811
+    page: Any,
+    console: list[str],
+    stub: bool,
+) -> None:
     site.paste(relay_factory(site_campaigns(pages_port, site)), stub=stub, strict_csp=True)
     t = tid()
     page.goto(site.url("index.html", transaction_id=t, fbclid="fb.1"))
@@ -145,8 +182,14 @@ def plain(relay_factory: Any, pages_port: int, site: WebflowSite) -> Any:  # noq
 
 
 @pytest.mark.parametrize("click_id", CLICK_IDS)
-def test_every_click_id_is_captured_and_becomes_external_clickid(plain: Any, site: WebflowSite, sandbox: Any,  # noqa: F811
-                                                                  page: Any, console: list[str], click_id: str) -> None:
+def test_every_click_id_is_captured_and_becomes_external_clickid(
+    plain: Any,
+    site: WebflowSite,
+    sandbox: Any,  # noqa: F811
+    page: Any,
+    console: list[str],
+    click_id: str,
+) -> None:
     t = tid()
     open_site(page, site, transaction_id=t, **{click_id: f"{click_id}-abc"})
     # It is kept with the attribution: the next page (no parameters) still sends it.
@@ -160,7 +203,11 @@ def test_every_click_id_is_captured_and_becomes_external_clickid(plain: Any, sit
 
 
 def test_first_click_id_in_order_wins_and_the_url_external_clickid_wins_over_all(
-    plain: Any, site: WebflowSite, sandbox: Any, page: Any, console: list[str],  # noqa: F811
+    plain: Any,
+    site: WebflowSite,
+    sandbox: Any,
+    page: Any,
+    console: list[str],  # noqa: F811
 ) -> None:
     t = tid()
     open_site(page, site, transaction_id=t, fbclid="fb", msclkid="ms", wbraid="wb")
@@ -178,8 +225,14 @@ def test_first_click_id_in_order_wins_and_the_url_external_clickid_wins_over_all
 
 @pytest.mark.parametrize(("order", "expected"), [('["ttclid", "gclid"]', "tt"), ("[]", None)])
 def test_external_clickid_from_changes_the_order_or_turns_it_off(
-    relay_factory: Any, pages_port: int, site: WebflowSite, sandbox: Any, page: Any,  # noqa: F811
-    console: list[str], order: str, expected: str | None,
+    relay_factory: Any,
+    pages_port: int,
+    site: WebflowSite,
+    sandbox: Any,
+    page: Any,  # noqa: F811
+    console: list[str],
+    order: str,
+    expected: str | None,
 ) -> None:
     site.paste(relay_factory(site_campaigns(pages_port, site, campaign=f"external_clickid_from = {order}\n")))
     t = tid()
@@ -193,7 +246,11 @@ def test_external_clickid_from_changes_the_order_or_turns_it_off(
 
 
 def test_staging_origin_is_answered_as_test_and_never_reaches_pingtree(
-    relay_factory: Any, pages_port: int, site: WebflowSite, sandbox: Any, page: Any,  # noqa: F811
+    relay_factory: Any,
+    pages_port: int,
+    site: WebflowSite,
+    sandbox: Any,
+    page: Any,  # noqa: F811
     console: list[str],
 ) -> None:
     site.paste(relay_factory(site_campaigns(pages_port, site, staging=True)))
@@ -205,8 +262,10 @@ def test_staging_origin_is_answered_as_test_and_never_reaches_pingtree(
     fill_form(page)
     page.click("#submit")  # webflow.js and the SDK behave as on the live site
     page.wait_for_selector(".w-form-done", state="visible")
-    wait_for(lambda: page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('pt:')).length") == 0,
-             message="the relay to answer the form event")
+    wait_for(
+        lambda: page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('pt:')).length") == 0,
+        message="the relay to answer the form event",
+    )
     assert sandbox.requests() == []
 
 
@@ -214,7 +273,11 @@ def test_staging_origin_is_answered_as_test_and_never_reaches_pingtree(
 
 
 def test_debug_panel_shows_attribution_events_answers_and_queue(
-    plain: Any, site: WebflowSite, sandbox: Any, page: Any, console: list[str],  # noqa: F811
+    plain: Any,
+    site: WebflowSite,
+    sandbox: Any,
+    page: Any,
+    console: list[str],  # noqa: F811
 ) -> None:
     t = tid()
     # An earlier page set the cookie; this one comes with ?pt_debug=1 and a first-touch utm_content.
@@ -231,15 +294,20 @@ def test_debug_panel_shows_attribution_events_answers_and_queue(
     assert rows["transaction_id"] == [t, "cookie (an earlier page or visit)"]
     assert rows["utm_source"] == ["google", "cookie (an earlier page or visit)"]
     assert rows["sub2"] == ["from-code", "page code: pingtree('set')"]
-    events = panel.locator("table[data-section=\"Events and the relay's answers\"]")
-    wait_for(lambda: "refused (400)" in events.inner_text() and "accepted" in events.inner_text(),
-             message="both answers in the panel")
+    events = panel.locator('table[data-section="Events and the relay\'s answers"]')
+    wait_for(
+        lambda: "refused (400)" in events.inner_text() and "accepted" in events.inner_text(),
+        message="both answers in the panel",
+    )
     assert "Invalid event_id for this campaign" in events.inner_text()
     # Offline: a new event waits in the queue, and the panel says why.
     page.context.set_offline(True)
     page.evaluate("() => { pingtree('event', 'call_clicked'); }")
-    queue = panel.locator("table[data-section=\"Waiting in this browser's queue\"]")
-    wait_for(lambda: queue.count() and "held: offline" in queue.inner_text(), message="the queued event in the panel")
+    queue = panel.locator('table[data-section="Waiting in this browser\'s queue"]')
+    wait_for(
+        lambda: queue.count() and "held: offline" in queue.inner_text(),
+        message="the queued event in the panel",
+    )
     page.context.set_offline(False)
     assert any("[pingtree]" in line for line in console)  # the panel also writes the SDK's log to the console
 
@@ -252,8 +320,9 @@ def test_debug_panel_only_in_debug_mode(plain: Any, site: WebflowSite, page: Any
     assert page.locator("#pingtree-debug").count() == 0 and loaded == []
 
 
-def test_debug_panel_under_the_demo_strict_csp(relay_factory: Any, pages: str, pages_port: int, sandbox: Any,
-                                               page: Any, console: list[str]) -> None:
+def test_debug_panel_under_the_demo_strict_csp(
+    relay_factory: Any, pages: str, pages_port: int, sandbox: Any, page: Any, console: list[str]
+) -> None:
     from tests.browser.conftest import Funnel, sdk_campaigns
 
     funnel = Funnel(pages, relay_factory(sdk_campaigns(pages_port)))
@@ -261,5 +330,7 @@ def test_debug_panel_under_the_demo_strict_csp(relay_factory: Any, pages: str, p
     page.click("#csp-button")
     panel = page.locator("#pingtree-debug")
     wait_for(lambda: panel.count() and "accepted" in panel.inner_text(), message="the panel with the answer")
-    assert panel.evaluate("el => getComputedStyle(el).position") == "fixed"  # its styles applied under the CSP
+    assert (
+        panel.evaluate("el => getComputedStyle(el).position") == "fixed"
+    )  # its styles applied under the CSP
     assert not [line for line in console if "Content Security Policy" in line], console

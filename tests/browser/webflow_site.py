@@ -35,7 +35,9 @@ class WebflowSite:
         self.csp = ""
         self.port = free_port()
         self.origin = f"http://127.0.0.1:{self.port}"
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), partial(_SiteHandler, self, directory=str(SITE)))
+        self._server = ThreadingHTTPServer(
+            ("127.0.0.1", self.port), partial(_SiteHandler, self, directory=str(SITE))
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> WebflowSite:
@@ -49,7 +51,9 @@ class WebflowSite:
     def url(self, page: str = "index.html", **params: str) -> str:
         return f"{self.origin}/{page}" + (f"?{urlencode(params)}" if params else "")
 
-    def paste(self, relay: Any, *, base: str | None = None, stub: bool = True, strict_csp: bool = False) -> None:
+    def paste(
+        self, relay: Any, *, base: str | None = None, stub: bool = True, strict_csp: bool = False
+    ) -> None:
         """Paste the relay's tag for cmp_test (what ``snippet`` prints); with ``strict_csp``, serve
         the pages under a CSP made of what ``snippet --csp`` prints (plus 'self' for webflow.js)."""
         config = load_config(relay.config_path)
@@ -59,9 +63,11 @@ class WebflowSite:
             sources = csp_sources(config, "cmp_test", base or relay.url)
             if not stub:
                 sources["script-src"] = [s for s in sources["script-src"] if not s.startswith("'sha256-")]
-            self.csp = ("default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; "
-                        f"script-src 'self' {' '.join(sources['script-src'])}; "
-                        f"connect-src {' '.join(sources['connect-src'])}")
+            self.csp = (
+                "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; "
+                f"script-src 'self' {' '.join(sources['script-src'])}; "
+                f"connect-src {' '.join(sources['connect-src'])}"
+            )
 
 
 class _SiteHandler(SimpleHTTPRequestHandler):
@@ -103,8 +109,9 @@ def site() -> Iterator[WebflowSite]:
     server.stop()
 
 
-def site_campaigns(pages_port: int, site: WebflowSite, *, staging: bool = False, campaign: str = "",
-                   sdk: str = "") -> str:
+def site_campaigns(
+    pages_port: int, site: WebflowSite, *, staging: bool = False, campaign: str = "", sdk: str = ""
+) -> str:
     """The shared test campaigns, with the site's origin allowed for cmp_test (or as a staging origin).
 
     ``campaign`` and ``sdk`` are extra TOML lines for ``[campaigns.cmp_test]`` and its ``.sdk`` table.
@@ -115,7 +122,7 @@ def site_campaigns(pages_port: int, site: WebflowSite, *, staging: bool = False,
     else:
         toml = toml.replace("allowed_origins = [", f'allowed_origins = ["{site.origin}", ', 1)
     toml = toml.replace("[campaigns.cmp_test]\n", "[campaigns.cmp_test]\n" + campaign, 1)
-    return toml + "\n[campaigns.cmp_test.sdk]\ncall_event = \"call_clicked\"\n" + sdk
+    return toml + '\n[campaigns.cmp_test.sdk]\ncall_event = "call_clicked"\n' + sdk
 
 
 # --- holding an answer ----------------------------------------------------------------------------
@@ -154,8 +161,11 @@ class HoldingProxy:
         self._client.close()
 
     def forward(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> httpx.Response:
-        keep = {k: v for k, v in headers.items() if k.lower() in ("origin", "content-type", "user-agent",
-                                                                  "if-none-match")}
+        keep = {
+            k: v
+            for k, v in headers.items()
+            if k.lower() in ("origin", "content-type", "user-agent", "if-none-match")
+        }
         keep["Accept-Encoding"] = "identity"  # pass the bytes through untouched (SRI, Content-Length)
         return self._client.request(method, self.upstream + path, headers=keep, content=body)
 
@@ -183,8 +193,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.proxy._release.wait(30)
         self.send_response(upstream.status_code)
         for key, value in upstream.headers.items():
-            if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding", "date",
-                                   "server"):
+            if key.lower() not in (
+                "content-length",
+                "transfer-encoding",
+                "connection",
+                "content-encoding",
+                "date",
+                "server",
+            ):
                 self.send_header(key, value)
         self.send_header("Content-Length", str(len(upstream.content)))
         self.end_headers()
