@@ -7,7 +7,6 @@ A thin adapter: it reads the request, asks the pure core (validation, enrichment
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,11 +17,12 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .bots import bot_marker
 from .callers import check_caller, origin_allowed_for, visitor
 from .config import CampaignConfig
-from .enrichment import forward_body, relay_fields
+from .enrichment import relay_fields
 from .errors import ApiError, answer
+from .fields import UUID_HINT
 from .relay import current_relay
 from .request_state import request_state
-from .validation import _UUID_RE, parse_json_body, validate_event
+from .validation import parse_json_body, valid_uuid, validate_event
 
 bp = Blueprint("events", __name__)
 log = logging.getLogger("pingtree_relay.events")
@@ -144,11 +144,9 @@ def _handle(
         user_agent=user_agent,
         test=state.test_traffic,
     )
-    if trusted:  # say which server-decided fields are the relay's, not the caller's
-        forwarded = forward_body(
-            campaign, event, received_at=time.time(), ip_address=ip_address, user_agent=user_agent
-        )
-        reply.body["data"]["relay_fields"] = relay_fields(campaign, body, event, forwarded)
+    # Say which server-decided fields are the relay's, not the caller's (from the body it stored).
+    if trusted and reply.forwarded is not None:
+        reply.body["data"]["relay_fields"] = relay_fields(campaign, body, event, reply.forwarded)
     state.outcome = reply.outcome
     response = jsonify(reply.body)
     response.status_code = reply.status
@@ -176,11 +174,11 @@ def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not _UUID_RE.match(key):
+    if not valid_uuid(key):
         raise ApiError(
             400,
             "Invalid Idempotency-Key",
-            invalid={"Idempotency-Key": "8-64 letters, digits, '-' or '_'"},
+            invalid={"Idempotency-Key": UUID_HINT},
             reason="invalid_idempotency_key",
         )
     return key

@@ -80,7 +80,7 @@ TIMEZONES: dict[str, int] = {
 # [0-9], not \d: Python's \d also matches other scripts' digits ("١٢" would pass as 12).
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # a campaign id, event name, source or config identifier
 UUID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"  # an event_uuid or Idempotency-Key
-MONEY_PATTERN = r"^[0-9]{1,10}(\.[0-9]{1,2})?$"  # a revenue or cost given as a string
+UUID_HINT = "8-64 letters, digits, '-' or '_'"  # what UUID_PATTERN asks for, in words
 DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"  # tcpa_consent_date
 # Pingtree's conversion_date: a date, or a date and a time (the sandbox checks what it receives).
 CONVERSION_DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}( \d{2}:\d{2}:\d{2})?$"
@@ -90,3 +90,20 @@ MAX_STRING = 255
 MAX_ID = 128
 MAX_USER_AGENT = 512  # what the relay forwards of a browser's own User-Agent header
 MAX_REVENUE = Decimal("1000000000")  # a revenue or cost above this is a typo, not a sale
+
+
+def _money_pattern(bound: Decimal) -> str:
+    """A non-negative number with at most 2 decimals and at most ``bound`` (a power of ten), as a pattern.
+
+    A string revenue is checked by this pattern alone, so that the OpenAPI document (where a
+    ``maximum`` binds numbers only) can state the very same rule: below the bound any integer part
+    of fewer digits (one more with a leading zero), or the bound itself with zero cents.
+    """
+    digits = len(str(int(bound))) - 1
+    if bound != 10**digits:
+        raise ValueError(f"the money bound must be a power of ten, not {bound}")
+    below = rf"(?:[0-9]{{1,{digits}}}|0[0-9]{{{digits}}})(?:\.[0-9]{{1,2}})?"
+    return rf"^(?:{below}|{int(bound)}(?:\.00?)?)$"
+
+
+MONEY_PATTERN = _money_pattern(MAX_REVENUE)  # a revenue or cost given as a string

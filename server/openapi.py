@@ -28,6 +28,7 @@ from .fields import (
     MAX_USER_AGENT,
     MONEY_PATTERN,
     TIMEZONES,
+    UUID_HINT,
     UUID_PATTERN,
 )
 from .relay import current_relay
@@ -312,9 +313,7 @@ def _event_post(
         "parameters": [
             *params,
             _header("Origin", "The page's origin; must be one of the campaign's allowed_origins"),
-            _header(
-                "Idempotency-Key", "8-64 letters, digits, '-' or '_'; a retry with the same key is a replay"
-            ),
+            _header("Idempotency-Key", f"{UUID_HINT}; a retry with the same key is a replay"),
         ],
         "requestBody": {
             "required": True,

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import httpx
@@ -39,6 +39,8 @@ class Reply:
     status: int
     body: dict[str, Any]
     outcome: str  # delivered, queued, dead, duplicate, replay: for metrics and logs
+    # The body the relay stores for Pingtree (accept's replies): api.py reports its relay_fields from it.
+    forwarded: dict[str, Any] | None = None
 
 
 BACKLOG_EVENTS = 200  # due and unclaimed: ~0.2 s of traffic at 1,000/s means the engine is behind
@@ -199,13 +201,15 @@ class Relay:
         ``test``: from one of the campaign's staging_origins; stored flagged, never sent to the real
         upstream (see server/staging.py), answered with ``"test": true`` in ``data``.
         """
-        reply = self._accept(
-            campaign,
-            event,
-            idempotency_key=idempotency_key,
-            ip_address=ip_address,
-            user_agent=user_agent,
-            test=test,
+        received_at = time.time()
+        payload = forward_body(
+            campaign, event, received_at=received_at, ip_address=ip_address, user_agent=user_agent
+        )
+        reply = replace(
+            self._accept(
+                campaign, event, payload, received_at=received_at, idempotency_key=idempotency_key, test=test
+            ),
+            forwarded=payload,
         )
         if test:
             reply.body["data"]["test"] = True
@@ -216,17 +220,13 @@ class Relay:
         self,
         campaign: CampaignConfig,
         event: Event,
+        payload: dict[str, Any],
         *,
+        received_at: float,
         idempotency_key: str | None,
-        ip_address: str | None,
-        user_agent: str | None,
         test: bool,
     ) -> Reply:
-        """Store the event, try it once inline, and say what happened."""
-        received_at = time.time()
-        payload = forward_body(
-            campaign, event, received_at=received_at, ip_address=ip_address, user_agent=user_agent
-        )
+        """Store ``payload`` (the event's forward body), try it once inline, and say what happened."""
         record = Record(
             id=scoped_id(campaign.cid, event.event_uuid or idempotency_key or uuid.uuid4().hex),
             cid=campaign.cid,

@@ -35,9 +35,11 @@ from .fields import (
     MONEY_PATTERN,
     SERVER_ONLY_FIELDS,
     TIMEZONES,
+    UUID_HINT,
     UUID_PATTERN,
 )
 
+# Used with fullmatch: re's "$" also matches before a final newline, ECMA-262's (the document's) does not.
 _UUID_RE = re.compile(UUID_PATTERN)
 _DATE_RE = re.compile(DATE_PATTERN)
 _DECIMAL_RE = re.compile(MONEY_PATTERN)
@@ -138,8 +140,9 @@ def parse_amount(value: Any) -> Decimal | str:
     if isinstance(value, bool):
         return "expected a number"
     if isinstance(value, str):
-        if not _DECIMAL_RE.match(value):
-            return "expected a number with at most 2 decimals"
+        # The pattern holds the bound too: the OpenAPI document states the same rule for strings.
+        if not _DECIMAL_RE.fullmatch(value):
+            return f"expected a number from 0 to {MAX_REVENUE} with at most 2 decimals"
         value = Decimal(value)
     elif isinstance(value, int):
         value = Decimal(value)
@@ -349,14 +352,19 @@ def _event_uuid(body: Mapping[str, Any]) -> str | None:
     value = body.get("event_uuid")
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _UUID_RE.match(value):
+    if not valid_uuid(value):
         raise ApiError(
             400,
             "Invalid event_uuid",
-            invalid={"event_uuid": "8-64 letters, digits, '-' or '_'"},
+            invalid={"event_uuid": UUID_HINT},
             reason="invalid_event_uuid",
         )
     return value
+
+
+def valid_uuid(value: Any) -> bool:
+    """Whether ``value`` is an acceptable event_uuid or Idempotency-Key (fields.UUID_PATTERN)."""
+    return isinstance(value, str) and _UUID_RE.fullmatch(value) is not None
 
 
 def _check_signature(

@@ -85,6 +85,11 @@ class Outcome:
     uncertain: bool = False
     latency_ms: float | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here, once for every backend: no store can be handed a state it does not keep.
+        if self.state not in STATES:  # e.g. a Decision's "retry" must be stored as "pending"
+            raise ValueError(f"unknown state {self.state!r}; expected one of {', '.join(STATES)}")
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -107,7 +112,10 @@ class Persistence:
 
 
 class Store(Protocol):
-    """What the relay needs of a durable queue. Every method is safe across threads and processes."""
+    """What the relay needs of a durable queue. Every method is safe across threads and processes.
+
+    A backend subclasses it to inherit what is written once for all in terms of the rest (``finish``).
+    """
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         """Insert ``record``; leased to ``owner`` for ``lease`` seconds when owner is given (the inline
@@ -132,6 +140,9 @@ class Store(Protocol):
         latency_ms: float | None,
     ) -> bool:
         """Record an attempt's outcome and drop the lease; False when ``owner`` no longer holds it."""
+        return self.finish_many(
+            [Outcome(record_id, owner, state, next_at, status, answer, error, uncertain, latency_ms)]
+        )[0]
 
     def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """``finish`` for a batch, in one transaction (SQLite) or one round trip (Redis) per batch;

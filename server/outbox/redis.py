@@ -49,7 +49,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from . import STATES, Outcome, Persistence, Record, State, Stats
+from . import STATES, Outcome, Persistence, Record, State, Stats, Store
 from .schema import check_redis
 
 log = logging.getLogger("pingtree_relay.outbox")
@@ -298,7 +298,7 @@ def _decode(flat: list[str] | dict[str, str]) -> Record:
     return Record(**data)
 
 
-class RedisStore:
+class RedisStore(Store):
     """:class:`server.outbox.Store` on one Redis; a connection pool per process."""
 
     def __init__(self, url: str, *, prefix: str = "ptr:") -> None:
@@ -392,27 +392,7 @@ class RedisStore:
             return []
         return [_decode(flat) for flat in self._run("claim", owner, int(limit), repr(float(lease)))]
 
-    def finish(
-        self,
-        record_id: str,
-        owner: str,
-        *,
-        state: State,
-        next_at: float,
-        status: int | None,
-        answer: dict[str, Any] | None,
-        error: str | None,
-        uncertain: bool,
-        latency_ms: float | None,
-    ) -> bool:
-        return self.finish_many(
-            [Outcome(record_id, owner, state, next_at, status, answer, error, uncertain, latency_ms)]
-        )[0]
-
     def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
-        for outcome in outcomes:
-            if outcome.state not in STATES:
-                raise ValueError(f"unknown state {outcome.state!r}; expected one of {', '.join(STATES)}")
         done: list[bool] = []
         for i in range(0, len(outcomes), _BATCH):  # one script call (one round trip) per batch
             args: list[str] = []
