@@ -37,77 +37,47 @@ MAX_SDK_VERSIONS = 8
 SDK_STATES = ("stable", "current", "superseded", "unknown")
 
 
+_CE = ("cid", "event_id")
+# Every counter family: name (after ``pingtree_relay_``) -> (help text, label names). One table, so
+# a new family is one line and cannot differ in how it is registered.
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "events_received": ("Event requests received, by campaign", ("cid",)),
+    "events_accepted": ("Events accepted, by outcome of the answer", (*_CE, "outcome")),
+    "events_rejected": ("Event requests refused, by reason", (*_CE, "reason")),
+    "events_filtered": ("Events accepted but not forwarded (bots)", (*_CE, "reason")),
+    "events_delivered": ("Events Pingtree accepted", _CE),
+    "events_dead": ("Events given up on (dead letters)", _CE),
+    "delivery_retries": ("Delivery attempts that will be retried", _CE),
+    "postbacks": (
+        "Postback requests, by source and outcome (refused, or the outcome of an accepted one)",
+        ("cid", "source", "outcome"),
+    ),
+    "postbacks_refused": ("Postbacks refused, by source and reason", ("cid", "source", "reason")),
+    # Test traffic (staging origins) is counted apart: it must not inflate what reached Pingtree.
+    "test_events": ("Test events (staging origins), by outcome; never sent to Pingtree", (*_CE, "outcome")),
+    "sdk_requests": (
+        "SDK script requests by campaign, build version and its state "
+        "(stable URL, pinned current, pinned superseded, pinned unknown or expired)",
+        ("cid", "version", "state"),
+    ),
+}
+
+
 class Metrics:
     """The relay's counters and histogram, and the observer that moves them."""
 
     def __init__(self, config: Config, registry: CollectorRegistry | None) -> None:
         self.config = config
         self.registry = registry  # None: multiprocess, the values live in PROMETHEUS_MULTIPROC_DIR
-        ce = ["cid", "event_id"]
-        self.received = Counter(
-            "pingtree_relay_events_received",
-            "Event requests received, by campaign",
-            ["cid"],
-            registry=registry,
-        )
-        self.accepted = Counter(
-            "pingtree_relay_events_accepted",
-            "Events accepted, by outcome of the answer",
-            [*ce, "outcome"],
-            registry=registry,
-        )
-        self.rejected = Counter(
-            "pingtree_relay_events_rejected",
-            "Event requests refused, by reason",
-            [*ce, "reason"],
-            registry=registry,
-        )
-        self.filtered = Counter(
-            "pingtree_relay_events_filtered",
-            "Events accepted but not forwarded (bots)",
-            [*ce, "reason"],
-            registry=registry,
-        )
-        self.delivered = Counter(
-            "pingtree_relay_events_delivered", "Events Pingtree accepted", ce, registry=registry
-        )
-        self.dead = Counter(
-            "pingtree_relay_events_dead", "Events given up on (dead letters)", ce, registry=registry
-        )
-        self.retries = Counter(
-            "pingtree_relay_delivery_retries", "Delivery attempts that will be retried", ce, registry=registry
-        )
-        self.postbacks = Counter(
-            "pingtree_relay_postbacks",
-            "Postback requests, by source and outcome (refused, or the outcome of an accepted one)",
-            ["cid", "source", "outcome"],
-            registry=registry,
-        )
-        self.postbacks_refused = Counter(
-            "pingtree_relay_postbacks_refused",
-            "Postbacks refused, by source and reason",
-            ["cid", "source", "reason"],
-            registry=registry,
-        )
-        # Test traffic (staging origins) is counted apart: it must not inflate what reached Pingtree.
-        self.test = Counter(
-            "pingtree_relay_test_events",
-            "Test events (staging origins), by outcome; never sent to Pingtree",
-            [*ce, "outcome"],
-            registry=registry,
-        )
+        self.counters: dict[str, Counter] = {
+            name: Counter(f"pingtree_relay_{name}", documentation, labels, registry=registry)
+            for name, (documentation, labels) in COUNTERS.items()
+        }
         self.latency = Histogram(
             "pingtree_relay_upstream_latency_seconds",
             "Time Pingtree took to answer",
             ["state"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.sdk_requests = Counter(
-            "pingtree_relay_sdk_requests",
-            "SDK script requests by campaign, build version and its state "
-            "(stable URL, pinned current, pinned superseded, pinned unknown or expired)",
-            ["cid", "version", "state"],
             registry=registry,
         )
         self._sdk_versions: dict[str, set[str]] = {}
@@ -118,13 +88,14 @@ class Metrics:
         # Every configured (campaign, event) shows up at 0 from the start: a rate() over a series
         # that appears only with its first event misses that first event.
         for cid, campaign in self.config.campaigns.items():
-            self.received.labels(cid)
-            self.sdk_requests.labels(cid, UNKNOWN, "unknown")  # alert on any increase: a broken tag
+            self.counters["events_received"].labels(cid)
+            # sdk_requests of an unknown build: alert on any increase, a broken tag.
+            self.counters["sdk_requests"].labels(cid, UNKNOWN, "unknown")
             for event_id in campaign.events:
-                self.delivered.labels(cid, event_id)
-                self.dead.labels(cid, event_id)
+                self.counters["events_delivered"].labels(cid, event_id)
+                self.counters["events_dead"].labels(cid, event_id)
             for source in campaign.postbacks:
-                self.postbacks.labels(cid, source, "refused")
+                self.counters["postbacks"].labels(cid, source, "refused")
 
     def labels(self, fields: dict[str, Any]) -> tuple[str, str]:
         """(cid, event_id) as label values: configured ones, else ``unknown``."""
@@ -136,24 +107,27 @@ class Metrics:
             return campaign.cid, event_id
         return campaign.cid, UNKNOWN
 
+    def _inc(self, family: str, *labels: str) -> None:
+        self.counters[family].labels(*labels).inc()
+
     def observe(self, kind: str, fields: dict[str, Any]) -> None:
         """Observer for :class:`server.observe.Observers`."""
         cid, event_id = self.labels(fields)
         if kind == "received":
-            self.received.labels(cid).inc()
+            self._inc("events_received", cid)
         elif fields.get("test"):
             # Neither accepted nor delivered to Pingtree: counted once, apart, when answered.
             if kind == "accepted":
-                self.test.labels(cid, event_id, _label(fields.get("outcome"))).inc()
+                self._inc("test_events", cid, event_id, _label(fields.get("outcome")))
         elif kind == "accepted" and fields.get("outcome") == "duplicate":
             # Answered 400 "Duplicate event" (the lead already had it): a refusal, not an acceptance.
-            self.rejected.labels(cid, event_id, "duplicate").inc()
+            self._inc("events_rejected", cid, event_id, "duplicate")
         elif kind == "accepted":
-            self.accepted.labels(cid, event_id, _label(fields.get("outcome"))).inc()
+            self._inc("events_accepted", cid, event_id, _label(fields.get("outcome")))
         elif kind == "rejected":
-            self.rejected.labels(cid, event_id, _label(fields.get("reason"))).inc()
+            self._inc("events_rejected", cid, event_id, _label(fields.get("reason")))
         elif kind == "filtered":
-            self.filtered.labels(cid, event_id, _label(fields.get("reason"))).inc()
+            self._inc("events_filtered", cid, event_id, _label(fields.get("reason")))
         elif kind == "delivery":
             self._delivery(cid, event_id, fields)
         elif kind == "postback":
@@ -167,9 +141,9 @@ class Metrics:
         # Only a configured source becomes a label, like campaign and event ids.
         source = source if campaign is not None and source in campaign.postbacks else UNKNOWN
         outcome = _label(fields.get("outcome"))
-        self.postbacks.labels(cid, source, outcome).inc()
+        self._inc("postbacks", cid, source, outcome)
         if outcome == "refused":
-            self.postbacks_refused.labels(cid, source, _label(fields.get("reason"))).inc()
+            self._inc("postbacks_refused", cid, source, _label(fields.get("reason")))
 
     def _sdk(self, cid: str, fields: dict[str, Any]) -> None:
         child = self._sdk_children.get((cid, fields.get("version"), fields.get("state")))  # type: ignore[arg-type]
@@ -186,16 +160,15 @@ class Metrics:
                 version = "other"  # a long-lived process through many config changes
             else:
                 seen.add(version)
-        child = self.sdk_requests.labels(cid, version, state)
+        child = self.counters["sdk_requests"].labels(cid, version, state)
         if version != "other":  # an "other" version stays uncached: it must keep folding
             self._sdk_children[(cid, fields["version"], fields["state"])] = child
         child.inc()
 
     def _delivery(self, cid: str, event_id: str, fields: dict[str, Any]) -> None:
         state = str(fields.get("state"))
-        {"delivered": self.delivered, "dead": self.dead, "retry": self.retries}.get(
-            state, self.retries
-        ).labels(cid, event_id).inc()
+        family = {"delivered": "events_delivered", "dead": "events_dead"}.get(state, "delivery_retries")
+        self._inc(family, cid, event_id)
         latency_ms = fields.get("latency_ms")
         if fields.get("status") is not None and isinstance(latency_ms, (int, float)):
             # Only attempts Pingtree answered: a connection refused in 1 ms is not a latency.
