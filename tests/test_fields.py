@@ -16,6 +16,8 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server import fields, validation
 from server.config import CampaignConfig, parse_config
@@ -30,7 +32,7 @@ BASE = {"event_id": "quote_viewed", "transaction_id": "txn_0001"}
 # matches its pattern, so a sample cannot silently drift from the rule it stands for.
 PATTERN_SAMPLES: dict[str, tuple[str, ...]] = {
     fields.UUID_PATTERN: ("a" * 8, "A-z_09" + "x" * 58),
-    fields.MONEY_PATTERN: ("0", "45", "45.1", "999999999.99"),
+    fields.MONEY_PATTERN: ("0", "45", "45.1", "999999999.99", "1000000000.00"),
     fields.DATE_PATTERN: ("2026-01-31", "2024-02-29"),
     fields.CONVERSION_DATE_PATTERN: ("2026-01-31", "2026-01-31 23:59:59"),
     fields.ID_PATTERN: ("c", "cmp_" + "x" * 60),
@@ -39,7 +41,7 @@ FORMAT_SAMPLES = {"ipv4": "203.0.113.7", "ipv6": "2001:db8::1", "date": "2026-01
 # Values outside each pattern: the validator must refuse them as the schema does.
 PATTERN_REJECTS: dict[str, tuple[str, ...]] = {
     fields.UUID_PATTERN: ("short", "a" * 65, "has space1"),
-    fields.MONEY_PATTERN: ("1.005", "-1", "1e3", "١٢"),
+    fields.MONEY_PATTERN: ("1.005", "-1", "1e3", "١٢", "1000000000.01", "9999999999"),
     fields.DATE_PATTERN: ("2026-1-5", "2026-01-31 10:00:00", "٢٠٢٦-٠١-٣١"),
 }
 
@@ -233,3 +235,38 @@ def test_config_does_not_import_validation() -> None:
     config = imported_modules(SERVER / "config.py")
     assert "server.validation" not in config and "server.fields" in config
     assert not {name for name in imported_modules(SERVER / "fields.py") if name.startswith("server")}
+
+
+# --- the money bound: the document and the validator draw the same line ------------------------------
+
+MONEY_EDGES: tuple[Any, ...] = (
+    0, 1000000000, 1000000000.01, 10**10, -0.01, 12.345,
+    "0", "999999999.99", "0999999999.99", "1000000000", "1000000000.00", "1000000000.01",
+    "1000000001", "9999999999", "00000000001", "45\n", " 45", "1e3",
+)  # fmt: skip
+
+
+def money_accepted(value: Any) -> bool:
+    """Whether validate_event takes ``value`` as a trusted caller's ``cost`` (the same check as revenue)."""
+    try:
+        validate({**BASE, "cost": value}, trusted=True)
+    except ApiError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("value", MONEY_EDGES, ids=repr)
+def test_the_money_bound_is_the_same_in_the_document_and_the_validator(
+    properties: dict[str, Any], value: Any
+) -> None:
+    documented = jsonschema_rs.is_valid(properties["cost"], value)
+    assert documented == money_accepted(value) == jsonschema_rs.is_valid(properties["amount"], value)
+
+
+@given(
+    value=st.from_regex(r"\A[0-9]{0,11}(\.[0-9]{0,3})?\Z")
+    | st.decimals(min_value=-1, max_value=int(fields.MAX_REVENUE) * 10, places=2).map(float)
+)
+@settings(max_examples=200, deadline=None)
+def test_any_money_value_is_accepted_by_both_or_by_neither(properties: dict[str, Any], value: Any) -> None:
+    assert jsonschema_rs.is_valid(properties["cost"], value) == money_accepted(value), value
