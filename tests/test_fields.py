@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server import fields, validation
@@ -267,6 +267,7 @@ def test_the_money_bound_is_the_same_in_the_document_and_the_validator(
     value=st.from_regex(r"\A[0-9]{0,11}(\.[0-9]{0,3})?\Z")
     | st.decimals(min_value=-1, max_value=int(fields.MAX_REVENUE) * 10, places=2).map(float)
 )
-@settings(max_examples=200, deadline=None)
+# too_slow and deadline time the machine, not the strategy (see test_openapi.TIMED).
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_any_money_value_is_accepted_by_both_or_by_neither(properties: dict[str, Any], value: Any) -> None:
     assert jsonschema_rs.is_valid(properties["cost"], value) == money_accepted(value), value

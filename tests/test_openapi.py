@@ -31,6 +31,10 @@ from server.validation import parse_json_body, validate_event
 from tests.conftest import Sandbox
 
 ORIGIN = "https://www.example.com"
+# Hypothesis's health checks are all on but too_slow (and deadline), which time data generation
+# and the test body: on a shared, loaded machine (CI, -n 2) a slow second is not a fault of the
+# strategies, and a test must not fail on timing. Every other check passes with these strategies.
+TIMED = [HealthCheck.too_slow]
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36"
 
 
@@ -100,7 +104,7 @@ schema = schemathesis.openapi.from_dict(
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=TIMED)
 def test_every_answer_matches_the_document(app: Flask, case: Any) -> None:
     case.call_and_validate(
         app=app, checks=[not_a_server_error, response_schema_conformance, status_code_conformance]
@@ -171,7 +175,7 @@ def answer_schema(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @given(body=bodies, revenue_key=st.sampled_from(["amount", "revenue"]), trusted=st.booleans())
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=TIMED)
 def test_validation_answers_are_4xx_and_well_shaped(
     answer_schema: dict[str, Any], body: dict[str, Any], revenue_key: str, trusted: bool
 ) -> None:
@@ -193,7 +197,7 @@ def test_validation_answers_are_4xx_and_well_shaped(
         ["application/json", "text/plain", "", "text/plain;charset=UTF-8", "application/xml"]
     ),
 )
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=TIMED)
 def test_parsing_never_fails_otherwise(answer_schema: dict[str, Any], raw: bytes, ctype: str) -> None:
     try:
         assert isinstance(parse_json_body(raw, ctype), dict)
@@ -207,7 +211,7 @@ def test_parsing_never_fails_otherwise(answer_schema: dict[str, Any], raw: bytes
     path=st.sampled_from(["/api/event/cmp_test", "/api/event/trigger", "/p/collect", "/api/event/cmp_other"]),
     origin=st.sampled_from([ORIGIN, None, "https://evil.example", "null"]),
 )
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, suppress_health_check=TIMED)
 def test_the_endpoint_never_answers_5xx(
     app: Flask, answer_schema: dict[str, Any], raw: bytes, path: str, origin: str | None
 ) -> None:
