@@ -41,6 +41,8 @@ ATTRIBUTION = {
     "utm_placement": "top",
     "external_clickid": "ext-1",
 }
+# A landing URL that tries to set prices: the browser may not (the security rule), only the server.
+PRICES = {"cost": "99", "cost_operation": "override", "min_price": "50", "adSpend": "7"}
 QUEUED = "() => Object.keys(localStorage).filter(k => k.startsWith('pt:cmp_test:')).length"
 
 
@@ -71,7 +73,7 @@ def test_attribution_survives_navigation_and_arrives_enriched(
     funnel: Funnel, sandbox: Any, page: Any, console: list[str]
 ) -> None:
     t = tid()
-    funnel.open(page, "index.html", transaction_id=t, **ATTRIBUTION)
+    funnel.open(page, "index.html", transaction_id=t, **ATTRIBUTION, **PRICES)
     # A link that navigates at once: the event must still arrive (keepalive / beacon).
     page.click("#get-quote")
     page.wait_for_url("**/form.html")
@@ -89,8 +91,10 @@ def test_attribution_survives_navigation_and_arrives_enriched(
         assert body["ip_address"] == "127.0.0.1"
         assert "Chrome" in body["user_agent"]
         assert body["conversion_date"].startswith(str(dt.date.today().year))
-        for forbidden in ("event_uuid", "cost_operation_browser"):
-            assert forbidden not in body
+        assert "event_uuid" not in body
+        # Only the campaign's server_fields set a price; nothing the page's URL carried.
+        assert (body["cost"], body["cost_operation"]) == (1.25, "add"), body
+        assert "min_price" not in body and "adSpend" not in body, body
 
 
 def test_conversion_resolves_with_conversion_id(
