@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,14 +20,20 @@ def test_sdk_weights_build_for_both_campaigns() -> None:
     assert set(weights) == {"cmp_demo", "cmp_full"}
     for w in weights.values():
         assert 0 < w.brotli < w.gzip < w.minified < w.raw
-    assert weights["cmp_demo"].gzip <= 2500  # the issue's budget, also asserted in test_sdk.py
+    assert weights["cmp_demo"].gzip <= 2500  # the issue's budget, also asserted in test_sdk_build.py
+
+
+def wrk_json(**errors: int) -> str:
+    """The summary line post_event.lua's ``done()`` prints: 1,000 requests in 2 s, with ``errors`` by kind."""
+    counts = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0, **errors}
+    summary = {"requests": 1000, "duration_us": 2000000, "bytes": 1, **counts, "mean": 900.0}
+    return "WRK_JSON " + json.dumps(
+        {**summary, "p50": 800, "p90": 1500, "p95": 2000, "p99": 5000, "max": 9000}, separators=(",", ":")
+    )
 
 
 def test_wrk_summary_is_parsed() -> None:
-    line = (
-        'WRK_JSON {"requests":1000,"duration_us":2000000,"bytes":1,"connect":0,"read":1,"write":0,'
-        '"status":2,"timeout":0,"mean":900.0,"p50":800,"p90":1500,"p95":2000,"p99":5000,"max":9000}'
-    )
+    line = wrk_json(read=1, status=2)
     result = load.parse_wrk("noise\n" + line + "\n", concurrency=8)
     assert (result.rps, result.p50_ms, result.p99_ms, result.errors) == (500.0, 0.8, 5.0, 3)
 
@@ -53,6 +60,11 @@ def _post(url: str, transaction_id: str, cid: str = "cmp_bench") -> httpx.Respon
     )
 
 
+def configure(upstream: servers.Server, **settings: object) -> httpx.Response:
+    """Set the fake upstream's behaviour (``latency_ms``, ...) through its control API."""
+    return httpx.post(upstream.url + "/_upstream/config", json=settings, timeout=10)
+
+
 def test_fake_upstream_answers_pingtree_success_and_counts_repeats(upstream: servers.Server) -> None:
     first = _post(upstream.url, "t1")
     assert first.status_code == 200
@@ -75,14 +87,14 @@ def test_fake_upstream_answers_pingtree_success_and_counts_repeats(upstream: ser
 
 def test_fake_upstream_holds_answers_and_counts_peak_in_flight(upstream: servers.Server) -> None:
     # Long enough that all 30 senders are surely in flight together, even on a loaded machine.
-    httpx.post(upstream.url + "/_upstream/config", json={"latency_ms": 4000}, timeout=10).raise_for_status()
+    configure(upstream, latency_ms=4000).raise_for_status()
     with ThreadPoolExecutor(30) as pool:
         answers = [pool.submit(_post, upstream.url, f"held{i}") for i in range(30)]
         wait_for(lambda: servers.upstream_stats(upstream)["peak_in_flight"] == 30, message="30 answers held")
         assert all(a.result().status_code == 200 for a in answers)
     stats = servers.upstream_stats(upstream)
     assert (stats["peak_in_flight"], stats["in_flight"], stats["unique"]) == (30, 0, 30)
-    bad = httpx.post(upstream.url + "/_upstream/config", json={"latency": 1}, timeout=10)
+    bad = configure(upstream, latency=1)
     assert bad.status_code == 400 and bad.json()["type"] == "error"
 
 
@@ -96,7 +108,7 @@ def test_naive_proxy_passes_the_upstream_answer_back(tmp_path: Path, upstream: s
 
 def test_paced_load_keeps_to_its_rate_when_answers_are_slow(upstream: servers.Server) -> None:
     """Open loop: 100 ev/s for 3 s with every answer 400 ms late still offers ~300 events, never more."""
-    httpx.post(upstream.url + "/_upstream/config", json={"latency_ms": 400}, timeout=10).raise_for_status()
+    configure(upstream, latency_ms=400).raise_for_status()
     result = load.run_paced(
         upstream.url, "/api/event/cmp_bench", rate=100, seconds=3, origin=servers.ORIGIN, connections=60
     )
@@ -165,11 +177,7 @@ def test_sustained_figures() -> None:
 
 
 def test_wrk_cpu_share_and_accepted() -> None:
-    line = (
-        'WRK_JSON {"requests":1000,"duration_us":2000000,"bytes":1,"connect":0,"read":0,"write":0,'
-        '"status":10,"timeout":0,"mean":900.0,"p50":800,"p90":1500,"p95":2000,"p99":5000,"max":9000}'
-    )
-    result = load.parse_wrk(line, concurrency=8, wrk_cpu_seconds=0.5)
+    result = load.parse_wrk(wrk_json(status=10), concurrency=8, wrk_cpu_seconds=0.5)
     assert (result.accepted, result.wrk_cpu_percent) == (990, 25.0)
 
 
@@ -208,8 +216,6 @@ Thread 13 (active): "MainThread"
 
 
 def test_durability_figures_are_in_the_docs_for_both_stores_and_faults() -> None:
-    from pathlib import Path
-
     from bench.durability import MARKERS, Figures, markdown
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "durability.md").read_text()
