@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -138,6 +138,11 @@ class Scene:
         self.relay.start()
 
 
+@pytest.fixture
+def scene(relay_factory: RelayFactory, pages_port: int, site: Site, tmp_path: Path) -> Scene:
+    return Scene(relay_factory, pages_port, site, tmp_path)
+
+
 def release_tree(tmp_path: Path) -> Path:
     """A copy of the relay's source whose script build has a new line: the next release."""
     tree = tmp_path / "release-2"
@@ -210,17 +215,14 @@ def check_new_build_reached_the_page(kind: str, page: Any, loads: Loads, scene: 
 def test_tag_keeps_working_after_a_change(
     where: str,
     change: str,
-    relay_factory: RelayFactory,
+    scene: Scene,
     pages: str,
-    pages_port: int,
     site: Site,
     sandbox: Any,
     fresh_loads: Any,
-    tmp_path: Path,
     console: list[str],
 ) -> None:
     page = fresh_loads
-    scene = Scene(relay_factory, pages_port, site, tmp_path)
     tag = scene.snippet()
     assert "integrity" not in tag
     site.paste(tag)
@@ -240,22 +242,26 @@ def test_tag_keeps_working_after_a_change(
     check_new_build_reached_the_page(change, page, loads, scene)
 
 
-@pytest.mark.parametrize("change", ["sdk_setting", "release"])
-def test_pinned_tag_keeps_working_after_a_change(
-    change: str,
-    relay_factory: RelayFactory,
-    pages_port: int,
-    site: Site,
-    sandbox: Any,
-    fresh_loads: Any,
-    tmp_path: Path,
-    console: list[str],
-) -> None:
-    page = fresh_loads
-    scene = Scene(relay_factory, pages_port, site, tmp_path)
+def paste_pinned_tag(scene: Scene, site: Site) -> str:
+    """Paste ``snippet --integrity`` into the site; the pinned build's version."""
     tag = scene.snippet("--integrity")
     version = PINNED_VERSION.search(tag).group(1)  # type: ignore[union-attr]
     site.paste(tag)
+    return version
+
+
+def sdk_requests(relay: Relay, version: str, state: str) -> float:
+    """``pingtree_relay_sdk_requests_total`` of cmp_test's build ``version`` in ``state``, from /metrics."""
+    samples = scrape(httpx.get(relay.url + "/metrics", timeout=5).text)
+    return value(samples, "pingtree_relay_sdk_requests_total", cid="cmp_test", version=version, state=state)
+
+
+@pytest.mark.parametrize("change", ["sdk_setting", "release"])
+def test_pinned_tag_keeps_working_after_a_change(
+    change: str, scene: Scene, site: Site, sandbox: Any, fresh_loads: Any, console: list[str]
+) -> None:
+    page = fresh_loads
+    version = paste_pinned_tag(scene, site)
     loads = Loads(page)
     fire_from_pasted_page(page, site, sandbox)  # Chromium checked the SRI hash: the SDK ran
     pinned_body = loads.scripts[-1]
@@ -263,29 +269,14 @@ def test_pinned_tag_keeps_working_after_a_change(
     fire_from_pasted_page(page, site, sandbox)
     assert loads.scripts[-1] == pinned_body  # the old build, from the archive, as the tag demands
     assert page.evaluate("() => window.ptRelease") is None
-    samples = scrape(httpx.get(scene.relay.url + "/metrics", timeout=5).text)
-    assert (
-        value(
-            samples, "pingtree_relay_sdk_requests_total", cid="cmp_test", version=version, state="superseded"
-        )
-        >= 1
-    )
+    assert sdk_requests(scene.relay, version, "superseded") >= 1
 
 
 def test_expired_pinned_build_shows_in_metrics_and_the_log(
-    relay_factory: RelayFactory,
-    pages_port: int,
-    site: Site,
-    sandbox: Any,
-    fresh_loads: Any,
-    tmp_path: Path,
-    console: list[str],
+    scene: Scene, site: Site, sandbox: Any, fresh_loads: Any, tmp_path: Path, console: list[str]
 ) -> None:
     page = fresh_loads
-    scene = Scene(relay_factory, pages_port, site, tmp_path)
-    tag = scene.snippet("--integrity")
-    version = PINNED_VERSION.search(tag).group(1)  # type: ignore[union-attr]
-    site.paste(tag)
+    version = paste_pinned_tag(scene, site)
     fire_from_pasted_page(page, site, sandbox)
     kept = tmp_path / "sdk-builds" / f"cmp_test.{version}.js"
     assert kept.exists()
@@ -299,12 +290,8 @@ def test_expired_pinned_build_shows_in_metrics_and_the_log(
     wait_for(lambda: any("integrity" in line for line in console), message="the SRI error in the console")
     assert not page.evaluate("() => !!(window.pingtree && window.pingtree.loaded)")
     assert not kept.exists(), "the restarted relay prunes builds past their retention"
-    metrics: Callable[[], float] = lambda: value(  # noqa: E731
-        scrape(httpx.get(scene.relay.url + "/metrics", timeout=5).text),
-        "pingtree_relay_sdk_requests_total",
-        cid="cmp_test",
-        version="unknown",
-        state="unknown",
+    assert wait_for(
+        lambda: sdk_requests(scene.relay, "unknown", "unknown") >= 1,
+        message="the unknown build counted in /metrics",
     )
-    assert wait_for(lambda: metrics() >= 1, message="the unknown build counted in /metrics")
     wait_for(lambda: "sdk_version_unknown" in scene.relay.log(), message="a warning line in the relay's log")
