@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from server.config import parse_config
 from server.errors import ApiError
 from server.sandbox import ConnectionDropped, SandboxState, create_sandbox_app
 from server.sandbox.rules import check_event
+from tests.test_sandbox_server import running_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = 0.3  # short lock window for tests that wait it out
@@ -569,56 +569,11 @@ def test_bad_fault_is_refused(client: FlaskClient, fault: Any) -> None:
 # --- the real server: python -m server.sandbox under gunicorn ------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m server.sandbox`` on a free port; yields its base URL once /healthz answers."""
-    tmp = tmp_path_factory.mktemp("sandbox")
-    config = tmp / "sandbox.toml"
-    config.write_text(CONFIG_TOML, encoding="utf-8")
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.sandbox",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--lock-seconds",
-            str(LOCK),
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (tmp / "server.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=30)
+    with running_sandbox(tmp_path_factory.mktemp("sandbox"), CONFIG_TOML, lock_seconds=LOCK) as (_, base):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture

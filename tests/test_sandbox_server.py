@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,38 +40,34 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+@contextmanager
+def running_sandbox(
+    tmp: Path, config_toml: str = CONFIG_TOML, *, lock_seconds: float = 0
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python -m server.sandbox`` with ``config_toml`` on a free port: (the process, its base URL)
+    once /healthz answers; stopped, and its log closed, on the way out. test_sandbox.py uses it too."""
     config = tmp / "sandbox.toml"
-    config.write_text(CONFIG_TOML, encoding="utf-8")
+    config.write_text(config_toml, encoding="utf-8")
     port = _free_port()
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.sandbox",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--lock-seconds",
-            "0",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    command = ["--config", str(config), "--port", str(port), "--lock-seconds", str(lock_seconds)]
+    with (tmp / "server.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.sandbox", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        base = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        assert proc.poll() is None, (tmp / "server.log").read_text()
+        def up() -> bool:
+            assert proc.poll() is None, (tmp / "server.log").read_text()
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
         try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout=30, message="the sandbox to answer /healthz")
-    return proc, base
+            wait_for(up, timeout=30, message="the sandbox to answer /healthz")
+            yield proc, base
+        finally:
+            _stop(proc)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:
@@ -85,11 +82,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m server.sandbox`` on a free port, lock window 0 (every event is new anyway)."""
-    proc, base = _start(tmp_path_factory.mktemp("loop-sandbox"))
-    try:
+    with running_sandbox(tmp_path_factory.mktemp("loop-sandbox")) as (_, base):
         yield base
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture
@@ -208,8 +202,7 @@ def test_a_thousand_delayed_answers_are_held_at_once(live: httpx.Client, server:
 
 
 def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
-    proc, base = _start(tmp_path)
-    try:
+    with running_sandbox(tmp_path) as (proc, base):
         httpx.post(base + "/_sandbox/faults", json={"delay_ms": 4000, "when": "after"}).raise_for_status()
 
         async def held_then_term() -> int:
@@ -226,8 +219,6 @@ def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
 
         assert run_in_thread(held_then_term) == 200
         assert proc.wait(timeout=15) == 0
-    finally:
-        _stop(proc)
 
 
 # --- HTTP/1.1 on the wire ---------------------------------------------------------------------------
