@@ -19,10 +19,9 @@ from .callers import check_caller, origin_allowed_for, visitor
 from .config import CampaignConfig
 from .enrichment import relay_fields
 from .errors import ApiError, answer
-from .fields import UUID_HINT
 from .relay import current_relay
 from .request_state import request_state
-from .validation import parse_json_body, valid_uuid, validate_event
+from .validation import checked_uuid, parse_json_body, validate_event
 
 bp = Blueprint("events", __name__)
 log = logging.getLogger("pingtree_relay.events")
@@ -174,14 +173,7 @@ def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not valid_uuid(key):
-        raise ApiError(
-            400,
-            "Invalid Idempotency-Key",
-            invalid={"Idempotency-Key": UUID_HINT},
-            reason="invalid_idempotency_key",
-        )
-    return key
+    return checked_uuid(key, "Idempotency-Key", reason="invalid_idempotency_key")
 
 
 @bp.after_app_request

@@ -137,9 +137,10 @@ class Metrics:
 
     def _postback(self, cid: str, fields: dict[str, Any]) -> None:
         campaign = self.config.campaigns.get(cid)
-        source = fields.get("source")
-        # Only a configured source becomes a label, like campaign and event ids.
-        source = source if campaign is not None and source in campaign.postbacks else UNKNOWN
+        given = fields.get("source")
+        source = UNKNOWN
+        if campaign is not None and isinstance(given, str) and given in campaign.postbacks:
+            source = given  # only a configured source becomes a label, like campaign and event ids
         outcome = _label(fields.get("outcome"))
         self._inc("postbacks", cid, source, outcome)
         if outcome == "refused":

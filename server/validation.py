@@ -352,19 +352,15 @@ def _event_uuid(body: Mapping[str, Any]) -> str | None:
     value = body.get("event_uuid")
     if value is None or value == "":
         return None
-    if not valid_uuid(value):
-        raise ApiError(
-            400,
-            "Invalid event_uuid",
-            invalid={"event_uuid": UUID_HINT},
-            reason="invalid_event_uuid",
-        )
+    return checked_uuid(value, "event_uuid", reason="invalid_event_uuid")
+
+
+def checked_uuid(value: Any, name: str, *, reason: str) -> str:
+    """``value`` when it is an acceptable event_uuid or Idempotency-Key (fields.UUID_PATTERN), else
+    a 400 that names ``name``."""
+    if not isinstance(value, str) or _UUID_RE.fullmatch(value) is None:
+        raise ApiError(400, f"Invalid {name}", invalid={name: UUID_HINT}, reason=reason)
     return value
-
-
-def valid_uuid(value: Any) -> bool:
-    """Whether ``value`` is an acceptable event_uuid or Idempotency-Key (fields.UUID_PATTERN)."""
-    return isinstance(value, str) and _UUID_RE.fullmatch(value) is not None
 
 
 def _check_signature(
