@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import STATES, Outcome, Persistence, Record, State, Stats
+from . import Outcome, Persistence, Record, State, Stats, Store
 from .schema import upgrade_sqlite
 
 T = TypeVar("T")
@@ -179,7 +179,7 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and ("full" in str(exc) or "disk I/O" in str(exc))
 
 
-class SQLiteStore:
+class SQLiteStore(Store):
     """:class:`server.outbox.Store` on one SQLite file; a connection per thread."""
 
     def __init__(self, path: str) -> None:
@@ -426,27 +426,7 @@ class SQLiteStore:
             raise
         return [_row_to_record(r) for r in rows]
 
-    def finish(
-        self,
-        record_id: str,
-        owner: str,
-        *,
-        state: State,
-        next_at: float,
-        status: int | None,
-        answer: dict[str, Any] | None,
-        error: str | None,
-        uncertain: bool,
-        latency_ms: float | None,
-    ) -> bool:
-        return self.finish_many(
-            [Outcome(record_id, owner, state, next_at, status, answer, error, uncertain, latency_ms)]
-        )[0]
-
     def finish_many(self, outcomes: Sequence[Outcome]) -> list[bool]:
-        for outcome in outcomes:
-            if outcome.state not in STATES:  # e.g. a Decision's "retry" must be stored as "pending"
-                raise ValueError(f"unknown state {outcome.state!r}; expected one of {', '.join(STATES)}")
         if not outcomes:
             return []
         conn = self._conn()
