@@ -7,19 +7,20 @@ path: the tests talk HTTP to real gunicorn processes that write real SQLite file
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
+
+from bench import servers as bench_servers
+from bench.servers import wait_for
+
+__all__ = ["wait_for"]  # the one polling helper, shared with bench/: tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,84 +51,32 @@ conversion_timezone = "PST"
 """
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, message: str = "condition"
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``message`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
-
-
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody listens on right now, for what must name its port before it exists: the
+    browser tests' page origin (in the campaigns' allowed origins) and a relay whose config names its
+    own URL. Every server the tests start binds port 0 itself (see :class:`ServerProcess`)."""
+    return bench_servers.free_port()
 
 
-class ServerProcess:
-    """A server started as ``python -m server.cli ...``; restartable on the same port."""
+class ServerProcess(bench_servers.Server):
+    """``python -m server.cli ARGS`` on a port it binds itself (``--port 0 --port-file``); restartable
+    on the same port. ``stop`` signals the master only (gunicorn's graceful drain), ``kill`` the group."""
 
-    def __init__(self, args: list[str], port: int, log_path: Path) -> None:
-        self.args = args
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.cwd = ROOT  # the source tree it runs from (another one simulates an upgrade)
-
-    def start(self, timeout: float = 30.0) -> ServerProcess:
-        log = open(self.log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", *self.args, "--port", str(self.port)],
-            cwd=self.cwd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+    def __init__(self, args: list[str], log_path: Path, port: int = 0) -> None:
+        super().__init__(
+            [sys.executable, "-m", "server.cli", *args, *bench_servers.REPORT_PORT], log_path, port=port
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not come up on {self.url}:\n{self.log()}")
+
+    def start(self, timeout: float = 30.0) -> Self:
+        super().start(timeout)
+        return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        return self.log_tail()
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (graceful) and wait."""
-        return self._signal(signal.SIGTERM, timeout)
-
-    def kill(self) -> int | None:
-        """SIGKILL the whole process group: master and workers die with no chance to clean up."""
-        return self._signal(signal.SIGKILL, 10.0)
-
-    def _signal(self, sig: int, timeout: float) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        target = os.getpgid(self.proc.pid) if sig == signal.SIGKILL else None
-        if target is not None:
-            os.killpg(target, sig)
-        else:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(os.getpgid(self.proc.pid), signal.SIGKILL)
-            return self.proc.wait(5)
+        """SIGTERM the master (graceful) and wait."""
+        return self.signal(signal.SIGTERM, timeout, group=False)
 
 
 class Sandbox(ServerProcess):
@@ -174,7 +123,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory, pages_port: int) -> Iterat
     tmp = tmp_path_factory.mktemp("sandbox")
     cfg = tmp / "sandbox.toml"
     cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\n' + campaigns_toml(pages_port))
-    server = Sandbox(["sandbox", "--config", str(cfg)], free_port(), tmp / "sandbox.log").start()
+    server = Sandbox(["sandbox", "--config", str(cfg)], tmp / "sandbox.log").start()
     yield server
     server.stop()
 
@@ -260,9 +209,7 @@ def make_relay(
         **relay_keys,
     )
     relay = Relay(
-        ["serve", "--config", str(cfg), "--workers", str(workers)],
-        port or free_port(),
-        tmp_dir / f"{name}.log",
+        ["serve", "--config", str(cfg), "--workers", str(workers)], tmp_dir / f"{name}.log", port or 0
     )
     relay.config_path = cfg
     relay.store_path = tmp_dir / "relay.sqlite3"

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,12 @@ from flask.testing import FlaskClient
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import Client
 
+from bench.servers import REPORT_PORT, Server
 from server.config import parse_config
 from server.errors import ApiError
 from server.sandbox import ConnectionDropped, SandboxState, create_sandbox_app
 from server.sandbox.rules import check_event
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = 0.3  # short lock window for tests that wait it out
@@ -88,20 +89,9 @@ def fire(
     return response.status_code, answer
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        time.sleep(0.02)
-
-
 def fire_after_lock(client: FlaskClient, form: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Retry while the answer is "Concurrent event in progress" (a 403 does not extend the lock)."""
-    return wait_until(lambda: (r := fire(client, form, body))[0] != 403 and r)
+    return wait_for(lambda: (r := fire(client, form, body))[0] != 403 and r, 5.0, 0.02, "the lock to pass")
 
 
 def events(client: FlaskClient, **query: str) -> list[dict[str, Any]]:
@@ -569,56 +559,15 @@ def test_bad_fault_is_refused(client: FlaskClient, fault: Any) -> None:
 # --- the real server: python -m server.sandbox under gunicorn ------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m server.sandbox`` on a free port; yields its base URL once /healthz answers."""
+    """``python -m server.sandbox`` on a port it binds itself; yields its base URL once /healthz answers."""
     tmp = tmp_path_factory.mktemp("sandbox")
     config = tmp / "sandbox.toml"
     config.write_text(CONFIG_TOML, encoding="utf-8")
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.sandbox",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--lock-seconds",
-            str(LOCK),
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (tmp / "server.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=30)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    argv = [sys.executable, "-m", "server.sandbox", "--config", str(config), *REPORT_PORT]
+    with Server([*argv, "--lock-seconds", str(LOCK)], tmp / "server.log") as sandbox:
+        yield sandbox.url
 
 
 @pytest.fixture

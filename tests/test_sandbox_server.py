@@ -10,7 +10,6 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from bench.servers import REPORT_PORT, Server
 from server.sandbox.http11 import BadRequest, _Chunked, parse_head
 from tests.conftest import wait_for
 
@@ -33,63 +33,28 @@ ANSWER_KEYS = {"status", "type", "message", "data", "missingFields", "invalidFie
 T = TypeVar("T")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start(tmp: Path) -> Server:
+    """``python -m server.sandbox`` on a port it binds itself and reports, lock window 0."""
     config = tmp / "sandbox.toml"
     config.write_text(CONFIG_TOML, encoding="utf-8")
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.sandbox",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--lock-seconds",
-            "0",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (tmp / "server.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout=30, message="the sandbox to answer /healthz")
-    return proc, base
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.terminate()
-    try:
-        return proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    argv = [
+        sys.executable,
+        "-m",
+        "server.sandbox",
+        "--config",
+        str(config),
+        *REPORT_PORT,
+        "--lock-seconds",
+        "0",
+    ]
+    return Server(argv, tmp / "server.log").start(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m server.sandbox`` on a free port, lock window 0 (every event is new anyway)."""
-    proc, base = _start(tmp_path_factory.mktemp("loop-sandbox"))
-    try:
-        yield base
-    finally:
-        _stop(proc)
+    with _start(tmp_path_factory.mktemp("loop-sandbox")) as sandbox:
+        yield sandbox.url
 
 
 @pytest.fixture
@@ -208,7 +173,8 @@ def test_a_thousand_delayed_answers_are_held_at_once(live: httpx.Client, server:
 
 
 def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
-    proc, base = _start(tmp_path)
+    sandbox = _start(tmp_path)
+    base = sandbox.url
     try:
         httpx.post(base + "/_sandbox/faults", json={"delay_ms": 4000, "when": "after"}).raise_for_status()
 
@@ -221,13 +187,14 @@ def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
                 0.05,
                 "the answer to be held",
             )
-            proc.send_signal(signal.SIGTERM)
+            assert sandbox.proc is not None
+            sandbox.proc.send_signal(signal.SIGTERM)
             return (await task)[0]
 
         assert run_in_thread(held_then_term) == 200
-        assert proc.wait(timeout=15) == 0
+        assert sandbox.proc is not None and sandbox.proc.wait(timeout=15) == 0
     finally:
-        _stop(proc)
+        sandbox.stop()
 
 
 # --- HTTP/1.1 on the wire ---------------------------------------------------------------------------

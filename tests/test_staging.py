@@ -15,7 +15,7 @@ from server.attribution import CLICK_IDS
 from server.config import parse_config
 from server.forwarder import Attempt
 from server.staging import TEST_FLAG, StagingRouter, mark
-from tests.conftest import Sandbox, campaigns_toml, free_port, wait_for
+from tests.conftest import Sandbox, campaigns_toml, wait_for
 
 STAGING = "https://acme-roofing.webflow.io"
 
@@ -122,9 +122,7 @@ def test_staging_upstream_url_receives_test_events_and_pingtree_none(
 ) -> None:
     cfg = tmp_path / "staging-sandbox.toml"
     cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\n' + campaigns_toml(pages_port))
-    staging = Sandbox(
-        ["sandbox", "--config", str(cfg)], free_port(), tmp_path / "staging-sandbox.log"
-    ).start()
+    staging = Sandbox(["sandbox", "--config", str(cfg)], tmp_path / "staging-sandbox.log").start()
     try:
         relay = relay_factory(staging_campaigns(pages_port), staging_upstream_url=staging.url)
         t = "txn_" + uuid.uuid4().hex[:10]

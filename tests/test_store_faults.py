@@ -22,7 +22,7 @@ import redis
 from server.outbox import Record
 from server.outbox.redis import RedisStore
 from server.outbox.sqlite import MAX_PAGE_COUNT_ENV, SQLiteStore
-from tests.conftest import Relay, RelayFactory, Sandbox, free_port, wait_for
+from tests.conftest import Relay, RelayFactory, Sandbox, wait_for
 
 if TYPE_CHECKING:
     from tests.redis_fixture import RedisServer
@@ -172,7 +172,7 @@ def test_redis_misconf_refuses_writes_and_readiness_says_so(tmp_path: Path) -> N
 
     workdir = tmp_path / "redis-misconf"
     workdir.mkdir()
-    server = RedisServer(redis_binary(), free_port(), workdir).start()
+    server = RedisServer(redis_binary(), workdir).start()
     try:
         control = server.client()
         control.config_set("save", "3600 1")
