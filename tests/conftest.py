@@ -16,6 +16,7 @@ from typing import Any, Self
 
 import httpx
 import pytest
+from flask import Flask
 
 from bench import servers as bench_servers
 from bench.servers import wait_for
@@ -152,16 +153,64 @@ class Relay(ServerProcess):
         headers: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        h = {"Origin": origin} if origin else {}
-        h.update(headers or {})
-        if isinstance(body, (dict, list)):
-            kwargs["json"] = body
-        else:
-            kwargs["content"] = body
-        return httpx.post(f"{self.url}/api/event/{cid}", headers=h, timeout=15, **kwargs)
+        return post_event(httpx.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
+
+
+def post_event(
+    send: Callable[..., httpx.Response],
+    base_url: str,
+    body: Any,
+    *,
+    cid: str = "cmp_test",
+    origin: str | None = "https://www.example.com",
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> httpx.Response:
+    """POST ``body`` (JSON for a dict or list, else raw bytes) to a relay's event endpoint."""
+    h = {"Origin": origin} if origin else {}
+    h.update(headers or {})
+    if isinstance(body, (dict, list)):
+        kwargs["json"] = body
+    else:
+        kwargs["content"] = body
+    return send(f"{base_url}/api/event/{cid}", headers=h, timeout=15, **kwargs)
+
+
+class InProcessRelay:
+    """The relay's app from the app factory, called in this process through WSGI: no gunicorn, no
+    port. For tests of the app's rules (validation, idempotency, callers, answers) that need no
+    process of their own; its upstream is still a real server (the sandbox) over loopback HTTP.
+    ``http`` is an httpx client whose requests go straight into the app, so tests read the answers
+    exactly as they would from a relay process.
+    """
+
+    def __init__(self, config_path: Path) -> None:
+        from server import create_app
+        from server.config import load_config
+
+        self.config_path = config_path
+        self.app: Flask = create_app(load_config(str(config_path)), start_delivery=False)
+        self.url = "http://relay.test"
+        self.http = httpx.Client(transport=httpx.WSGITransport(app=self.app), base_url=self.url)
+
+    def post(
+        self,
+        body: Any,
+        *,
+        cid: str = "cmp_test",
+        origin: str | None = "https://www.example.com",
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        return post_event(self.http.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
+
+    def close(self) -> None:
+        self.http.close()
+        self.app.extensions["relay"].close()
 
 
 RelayFactory = Callable[..., Relay]
+InProcessRelayFactory = Callable[..., InProcessRelay]
 
 
 def write_relay_config(path: Path, *, upstream: str, store: str, campaigns: str, **relay_keys: Any) -> Path:
@@ -233,6 +282,24 @@ def relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator
     yield make
     for relay in started:
         relay.kill()
+
+
+@pytest.fixture
+def app_relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator[InProcessRelayFactory]:
+    """Build in-process relays against the sandbox: ``app_relay_factory(campaigns=..., store=..., **relay_keys)``
+    takes what ``relay_factory`` takes (but ``workers``); closed (store, forwarders) after the test."""
+    built: list[InProcessRelay] = []
+
+    def make(campaigns: str | None = None, *, upstream: str | None = None, **kwargs: Any) -> InProcessRelay:
+        config = make_relay(
+            tmp_path, upstream or sandbox.url, pages_port, campaigns, name=f"app{len(built)}", **kwargs
+        ).config_path
+        built.append(InProcessRelay(config))
+        return built[-1]
+
+    yield make
+    for relay in built:
+        relay.close()
 
 
 @pytest.fixture
