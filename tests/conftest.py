@@ -155,6 +155,10 @@ class Relay(ServerProcess):
     ) -> httpx.Response:
         return post_event(httpx.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
 
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """``method path`` on this relay (as :meth:`InProcessRelay.request`: helpers take either)."""
+        return httpx.request(method, self.url + path, **kwargs)
+
 
 def post_event(
     send: Callable[..., httpx.Response],
@@ -203,6 +207,9 @@ class InProcessRelay:
         **kwargs: Any,
     ) -> httpx.Response:
         return post_event(self.http.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, path, **kwargs)
 
     def close(self) -> None:
         self.http.close()
