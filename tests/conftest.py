@@ -8,6 +8,7 @@ path: the tests talk HTTP to real gunicorn processes that write real SQLite file
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from flask import Flask
 
 from bench import servers as bench_servers
 from bench.servers import wait_for
+from server.listening import bind_listener, bound_port
 
 __all__ = ["wait_for"]  # the one polling helper, shared with bench/: tests import it from here
 
@@ -113,9 +115,19 @@ def campaigns_toml(pages_port: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def pages_port() -> int:
+def pages_listener() -> Iterator[socket.socket]:
+    """The socket of the page origin browser tests use, bound (port 0) and listening from the start
+    of the session: its port is in cmp_test's allowed_origins long before the pages are served on it
+    (tests/browser/conftest.py), and nothing else can take it meanwhile."""
+    listener = bind_listener("127.0.0.1", 0)
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="session")
+def pages_port(pages_listener: socket.socket) -> int:
     """The port of the page origin browser tests use (allowed in cmp_test's allowed_origins)."""
-    return free_port()
+    return bound_port(pages_listener)
 
 
 @pytest.fixture(scope="session")
