@@ -91,6 +91,10 @@ def spec(app: Flask) -> dict[str, Any]:
     return app.test_client().get("/openapi.json").get_json()  # type: ignore[no-any-return]
 
 
+# Hypothesis's health checks stay on but one: too_slow times data generation on the wall clock, and this
+# suite runs on a shared two-core machine under load; a timing is never a test verdict here.
+WALL_CLOCK = [HealthCheck.too_slow]
+
 # The document as the app serves it (test_the_document_covers_the_relay checks they are equal); loaded
 # from a dict because the app needs the session's sandbox, which exists only once fixtures run.
 HAS_METRICS = importlib.util.find_spec("server.metrics") is not None
@@ -100,7 +104,7 @@ schema = schemathesis.openapi.from_dict(
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=WALL_CLOCK)
 def test_every_answer_matches_the_document(app: Flask, case: Any) -> None:
     case.call_and_validate(
         app=app, checks=[not_a_server_error, response_schema_conformance, status_code_conformance]
@@ -171,7 +175,7 @@ def answer_schema(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @given(body=bodies, revenue_key=st.sampled_from(["amount", "revenue"]), trusted=st.booleans())
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=WALL_CLOCK)
 def test_validation_answers_are_4xx_and_well_shaped(
     answer_schema: dict[str, Any], body: dict[str, Any], revenue_key: str, trusted: bool
 ) -> None:
@@ -193,7 +197,7 @@ def test_validation_answers_are_4xx_and_well_shaped(
         ["application/json", "text/plain", "", "text/plain;charset=UTF-8", "application/xml"]
     ),
 )
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=WALL_CLOCK)
 def test_parsing_never_fails_otherwise(answer_schema: dict[str, Any], raw: bytes, ctype: str) -> None:
     try:
         assert isinstance(parse_json_body(raw, ctype), dict)
@@ -207,7 +211,7 @@ def test_parsing_never_fails_otherwise(answer_schema: dict[str, Any], raw: bytes
     path=st.sampled_from(["/api/event/cmp_test", "/api/event/trigger", "/p/collect", "/api/event/cmp_other"]),
     origin=st.sampled_from([ORIGIN, None, "https://evil.example", "null"]),
 )
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, suppress_health_check=WALL_CLOCK)
 def test_the_endpoint_never_answers_5xx(
     app: Flask, answer_schema: dict[str, Any], raw: bytes, path: str, origin: str | None
 ) -> None:
