@@ -96,11 +96,11 @@ def test_staging_event_is_stored_flagged_answered_as_test_and_never_forwarded(
     assert len(arrived) == 1 and len(sandbox.requests()) == 1  # only the real one reached "Pingtree"
 
     # Flagged in the dashboard's feed, the metrics and the logs.
-    client = httpx.Client(base_url=relay.url, timeout=10)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/admin/login").text)
-    assert token, "no CSRF token on the login page"
-    client.post("/admin/login", data={"token": "tok-0123456789abcdef", "csrf_token": token.group(1)})
-    rows = client.get("/admin/feed.json", params={"transaction_id": t}).json()["events"]
+    with httpx.Client(base_url=relay.url, timeout=10) as client:  # closed: its socket would leak
+        token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/admin/login").text)
+        assert token, "no CSRF token on the login page"
+        client.post("/admin/login", data={"token": "tok-0123456789abcdef", "csrf_token": token.group(1)})
+        rows = client.get("/admin/feed.json", params={"transaction_id": t}).json()["events"]
     assert sorted(row["test"] for row in rows) == [False, True], rows
     metrics = httpx.get(relay.url + "/metrics", timeout=10).text
     assert (
