@@ -10,6 +10,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from .outbox import Store
 from .relay import current_relay, relay_of
 from .upstream_state import Outcome, latest
+from .worker import CONNECTIONS
 
 bp = Blueprint("health", __name__)
 
@@ -69,10 +70,18 @@ def readyz() -> Response:
         "persistence": relay.store.persistence().to_dict() if store_ok else None,
         "upstream": _upstream(latest(relay.upstream_last(), relay.forwarder.upstream.read())),
         "queue": stats.to_dict() if stats else None,
+        **_workers(),
     }
     response = jsonify(body)
     response.status_code = 200 if ready else 503
     return response
+
+
+def _workers() -> dict[str, object]:
+    """Under ``serve``: how many gunicorn workers are up and how the open connections spread over
+    them (server/worker.py's fair accept). Nothing outside gunicorn."""
+    live = CONNECTIONS.live()
+    return {"workers": {"live": len(live), "connections": live}} if live else {}
 
 
 def _upstream(last: Outcome | None) -> dict[str, object]:

@@ -139,6 +139,7 @@ def _assign_request_id() -> None:
 
 
 _ids: tuple[int, str, Iterator[int]] = (0, "", iter(()))
+_ids_lock = threading.Lock()
 
 
 def _new_request_id() -> str:
@@ -147,8 +148,10 @@ def _new_request_id() -> str:
     global _ids
     pid, prefix, counter = _ids
     if pid != os.getpid():  # first call in this (forked) process
-        pid, prefix, counter = os.getpid(), os.urandom(12).hex(), itertools.count(1)
-        _ids = (pid, prefix, counter)
+        with _ids_lock:  # one prefix per process, even when its first requests come at once
+            if _ids[0] != os.getpid():
+                _ids = (os.getpid(), os.urandom(12).hex(), itertools.count(1))
+            pid, prefix, counter = _ids
     return f"{prefix}{next(counter):08x}"
 
 

@@ -37,7 +37,7 @@ import jinja2
 from flask import Blueprint, Response, current_app, request
 
 from .config import CampaignConfig, Config, RelayConfig
-from .fields import CLICK_IDS, URL_PARAMS
+from .fields import CLICK_IDS, SERVER_ONLY_FIELDS, URL_PARAMS
 from .paths import JS_TEMPLATES
 from .sdk_archive import VERSION_RE, BuildArchive, default_dir
 from .sdk_versions import VersionLog
@@ -69,9 +69,15 @@ templates = jinja2.Environment(
 )
 # No spaces in the config's JSON: it ships to every visitor. Sorted: the same bytes on every worker.
 templates.policies["json.dumps_kwargs"] = {"sort_keys": True, "separators": (",", ":")}
-# Not a campaign value: the relay's one list of ad click ids, the same in every campaign's script
-# (rendered into the build; server/sdk_build.py hashes it with the sources).
+# Not campaign values: the relay's field lists (server/fields.py), the same in every campaign's
+# script (rendered into the build; server/sdk_build.py hashes them with the sources): the landing-URL
+# parameters the SDK keeps, and the fields only the relay may set. The parameters in one list: the
+# ids first, then the ad click ids, then sub1-5, adv1-5 and utm_* (tests/test_attribution.py reads the
+# click ids off the script after the ids).
+_ID_PARAMS = ("transaction_id", "pid", "clid", "external_clickid")
 templates.globals["click_ids"] = CLICK_IDS
+templates.globals["url_params"] = (*_ID_PARAMS, *CLICK_IDS, *(p for p in URL_PARAMS if p not in _ID_PARAMS))
+templates.globals["server_only"] = tuple(sorted(SERVER_ONLY_FIELDS))  # sorted: the same bytes each build
 COMPILED = "compiled"  # the build's folder in js_templates/
 DEBUG_PANEL_FILE = "debug_panel.js"  # in COMPILED: js_templates/debug_panel.js, minified by the build
 

@@ -12,14 +12,30 @@ Bounds: a head larger than ``HEAD_LIMIT`` or a declared body larger than ``BODY_
 over as it is (gunicorn or the app refuse it at once: 431/400, 413); so is a chunked body larger than
 ``BODY_LIMIT``. The nginx in docs/deployment.md does the same job in front with
 ``client_header_timeout`` and ``client_body_timeout``.
+
+Fair accept: gunicorn's workers share one listening socket, and whichever is awake first accepts.
+A burst of new keep-alive connections (a load balancer's pool, nginx's ``keepalive``, a load
+generator) can all land on one worker: measured at 300 ms upstream, one of four workers held 442 of
+500 connections and two held none, so one process (one GIL, one core) did the whole box's work.
+Each worker therefore publishes its open connections in a small table shared by every worker of
+one master (:class:`ConnectionTable`, anonymous shared memory made before the fork), and stops
+accepting while it holds more than the least-loaded live worker plus one. The least-loaded worker
+always accepts, so a connection never waits for a worker to change its mind. Connections a worker
+took before the others were up (the first worker to boot gets every early connection) are moved
+the safe way: a worker holding more than twice the least-loaded worker's connections answers its next request with ``Connection: close``
+(RFC 9112 section 9.6), and the client's new connection goes to a worker below it. Nothing is cut
+mid-request and no idle connection is closed under a client that may be sending on it.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 import re
 import selectors
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,6 +55,75 @@ _TIMEOUT_ANSWER = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
 )
+
+
+class ConnectionTable:
+    """Open connections per worker, in memory that every worker forked from this process shares.
+
+    A slot is ``(pid, accepting, connections, heartbeat)``; a worker writes only its own. A slot
+    whose heartbeat is older than ``STALE_SECONDS`` (a worker that died without clearing it) or
+    that is not accepting (a worker shutting down) does not count. Reads are not locked: a torn
+    read can only make one accept decision slightly unfair, never lose a connection.
+    """
+
+    SLOTS = 64  # more than any box's workers (serve allows 2 to 8 by default)
+    STALE_SECONDS = 5.0
+    _SLOT = struct.Struct("=iiid")  # pid, accepting, connections, heartbeat (CLOCK_MONOTONIC)
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, self.SLOTS * self._SLOT.size)  # MAP_SHARED|MAP_ANONYMOUS
+
+    def _read(self, slot: int) -> tuple[int, int, int, float]:
+        return self._SLOT.unpack_from(self._memory, slot * self._SLOT.size)  # type: ignore[return-value]
+
+    def claim(self, age: int, pid: int) -> int:
+        """A slot for the worker ``pid`` (gunicorn's ``age`` numbers workers uniquely)."""
+        now = time.monotonic()
+        for step in range(self.SLOTS):
+            slot = (age + step) % self.SLOTS
+            owner, _, _, beat = self._read(slot)
+            if owner in (0, pid) or now - beat > self.STALE_SECONDS:
+                self.publish(slot, pid, accepting=False, connections=0)
+                return slot
+        return age % self.SLOTS  # every slot fresh: more than SLOTS workers; share one
+
+    def publish(self, slot: int, pid: int, *, accepting: bool, connections: int) -> None:
+        self._SLOT.pack_into(
+            self._memory, slot * self._SLOT.size, pid, int(accepting), connections, time.monotonic()
+        )
+
+    def clear(self, slot: int) -> None:
+        self._SLOT.pack_into(self._memory, slot * self._SLOT.size, 0, 0, 0, 0.0)
+
+    def live(self) -> list[int]:
+        """Connections held by each live worker that accepts (not one shutting down)."""
+        now = time.monotonic()
+        return [
+            conns
+            for pid, accepting, conns, beat in self._SLOT.iter_unpack(self._memory)
+            if pid and accepting and now - beat <= self.STALE_SECONDS
+        ]
+
+    def least(self) -> int | None:
+        """The fewest connections any live, accepting worker holds (None: no such worker)."""
+        counts = self.live()
+        return min(counts) if counts else None
+
+
+# Made at import, in the master (gunicorn imports the worker class before it forks any worker),
+# so that every worker, including those started later, inherits the same shared memory.
+CONNECTIONS = ConnectionTable()
+FAIR_SLACK = 1  # a worker accepts while it holds at most the least-loaded worker's count + this
+
+
+def over_share(mine: int, least: int | None) -> bool:
+    """Whether a worker holding ``mine`` connections should hand one back (``Connection: close``).
+
+    Much wider than the accept rule (more than twice the least-loaded worker's, plus 32): only a
+    gross imbalance, such as every connection of a burst taken before the other workers were up,
+    moves connections; the ordinary unevenness of a burst (counts published up to a loop turn
+    late) is left for the accept rule to even out."""
+    return least is not None and mine > 2 * least + 32
 
 
 @dataclass
@@ -80,6 +165,47 @@ class ReadAheadWorker(ThreadWorker):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reading: dict[int, _Reading] = {}  # by id(conn)
+        self._slot: int | None = None
+
+    # --- fair accept (module docstring) ----------------------------------------------------------
+
+    def run(self) -> None:
+        self._slot = CONNECTIONS.claim(self.age, os.getpid())
+        try:
+            super().run()
+        finally:
+            CONNECTIONS.clear(self._slot)
+
+    def _publish(self) -> None:
+        if self._slot is not None:
+            CONNECTIONS.publish(self._slot, os.getpid(), accepting=self.alive, connections=self.nr_conns)
+
+    def _fair_to_accept(self) -> bool:
+        least = CONNECTIONS.least()
+        return least is None or self.nr_conns <= least + FAIR_SLACK
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's loop calls this whenever it wants accepting on or off (each turn while the two
+        differ): turning it on is also the moment to ask whether this worker is the one to accept."""
+        self._publish()
+        super().set_accept_enabled(enabled and self.alive and self._fair_to_accept())
+
+    def accept(self, listener: socket.socket) -> None:
+        super().accept(listener)
+        self._publish()
+        if not self._fair_to_accept():
+            super().set_accept_enabled(False)  # the loop asks again on its next turn
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        """In a request thread: a worker above its share answers this request with
+        ``Connection: close``, so the client reconnects to a less loaded worker."""
+        if self.alive and over_share(self.nr_conns, CONNECTIONS.least()):
+            req.must_close = True
+        return super().handle_request(req, conn)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        super().murder_keepalived(force)
+        self._publish()  # once per loop turn at least: the heartbeat, and closed connections
 
     def enqueue_req(self, conn: Any) -> None:
         """Every path to a thread (new, kept-alive, leftover bytes) comes through here."""

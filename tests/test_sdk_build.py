@@ -85,9 +85,10 @@ def _gzip_size(config_name: str) -> tuple[int, int, int]:
     return len(built.body), len(built.gzip), len(built.br)
 
 
-# Not met yet (docs/benchmarks.md: the minifier and the rewrite took the demo from 2,498 to about
-# 2,330 B; the code left is what the script does). strict: the day a budget is met, these fail
-# until the marker goes, so the budget then holds for good.
+# Not met yet (docs/benchmarks.md, "SDK budgets": the minifier, the rewrite and the field lists from
+# server/fields.py took the demo from 2,498 to 2,315 B; the debug mode is about 170 B of what is left,
+# the rest is what the script does). strict: the day a budget is met, these fail until the marker
+# goes, so the budget then holds for good.
 NOT_MET = "issue 13's budget, not met yet: see docs/benchmarks.md, SDK build"
 
 
@@ -102,10 +103,10 @@ def test_every_feature_on_budget() -> None:
 
 
 def test_sizes_stay_under_the_previous_ceilings() -> None:
-    # Until the budgets are met: the demo's old budget (2,500 B), and no campaign above what every
-    # feature cost with rjsmin (2,795 B) even with the features added since.
-    assert _gzip_size("demo")[1] <= 2500
-    assert _gzip_size("full")[1] <= 2795
+    # Until the budgets are met: never above what the readable source cost before the field lists
+    # came from server/fields.py (2,325 B demo, 2,668 B every feature on).
+    assert _gzip_size("demo")[1] <= 2325
+    assert _gzip_size("full")[1] <= 2668
 
 
 def test_the_digest_covers_every_template_and_the_minifier() -> None:

@@ -13,6 +13,16 @@ such a failure, and once a minute anyway, the store runs ``wal_checkpoint(TRUNCA
 readiness is a real write (:meth:`SQLiteStore.check_writable`), not a ``SELECT 1``.
 ``PINGTREE_RELAY_SQLITE_MAX_PAGE_COUNT`` caps the file's pages on every connection: how the tests
 fill a "disk" without a mount.
+
+Writers of one process queue on a thread lock before SQLite sees them (SQLite's busy handler
+would make a thread that finds the write lock taken sleep 1, 2, 5, 10... ms), and events arriving
+together are committed together (group commit, :meth:`SQLiteStore.add`): the thread that gets the
+lock writes every event queued meanwhile in one transaction, and each caller is answered only once
+its event is committed, as before. Other processes' writers (the other workers, the delivery
+process) are waited out by polling SQLite's lock with short pauses (:func:`_busy_retry`). An
+``flock`` queue across processes was tried: the kernel does not hand it over in order, and a worker
+whose next writer was already waiting kept taking it back, starving the delivery process's claims
+(delivered 250-440 ev/s against 400-550 with polling, same load).
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import STATES, Outcome, Persistence, Record, State, Stats
@@ -141,6 +153,24 @@ def _busy_retry(operation: Callable[[], T]) -> T:
         pause = min(pause * 2, 0.005)
 
 
+@dataclass
+class _QueuedAdd:
+    """One :meth:`SQLiteStore.add` waiting for a group commit."""
+
+    params: tuple[Any, ...]
+    done: bool = False
+    inserted: bool = False
+    error: BaseException | None = None
+
+
+_INSERT_SQL = (
+    # The NOT EXISTS: a record stored before ids were scoped has the bare event_uuid as id; for
+    # its own campaign it is the same event. (The WHERE also lets SQLite parse the ON CONFLICT.)
+    f"INSERT INTO events ({', '.join(_COLUMNS)}) SELECT {', '.join('?' * len(_COLUMNS))} "
+    "WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = ? AND cid = ?) ON CONFLICT DO NOTHING"
+)
+
+
 def _disk_full(exc: BaseException) -> bool:
     """SQLITE_FULL, or an I/O error (what a full disk gives when the WAL cannot grow)."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -163,6 +193,8 @@ class SQLiteStore:
         # measured without this lock, under load). Only the other processes' writers remain to wait on.
         self._wlock = threading.Lock()
         self._pid = os.getpid()
+        self._queued: list[_QueuedAdd] = []  # adds waiting for the next group commit
+        self._queue_lock = threading.Lock()
         self._checkpointed_at = time.monotonic()
         conn = self._conn()
         _busy_retry(lambda: upgrade_sqlite(conn, _MIGRATIONS, f"the outbox {path}"))
@@ -174,6 +206,8 @@ class SQLiteStore:
             if self._pid != os.getpid():
                 # Forked: another thread of the parent may have held the write lock at the fork.
                 self._wlock = threading.Lock()
+                self._queue_lock = threading.Lock()
+                self._queued = []
                 self._pid = os.getpid()
             self._local.pid = os.getpid()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -215,9 +249,16 @@ class SQLiteStore:
             log.warning("ROLLBACK failed; closing this thread's connection", exc_info=True)
             self._drop_conn()
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This process's write lock (module docstring); other processes' writers are waited out
+        by :func:`_busy_retry`."""
+        with self._wlock:
+            yield
+
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         conn = self._conn()
-        with self._wlock:
+        with self._writing():
             try:
                 cursor = _busy_retry(lambda: conn.execute(sql, params))
             except sqlite3.Error as exc:
@@ -253,11 +294,7 @@ class SQLiteStore:
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         now = time.time()
-        # The NOT EXISTS: a record stored before ids were scoped has the bare event_uuid as id; for
-        # its own campaign it is the same event. (The WHERE also lets SQLite parse the ON CONFLICT.)
-        cur = self._write(
-            f"INSERT INTO events ({', '.join(_COLUMNS)}) SELECT {', '.join('?' * len(_COLUMNS))} "
-            "WHERE NOT EXISTS (SELECT 1 FROM events WHERE id = ? AND cid = ?) ON CONFLICT DO NOTHING",
+        queued = _QueuedAdd(
             (
                 record.id,
                 record.cid,
@@ -280,9 +317,10 @@ class SQLiteStore:
                 None,
                 record.event_uuid,
                 record.cid,
-            ),
+            )
         )
-        if cur.rowcount == 1:
+        self._commit_queued(queued)
+        if queued.inserted:
             record.state, record.lease_owner, record.updated_at = "pending", owner, now
             record.attempts, record.next_at = (1 if owner else 0), (now + lease if owner else now)
             return record, True
@@ -300,11 +338,68 @@ class SQLiteStore:
             return self.add(record, owner=owner, lease=lease)
         return existing, False
 
+    def _commit_queued(self, queued: _QueuedAdd) -> None:
+        """Queue ``queued`` and return once it is committed (or has failed: ``queued.error``).
+
+        Group commit: whichever thread gets the write lock commits every add queued so far in one
+        transaction; a thread whose add a previous holder committed returns at once."""
+        conn = self._conn()  # first: after a fork it also gives this process its own queue and locks
+        with self._queue_lock:
+            self._queued.append(queued)
+        with self._wlock:
+            if not queued.done:
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                try:
+                    self._insert_batch(conn, batch)
+                    self._checkpoint_if_due()
+                finally:
+                    for item in batch:  # never leave a caller whose add was taken without an answer
+                        if not item.done:
+                            item.done, item.error = (
+                                True,
+                                item.error or RuntimeError("group commit interrupted"),
+                            )
+        if queued.error is not None:
+            raise queued.error
+
+    def _insert_batch(self, conn: sqlite3.Connection, batch: list[_QueuedAdd]) -> None:
+        """One transaction for the batch; if it fails, each add alone, so that one add's error
+        (a full disk, a bad value) is that add's answer and not its neighbours'. Caller holds both locks."""
+        try:
+            inserted = _busy_retry(lambda: self._insert_all(conn, [item.params for item in batch]))
+        except sqlite3.Error as exc:
+            if len(batch) == 1:
+                self._after_write_error(exc)
+                batch[0].done, batch[0].error = True, exc
+                return
+            for item in batch:
+                rows = [item.params]
+                try:
+                    item.inserted = _busy_retry(lambda rows=rows: self._insert_all(conn, rows))[0]  # type: ignore[misc]
+                except sqlite3.Error as item_exc:
+                    self._after_write_error(item_exc)
+                    item.error = item_exc
+                item.done = True
+            return
+        for item, was_inserted in zip(batch, inserted, strict=True):
+            item.inserted, item.done = was_inserted, True
+
+    def _insert_all(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[bool]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = [conn.execute(_INSERT_SQL, params).rowcount == 1 for params in rows]
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+        return inserted
+
     # --- delivery ----------------------------------------------------------------------------------
 
     def claim(self, owner: str, limit: int, lease: float) -> list[Record]:
         conn = self._conn()
-        with self._wlock:
+        with self._writing():
             try:
                 return _busy_retry(lambda: self._claim(conn, owner, limit, lease))
             except sqlite3.Error as exc:
@@ -355,7 +450,7 @@ class SQLiteStore:
         if not outcomes:
             return []
         conn = self._conn()
-        with self._wlock:
+        with self._writing():
             try:
                 return _busy_retry(lambda: self._finish_many(conn, outcomes))
             except sqlite3.Error as exc:
@@ -508,10 +603,10 @@ class SQLiteStore:
     def check_writable(self) -> str | None:
         conn = self._conn()
         try:
-            with self._wlock:
+            with self._writing():
                 _busy_retry(lambda: self._probe(conn))
         except sqlite3.Error as exc:
-            with self._wlock:
+            with self._writing():
                 self._after_write_error(exc)
             return f"the outbox refuses writes: {exc}"
         return None
