@@ -32,13 +32,14 @@ def create_baseline_app() -> Flask:
 def main() -> None:
     from server import wsgi
 
-    from .servers import serve_defaults
+    from .servers import listen, serve_defaults
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port-file", help="once listening, write the port here (with --port 0)")
     args = parser.parse_args()
-    wsgi.run(create_baseline_app, host=args.host, port=args.port, **serve_defaults())
+    wsgi.run(create_baseline_app, listener=listen(args.host, args.port, args.port_file), **serve_defaults())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from server.errors import answer
+from server.listening import write_port_file
 from server.sandbox.http11 import HttpServer, Request, Respond, Response
 
 SUCCESS = "Event triggered successfully"
@@ -134,9 +135,11 @@ def _json(status: int, body: Any) -> Response:
     return Response(status, json.dumps(body).encode(), list(_JSON))
 
 
-async def serve(host: str, port: int, latency_ms: float) -> None:
+async def serve(host: str, port: int, latency_ms: float, port_file: str | None = None) -> None:
     server = HttpServer(FakeUpstream(latency_ms))
-    await server.start(host, port)
+    bound = await server.start(host, port)
+    if port_file:
+        write_port_file(port_file, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,9 +154,10 @@ def main() -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port-file", help="once listening, write the port here (with --port 0)")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.latency_ms))
+    asyncio.run(serve(args.host, args.port, args.latency_ms, args.port_file))
 
 
 if __name__ == "__main__":

@@ -36,15 +36,17 @@ def create_proxy_app(upstream: str) -> Flask:
 def main() -> None:
     from server import wsgi
 
-    from .servers import serve_defaults
+    from .servers import listen, serve_defaults
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port-file", help="once listening, write the port here (with --port 0)")
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
     upstream = args.upstream.rstrip("/")
-    wsgi.run(lambda: create_proxy_app(upstream), host=args.host, port=args.port, **serve_defaults())
+    listener = listen(args.host, args.port, args.port_file)
+    wsgi.run(lambda: create_proxy_app(upstream), listener=listener, **serve_defaults())
 
 
 if __name__ == "__main__":

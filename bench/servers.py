@@ -1,7 +1,8 @@
 """Start and stop the processes a benchmark talks to: relay, sandbox, baseline, redis-server.
 
-Each runs in its own process group on a free loopback port, is polled until it answers, and is
-stopped with SIGTERM (then SIGKILL) so that nothing outlives the suite.
+Each runs in its own process group on a loopback port it binds itself (``--port 0``) and reports
+(``--port-file``), is polled until it answers, and is stopped with SIGTERM (then SIGKILL) so that
+nothing outlives the suite. The tests start their servers with the same :class:`Server`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from server.listening import bind_listener, bound_port, read_port_file, write_port_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CID = "cmp_bench"
@@ -62,50 +66,119 @@ def boost_priority() -> None:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    """A TCP port on 127.0.0.1 that nobody listens on right now (and may by the time it is used).
+
+    Only for what cannot bind port 0 itself and report it (redis-server: :class:`Server` retries it
+    on a taken port) or for an address that must refuse connections.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, message: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that; at the deadline raise
+    ``AssertionError`` naming ``message`` and the last value. The one polling loop of the tests and
+    the benchmarks: they never sleep to synchronise with a process."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
+        time.sleep(interval)
+
+
+class PortTaken(RuntimeError):
+    """The server exited because its port was taken between picking it and binding it."""
+
+
 @dataclass
 class Server:
-    """One server process; ``url`` is where it listens once :meth:`start` returns."""
+    """One server process in its own process group; ``url`` is where it listens once :meth:`start` returns.
+
+    ``args`` may name ``{port}`` and ``{port_file}``. With ``{port_file}`` (our CLI's ``--port-file``)
+    the server binds ``--port 0`` itself and writes the port it got: nothing races for it. Without
+    (redis-server cannot report a port), ``{port}`` is a :func:`free_port` and a start that fails
+    because the port was taken meanwhile is retried on another one. A restart (``start`` again
+    after ``stop``) binds the port it had, so ``url`` stays the same.
+    """
 
     args: list[str]
     log_path: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # 0 until start() learns it; set it to bind a given port
     health_path: str = "/healthz"
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     boost: bool = False  # run at a higher CPU priority (see boost_priority)
+    cwd: Path = ROOT  # the source tree it runs from (another one simulates an upgrade)
+    bind_attempts: int = 5  # for a server that cannot report its port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def port_file(self) -> Path:
+        return self.log_path.with_name(self.log_path.stem + ".port")
+
+    @property
+    def reports_port(self) -> bool:
+        return any("{port_file}" in arg for arg in self.args)
+
     def start(self, timeout: float = 30.0) -> Server:
         """Spawn the process and poll ``health_path`` until it answers 200."""
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-        argv = [arg.replace("{port}", str(self.port)) for arg in self.args]
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-            start_new_session=True,
-            preexec_fn=boost_priority if self.boost else None,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{argv[:4]} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self._healthy():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{argv[:4]} did not come up on {self.url}:\n{self.log_tail()}")
+        fixed = self.port
+        attempts = 1 if self.reports_port or fixed else self.bind_attempts
+        for attempt in range(attempts):
+            try:
+                return self._start_once(fixed or (0 if self.reports_port else free_port()), timeout)
+            except PortTaken:
+                self.port = fixed
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, port: int, timeout: float) -> Server:
+        self.port_file.unlink(missing_ok=True)
+        argv = [
+            arg.replace("{port}", str(port)).replace("{port_file}", str(self.port_file)) for arg in self.args
+        ]
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # The child gets its own copy of the descriptor; ours is closed as soon as it is spawned.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                start_new_session=True,
+                preexec_fn=boost_priority if self.boost else None,
+            )
+        self.port = port
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                output = self.log_path.read_bytes()[log_start:].decode(errors="replace")
+                if "Address already in use" in output and not self.reports_port:
+                    raise PortTaken(output[-3000:])
+                raise RuntimeError(f"{argv[:4]} exited with {proc.returncode}:\n{output[-3000:]}")
+            if not self.port:
+                self.port = read_port_file(self.port_file) or 0
+            return bool(self.port) and self._healthy()
+
+        try:
+            wait_for(up, timeout=timeout, message=f"{argv[:4]} to answer on {self.health_path or 'its port'}")
+        except AssertionError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+        return self
 
     def _healthy(self) -> bool:
         try:
@@ -114,7 +187,7 @@ class Server:
             return False
 
     def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
 
     def worker_pids(self) -> list[int]:
         """PIDs of the direct children of this process (gunicorn's workers)."""
@@ -122,17 +195,30 @@ class Server:
             return []
         return children(self.proc.pid)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group (graceful), SIGKILL it if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        group = os.getpgid(self.proc.pid)
-        os.killpg(group, signal.SIGTERM)
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the process group (graceful), SIGKILL it if it lingers; the exit status."""
+        return self.signal(signal.SIGTERM, timeout, group=True)
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group: master and workers die with no chance to clean up."""
+        return self.signal(signal.SIGKILL, 10.0, group=True)
+
+    def signal(self, sig: int, timeout: float, *, group: bool) -> int | None:
+        """Send ``sig`` to the process (or its whole group) and wait for it; SIGKILL the group after
+        ``timeout``. The exit status, or ``None`` when it was never started."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        if group:
+            os.killpg(self.proc.pid, sig)  # start_new_session: its pid is its group's id
+        else:
+            self.proc.send_signal(sig)
         try:
-            self.proc.wait(timeout)
+            return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
-            self.proc.wait(5)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(5)
 
     def __enter__(self) -> Server:
         return self.start() if self.proc is None else self
@@ -177,8 +263,21 @@ def write_config(path: Path, *, upstream: str, store: str, **relay_keys: Any) ->
     return path
 
 
+# A server binds port 0 (or, restarted, the port it had) and writes the port it got: see Server.
+REPORT_PORT = ["--port", "{port}", "--port-file", "{port_file}"]
+
+
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", *args, "--port", "{port}"]
+    """``pingtree-relay ARGS`` on a port it binds itself and reports."""
+    return [sys.executable, "-m", "server.cli", *args, *REPORT_PORT]
+
+
+def listen(host: str, port: int, port_file: str | None) -> socket.socket:
+    """For the bench's own gunicorn servers: bind now (``port`` 0: any) and write ``port_file``."""
+    listener = bind_listener(host, port)
+    if port_file:
+        write_port_file(port_file, bound_port(listener))
+    return listener
 
 
 def serve_defaults() -> dict[str, Any]:
@@ -204,13 +303,13 @@ def relay(workdir: Path, upstream: str, store: str, name: str = "relay", **relay
 
 def baseline(workdir: Path) -> Server:
     """The bare Flask endpoint of :mod:`bench.baseline` under the same gunicorn settings as ``serve``."""
-    return Server([sys.executable, "-m", "bench.baseline", "--port", "{port}"], workdir / "baseline.log")
+    return Server([sys.executable, "-m", "bench.baseline", *REPORT_PORT], workdir / "baseline.log")
 
 
 def naive_proxy(workdir: Path, upstream: str) -> Server:
     """The naive proxy of :mod:`bench.naive_proxy` to ``upstream``, same gunicorn settings as ``serve``."""
     return Server(
-        [sys.executable, "-m", "bench.naive_proxy", "--port", "{port}", "--upstream", upstream],
+        [sys.executable, "-m", "bench.naive_proxy", *REPORT_PORT, "--upstream", upstream],
         workdir / "naive-proxy.log",
     )
 
@@ -218,7 +317,7 @@ def naive_proxy(workdir: Path, upstream: str) -> Server:
 def fake_upstream(workdir: Path, latency_ms: float = 0.0, name: str = "upstream") -> Server:
     """The lean fake Pingtree of :mod:`bench.fake_upstream`, answering ``latency_ms`` after each request."""
     return Server(
-        [sys.executable, "-m", "bench.fake_upstream", "--port", "{port}", "--latency-ms", f"{latency_ms:g}"],
+        [sys.executable, "-m", "bench.fake_upstream", *REPORT_PORT, "--latency-ms", f"{latency_ms:g}"],
         workdir / f"{name}.log",
         boost=True,
     )

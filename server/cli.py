@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config, parse_config, store_location
+from .listening import bind_listener, bound_port, write_port_file
 
 # --help shows this as it is: plain text, no reST markup.
 DESCRIPTION = "pingtree-relay: a durable relay and browser SDK for Pingtree's Event Postback API."
@@ -74,19 +76,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "--parent-pid",
         str(os.getpid()),
     ]
+    listener = _listen(args)
+    if listener is None:
+        return 1
     log.info(
         "pingtree-relay %s serving on http://%s:%s (upstream %s; store: %s)",
         _version(),
         args.host,
-        args.port,
+        bound_port(listener),
         settings.upstream_url,
         store_location(settings.store),
     )
     _warn(config)
     wsgi.run(
         lambda: create_app(last_good.config, start_delivery=False),
-        host=args.host,
-        port=args.port,
+        listener=listener,
         workers=workers,
         threads=args.threads,
         multiprocess_metrics=True,
@@ -96,6 +100,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger_class=jsonlog.GunicornLogger,
     )
     return 0
+
+
+def _listen(args: argparse.Namespace) -> socket.socket | None:
+    """Bind ``--host``/``--port`` now (``--port 0``: the kernel picks) and write ``--port-file``.
+
+    The socket bound here is the one that serves (gunicorn takes it as ``fd://``), so whoever
+    started the process learns a port nobody else can have taken meanwhile.
+    """
+    try:
+        listener = bind_listener(args.host, args.port)
+    except OSError as exc:
+        logging.getLogger("pingtree_relay").error(
+            "cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc
+        )
+        return None
+    if args.port_file:
+        write_port_file(args.port_file, bound_port(listener))
+    return listener
 
 
 def _version() -> str:
@@ -155,10 +177,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     config = _load(args.config)
     from .sandbox import loop_server
 
-    print(f"Pingtree sandbox on http://{args.host}:{args.port}", flush=True)
+    def ready(port: int) -> None:
+        print(f"Pingtree sandbox on http://{args.host}:{port}", flush=True)
+        if args.port_file:
+            write_port_file(args.port_file, port)
+
     # One process on an event loop: the state (events, locks, faults) is in memory, and a delay
     # fault is a timer, not a thread, so a slow sandbox holds thousands of answers at once.
-    loop_server.run(config, host=args.host, port=args.port)
+    loop_server.run(config, host=args.host, port=args.port, ready=ready)
     return 0
 
 
@@ -203,8 +229,12 @@ def demo_app(config: Config) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import wsgi
 
-    config = demo_config(args.port)
-    base = f"http://127.0.0.1:{args.port}"
+    listener = _listen(args)
+    if listener is None:
+        return 1
+    port = bound_port(listener)  # the demo's config names its own port: bound first, then built
+    config = demo_config(port)
+    base = f"http://127.0.0.1:{port}"
     print(
         "pingtree-relay demo\n"
         f"  demo funnel:     {base}/demo/?utm_source=google&utm_campaign=spring&sub1=ad42&pid=src_demo\n"
@@ -216,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "Press Ctrl+C to stop.",
         flush=True,
     )
-    wsgi.run(lambda: demo_app(config), host=args.host, port=args.port, workers=1, threads=32)
+    wsgi.run(lambda: demo_app(config), listener=listener, workers=1, threads=32)
     return 0
 
 
@@ -580,7 +610,15 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 def _listen_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
+    p.add_argument(
+        "--port", type=int, default=port, help=f"port to listen on (default: {port}; 0: the kernel picks one)"
+    )
+    p.add_argument(
+        "--port-file",
+        metavar="PATH",
+        help="once listening, write the port to PATH (atomically: the file appears whole); with "
+        "--port 0 this is how whoever started the server learns its port",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -147,8 +148,9 @@ def default_workers() -> int:
 def run(
     factory: Callable[[], Any],
     *,
-    host: str,
-    port: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    listener: socket.socket | None = None,
     workers: int | None = None,
     threads: int = 8,
     graceful_timeout: int = 15,
@@ -164,9 +166,11 @@ def run(
     (see :func:`metrics_dir`), so ``/metrics`` adds up every worker whichever one answers.
     ``sidecar`` is a command the master runs beside the workers and supervises (``serve``'s
     delivery process). ``on_reload`` runs in the master on SIGHUP, before the new workers are forked.
+    ``listener``, a socket already bound and listening (:func:`server.listening.bind_listener`),
+    is served instead of binding ``host:port``: gunicorn takes it over as ``fd://``.
     """
     options = {
-        "bind": f"{host}:{port}",
+        "bind": f"fd://{listener.detach()}" if listener is not None else f"{host}:{port}",
         "workers": workers or default_workers(),
         "worker_class": ReadAheadWorker,
         "threads": threads,

@@ -7,19 +7,23 @@ path: the tests talk HTTP to real gunicorn processes that write real SQLite file
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
+from flask import Flask
+
+from bench import servers as bench_servers
+from bench.servers import wait_for
+from server.listening import bind_listener, bound_port
+
+__all__ = ["wait_for"]  # the one polling helper, shared with bench/: tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,84 +54,32 @@ conversion_timezone = "PST"
 """
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, message: str = "condition"
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``message`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
-
-
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody listens on right now, for what must name its port before it exists: the
+    browser tests' page origin (in the campaigns' allowed origins) and a relay whose config names its
+    own URL. Every server the tests start binds port 0 itself (see :class:`ServerProcess`)."""
+    return bench_servers.free_port()
 
 
-class ServerProcess:
-    """A server started as ``python -m server.cli ...``; restartable on the same port."""
+class ServerProcess(bench_servers.Server):
+    """``python -m server.cli ARGS`` on a port it binds itself (``--port 0 --port-file``); restartable
+    on the same port. ``stop`` signals the master only (gunicorn's graceful drain), ``kill`` the group."""
 
-    def __init__(self, args: list[str], port: int, log_path: Path) -> None:
-        self.args = args
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.cwd = ROOT  # the source tree it runs from (another one simulates an upgrade)
-
-    def start(self, timeout: float = 30.0) -> ServerProcess:
-        log = open(self.log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", *self.args, "--port", str(self.port)],
-            cwd=self.cwd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+    def __init__(self, args: list[str], log_path: Path, port: int = 0) -> None:
+        super().__init__(
+            [sys.executable, "-m", "server.cli", *args, *bench_servers.REPORT_PORT], log_path, port=port
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not come up on {self.url}:\n{self.log()}")
+
+    def start(self, timeout: float = 30.0) -> Self:
+        super().start(timeout)
+        return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        return self.log_tail()
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (graceful) and wait."""
-        return self._signal(signal.SIGTERM, timeout)
-
-    def kill(self) -> int | None:
-        """SIGKILL the whole process group: master and workers die with no chance to clean up."""
-        return self._signal(signal.SIGKILL, 10.0)
-
-    def _signal(self, sig: int, timeout: float) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        target = os.getpgid(self.proc.pid) if sig == signal.SIGKILL else None
-        if target is not None:
-            os.killpg(target, sig)
-        else:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(os.getpgid(self.proc.pid), signal.SIGKILL)
-            return self.proc.wait(5)
+        """SIGTERM the master (graceful) and wait."""
+        return self.signal(signal.SIGTERM, timeout, group=False)
 
 
 class Sandbox(ServerProcess):
@@ -163,9 +115,19 @@ def campaigns_toml(pages_port: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def pages_port() -> int:
+def pages_listener() -> Iterator[socket.socket]:
+    """The socket of the page origin browser tests use, bound (port 0) and listening from the start
+    of the session: its port is in cmp_test's allowed_origins long before the pages are served on it
+    (tests/browser/conftest.py), and nothing else can take it meanwhile."""
+    listener = bind_listener("127.0.0.1", 0)
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="session")
+def pages_port(pages_listener: socket.socket) -> int:
     """The port of the page origin browser tests use (allowed in cmp_test's allowed_origins)."""
-    return free_port()
+    return bound_port(pages_listener)
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +136,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory, pages_port: int) -> Iterat
     tmp = tmp_path_factory.mktemp("sandbox")
     cfg = tmp / "sandbox.toml"
     cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\n' + campaigns_toml(pages_port))
-    server = Sandbox(["sandbox", "--config", str(cfg)], free_port(), tmp / "sandbox.log").start()
+    server = Sandbox(["sandbox", "--config", str(cfg)], tmp / "sandbox.log").start()
     yield server
     server.stop()
 
@@ -203,16 +165,71 @@ class Relay(ServerProcess):
         headers: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        h = {"Origin": origin} if origin else {}
-        h.update(headers or {})
-        if isinstance(body, (dict, list)):
-            kwargs["json"] = body
-        else:
-            kwargs["content"] = body
-        return httpx.post(f"{self.url}/api/event/{cid}", headers=h, timeout=15, **kwargs)
+        return post_event(httpx.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """``method path`` on this relay (as :meth:`InProcessRelay.request`: helpers take either)."""
+        return httpx.request(method, self.url + path, **kwargs)
+
+
+def post_event(
+    send: Callable[..., httpx.Response],
+    base_url: str,
+    body: Any,
+    *,
+    cid: str = "cmp_test",
+    origin: str | None = "https://www.example.com",
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> httpx.Response:
+    """POST ``body`` (JSON for a dict or list, else raw bytes) to a relay's event endpoint."""
+    h = {"Origin": origin} if origin else {}
+    h.update(headers or {})
+    if isinstance(body, (dict, list)):
+        kwargs["json"] = body
+    else:
+        kwargs["content"] = body
+    return send(f"{base_url}/api/event/{cid}", headers=h, timeout=15, **kwargs)
+
+
+class InProcessRelay:
+    """The relay's app from the app factory, called in this process through WSGI: no gunicorn, no
+    port. For tests of the app's rules (validation, idempotency, callers, answers) that need no
+    process of their own; its upstream is still a real server (the sandbox) over loopback HTTP.
+    ``http`` is an httpx client whose requests go straight into the app, so tests read the answers
+    exactly as they would from a relay process.
+    """
+
+    def __init__(self, config_path: Path) -> None:
+        from server import create_app
+        from server.config import load_config
+
+        self.config_path = config_path
+        self.app: Flask = create_app(load_config(str(config_path)), start_delivery=False)
+        self.url = "http://relay.test"
+        self.http = httpx.Client(transport=httpx.WSGITransport(app=self.app), base_url=self.url)
+
+    def post(
+        self,
+        body: Any,
+        *,
+        cid: str = "cmp_test",
+        origin: str | None = "https://www.example.com",
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        return post_event(self.http.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, path, **kwargs)
+
+    def close(self) -> None:
+        self.http.close()
+        self.app.extensions["relay"].close()
 
 
 RelayFactory = Callable[..., Relay]
+InProcessRelayFactory = Callable[..., InProcessRelay]
 
 
 def write_relay_config(path: Path, *, upstream: str, store: str, campaigns: str, **relay_keys: Any) -> Path:
@@ -260,9 +277,7 @@ def make_relay(
         **relay_keys,
     )
     relay = Relay(
-        ["serve", "--config", str(cfg), "--workers", str(workers)],
-        port or free_port(),
-        tmp_dir / f"{name}.log",
+        ["serve", "--config", str(cfg), "--workers", str(workers)], tmp_dir / f"{name}.log", port or 0
     )
     relay.config_path = cfg
     relay.store_path = tmp_dir / "relay.sqlite3"
@@ -286,6 +301,24 @@ def relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator
     yield make
     for relay in started:
         relay.kill()
+
+
+@pytest.fixture
+def app_relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator[InProcessRelayFactory]:
+    """Build in-process relays against the sandbox: ``app_relay_factory(campaigns=..., store=..., **relay_keys)``
+    takes what ``relay_factory`` takes (but ``workers``); closed (store, forwarders) after the test."""
+    built: list[InProcessRelay] = []
+
+    def make(campaigns: str | None = None, *, upstream: str | None = None, **kwargs: Any) -> InProcessRelay:
+        config = make_relay(
+            tmp_path, upstream or sandbox.url, pages_port, campaigns, name=f"app{len(built)}", **kwargs
+        ).config_path
+        built.append(InProcessRelay(config))
+        return built[-1]
+
+    yield make
+    for relay in built:
+        relay.close()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """A real ``redis-server`` for the tests, as a pytest plugin (``pytest_plugins = ["tests.redis_fixture"]``).
 
-One server per session on a free loopback port, with persistence off (``--save ""``,
+One server per session on a loopback port (see :class:`RedisServer`), with persistence off (``--save ""``,
 ``--appendonly no``) and its working directory in the session's temporary folder; killed at the end.
 A missing ``redis-server`` is a test *failure*, not a skip: CI installs it, and a silently skipped
 Redis backend would let the multi-node path rot. ``PTR_ALLOW_NO_REDIS=1`` turns it into a skip for a
@@ -11,42 +11,32 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 import redis
 
+from bench.servers import Server, free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["RedisServer", "free_port", "redis_binary"]
 
 
-class RedisServer:
-    """One ``redis-server`` process on ``127.0.0.1:port``."""
+class RedisServer(Server):
+    """One ``redis-server`` process on ``127.0.0.1:port``.
 
-    def __init__(self, binary: str, port: int, workdir: Path) -> None:
-        self.binary = binary
-        self.port = port
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
+    redis-server cannot bind port 0 and report the port it got, so it starts on a :func:`free_port`
+    and :class:`~bench.servers.Server` retries on another one if that was taken meanwhile (redis
+    exits saying "Address already in use"). A restart binds the port it had.
+    """
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 15.0) -> RedisServer:
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - the child process owns it
-        self.proc = subprocess.Popen(
+    def __init__(self, binary: str, workdir: Path, port: int = 0) -> None:
+        super().__init__(
             [
-                self.binary,
+                binary,
                 "--port",
-                str(self.port),
+                "{port}",
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -54,33 +44,33 @@ class RedisServer:
                 "--appendonly",
                 "no",
                 "--dir",
-                str(self.workdir),
+                str(workdir),
                 "--daemonize",
                 "no",
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            workdir / "redis.log",
+            port=port,
+            health_path="",
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    if client.ping():
-                        return self
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer PING within {timeout}s:\n{self.log()}")
+        self.workdir = workdir
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> Self:
+        super().start(timeout)
+        return self
+
+    def _healthy(self) -> bool:
+        with redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5) as client:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
 
     def log(self) -> str:
-        path = self.workdir / "redis.log"
-        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+        return self.log_tail()
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True)
@@ -89,11 +79,9 @@ class RedisServer:
         with self.client() as c:
             c.flushall()
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.kill()
-        self.proc.wait(10)
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGKILL: the tests' Redis has nothing to save, and a restart test wants it gone at once."""
+        return self.kill()
 
 
 def redis_binary() -> str:
@@ -115,7 +103,7 @@ def redis_binary() -> str:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A running ``redis-server`` for the whole session (empty it per test with ``redis_url``)."""
-    server = RedisServer(redis_binary(), _free_port(), tmp_path_factory.mktemp("redis")).start()
+    server = RedisServer(redis_binary(), tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
 

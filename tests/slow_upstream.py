@@ -19,6 +19,8 @@ import uuid
 from collections import Counter
 from typing import Any
 
+from server.listening import write_port_file
+
 
 class Upstream:
     def __init__(self, delay_ms: float) -> None:
@@ -107,9 +109,11 @@ class Upstream:
             writer.close()
 
 
-async def serve(port: int, delay_ms: float) -> None:
+async def serve(port: int, delay_ms: float, port_file: str | None = None) -> None:
     upstream = Upstream(delay_ms)
     server = await asyncio.start_server(upstream.connection, "127.0.0.1", port, backlog=4096)
+    if port_file:  # --port 0: whoever started it learns the port the kernel picked
+        write_port_file(port_file, int(server.sockets[0].getsockname()[1]))
     async with server:
         await server.serve_forever()
 
@@ -118,8 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--port-file", help="once listening, write the port here")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.delay_ms))
+    asyncio.run(serve(args.port, args.delay_ms, args.port_file))
 
 
 if __name__ == "__main__":

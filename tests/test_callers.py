@@ -1,4 +1,4 @@
-"""Server-side callers (server/callers.py), over a real relay and the sandbox: what a backend copying
+"""Server-side callers (server/callers.py), through the relay's app in process and the sandbox: what a backend copying
 Pingtree's own curl example meets, the Bearer form of the key, the visitor's ip_address and
 user_agent passed through, and the answer saying which fields the relay set or replaced."""
 
@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from server.callers import server_keys, visitor
-from tests.conftest import Relay, Sandbox, make_relay
+from tests.conftest import InProcessRelay, Sandbox, make_relay
 
 KEY = "sk_test_callers_0123456789"
 CAMPAIGNS = f"""
@@ -34,23 +34,29 @@ allowed_origins = ["https://other.example.org"]
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox, pages_port: int) -> Iterator[Relay]:
-    server = make_relay(tmp_path_factory.mktemp("callers"), sandbox.url, pages_port, CAMPAIGNS).start()
-    yield server
-    server.kill()
+def relay(
+    tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox, pages_port: int
+) -> Iterator[InProcessRelay]:
+    """The app in process: what a caller may send is the app's rule, no server process needed."""
+    config = make_relay(tmp_path_factory.mktemp("callers"), sandbox.url, pages_port, CAMPAIGNS).config_path
+    app = InProcessRelay(config)
+    yield app
+    app.close()
 
 
-def post(relay: Relay, cid: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+def post(relay: InProcessRelay, cid: str, body: dict[str, Any], **headers: str) -> httpx.Response:
     """Like Pingtree's curl example: JSON, no Origin, a library's User-Agent."""
     h = {"User-Agent": "curl/8.5.0", **{k.replace("_", "-"): v for k, v in headers.items()}}
-    return httpx.post(f"{relay.url}/api/event/{cid}", json=body, headers=h, timeout=15)
+    return relay.http.post(f"/api/event/{cid}", json=body, headers=h, timeout=15)
 
 
 def txn() -> str:
     return f"txn_{uuid.uuid4()}"
 
 
-def test_no_origin_on_a_browser_only_campaign_says_what_to_do(relay: Relay, sandbox: Sandbox) -> None:
+def test_no_origin_on_a_browser_only_campaign_says_what_to_do(
+    relay: InProcessRelay, sandbox: Sandbox
+) -> None:
     answer = post(relay, "cmp_other", {"event_id": "signup", "transaction_id": txn()})
     assert answer.status_code == 403
     message = answer.json()["message"]
@@ -65,7 +71,7 @@ def test_no_origin_on_a_browser_only_campaign_says_what_to_do(relay: Relay, sand
     assert sandbox.requests() == []
 
 
-def test_no_key_names_both_headers_and_the_config_key(relay: Relay, sandbox: Sandbox) -> None:
+def test_no_key_names_both_headers_and_the_config_key(relay: InProcessRelay, sandbox: Sandbox) -> None:
     answer = post(relay, "cmp_test", {"event_id": "quote_viewed", "transaction_id": txn()})
     assert answer.status_code == 403
     message = answer.json()["message"]
@@ -84,7 +90,9 @@ def test_no_key_names_both_headers_and_the_config_key(relay: Relay, sandbox: San
         {"X_Server_Key": KEY, "Authorization": f"Bearer {KEY}"},
     ],
 )
-def test_the_key_as_bearer_or_header(relay: Relay, sandbox: Sandbox, headers: dict[str, str]) -> None:
+def test_the_key_as_bearer_or_header(
+    relay: InProcessRelay, sandbox: Sandbox, headers: dict[str, str]
+) -> None:
     t = txn()
     answer = post(relay, "cmp_test", {"event_id": "quote_viewed", "transaction_id": t}, **headers)
     assert answer.status_code == 200, answer.text
@@ -98,13 +106,15 @@ def test_the_key_as_bearer_or_header(relay: Relay, sandbox: Sandbox, headers: di
         {"Authorization": f"Bearer {KEY}", "X_Server_Key": "sk_wrong"},  # one wrong key is a wrong caller
     ],
 )
-def test_a_wrong_key_is_refused(relay: Relay, sandbox: Sandbox, headers: dict[str, str]) -> None:
+def test_a_wrong_key_is_refused(relay: InProcessRelay, sandbox: Sandbox, headers: dict[str, str]) -> None:
     answer = post(relay, "cmp_test", {"event_id": "quote_viewed", "transaction_id": txn()}, **headers)
     assert (answer.status_code, answer.json()["message"]) == (403, "Invalid server key")
     assert sandbox.requests() == []
 
 
-def test_the_visitors_address_and_browser_are_the_callers_to_give(relay: Relay, sandbox: Sandbox) -> None:
+def test_the_visitors_address_and_browser_are_the_callers_to_give(
+    relay: InProcessRelay, sandbox: Sandbox
+) -> None:
     t = txn()
     visitor_ua = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Safari/604.1"
     answer = post(
@@ -134,7 +144,7 @@ def test_the_visitors_address_and_browser_are_the_callers_to_give(relay: Relay, 
     }
 
 
-def test_without_them_the_backends_own_are_not_forwarded(relay: Relay, sandbox: Sandbox) -> None:
+def test_without_them_the_backends_own_are_not_forwarded(relay: InProcessRelay, sandbox: Sandbox) -> None:
     t = txn()
     answer = post(relay, "cmp_test", {"event_id": "quote_viewed", "transaction_id": t}, X_Server_Key=KEY)
     assert answer.status_code == 200, answer.text
@@ -146,7 +156,9 @@ def test_without_them_the_backends_own_are_not_forwarded(relay: Relay, sandbox: 
 @pytest.mark.parametrize(
     ("field", "value"), [("ip_address", "999.1.1.1"), ("ip_address", 7), ("user_agent", "x" * 513)]
 )
-def test_passed_visitor_fields_are_checked(relay: Relay, sandbox: Sandbox, field: str, value: Any) -> None:
+def test_passed_visitor_fields_are_checked(
+    relay: InProcessRelay, sandbox: Sandbox, field: str, value: Any
+) -> None:
     answer = post(
         relay,
         "cmp_test",
@@ -157,10 +169,12 @@ def test_passed_visitor_fields_are_checked(relay: Relay, sandbox: Sandbox, field
     assert sandbox.requests() == []
 
 
-def test_browsers_get_no_relay_fields_and_keep_their_own_address(relay: Relay, sandbox: Sandbox) -> None:
+def test_browsers_get_no_relay_fields_and_keep_their_own_address(
+    relay: InProcessRelay, sandbox: Sandbox
+) -> None:
     t = txn()
-    answer = httpx.post(
-        f"{relay.url}/api/event/cmp_test",
+    answer = relay.http.post(
+        "/api/event/cmp_test",
         json={"event_id": "quote_viewed", "transaction_id": t},
         headers={"Origin": "https://www.example.com", "User-Agent": "Mozilla/5.0 Firefox/126"},
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from server.validation import sign_revenue
-from tests.conftest import ROOT, Relay, RelayFactory, ServerProcess, campaigns_toml, free_port, wait_for
+from tests.conftest import ROOT, Relay, RelayFactory, ServerProcess, campaigns_toml, wait_for
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -27,7 +27,7 @@ def test_serve_exits_cleanly_on_sigterm(relay: Relay) -> None:
 
 
 def test_demo_runs_without_config(tmp_path: Path) -> None:
-    demo = ServerProcess(["demo"], free_port(), tmp_path / "demo.log").start()
+    demo = ServerProcess(["demo"], tmp_path / "demo.log").start()
     try:
         base = demo.url
         page = httpx.get(base + "/demo/")
@@ -65,7 +65,7 @@ def test_sign_matches_the_helper() -> None:
 def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[relay]\n")
-    result = run_cli("serve", "--config", str(bad), "--port", str(free_port()))
+    result = run_cli("serve", "--config", str(bad), "--port", "0")
     assert result.returncode != 0 and "relay.upstream_url: required" in result.stderr
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.config import parse_config
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.test_config import GOOD, check
 
 
@@ -54,7 +54,7 @@ def test_serve_refuses_a_cap_the_workers_inline_attempts_would_fill(tmp_path: Pa
             "--workers",
             "4",
             "--port",
-            str(free_port()),
+            "0",  # refused before it binds anything
         ],
         cwd=ROOT,
         capture_output=True,

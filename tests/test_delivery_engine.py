@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -22,35 +21,23 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.servers import REPORT_PORT, Server
 from server.config import load_config
 from server.forwarder import AsyncForwarder
 from server.outbox import Record, Store, open_store
 from server.outbox.dispatcher import Dispatcher
-from tests.conftest import ROOT, Relay, campaigns_toml, free_port, make_relay, wait_for, write_relay_config
+from tests.conftest import Relay, campaigns_toml, make_relay, wait_for, write_relay_config
 from tests.store_counting import count_store_writes
 
 pytest_plugins = ["tests.redis_fixture"]
 
 
-class Upstream:
-    """``tests.slow_upstream`` in a process of its own."""
+class Upstream(Server):
+    """``tests.slow_upstream`` in a process of its own, on a port it binds itself and reports."""
 
     def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.slow_upstream", "--port", str(self.port)],
-            cwd=ROOT,
-            stdout=open(log_path, "ab"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(self._up, timeout=15, message="the upstream to listen")
-
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
+        super().__init__([sys.executable, "-m", "tests.slow_upstream", *REPORT_PORT], log_path)
+        self.start(timeout=15)
 
     def stats(self) -> dict[str, Any]:
         return dict(httpx.get(self.url + "/_stats", timeout=10).json())
@@ -58,9 +45,8 @@ class Upstream:
     def delay(self, ms: float) -> None:
         httpx.post(self.url + "/_config", json={"delay_ms": ms}, timeout=5).raise_for_status()
 
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
+    def stop(self, timeout: float = 10.0) -> int | None:
+        return self.kill()
 
 
 @pytest.fixture
@@ -265,8 +251,12 @@ import sys
 from server import create_app, wsgi
 from server.config import load_config
 
+from server.listening import bind_listener, bound_port, write_port_file
+
 app = create_app(load_config(sys.argv[1]))  # the engine starts here, in the master, before any fork
-wsgi.run(lambda: app, host="127.0.0.1", port=int(sys.argv[2]), workers=2, preload_app=True)
+listener = bind_listener("127.0.0.1", 0)
+write_port_file(sys.argv[2], bound_port(listener))
+wsgi.run(lambda: app, listener=listener, workers=2, preload_app=True)
 """
 
 
@@ -295,22 +285,18 @@ def test_an_engine_started_before_gunicorns_fork_delivers_in_the_workers(
     )
     txns = new_txns(600, "fork")
     backlog_of(store_url, txns)  # 90 s of work for the master's engine alone: the workers' must join
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-c", APP_BUILT_BEFORE_THE_FORK, str(cfg), str(port)],
-        cwd=ROOT,
-        stdout=open(tmp_path / "fork.log", "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    server = Server(
+        [sys.executable, "-c", APP_BUILT_BEFORE_THE_FORK, str(cfg), "{port_file}"], tmp_path / "fork.log"
     )
-    relay = Relay([], port, tmp_path / "fork.log")
-    relay.proc = server
+    relay = Relay([], tmp_path / "fork.log")  # for its post(); the process is the one above
     store = open_store(store_url)
     try:
-        wait_for(lambda: _healthy(relay.url), timeout=30, message="the preloaded relay to answer")
+        server.start(timeout=30)
+        relay.port, relay.proc = server.port, server.proc
+        pid = server.proc.pid if server.proc else 0
 
         def workers() -> set[str]:
-            return set(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split())
+            return set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
         # While the upstream holds answers, the leases show who is delivering: owners carry their pid.
         wait_for(
@@ -328,8 +314,7 @@ def test_an_engine_started_before_gunicorns_fork_delivers_in_the_workers(
         wait_for(lambda: all_settled(store, 601), timeout=90, message="all delivered")
         assert upstream.stats()["counted"] == {t: 1 for t in [*txns, txns[0] + "_new"]}
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
+        server.kill()
         store.close()
 
 

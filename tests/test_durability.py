@@ -26,7 +26,7 @@ import pytest
 from server.config import load_config
 from server.enrichment import conversion_date
 from server.outbox import Record, Store, open_store
-from tests.conftest import ROOT, Relay, Sandbox, campaigns_toml, free_port, wait_for
+from tests.conftest import ROOT, Relay, Sandbox, campaigns_toml, wait_for
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -236,7 +236,7 @@ def test_a_redis_restart_stalls_nothing(
 ) -> None:
     from tests.redis_fixture import RedisServer, redis_binary  # here: the plugin must load it first
 
-    server = RedisServer(redis_binary(), free_port(), tmp_path).start()
+    server = RedisServer(redis_binary(), tmp_path).start()
     try:
         # One worker with one inline slot: a slot leaked by a failed store call would show at once.
         relay = relay_factory(store=server.url, workers=1, inline_concurrency=1, inline_timeout=1.0)

@@ -1,7 +1,9 @@
-"""A client's event_uuid (or Idempotency-Key) over real HTTP, on both stores: scoped to its campaign,
-and a reused id with another event is refused (Stripe's rule), never replayed.
+"""A client's event_uuid (or Idempotency-Key), on both stores: scoped to its campaign, and a reused
+id with another event is refused (Stripe's rule), never replayed.
 
-Each test runs against a relay process on SQLite and on the session's real ``redis-server``.
+Each test runs against the relay's app in process (the rules are the app's; no server process is
+needed for them) on a real SQLite file and on the session's real ``redis-server``, delivering to the
+sandbox over loopback HTTP.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Relay, RelayFactory, Sandbox, wait_for
+from tests.conftest import InProcessRelay, InProcessRelayFactory, Sandbox, wait_for
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -21,25 +23,27 @@ B_ORIGIN = "https://other.example.org"  # cmp_other's
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def relay(request: pytest.FixtureRequest, relay_factory: RelayFactory) -> Relay:
+def relay(request: pytest.FixtureRequest, app_relay_factory: InProcessRelayFactory) -> InProcessRelay:
     if request.param == "redis":
-        return relay_factory(store=request.getfixturevalue("redis_url"), workers=1)
-    return relay_factory(workers=1)
+        return app_relay_factory(store=request.getfixturevalue("redis_url"))
+    return app_relay_factory()
 
 
 def new_id() -> str:
     return f"id_{uuid.uuid4().hex[:20]}"
 
 
-def post_a(relay: Relay, body: dict[str, Any], **kw: Any) -> Any:
+def post_a(relay: InProcessRelay, body: dict[str, Any], **kw: Any) -> Any:
     return relay.post(body, cid="cmp_test", origin=A_ORIGIN, **kw)
 
 
-def post_b(relay: Relay, body: dict[str, Any], **kw: Any) -> Any:
+def post_b(relay: InProcessRelay, body: dict[str, Any], **kw: Any) -> Any:
     return relay.post(body, cid="cmp_other", origin=B_ORIGIN, **kw)
 
 
-def test_an_id_used_by_campaign_b_does_not_return_campaign_as_answer(relay: Relay, sandbox: Sandbox) -> None:
+def test_an_id_used_by_campaign_b_does_not_return_campaign_as_answer(
+    relay: InProcessRelay, sandbox: Sandbox
+) -> None:
     uid, t = new_id(), f"txn_{uuid.uuid4().hex}"
     a = post_a(
         relay,
@@ -56,7 +60,7 @@ def test_an_id_used_by_campaign_b_does_not_return_campaign_as_answer(relay: Rela
 
 
 def test_an_id_registered_first_in_campaign_b_does_not_suppress_campaign_as_event(
-    relay: Relay, sandbox: Sandbox
+    relay: InProcessRelay, sandbox: Sandbox
 ) -> None:
     uid, t = new_id(), f"txn_{uuid.uuid4().hex}"
     assert (
@@ -71,7 +75,7 @@ def test_an_id_registered_first_in_campaign_b_does_not_suppress_campaign_as_even
 
 @pytest.mark.parametrize("how", ["event_uuid", "Idempotency-Key"])
 def test_a_reused_id_with_another_event_is_422_and_never_a_replay(
-    relay: Relay, sandbox: Sandbox, how: str
+    relay: InProcessRelay, sandbox: Sandbox, how: str
 ) -> None:
     uid, t = new_id(), f"txn_{uuid.uuid4().hex}"
 
@@ -95,7 +99,9 @@ def test_a_reused_id_with_another_event_is_422_and_never_a_replay(
     assert sandbox.events(transaction_id=f"o_{t}") == []
 
 
-def test_the_same_event_resent_is_a_replay_with_the_first_answer(relay: Relay, sandbox: Sandbox) -> None:
+def test_the_same_event_resent_is_a_replay_with_the_first_answer(
+    relay: InProcessRelay, sandbox: Sandbox
+) -> None:
     uid, t = new_id(), f"txn_{uuid.uuid4().hex}"
     body = {"event_id": "sale_completed", "transaction_id": t, "amount": 20, "sub1": "x", "event_uuid": uid}
     first = post_a(relay, body)

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import sys
 import uuid
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def test_every_line_serve_writes_is_json(
 ) -> None:
     store = tmp_path / "small.sqlite3"
     SQLiteStore(str(store)).close()
-    pages = sqlite3.connect(store).execute("PRAGMA page_count").fetchone()[0]
+    with closing(sqlite3.connect(store)) as db:  # closed: Python 3.13 warns of a leaked connection
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
     monkeypatch.setenv(MAX_PAGE_COUNT_ENV, str(pages + 8))  # a small "disk": it fills, with a traceback
     relay = relay_factory(trusted_proxy_hops=1, access_log=True, workers=2, store=f"sqlite:///{store}")
     proxy = {"X-Forwarded-For": VISITOR_IP}

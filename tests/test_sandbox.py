@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from server.config import parse_config
 from server.errors import ApiError
 from server.sandbox import ConnectionDropped, SandboxState, create_sandbox_app
 from server.sandbox.rules import check_event
+from tests.conftest import wait_for
 from tests.test_sandbox_server import running_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,20 +89,9 @@ def fire(
     return response.status_code, answer
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        time.sleep(0.02)
-
-
 def fire_after_lock(client: FlaskClient, form: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Retry while the answer is "Concurrent event in progress" (a 403 does not extend the lock)."""
-    return wait_until(lambda: (r := fire(client, form, body))[0] != 403 and r)
+    return wait_for(lambda: (r := fire(client, form, body))[0] != 403 and r, 5.0, 0.02, "the lock to pass")
 
 
 def events(client: FlaskClient, **query: str) -> list[dict[str, Any]]:
@@ -571,9 +561,9 @@ def test_bad_fault_is_refused(client: FlaskClient, fault: Any) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m server.sandbox`` on a free port; yields its base URL once /healthz answers."""
-    with running_sandbox(tmp_path_factory.mktemp("sandbox"), CONFIG_TOML, lock_seconds=LOCK) as (_, base):
-        yield base
+    """``python -m server.sandbox`` on a port it binds itself; yields its base URL once /healthz answers."""
+    with running_sandbox(tmp_path_factory.mktemp("sandbox"), CONFIG_TOML, lock_seconds=LOCK) as sandbox:
+        yield sandbox.url
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from bench.servers import REPORT_PORT, Server
 from server.sandbox.http11 import BadRequest, _Chunked, parse_head
 from tests.conftest import wait_for
 
@@ -34,56 +34,26 @@ ANSWER_KEYS = {"status", "type", "message", "data", "missingFields", "invalidFie
 T = TypeVar("T")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def running_sandbox(
     tmp: Path, config_toml: str = CONFIG_TOML, *, lock_seconds: float = 0
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``python -m server.sandbox`` with ``config_toml`` on a free port: (the process, its base URL)
-    once /healthz answers; stopped, and its log closed, on the way out. test_sandbox.py uses it too."""
+) -> Iterator[Server]:
+    """``python -m server.sandbox`` with ``config_toml`` on a port it binds itself and reports, once
+    /healthz answers; stopped (its log closed by the wrapper) on the way out. test_sandbox.py uses it too."""
     config = tmp / "sandbox.toml"
     config.write_text(config_toml, encoding="utf-8")
-    port = _free_port()
-    command = ["--config", str(config), "--port", str(port), "--lock-seconds", str(lock_seconds)]
-    with (tmp / "server.log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.sandbox", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-        )
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert proc.poll() is None, (tmp / "server.log").read_text()
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        try:
-            wait_for(up, timeout=30, message="the sandbox to answer /healthz")
-            yield proc, base
-        finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.terminate()
-    try:
-        return proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    argv = [sys.executable, "-m", "server.sandbox", "--config", str(config), *REPORT_PORT]
+    with Server([*argv, "--lock-seconds", f"{lock_seconds:g}"], tmp / "server.log").start(
+        timeout=30
+    ) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m server.sandbox`` on a free port, lock window 0 (every event is new anyway)."""
-    with running_sandbox(tmp_path_factory.mktemp("loop-sandbox")) as (_, base):
-        yield base
+    with running_sandbox(tmp_path_factory.mktemp("loop-sandbox")) as sandbox:
+        yield sandbox.url
 
 
 @pytest.fixture
@@ -202,7 +172,8 @@ def test_a_thousand_delayed_answers_are_held_at_once(live: httpx.Client, server:
 
 
 def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
-    with running_sandbox(tmp_path) as (proc, base):
+    with running_sandbox(tmp_path) as sandbox:
+        base = sandbox.url
         httpx.post(base + "/_sandbox/faults", json={"delay_ms": 4000, "when": "after"}).raise_for_status()
 
         async def held_then_term() -> int:
@@ -214,11 +185,12 @@ def test_sigterm_sends_a_held_answer_before_exiting(tmp_path: Path) -> None:
                 0.05,
                 "the answer to be held",
             )
-            proc.send_signal(signal.SIGTERM)
+            assert sandbox.proc is not None
+            sandbox.proc.send_signal(signal.SIGTERM)
             return (await task)[0]
 
         assert run_in_thread(held_then_term) == 200
-        assert proc.wait(timeout=15) == 0
+        assert sandbox.proc is not None and sandbox.proc.wait(timeout=15) == 0
 
 
 # --- HTTP/1.1 on the wire ---------------------------------------------------------------------------

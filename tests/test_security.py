@@ -25,7 +25,16 @@ import pytest
 from server import create_app
 from server.config import ConfigError, parse_config
 from server.validation import sign_revenue
-from tests.conftest import ROOT, Relay, RelayFactory, Sandbox, make_relay, wait_for
+from tests.conftest import (
+    ROOT,
+    InProcessRelay,
+    InProcessRelayFactory,
+    Relay,
+    RelayFactory,
+    Sandbox,
+    make_relay,
+    wait_for,
+)
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -70,7 +79,7 @@ def txn() -> str:
 
 
 def send(
-    relay: Relay,
+    relay: Relay | InProcessRelay,
     body: Any,
     *,
     path: str = "/api/event/cmp_test",
@@ -84,7 +93,7 @@ def send(
         h["Origin"] = origin
     h["User-Agent"] = ua if ua is not None else ""
     kw: dict[str, Any] = {"json": body} if isinstance(body, dict) else {"content": body}
-    response = httpx.post(relay.url + path, headers=h, timeout=15, **kw)
+    response = relay.request("POST", path, headers=h, timeout=15, **kw)
     if response.headers.get("content-type", "").startswith("application/json"):
         assert set(response.json()) == KEYS, response.text
     return response
@@ -407,8 +416,10 @@ def test_x_forwarded_for_ignored_without_trusted_hops(secure: Relay, sandbox: Sa
     assert arrived(sandbox, t)[0]["body"]["ip_address"] == "127.0.0.1"
 
 
-def test_one_trusted_hop_uses_the_last_address(relay_factory: RelayFactory, sandbox: Sandbox) -> None:
-    relay = relay_factory(campaigns=SECURE_CAMPAIGNS, trusted_proxy_hops=1)
+def test_one_trusted_hop_uses_the_last_address(
+    app_relay_factory: InProcessRelayFactory, sandbox: Sandbox
+) -> None:
+    relay = app_relay_factory(campaigns=SECURE_CAMPAIGNS, trusted_proxy_hops=1)  # ProxyFix: the app's
     t = txn()
     # The client forged the first entry; our one proxy appended the address it saw.
     assert (

@@ -15,7 +15,7 @@ from server.attribution import CLICK_IDS
 from server.config import parse_config
 from server.forwarder import Attempt
 from server.staging import TEST_FLAG, StagingRouter, mark
-from tests.conftest import Sandbox, campaigns_toml, free_port, wait_for
+from tests.conftest import Sandbox, campaigns_toml, wait_for
 
 STAGING = "https://acme-roofing.webflow.io"
 
@@ -96,11 +96,11 @@ def test_staging_event_is_stored_flagged_answered_as_test_and_never_forwarded(
     assert len(arrived) == 1 and len(sandbox.requests()) == 1  # only the real one reached "Pingtree"
 
     # Flagged in the dashboard's feed, the metrics and the logs.
-    client = httpx.Client(base_url=relay.url, timeout=10)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/admin/login").text)
-    assert token, "no CSRF token on the login page"
-    client.post("/admin/login", data={"token": "tok-0123456789abcdef", "csrf_token": token.group(1)})
-    rows = client.get("/admin/feed.json", params={"transaction_id": t}).json()["events"]
+    with httpx.Client(base_url=relay.url, timeout=10) as client:  # closed: its socket would leak
+        token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/admin/login").text)
+        assert token, "no CSRF token on the login page"
+        client.post("/admin/login", data={"token": "tok-0123456789abcdef", "csrf_token": token.group(1)})
+        rows = client.get("/admin/feed.json", params={"transaction_id": t}).json()["events"]
     assert sorted(row["test"] for row in rows) == [False, True], rows
     metrics = httpx.get(relay.url + "/metrics", timeout=10).text
     assert (
@@ -122,9 +122,7 @@ def test_staging_upstream_url_receives_test_events_and_pingtree_none(
 ) -> None:
     cfg = tmp_path / "staging-sandbox.toml"
     cfg.write_text('[relay]\nupstream_url = "http://127.0.0.1:1"\n' + campaigns_toml(pages_port))
-    staging = Sandbox(
-        ["sandbox", "--config", str(cfg)], free_port(), tmp_path / "staging-sandbox.log"
-    ).start()
+    staging = Sandbox(["sandbox", "--config", str(cfg)], tmp_path / "staging-sandbox.log").start()
     try:
         relay = relay_factory(staging_campaigns(pages_port), staging_upstream_url=staging.url)
         t = "txn_" + uuid.uuid4().hex[:10]

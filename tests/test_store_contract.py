@@ -701,7 +701,7 @@ def test_redis_prefixes_keep_queues_apart(redis_url: str) -> None:
 
 @pytest.mark.redis
 def test_redis_store_survives_an_unreachable_server_as_ping_false() -> None:
-    from tests.redis_fixture import _free_port
+    from tests.redis_fixture import free_port
 
-    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
     assert store.ping() is False

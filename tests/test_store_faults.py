@@ -22,7 +22,7 @@ import redis
 from server.outbox import Record
 from server.outbox.redis import RedisStore
 from server.outbox.sqlite import MAX_PAGE_COUNT_ENV, SQLiteStore
-from tests.conftest import Relay, RelayFactory, Sandbox, free_port, wait_for
+from tests.conftest import InProcessRelay, InProcessRelayFactory, Relay, RelayFactory, Sandbox, wait_for
 
 if TYPE_CHECKING:
     from tests.redis_fixture import RedisServer
@@ -41,8 +41,8 @@ def record(i: int, size: int = 600) -> Record:
     )
 
 
-def readyz(relay: Relay) -> httpx.Response:
-    return httpx.get(relay.url + "/readyz", timeout=10)
+def readyz(relay: Relay | InProcessRelay) -> httpx.Response:
+    return relay.request("GET", "/readyz", timeout=10)
 
 
 def post_until_refused(relay: Relay, limit: int = 400) -> list[str]:
@@ -172,7 +172,7 @@ def test_redis_misconf_refuses_writes_and_readiness_says_so(tmp_path: Path) -> N
 
     workdir = tmp_path / "redis-misconf"
     workdir.mkdir()
-    server = RedisServer(redis_binary(), free_port(), workdir).start()
+    server = RedisServer(redis_binary(), workdir).start()
     try:
         control = server.client()
         control.config_set("save", "3600 1")
@@ -223,8 +223,8 @@ def test_redis_persistence_is_checked_at_start_and_reported(
         control.acl_deluser("noconfig")
 
 
-def test_readyz_reports_redis_persistence(relay_factory: RelayFactory, redis_url: str) -> None:
-    relay = relay_factory(store=redis_url, workers=1)
+def test_readyz_reports_redis_persistence(app_relay_factory: InProcessRelayFactory, redis_url: str) -> None:
+    relay = app_relay_factory(store=redis_url)  # what /readyz says is the app's: no process needed
     body = readyz(relay).json()
     assert body["status"] == "ok"  # reported, not a reason to refuse traffic
     assert body["persistence"]["state"] == "off" and "appendonly yes" in body["persistence"]["detail"]

@@ -163,6 +163,13 @@ async def serve(
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
 
 
-def run(config: Config, *, host: str, port: int, lock_seconds: float = 2.0) -> None:
-    """Blocking entry point for the CLI."""
-    asyncio.run(serve(config, host=host, port=port, lock_seconds=lock_seconds))
+def run(
+    config: Config,
+    *,
+    host: str,
+    port: int,
+    lock_seconds: float = 2.0,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    """Blocking entry point for the CLI; ``ready(port)`` once it listens (``port=0``: the kernel picks)."""
+    asyncio.run(serve(config, host=host, port=port, lock_seconds=lock_seconds, ready=ready))

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import pluggy
 import pytest
 
 from tests.conftest import campaigns_toml
@@ -72,9 +74,12 @@ class _PagesHandler(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="session")
-def pages(pages_port: int) -> Iterator[str]:
+def pages(pages_listener: socket.socket, pages_port: int) -> Iterator[str]:
     """The origin serving static/demo, e.g. ``http://127.0.0.1:PORT`` (on the allowed pages_port)."""
-    server = ThreadingHTTPServer(("127.0.0.1", pages_port), partial(_PagesHandler, directory=str(DEMO)))
+    handler = partial(_PagesHandler, directory=str(DEMO))
+    server = ThreadingHTTPServer(("127.0.0.1", pages_port), handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = pages_listener  # bound since the session began: see tests/conftest.py
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{pages_port}"
@@ -130,7 +135,9 @@ def console(page: Any) -> Iterator[list[str]]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed:

@@ -12,14 +12,14 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import SDK_LOADED
-from tests.conftest import ServerProcess, free_port, wait_for
+from tests.conftest import ServerProcess, wait_for
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(["demo"], free_port(), tmp_path / "demo.log").start()
+    server = ServerProcess(["demo"], tmp_path / "demo.log").start()
     yield server
     server.kill()
 

@@ -51,9 +51,7 @@ class Site:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.server = ThreadingHTTPServer(
-            ("127.0.0.1", free_port()), partial(_SiteHandler, directory=str(root))
-        )
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_SiteHandler, directory=str(root)))
         self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -21,7 +21,7 @@ import pytest
 
 from server.config import load_config
 from server.sdk import csp_sources, snippet_tag
-from tests.conftest import campaigns_toml, free_port
+from tests.conftest import campaigns_toml
 
 SITE = Path(__file__).resolve().parent / "webflow"
 PLACEHOLDER = b"<!--PT_SNIPPET-->"
@@ -33,11 +33,10 @@ class WebflowSite:
     def __init__(self) -> None:
         self.snippet = ""
         self.csp = ""
-        self.port = free_port()
+        # Port 0: the kernel picks, and the bound socket is the one that serves (no pick-then-bind race).
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_SiteHandler, self, directory=str(SITE)))
+        self.port = int(self._server.server_address[1])
         self.origin = f"http://127.0.0.1:{self.port}"
-        self._server = ThreadingHTTPServer(
-            ("127.0.0.1", self.port), partial(_SiteHandler, self, directory=str(SITE))
-        )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> WebflowSite:
@@ -144,10 +143,10 @@ class HoldingProxy:
         self.request_in = threading.Event()
         self.headers_out = threading.Event()
         self._release = threading.Event()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self._client = httpx.Client(timeout=15)
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), partial(_ProxyHandler, self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_ProxyHandler, self))
+        self.port = int(self._server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
