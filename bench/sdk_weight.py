@@ -19,20 +19,12 @@ from typing import Any
 from server.config import Config, parse_config
 
 from . import servers
+from .chromium import launch_args
 
 # Issue 13's budgets for the script as served gzip (tests/test_sdk_build.py checks them; bytes are
 # deterministic); bench/ reports each figure against them.
 DEMO_GZIP_BUDGET = 2000
 EVERY_FEATURE_GZIP_BUDGET = 2500
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @dataclass(frozen=True)
@@ -117,7 +109,7 @@ def page_load(workdir: Path, trials: int = 5) -> PageLoad:
     from server.outbox import open_store
 
     with servers.demo(workdir) as demo, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**launch_args())
         try:
             requests, total, sdk_requests, sdk_bytes = _landing(browser, demo.url)
             store = open_store(f"sqlite:///{workdir / f'pingtree-relay-demo-{demo.port}.sqlite3'}")

@@ -356,37 +356,26 @@ def demo(workdir: Path) -> Server:
     return Server(cli("demo"), workdir / "demo.log", env={"TMPDIR": str(workdir)})
 
 
-def redis_server(workdir: Path, data: Path | None = None) -> Server:
-    """A throwaway redis-server (AOF ``everysec``, as server/outbox/redis.py recommends), no RDB snapshots.
+def redis_args(data: Path, *, aof: bool, binary: str = "redis-server") -> list[str]:
+    """redis-server on 127.0.0.1:{port} with its files in ``data`` and no RDB snapshots; ``aof``: an
+    append-only file synced every second (as server/outbox/redis.py recommends), else no persistence."""
+    persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else ["--appendonly", "no"]
+    where = ["--port", "{port}", "--bind", "127.0.0.1", "--dir", str(data), "--daemonize", "no"]
+    return [binary, *where, "--save", "", *persistence]
 
-    ``data`` is its directory (default ``workdir/redis``); one that holds an AOF starts with its data.
-    """
+
+def redis_server(workdir: Path, data: Path | None = None) -> Server:
+    """A throwaway redis-server with an AOF (:func:`redis_args`). ``data`` is its directory (default
+    ``workdir/redis``); one that holds an AOF starts with its data."""
     data = data or workdir / "redis"
     data.mkdir(exist_ok=True)
-    server = Server(
-        [
-            "redis-server",
-            "--port",
-            "{port}",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--dir",
-            str(data),
-        ],
-        workdir / "redis.log",
-        health_path="",
-    )
-    server._healthy = lambda: _redis_ping(server.port)  # type: ignore[method-assign]
+    server = Server(redis_args(data, aof=True), workdir / "redis.log", health_path="")
+    server._healthy = lambda: redis_ping(server.port)  # type: ignore[method-assign]
     return server
 
 
-def _redis_ping(port: int) -> bool:
+def redis_ping(port: int) -> bool:
+    """Whether a redis-server answers PING on 127.0.0.1:``port``."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             s.sendall(b"PING\r\n")

@@ -27,15 +27,9 @@ import httpx
 from playwright.sync_api import Browser, Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+sys.path.insert(0, str(ROOT))  # a script: the checkout's bench/ is not installed
+from bench.chromium import launch_args  # noqa: E402
+
 LANDING_QUERY = "?utm_source=google&utm_campaign=spring&sub1=ad42&pid=src_demo"
 VIEWPORT = {"width": 1280, "height": 860}
 DEMO_CLIP = {"x": 0, "y": 0, "width": 1280, "height": 540}
@@ -149,10 +143,7 @@ def main() -> int:
     proc = start_demo(port, log)
     try:
         with sync_playwright() as p:
-            launch: dict[str, Any] = {"args": CHROMIUM_ARGS}
-            if os.path.exists(CHROMIUM):
-                launch["executable_path"] = CHROMIUM
-            browser = p.chromium.launch(**launch)
+            browser = p.chromium.launch(**launch_args())
             debug_panel(browser, base, out)
             if args.only:
                 browser.close()

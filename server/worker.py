@@ -116,6 +116,9 @@ CONNECTIONS = ConnectionTable()
 FAIR_SLACK = 1  # a worker accepts while it holds at most the least-loaded worker's count + this
 
 
+SHED_MARGIN = 32  # connections a worker may hold above twice the least loaded's before it sheds
+
+
 def over_share(mine: int, least: int | None) -> bool:
     """Whether a worker holding ``mine`` connections should hand one back (``Connection: close``).
 
@@ -123,7 +126,7 @@ def over_share(mine: int, least: int | None) -> bool:
     gross imbalance, such as every connection of a burst taken before the other workers were up,
     moves connections; the ordinary unevenness of a burst (counts published up to a loop turn
     late) is left for the accept rule to even out."""
-    return least is not None and mine > 2 * least + 32
+    return least is not None and mine > 2 * least + SHED_MARGIN
 
 
 @dataclass
@@ -199,7 +202,8 @@ class ReadAheadWorker(ThreadWorker):  # type: ignore[misc]
     def handle_request(self, req: Any, conn: Any) -> Any:
         """In a request thread: a worker above its share answers this request with
         ``Connection: close``, so the client reconnects to a less loaded worker."""
-        if self.alive and over_share(self.nr_conns, CONNECTIONS.least()):
+        # The table is read only when the answer could be yes (never with SHED_MARGIN or fewer).
+        if self.alive and self.nr_conns > SHED_MARGIN and over_share(self.nr_conns, CONNECTIONS.least()):
             req.must_close = True
         return super().handle_request(req, conn)
 

@@ -150,11 +150,11 @@ def fresh_sandbox(request: pytest.FixtureRequest) -> None:
         sb.set_lock(2.0)  # reset keeps the lock window: it is configuration, not state
 
 
-class Relay(ServerProcess):
-    """A relay process plus what a test needs to talk to it."""
+class PostsEvents:
+    """``post``: an event to the relay's endpoint, through the class's own ``request``."""
 
-    config_path: Path
-    store_path: Path
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        raise NotImplementedError
 
     def post(
         self,
@@ -165,34 +165,25 @@ class Relay(ServerProcess):
         headers: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        return post_event(httpx.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
+        """POST ``body`` (JSON for a dict or list, else raw bytes) to ``/api/event/{cid}``."""
+        sent = {"Origin": origin} if origin else {}
+        sent.update(headers or {})
+        kwargs["json" if isinstance(body, (dict, list)) else "content"] = body
+        return self.request("POST", f"/api/event/{cid}", headers=sent, timeout=15, **kwargs)
+
+
+class Relay(PostsEvents, ServerProcess):
+    """A relay process plus what a test needs to talk to it."""
+
+    config_path: Path
+    store_path: Path
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """``method path`` on this relay (as :meth:`InProcessRelay.request`: helpers take either)."""
         return httpx.request(method, self.url + path, **kwargs)
 
 
-def post_event(
-    send: Callable[..., httpx.Response],
-    base_url: str,
-    body: Any,
-    *,
-    cid: str = "cmp_test",
-    origin: str | None = "https://www.example.com",
-    headers: dict[str, str] | None = None,
-    **kwargs: Any,
-) -> httpx.Response:
-    """POST ``body`` (JSON for a dict or list, else raw bytes) to a relay's event endpoint."""
-    h = {"Origin": origin} if origin else {}
-    h.update(headers or {})
-    if isinstance(body, (dict, list)):
-        kwargs["json"] = body
-    else:
-        kwargs["content"] = body
-    return send(f"{base_url}/api/event/{cid}", headers=h, timeout=15, **kwargs)
-
-
-class InProcessRelay:
+class InProcessRelay(PostsEvents):
     """The relay's app from the app factory, called in this process through WSGI: no gunicorn, no
     port. For tests of the app's rules (validation, idempotency, callers, answers) that need no
     process of their own; its upstream is still a real server (the sandbox) over loopback HTTP.
@@ -208,17 +199,6 @@ class InProcessRelay:
         self.app: Flask = create_app(load_config(str(config_path)), start_delivery=False)
         self.url = "http://relay.test"
         self.http = httpx.Client(transport=httpx.WSGITransport(app=self.app), base_url=self.url)
-
-    def post(
-        self,
-        body: Any,
-        *,
-        cid: str = "cmp_test",
-        origin: str | None = "https://www.example.com",
-        headers: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        return post_event(self.http.post, self.url, body, cid=cid, origin=origin, headers=headers, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self.http.request(method, path, **kwargs)

@@ -18,7 +18,7 @@ from typing import Self
 import pytest
 import redis
 
-from bench.servers import Server, free_port
+from bench.servers import Server, free_port, redis_args, redis_ping
 
 __all__ = ["RedisServer", "free_port", "redis_binary"]
 
@@ -33,21 +33,7 @@ class RedisServer(Server):
 
     def __init__(self, binary: str, workdir: Path, port: int = 0) -> None:
         super().__init__(
-            [
-                binary,
-                "--port",
-                "{port}",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-                "--daemonize",
-                "no",
-            ],
+            redis_args(workdir, aof=False, binary=binary),
             workdir / "redis.log",
             port=port,
             health_path="",
@@ -63,11 +49,7 @@ class RedisServer(Server):
         return self
 
     def _healthy(self) -> bool:
-        with redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5) as client:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
+        return redis_ping(self.port)
 
     def log(self) -> str:
         return self.log_tail()

@@ -34,8 +34,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -249,16 +248,9 @@ class SQLiteStore(Store):
             log.warning("ROLLBACK failed; closing this thread's connection", exc_info=True)
             self._drop_conn()
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """This process's write lock (module docstring); other processes' writers are waited out
-        by :func:`_busy_retry`."""
-        with self._wlock:
-            yield
-
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         conn = self._conn()
-        with self._writing():
+        with self._wlock:
             try:
                 cursor = _busy_retry(lambda: conn.execute(sql, params))
             except sqlite3.Error as exc:
@@ -399,7 +391,7 @@ class SQLiteStore(Store):
 
     def claim(self, owner: str, limit: int, lease: float) -> list[Record]:
         conn = self._conn()
-        with self._writing():
+        with self._wlock:
             try:
                 return _busy_retry(lambda: self._claim(conn, owner, limit, lease))
             except sqlite3.Error as exc:
@@ -430,7 +422,7 @@ class SQLiteStore(Store):
         if not outcomes:
             return []
         conn = self._conn()
-        with self._writing():
+        with self._wlock:
             try:
                 return _busy_retry(lambda: self._finish_many(conn, outcomes))
             except sqlite3.Error as exc:
@@ -583,10 +575,10 @@ class SQLiteStore(Store):
     def check_writable(self) -> str | None:
         conn = self._conn()
         try:
-            with self._writing():
+            with self._wlock:
                 _busy_retry(lambda: self._probe(conn))
         except sqlite3.Error as exc:
-            with self._writing():
+            with self._wlock:
                 self._after_write_error(exc)
             return f"the outbox refuses writes: {exc}"
         return None

@@ -9,7 +9,6 @@ campaign only, so the pages are opened with ``?cid=cmp_test&relay=<relay origin>
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import threading
@@ -23,29 +22,18 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pluggy
 import pytest
 
+from bench.chromium import launch_args
 from tests.conftest import campaigns_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "static" / "demo"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 _LOOPBACK_ORIGIN = re.compile(r"^http://127\.0\.0\.1:\d{1,5}$")
 
 
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
     """The system Chromium (Playwright cannot download its own here); Playwright's when absent."""
-    args = {**browser_type_launch_args, "args": CHROMIUM_ARGS}
-    if os.path.exists(CHROMIUM):
-        args["executable_path"] = CHROMIUM
-    return args
+    return launch_args(**browser_type_launch_args)
 
 
 class _PagesHandler(SimpleHTTPRequestHandler):
