@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -26,6 +27,7 @@ def create_app(
     *,
     relay: Relay | None = None,
     start_delivery: bool = True,
+    cpu_clock: Callable[[], float] | None = None,
     test_config: dict[str, Any] | None = None,
 ) -> Flask:
     """The relay's Flask app. ``config`` defaults to the file named by ``PINGTREE_RELAY_CONFIG``.
@@ -34,7 +36,8 @@ def create_app(
     a crash drains without waiting for traffic), and again in a child after a fork: the demo, tests,
     one process that serves and delivers. ``False``: no delivery in this process at all, ever
     (``serve``'s workers: ``pingtree-relay deliver`` delivers beside them); the inline attempt of
-    the accept path still happens.
+    the accept path still happens. ``cpu_clock`` (a server's worker passes ``time.process_time``):
+    inline attempts only while this process has CPU to spare (:mod:`server.relay`).
     """
     if config is None:
         config = load_config(os.environ["PINGTREE_RELAY_CONFIG"])
@@ -52,7 +55,7 @@ def create_app(
         hops = config.relay.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=0)  # type: ignore[method-assign]
 
-    relay = relay or Relay(config)
+    relay = relay or Relay(config, cpu_clock=cpu_clock)
     app.extensions["relay"] = relay
     _register(app)
     if start_delivery:

@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     _warn(config)
     wsgi.run(
-        lambda: create_app(last_good.config, start_delivery=False),
+        lambda: create_app(last_good.config, start_delivery=False, cpu_clock=time.process_time),
         listener=listener,
         workers=workers,
         threads=args.threads,
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p)
     _listen_options(p, 8000)
     p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: 2 per CPU core, 2 to 8)"
+        "--workers", type=int, default=None, help="worker processes (default: 1 per CPU core, 2 to 8)"
     )
     p.add_argument("--threads", type=int, default=8, help="threads per worker (default: 8)")
     p.set_defaults(func=cmd_serve)

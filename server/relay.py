@@ -2,11 +2,13 @@
 
 The accept path (``accept``) is: validate -> enrich -> store durably -> one bounded inline attempt
 -> answer. Inline attempts are capped per process (``inline_concurrency``), time-boxed
-(``inline_timeout``) and skipped while the delivery engine is behind (``BACKLOG_EVENTS`` due and
-unclaimed): then every request is answered 202 at once from the store, so a slow or saturated
-Pingtree costs latency only to the requests that were going to get a conversion_id back anyway,
-never accept throughput. Background delivery is the engine's (:mod:`server.outbox.dispatcher`),
-in this process or in ``pingtree-relay deliver``.
+(``inline_timeout``) and made only with capacity to spare (:meth:`Relay._inline_worthwhile`): not
+while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
+is busy (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``). Otherwise every
+request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
+Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
+back anyway, never accept throughput. Background delivery is the engine's
+(:mod:`server.outbox.dispatcher`), in this process or in ``pingtree-relay deliver``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -44,7 +47,12 @@ class Reply:
 
 
 BACKLOG_EVENTS = 200  # due and unclaimed: ~0.2 s of traffic at 1,000/s means the engine is behind
-BACKLOG_CHECK_SECONDS = 0.25  # how stale the accept path's view of the backlog may be
+CAPACITY_CHECK_SECONDS = 0.25  # how stale the accept path's view of backlog and CPU may be
+# An inline attempt costs its request ~0.7 ms of CPU more than a 202 from the store (the request to
+# Pingtree, its answer, a second write), about a third of the request. A process that ran Python
+# for half of the last check interval is queueing requests behind each other (its GIL is one core):
+# that CPU goes to accepting, and the engine delivers in batches for less (docs/durability.md).
+INLINE_CPU_BUSY = 0.5
 
 
 class Relay:
@@ -57,9 +65,13 @@ class Relay:
         store: Store | None = None,
         forwarder: Forwarder | None = None,
         delivery_transport: httpx.AsyncBaseTransport | None = None,
+        cpu_clock: Callable[[], float] | None = None,
     ) -> None:
         """``forwarder`` (the inline attempt's) and ``delivery_transport`` (the engine's) let unit
-        tests answer for Pingtree with ``httpx.MockTransport``."""
+        tests answer for Pingtree with ``httpx.MockTransport``. ``cpu_clock``: this process's CPU
+        seconds (``time.process_time``), when the process is a server's, so that a busy one skips
+        inline attempts (the module docstring); None in tests, where the process is busy with the
+        test itself."""
         settings = config.relay
         self.config = config
         self.observers = Observers()
@@ -104,8 +116,10 @@ class Relay:
         )
         self._inline = threading.BoundedSemaphore(max(1, settings.inline_concurrency))
         self._inline_enabled = settings.inline_concurrency > 0 and settings.inline_timeout > 0
-        self._backlog_checked_at = 0.0
-        self._backlogged = False
+        self._cpu_clock = cpu_clock
+        self._checked_at = 0.0  # the first accept checks
+        self._cpu_at = cpu_clock() if cpu_clock else 0.0
+        self._worthwhile = True
 
     def delivery_cap(self, inline_processes: int) -> int:
         """The engine's share of ``max_in_flight``: the box's cap less what ``inline_processes``
@@ -166,19 +180,28 @@ class Relay:
             test=True if test else None,
         )
 
-    def _engine_behind(self) -> bool:
-        """True while the delivery engine has a backlog: the inline attempt would only add load.
+    def _inline_worthwhile(self) -> bool:
+        """True unless the engine has a backlog or this process is busy: then an inline attempt would
+        only take capacity from accepting (the module docstring).
 
-        Read from the store, so it works whichever process runs the engine; at most every
-        ``BACKLOG_CHECK_SECONDS`` per process (a racy refresh by two threads is harmless)."""
+        The backlog is read from the store, so it works whichever process runs the engine; both are
+        refreshed at most every ``CAPACITY_CHECK_SECONDS`` per process (a racy refresh by two threads
+        is harmless)."""
         now = time.monotonic()
-        if now - self._backlog_checked_at >= BACKLOG_CHECK_SECONDS:
-            self._backlog_checked_at = now
+        elapsed = now - self._checked_at
+        if elapsed >= CAPACITY_CHECK_SECONDS:
+            busy = False
+            if self._cpu_clock is not None:
+                cpu = self._cpu_clock()
+                busy = (cpu - self._cpu_at) / elapsed >= INLINE_CPU_BUSY
+                self._cpu_at = cpu
+            self._checked_at = now
             try:
-                self._backlogged = self.store.backlog(BACKLOG_EVENTS) >= BACKLOG_EVENTS
+                behind = self.store.backlog(BACKLOG_EVENTS) >= BACKLOG_EVENTS
             except Exception:  # the add below reports a store that is down
-                self._backlogged = True
-        return self._backlogged
+                behind = True
+            self._worthwhile = not (busy or behind)
+        return self._worthwhile
 
     def campaign(self, cid: str | None) -> CampaignConfig:
         campaign = self.config.campaigns.get(cid or "")
@@ -237,7 +260,7 @@ class Relay:
             dedupe_key=staging_dedupe_key(dedupe_key(event)) if test else dedupe_key(event),
             fingerprint=event.fingerprint(),
         )
-        inline = self._inline_enabled and not self._engine_behind() and self._inline.acquire(blocking=False)
+        inline = self._inline_enabled and self._inline_worthwhile() and self._inline.acquire(blocking=False)
         owner = self.dispatcher.owner if inline else None
         try:
             stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)

@@ -134,15 +134,16 @@ class _SidecarArbiter(Arbiter):  # type: ignore[misc]
 
 
 def default_workers() -> int:
-    """Two processes per core (2 to 8), each with few threads (``run``'s ``threads=8``).
+    """One process per core (2 to 8), each with few threads (``run``'s ``threads=8``).
 
-    The same threads spread over more processes: a thread of this app runs Python (Flask, the JSON,
-    the observers) for ~1 ms per event and holds the GIL meanwhile, so 16 busy threads in one
-    process mostly wait for each other. Measured with a 300 ms upstream on 2 cores (benchmarks.md):
-    4 x 8 threads accepted 1,020 and 1,512 events/s at 64 connections where 2 x 16 took 730 and
-    1,122 in the same minutes. Each worker costs ~52 MB.
+    Enough processes that the GIL is not the limit (a thread of this app runs Python for ~1 ms per
+    event and holds the GIL meanwhile, so 16 busy threads in one process mostly wait for each
+    other), and no more: ``pingtree-relay deliver`` runs beside them, and every process past the
+    cores only adds switching. Measured on 2 cores, 1,000 events/s offered with a 300 ms upstream
+    for 15 s (docs/benchmarks.md): 4 workers accepted and delivered 705 events/s at 2.5 ms of CPU
+    each, 2 workers 832 at 2.0 ms, 3 workers 830. Each worker costs ~55 MB.
     """
-    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+    return max(2, min(8, os.cpu_count() or 1))
 
 
 def run(
