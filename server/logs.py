@@ -69,15 +69,15 @@ def decision_logger() -> logging.Logger:
     writes stderr. A plain StreamHandler holds its lock through the write, and with a line per event
     the request and delivery threads queued on that lock (16 % of a worker's samples under load).
     """
-    logger = logging.getLogger(DECISION_LOGGER)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # not twice through a root handler someone else configured
     global _listener
+    logger = logging.getLogger(DECISION_LOGGER)
     if _listener is not None and _listener[0] == os.getpid():
-        return logger
+        return logger  # first: setLevel() below empties every logger's level cache, on each call
     with _listener_lock:
         if _listener is not None and _listener[0] == os.getpid():
             return logger
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # not twice through a root handler someone else configured
         for old in [h for h in logger.handlers if getattr(h, "_pingtree_json", False)]:
             logger.removeHandler(old)  # a handler inherited through fork feeds a listener that did not
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
@@ -89,8 +89,20 @@ def decision_logger() -> logging.Logger:
         handler = _QueueHandler(records)
         handler._pingtree_json = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        _listener = (os.getpid(), listener)
+        _listener = (os.getpid(), listener, records)
     return logger
+
+
+def _write_decision(level: int, message: str, fields: dict[str, Any]) -> None:
+    """A decision line straight onto the writer's queue: one or two per event, so not through
+    ``Logger.log`` (which looks up its caller's frame and takes the handler's lock for each)."""
+    logger = decision_logger()
+    if not logger.isEnabledFor(level):
+        return
+    record = logging.LogRecord(logger.name, level, __file__, 0, message, None, None)
+    record.fields = fields
+    if _listener is not None:  # always, once decision_logger() has run
+        _listener[2].put(record)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -117,7 +129,8 @@ class _QueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-_listener: tuple[int, logging.handlers.QueueListener] | None = None
+# (pid, the writer thread, its queue) of this process.
+_listener: tuple[int, logging.handlers.QueueListener, queue.SimpleQueue[logging.LogRecord]] | None = None
 _listener_lock = threading.Lock()
 
 
@@ -130,7 +143,7 @@ def log_decision(kind: str, fields: dict[str, Any]) -> None:
     if has_request_context():
         line["client"] = mask_ip(request.remote_addr)
     level = logging.WARNING if kind == "rejected" or fields.get("state") == "dead" else logging.INFO
-    decision_logger().log(level, kind, extra={"fields": line})
+    _write_decision(level, kind, line)
 
 
 def _assign_request_id() -> None:
@@ -180,9 +193,7 @@ def _access_line(response: Response) -> Response:
         "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started is not None else None,
         "client": mask_ip(request.remote_addr),
     }
-    decision_logger().info(
-        f"{request.method} {request.path} {response.status_code}", extra={"fields": fields}
-    )
+    _write_decision(logging.INFO, f"{request.method} {request.path} {response.status_code}", fields)
     return response
 
 

@@ -54,7 +54,10 @@ def relay_app(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Any]]:
                     "rate_limits": {"per_ip": "", "per_campaign": ""},
                 },
                 "campaigns": {
-                    "cmp_test": {"allowed_origins": ["https://www.example.com"], "events": {"quote_viewed": {}}}
+                    "cmp_test": {
+                        "allowed_origins": ["https://www.example.com"],
+                        "events": {"quote_viewed": {}},
+                    }
                 },
             }
         )
@@ -115,4 +118,3 @@ def test_without_a_cpu_clock_a_process_busy_with_other_work_still_attempts_inlin
     for _ in range(3):
         status, body, t = post(client)
         assert status == 200 and body["type"] == "success", body
-
