@@ -49,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .reload import LastGoodConfig
 
     workers = args.workers or wsgi.default_workers()
+    deliverers = args.delivery_processes or wsgi.default_delivery_processes()
     settings = config.relay
     inline = settings.inline_concurrency if settings.inline_concurrency and settings.inline_timeout else 0
     if workers * inline >= settings.max_in_flight:
@@ -73,6 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.config,
         "--inline-workers",
         str(workers),
+        "--share",
+        str(deliverers),
         "--parent-pid",
         str(os.getpid()),
     ]
@@ -95,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         multiprocess_metrics=True,
         sidecar=deliver,
+        sidecars=deliverers,
         sidecar_env=last_good.environment,
         on_reload=last_good.reload,
         logger_class=jsonlog.GunicornLogger,
@@ -151,7 +155,8 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     # Under serve: the config its master validated (the file may have been edited since, even badly).
     config = _load(args.config, text=os.environ.pop(CONFIG_TEXT_ENV, None) if args.parent_pid else None)
     relay = create_app(config, start_delivery=False).extensions["relay"]  # observers as in a worker
-    cap = relay.delivery_cap(args.inline_workers)
+    # One of ``--share`` delivery processes (serve's): each takes its part of the engine's cap.
+    cap = max(1, relay.delivery_cap(args.inline_workers) // max(1, args.share))
     if args.parent_pid:
         _stop_when_orphaned(relay.dispatcher, args.parent_pid)
     # Under serve, stdout is jsonlog's: this line comes out as JSON too.
@@ -451,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="worker processes (default: 1 per CPU core, 2 to 8)"
     )
     p.add_argument("--threads", type=int, default=8, help="threads per worker (default: 8)")
+    p.add_argument(
+        "--delivery-processes",
+        type=_positive,
+        default=None,
+        help="delivery processes, sharing relay.max_in_flight (default: 1 per CPU core, 1 to 4)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deliver", help="run the delivery engine (serve starts one itself)")
@@ -460,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="processes making inline attempts: their inline_concurrency comes out of max_in_flight",
+    )
+    p.add_argument(
+        "--share",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="one of N delivery processes of one box: take 1/N of max_in_flight (default: 1)",
     )
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_deliver)
@@ -602,6 +620,17 @@ def _outbox_parser(sub: Any) -> None:
         help="also copy delivered and dead events (replays and the dashboard keep them)",
     )
     p.set_defaults(func=cmd_outbox_move)
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1, or argparse's own error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:

@@ -243,9 +243,11 @@ def make_relay(
     port: int | None = None,
     name: str = "relay",
     workers: int = 2,
+    delivery_processes: int | None = None,
     **relay_keys: Any,
 ) -> Relay:
-    """A relay process (not started) with its config and log in ``tmp_dir``."""
+    """A relay process (not started) with its config and log in ``tmp_dir``; ``delivery_processes``:
+    serve's flag (None: its default, one per core)."""
     relay_keys.setdefault("retry_base_seconds", 0.2)
     relay_keys.setdefault("retry_cap_seconds", 1.0)
     relay_keys.setdefault("rate_limits", {"per_ip": "", "per_campaign": ""})
@@ -256,9 +258,10 @@ def make_relay(
         campaigns=campaigns if campaigns is not None else campaigns_toml(pages_port),
         **relay_keys,
     )
-    relay = Relay(
-        ["serve", "--config", str(cfg), "--workers", str(workers)], tmp_dir / f"{name}.log", port or 0
-    )
+    args = ["serve", "--config", str(cfg), "--workers", str(workers)]
+    if delivery_processes is not None:
+        args += ["--delivery-processes", str(delivery_processes)]
+    relay = Relay(args, tmp_dir / f"{name}.log", port or 0)
     relay.config_path = cfg
     relay.store_path = tmp_dir / "relay.sqlite3"
     return relay

@@ -129,17 +129,18 @@ def all_settled(store: Store, expected: int) -> bool:
     return counts["pending"] == 0 and counts["delivered"] >= expected
 
 
-def deliver_pid(relay: Relay) -> int | None:
-    """The pid of the relay's ``pingtree-relay deliver`` process (a child of the serve master)."""
+def deliver_pids(relay: Relay) -> set[int]:
+    """The pids of the relay's ``pingtree-relay deliver`` processes (children of the serve master)."""
     assert relay.proc is not None
     children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
+    found = set()
     for pid in children:
         try:
-            if b"deliver" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
+            if b"deliver" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):  # the subcommand
+                found.add(int(pid))
         except FileNotFoundError:
             continue
-    return None
+    return found
 
 
 def assert_each_counted_once(upstream: Upstream, store: Store, txns: list[str]) -> None:
@@ -161,11 +162,13 @@ def assert_each_counted_once(upstream: Upstream, store: Store, txns: list[str]) 
 def test_in_flight_never_exceeds_max_in_flight(
     relays: RelayFactory, upstream: Upstream, store_url: str
 ) -> None:
-    # 2 workers x 4 inline + the engine's share = 60 in flight at most, engine and inline together.
+    # 2 workers x 4 inline + the engine's share = 60 in flight at most, engine and inline together;
+    # the engine's share is split between the three delivery processes (17 each).
     upstream.delay(1000)
     txns = new_txns(300, "cap")
     backlog_of(store_url, txns)
-    relay = relays(workers=2, max_in_flight=60, inline_timeout=5.0, upstream_timeout=8)
+    relay = relays(workers=2, delivery_processes=3, max_in_flight=60, inline_timeout=5.0, upstream_timeout=8)
+    wait_for(lambda: len(deliver_pids(relay)) == 3, timeout=15, message="three delivery processes")
     fresh = new_txns(40, "cap_fresh")
     assert set(post_all(relay, fresh)) <= {200, 202}  # inline attempts, where not skipped, share the cap
     store = store_of(relay)
@@ -357,16 +360,24 @@ def test_kill_9_during_a_drain_loses_and_doubles_nothing(
     upstream.delay(3000)
     txns = new_txns(500, f"kill_{victim}")
     backlog_of(store_url, txns)
-    relay = relays(workers=2, max_in_flight=300, inline_concurrency=0, upstream_timeout=4, lease_seconds=5)
+    relay = relays(
+        workers=2,
+        delivery_processes=2,
+        max_in_flight=300,
+        inline_concurrency=0,
+        upstream_timeout=4,
+        lease_seconds=5,
+    )
     wait_for(lambda: upstream.stats()["in_flight"] >= 150, timeout=30, message="hundreds in flight")
     if victim == "deliver":
-        pid = deliver_pid(relay)
-        assert pid is not None
+        before = deliver_pids(relay)
+        assert len(before) == 2, before
+        pid = min(before)
         os.kill(pid, signal.SIGKILL)  # serve's master starts another; the leases expire, then go again
         wait_for(
-            lambda: (p := deliver_pid(relay)) is not None and p != pid,
+            lambda: len(now := deliver_pids(relay)) == 2 and pid not in now,
             timeout=15,
-            message="the delivery process restarted",
+            message="the killed delivery process was replaced",
         )
     else:
         relay.kill()  # the whole process group: master, workers, delivery process
