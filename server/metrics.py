@@ -63,6 +63,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+MAX_CACHED_SERIES = 10_000
+
+
 class Metrics:
     """The relay's counters and histogram, and the observer that moves them."""
 
@@ -82,6 +85,8 @@ class Metrics:
         )
         self._sdk_versions: dict[str, set[str]] = {}
         self._sdk_children: dict[tuple[str, str, str], Any] = {}  # labels() is costly on the script path
+        self._children: dict[tuple[str, ...], Any] = {}  # (family, *labels) -> its counter
+        self._latency_children: dict[str, Any] = {}  # state -> its histogram (three states)
         self._zeroes()
 
     def _zeroes(self) -> None:
@@ -108,7 +113,14 @@ class Metrics:
         return campaign.cid, UNKNOWN
 
     def _inc(self, family: str, *labels: str) -> None:
-        self.counters[family].labels(*labels).inc()
+        # labels() validates and locks on every call (two or three per event): children are kept.
+        key = (family, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self.counters[family].labels(*labels)
+            if len(self._children) < MAX_CACHED_SERIES:  # labels are bounded by the config; still
+                self._children[key] = child
+        child.inc()
 
     def observe(self, kind: str, fields: dict[str, Any]) -> None:
         """Observer for :class:`server.observe.Observers`."""
@@ -173,7 +185,11 @@ class Metrics:
         latency_ms = fields.get("latency_ms")
         if fields.get("status") is not None and isinstance(latency_ms, (int, float)):
             # Only attempts Pingtree answered: a connection refused in 1 ms is not a latency.
-            self.latency.labels(_label(state)).observe(latency_ms / 1000.0)
+            label = _label(state)
+            child = self._latency_children.get(label)
+            if child is None:
+                child = self._latency_children.setdefault(label, self.latency.labels(label))
+            child.observe(latency_ms / 1000.0)
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
         """``(labels, value)`` of every series of counter ``name`` (without ``_total``), summed over

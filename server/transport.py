@@ -97,8 +97,11 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         data += conn.h11.send(h11.EndOfMessage())
         try:
             conn.writer.write(data)
-            async with asyncio.timeout(write_timeout):
-                await conn.writer.drain()
+            # A request fits the socket's buffer: write() sent it all, and drain() (with its timeout,
+            # a cost per request) only has to wait when the kernel took part of it.
+            if conn.writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(write_timeout):
+                    await conn.writer.drain()
         except TimeoutError as exc:
             raise httpx.WriteTimeout("write timed out", request=request) from exc
         except OSError as exc:
