@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -13,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import Config, load_config
+from .cpu_load import CpuLoad
 from .errors import ApiError, answer
 from .relay import Relay, current_relay
 from .request_state import request_state
@@ -27,7 +27,7 @@ def create_app(
     *,
     relay: Relay | None = None,
     start_delivery: bool = True,
-    cpu_clock: Callable[[], float] | None = None,
+    cpu_load: CpuLoad | None = None,
     test_config: dict[str, Any] | None = None,
 ) -> Flask:
     """The relay's Flask app. ``config`` defaults to the file named by ``PINGTREE_RELAY_CONFIG``.
@@ -36,8 +36,8 @@ def create_app(
     a crash drains without waiting for traffic), and again in a child after a fork: the demo, tests,
     one process that serves and delivers. ``False``: no delivery in this process at all, ever
     (``serve``'s workers: ``pingtree-relay deliver`` delivers beside them); the inline attempt of
-    the accept path still happens. ``cpu_clock`` (a server's worker passes ``time.process_time``):
-    inline attempts only while this process has CPU to spare (:mod:`server.relay`).
+    the accept path still happens. ``cpu_load`` (a server's worker passes one): inline attempts only
+    while this process and its box have CPU to spare (:mod:`server.cpu_load`).
     """
     if config is None:
         config = load_config(os.environ["PINGTREE_RELAY_CONFIG"])
@@ -55,7 +55,7 @@ def create_app(
         hops = config.relay.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=0)  # type: ignore[method-assign]
 
-    relay = relay or Relay(config, cpu_clock=cpu_clock)
+    relay = relay or Relay(config, cpu_load=cpu_load)
     app.extensions["relay"] = relay
     _register(app)
     if start_delivery:

@@ -46,6 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("%s: %s", args.config, problem)
         return 1
     from . import create_app, wsgi
+    from .cpu_load import CpuLoad
     from .reload import LastGoodConfig
 
     workers = args.workers or wsgi.default_workers()
@@ -92,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     _warn(config)
     wsgi.run(
-        lambda: create_app(last_good.config, start_delivery=False, cpu_clock=time.process_time),
+        lambda: create_app(last_good.config, start_delivery=False, cpu_load=CpuLoad()),
         listener=listener,
         workers=workers,
         threads=args.threads,

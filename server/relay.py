@@ -4,7 +4,8 @@ The accept path (``accept``) is: validate -> enrich -> store durably -> one boun
 -> answer. Inline attempts are capped per process (``inline_concurrency``), time-boxed
 (``inline_timeout``) and made only with capacity to spare (:meth:`Relay._inline_worthwhile`): not
 while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
-is busy (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``). Otherwise every
+or its box is short of CPU (``INLINE_CPU_BUSY`` over the last ``CAPACITY_CHECK_SECONDS``,
+:mod:`server.cpu_load`). Otherwise every
 request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
 Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
 back anyway, never accept throughput. Background delivery is the engine's
@@ -17,7 +18,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ import httpx
 from flask import Flask, current_app
 
 from .config import CampaignConfig, Config
+from .cpu_load import CpuLoad
 from .enrichment import dedupe_key, forward_body
 from .errors import ApiError, answer
 from .forwarder import DUPLICATE_MESSAGE, AsyncForwarder, Attempt, Decision, Forwarder
@@ -50,8 +51,9 @@ BACKLOG_EVENTS = 200  # due and unclaimed: ~0.2 s of traffic at 1,000/s means th
 CAPACITY_CHECK_SECONDS = 0.25  # how stale the accept path's view of backlog and CPU may be
 # An inline attempt costs its request ~0.7 ms of CPU more than a 202 from the store (the request to
 # Pingtree, its answer, a second write), about a third of the request. A process that ran Python
-# for half of the last check interval is queueing requests behind each other (its GIL is one core):
-# that CPU goes to accepting, and the engine delivers in batches for less (docs/durability.md).
+# for half of the last check interval is queueing requests behind each other (its GIL is one core),
+# and a box whose tasks waited for a core half of it has none to spare: that CPU goes to accepting,
+# and the engine delivers in batches for less (docs/durability.md).
 INLINE_CPU_BUSY = 0.5
 
 
@@ -65,13 +67,12 @@ class Relay:
         store: Store | None = None,
         forwarder: Forwarder | None = None,
         delivery_transport: httpx.AsyncBaseTransport | None = None,
-        cpu_clock: Callable[[], float] | None = None,
+        cpu_load: CpuLoad | None = None,
     ) -> None:
         """``forwarder`` (the inline attempt's) and ``delivery_transport`` (the engine's) let unit
-        tests answer for Pingtree with ``httpx.MockTransport``. ``cpu_clock``: this process's CPU
-        seconds (``time.process_time``), when the process is a server's, so that a busy one skips
-        inline attempts (the module docstring); None in tests, where the process is busy with the
-        test itself."""
+        tests answer for Pingtree with ``httpx.MockTransport``. ``cpu_load``: a server's worker
+        passes one, so that inline attempts stop while it or its box is short of CPU (the module
+        docstring); None in tests, where the process is busy with the test itself."""
         settings = config.relay
         self.config = config
         self.observers = Observers()
@@ -116,9 +117,8 @@ class Relay:
         )
         self._inline = threading.BoundedSemaphore(max(1, settings.inline_concurrency))
         self._inline_enabled = settings.inline_concurrency > 0 and settings.inline_timeout > 0
-        self._cpu_clock = cpu_clock
+        self._cpu_load = cpu_load  # its first reading (at the first accept) starts its clocks
         self._checked_at = 0.0  # the first accept checks
-        self._cpu_at = cpu_clock() if cpu_clock else 0.0
         self._worthwhile = True
 
     def delivery_cap(self, inline_processes: int) -> int:
@@ -181,8 +181,8 @@ class Relay:
         )
 
     def _inline_worthwhile(self) -> bool:
-        """True unless the engine has a backlog or this process is busy: then an inline attempt would
-        only take capacity from accepting (the module docstring).
+        """True unless the engine has a backlog or this process or its box is short of CPU: then an
+        inline attempt would only take capacity from accepting (the module docstring).
 
         The backlog is read from the store, so it works whichever process runs the engine; both are
         refreshed at most every ``CAPACITY_CHECK_SECONDS`` per process (a racy refresh by two threads
@@ -190,11 +190,7 @@ class Relay:
         now = time.monotonic()
         elapsed = now - self._checked_at
         if elapsed >= CAPACITY_CHECK_SECONDS:
-            busy = False
-            if self._cpu_clock is not None:
-                cpu = self._cpu_clock()
-                busy = (cpu - self._cpu_at) / elapsed >= INLINE_CPU_BUSY
-                self._cpu_at = cpu
+            busy = self._cpu_load is not None and self._cpu_load.busy(INLINE_CPU_BUSY)
             self._checked_at = now
             try:
                 behind = self.store.backlog(BACKLOG_EVENTS) >= BACKLOG_EVENTS
