@@ -37,7 +37,7 @@ def create_app(
     one process that serves and delivers. ``False``: no delivery in this process at all, ever
     (``serve``'s workers: ``pingtree-relay deliver`` delivers beside them); the inline attempt of
     the accept path still happens. ``cpu_load`` (a server's worker passes one): inline attempts only
-    while this process and its box have CPU to spare (:mod:`server.cpu_load`).
+    while this process has CPU to spare (:mod:`server.cpu_load`).
     """
     if config is None:
         config = load_config(os.environ["PINGTREE_RELAY_CONFIG"])

@@ -4,7 +4,7 @@ The accept path (``accept``) is: validate -> enrich -> store durably -> one boun
 -> answer. Inline attempts are capped per process (``inline_concurrency``), time-boxed
 (``inline_timeout``) and made only with capacity to spare (:meth:`Relay._inline_worthwhile`): not
 while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
-or its box is short of CPU (``INLINE_CPU_BUSY`` over the last ``CAPACITY_CHECK_SECONDS``,
+is short of CPU (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``,
 :mod:`server.cpu_load`). Otherwise every
 request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
 Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
@@ -51,9 +51,8 @@ BACKLOG_EVENTS = 200  # due and unclaimed: ~0.2 s of traffic at 1,000/s means th
 CAPACITY_CHECK_SECONDS = 0.25  # how stale the accept path's view of backlog and CPU may be
 # An inline attempt costs its request ~0.7 ms of CPU more than a 202 from the store (the request to
 # Pingtree, its answer, a second write), about a third of the request. A process that ran Python
-# for half of the last check interval is queueing requests behind each other (its GIL is one core),
-# and a box whose tasks waited for a core half of it has none to spare: that CPU goes to accepting,
-# and the engine delivers in batches for less (docs/durability.md).
+# for half of the last check interval is queueing requests behind each other (its GIL is one core):
+# that CPU goes to accepting, and the engine delivers in batches for less (docs/durability.md).
 INLINE_CPU_BUSY = 0.5
 
 
@@ -71,8 +70,7 @@ class Relay:
     ) -> None:
         """``forwarder`` (the inline attempt's) and ``delivery_transport`` (the engine's) let unit
         tests answer for Pingtree with ``httpx.MockTransport``. ``cpu_load``: a server's worker
-        passes one, so that inline attempts stop while it or its box is short of CPU (the module
-        docstring); None in tests, where the process is busy with the test itself."""
+        passes one, so that inline attempts stop while it is short of CPU (the module docstring); None in tests, where the process is busy with the test itself."""
         settings = config.relay
         self.config = config
         self.observers = Observers()
@@ -181,8 +179,8 @@ class Relay:
         )
 
     def _inline_worthwhile(self) -> bool:
-        """True unless the engine has a backlog or this process or its box is short of CPU: then an
-        inline attempt would only take capacity from accepting (the module docstring).
+        """True unless the engine has a backlog or this process is short of CPU: then an inline
+        attempt would only take capacity from accepting (the module docstring).
 
         The backlog is read from the store, so it works whichever process runs the engine; both are
         refreshed at most every ``CAPACITY_CHECK_SECONDS`` per process (a racy refresh by two threads

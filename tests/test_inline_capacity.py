@@ -18,12 +18,12 @@ import pytest
 import server.relay
 from server import create_app
 from server.config import parse_config
-from server.cpu_load import CpuLoad, box_stall_seconds
+from server.cpu_load import CpuLoad
 from tests.conftest import Sandbox, wait_for
 
 
 class CpuClock:
-    """A CPU clock that the test winds: ``burn(s)`` = the process ran (or the box stalled) ``s``."""
+    """A CPU clock that the test winds: ``burn(s)`` = the process ran for ``s``."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -86,7 +86,7 @@ def test_an_idle_process_attempts_inline_and_answers_with_pingtree_s_answer(
     relay_app: Callable[..., Any], sandbox: Sandbox
 ) -> None:
     clock = CpuClock()
-    client = relay_app(CpuLoad(clock, stall_clock=lambda: 0.0))
+    client = relay_app(CpuLoad(clock))
     for _ in range(3):
         clock.burn(0.0001)  # a few hundred microseconds between requests: idle
         status, body, t = post(client)
@@ -99,7 +99,7 @@ def test_a_busy_process_answers_202_from_the_store_and_the_engine_delivers(
     relay_app: Callable[..., Any], sandbox: Sandbox
 ) -> None:
     clock = CpuClock()
-    client = relay_app(CpuLoad(clock, stall_clock=lambda: 0.0), start_delivery=True)
+    client = relay_app(CpuLoad(clock), start_delivery=True)
     post(client)  # the first accept takes the clocks' first reading
     clock.burn(3600.0)  # far more CPU than wall time since: busy, whatever the machine's speed
     status, body, t = post(client)
@@ -121,23 +121,9 @@ def test_without_a_cpu_clock_a_process_busy_with_other_work_still_attempts_inlin
         assert status == 200 and body["type"] == "success", body
 
 
-@pytest.mark.usefixtures("every_accept_checks")
-def test_a_box_whose_tasks_wait_for_a_core_skips_inline_even_when_this_process_is_idle(
-    relay_app: Callable[..., Any], sandbox: Sandbox
-) -> None:
-    """Each of four busy processes on two cores gets half a core or less: only the box's stall shows it."""
-    stall = CpuClock()
-    client = relay_app(CpuLoad(CpuClock(), stall_clock=stall), start_delivery=True)
-    post(client)
-    stall.burn(3600.0)
-    status, body, t = post(client)
-    assert status == 202 and body["type"] == "queued", body
-    wait_for(lambda: len(sandbox.events(transaction_id=t)) == 1, message="the engine delivered the event")
-
-
-def test_cpu_load_compares_each_clock_with_the_wall_time_between_two_readings() -> None:
-    wall, cpu, stall = CpuClock(), CpuClock(), CpuClock()
-    load = CpuLoad(cpu, stall_clock=stall, wall_clock=wall)
+def test_cpu_load_compares_the_process_clock_with_the_wall_time_between_two_readings() -> None:
+    wall, cpu = CpuClock(), CpuClock()
+    load = CpuLoad(cpu, wall_clock=wall)
     assert load.busy(0.5) is False  # the first reading only starts the clocks
     wall.burn(1.0)
     cpu.burn(0.49)
@@ -145,21 +131,4 @@ def test_cpu_load_compares_each_clock_with_the_wall_time_between_two_readings() 
     wall.burn(1.0)
     cpu.burn(0.5)
     assert load.busy(0.5) is True
-    wall.burn(1.0)
-    stall.burn(0.6)
-    assert load.busy(0.5) is True
     assert load.busy(0.5) is False  # no wall time passed: nothing to judge
-
-
-def test_without_pressure_stall_information_only_the_process_counts(tmp_path: Path) -> None:
-    assert box_stall_seconds(str(tmp_path / "absent")) is None
-    psi = tmp_path / "cpu"
-    psi.write_text(
-        "some avg10=1.00 avg60=0.50 avg300=0.10 total=2500000\nfull avg10=0 avg60=0 avg300=0 total=0\n"
-    )
-    assert box_stall_seconds(str(psi)) == 2.5
-    wall, cpu = CpuClock(), CpuClock()
-    load = CpuLoad(cpu, stall_clock=lambda: None, wall_clock=wall)
-    load.busy(0.5)
-    wall.burn(1.0)
-    assert load.busy(0.5) is False
