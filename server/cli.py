@@ -45,8 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         log.error("%s: %s", args.config, problem)
         return 1
-    from . import create_app, wsgi
-    from .cpu_load import CpuLoad
+    from . import wsgi
     from .reload import LastGoodConfig
 
     workers = args.workers or wsgi.default_workers()
@@ -93,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     _warn(config)
     wsgi.run(
-        lambda: create_app(last_good.config, start_delivery=False, cpu_load=CpuLoad()),
+        lambda: worker_app(last_good.config),
         listener=listener,
         workers=workers,
         threads=args.threads,
@@ -142,6 +141,15 @@ def _store_problem(config: Config) -> str | None:
     except StoreTooNew as exc:
         return str(exc)
     return None
+
+
+def worker_app(config: Config) -> Any:
+    """The app each ``serve`` worker builds: no delivery of its own (the delivery processes do it),
+    and inline attempts only while the worker has CPU to spare (:mod:`server.cpu_load`)."""
+    from . import create_app
+    from .cpu_load import CpuLoad
+
+    return create_app(config, start_delivery=False, cpu_load=CpuLoad())
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:

@@ -23,11 +23,11 @@ class CpuLoad:
         process_clock: Callable[[], float] = time.process_time,
         wall_clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._process_clock, self._wall_clock = process_clock, wall_clock
+        self.process_clock, self.wall_clock = process_clock, wall_clock
         self._last: tuple[float, float] | None = None
 
     def busy(self, share: float) -> bool:
-        now = (self._wall_clock(), self._process_clock())
+        now = (self.wall_clock(), self.process_clock())
         last, self._last = self._last, now
         if last is None or now[0] <= last[0]:
             return False

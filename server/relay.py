@@ -115,7 +115,7 @@ class Relay:
         )
         self._inline = threading.BoundedSemaphore(max(1, settings.inline_concurrency))
         self._inline_enabled = settings.inline_concurrency > 0 and settings.inline_timeout > 0
-        self._cpu_load = cpu_load  # its first reading (at the first accept) starts its clocks
+        self.cpu_load = cpu_load  # its first reading (at the first accept) starts its clocks
         self._checked_at = 0.0  # the first accept checks
         self._worthwhile = True
 
@@ -188,7 +188,7 @@ class Relay:
         now = time.monotonic()
         elapsed = now - self._checked_at
         if elapsed >= CAPACITY_CHECK_SECONDS:
-            busy = self._cpu_load is not None and self._cpu_load.busy(INLINE_CPU_BUSY)
+            busy = self.cpu_load is not None and self.cpu_load.busy(INLINE_CPU_BUSY)
             self._checked_at = now
             try:
                 behind = self.store.backlog(BACKLOG_EVENTS) >= BACKLOG_EVENTS

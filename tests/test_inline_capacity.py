@@ -132,3 +132,27 @@ def test_cpu_load_compares_the_process_clock_with_the_wall_time_between_two_read
     cpu.burn(0.5)
     assert load.busy(0.5) is True
     assert load.busy(0.5) is False  # no wall time passed: nothing to judge
+
+
+def test_serve_s_workers_judge_their_own_cpu(tmp_path: Path, sandbox: Sandbox) -> None:
+    """The app ``serve`` builds in each worker carries the process's CPU clock (the rule above is
+    only as good as this wiring); ``create_app``'s default, for tests and embedders, carries none."""
+    import time
+
+    from server.cli import worker_app
+
+    config = parse_config(
+        {
+            "relay": {"upstream_url": sandbox.url, "store": f"sqlite:///{tmp_path / 'outbox.sqlite3'}"},
+            "campaigns": {"cmp_test": {"allowed_origins": ["https://www.example.com"]}},
+        }
+    )
+    served = worker_app(config).extensions["relay"]
+    plain = create_app(config, start_delivery=False).extensions["relay"]
+    try:
+        assert isinstance(served.cpu_load, CpuLoad)
+        assert served.cpu_load.process_clock is time.process_time
+        assert plain.cpu_load is None
+    finally:
+        served.close()
+        plain.close()
