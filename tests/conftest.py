@@ -191,12 +191,14 @@ class InProcessRelay(PostsEvents):
     exactly as they would from a relay process.
     """
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, **app_options: Any) -> None:
+        """``app_options`` go to ``create_app`` (``start_delivery`` defaults to False here)."""
         from server import create_app
         from server.config import load_config
 
         self.config_path = config_path
-        self.app: Flask = create_app(load_config(str(config_path)), start_delivery=False)
+        app_options.setdefault("start_delivery", False)
+        self.app: Flask = create_app(load_config(str(config_path)), **app_options)
         self.url = "http://relay.test"
         self.http = httpx.Client(transport=httpx.WSGITransport(app=self.app), base_url=self.url)
 
@@ -289,14 +291,21 @@ def relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator
 @pytest.fixture
 def app_relay_factory(tmp_path: Path, sandbox: Sandbox, pages_port: int) -> Iterator[InProcessRelayFactory]:
     """Build in-process relays against the sandbox: ``app_relay_factory(campaigns=..., store=..., **relay_keys)``
-    takes what ``relay_factory`` takes (but ``workers``); closed (store, forwarders) after the test."""
+    takes what ``relay_factory`` takes (but ``workers``), and ``app_options`` for ``create_app``
+    (``start_delivery``, ``cpu_load``); closed (store, forwarders, engine) after the test."""
     built: list[InProcessRelay] = []
 
-    def make(campaigns: str | None = None, *, upstream: str | None = None, **kwargs: Any) -> InProcessRelay:
+    def make(
+        campaigns: str | None = None,
+        *,
+        upstream: str | None = None,
+        app_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> InProcessRelay:
         config = make_relay(
             tmp_path, upstream or sandbox.url, pages_port, campaigns, name=f"app{len(built)}", **kwargs
         ).config_path
-        built.append(InProcessRelay(config))
+        built.append(InProcessRelay(config, **(app_options or {})))
         return built[-1]
 
     yield make

@@ -8,18 +8,17 @@ store and the real sandbox; the CPU clocks are the one part given by the test, s
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import server.relay
-from server import create_app
-from server.config import parse_config
+from server.cli import worker_app
+from server.config import load_config
 from server.cpu_load import CpuLoad
-from tests.conftest import Sandbox, wait_for
+from tests.conftest import InProcessRelay, InProcessRelayFactory, Sandbox, wait_for
 
 
 class CpuClock:
@@ -41,83 +40,49 @@ def every_accept_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server.relay, "CAPACITY_CHECK_SECONDS", 0.0)
 
 
-@pytest.fixture
-def relay_app(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Any]]:
-    relays: list[Any] = []
-
-    def make(cpu_load: CpuLoad | None, start_delivery: bool = False) -> Any:
-        config = parse_config(
-            {
-                "relay": {
-                    "upstream_url": sandbox.url,
-                    "store": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
-                    "retry_base_seconds": 0.05,
-                    "rate_limits": {"per_ip": "", "per_campaign": ""},
-                },
-                "campaigns": {
-                    "cmp_test": {
-                        "allowed_origins": ["https://www.example.com"],
-                        "events": {"quote_viewed": {}},
-                    }
-                },
-            }
-        )
-        app = create_app(config, start_delivery=start_delivery, cpu_load=cpu_load)
-        relays.append(app.extensions["relay"])
-        return app.test_client()
-
-    yield make
-    for relay in relays:
-        relay.close()
-
-
-def post(client: Any) -> tuple[int, dict[str, Any], str]:
+def post(relay: InProcessRelay) -> tuple[int, dict[str, Any], str]:
     t = f"txn_{uuid.uuid4().hex}"
-    response = client.post(
-        "/api/event/cmp_test",
-        json={"event_id": "quote_viewed", "transaction_id": t},
-        headers={"Origin": "https://www.example.com"},
-    )
-    return response.status_code, response.json, t
+    response = relay.post({"event_id": "quote_viewed", "transaction_id": t})
+    return response.status_code, response.json(), t
 
 
 @pytest.mark.usefixtures("every_accept_checks")
 def test_an_idle_process_attempts_inline_and_answers_with_pingtree_s_answer(
-    relay_app: Callable[..., Any], sandbox: Sandbox
+    app_relay_factory: InProcessRelayFactory, sandbox: Sandbox
 ) -> None:
     clock = CpuClock()
-    client = relay_app(CpuLoad(clock))
+    relay = app_relay_factory(app_options={"cpu_load": CpuLoad(clock)})
     for _ in range(3):
         clock.burn(0.0001)  # a few hundred microseconds between requests: idle
-        status, body, t = post(client)
+        status, body, t = post(relay)
         assert status == 200 and body["type"] == "success", body
         assert len(sandbox.events(transaction_id=t)) == 1
 
 
 @pytest.mark.usefixtures("every_accept_checks")
 def test_a_busy_process_answers_202_from_the_store_and_the_engine_delivers(
-    relay_app: Callable[..., Any], sandbox: Sandbox
+    app_relay_factory: InProcessRelayFactory, sandbox: Sandbox
 ) -> None:
     clock = CpuClock()
-    client = relay_app(CpuLoad(clock), start_delivery=True)
-    post(client)  # the first accept takes the clocks' first reading
+    relay = app_relay_factory(app_options={"cpu_load": CpuLoad(clock), "start_delivery": True})
+    post(relay)  # the first accept takes the clocks' first reading
     clock.burn(3600.0)  # far more CPU than wall time since: busy, whatever the machine's speed
-    status, body, t = post(client)
+    status, body, t = post(relay)
     assert status == 202 and body["type"] == "queued", body
     # Not lost: the engine delivers it, once.
     wait_for(lambda: len(sandbox.events(transaction_id=t)) == 1, message="the engine delivered the event")
     # Busy no longer (no CPU used since): the next event is attempted inline again.
-    status, body, t = post(client)
+    status, body, t = post(relay)
     assert status == 200 and body["type"] == "success", body
 
 
 def test_without_a_cpu_clock_a_process_busy_with_other_work_still_attempts_inline(
-    relay_app: Callable[..., Any], sandbox: Sandbox, every_accept_checks: None
+    app_relay_factory: InProcessRelayFactory, every_accept_checks: None
 ) -> None:
     """Tests and embedders pass no CpuLoad: the pytest process is always busy, and that is not load."""
-    client = relay_app(None)
+    relay = app_relay_factory()
     for _ in range(3):
-        status, body, t = post(client)
+        status, body, t = post(relay)
         assert status == 200 and body["type"] == "success", body
 
 
@@ -134,25 +99,14 @@ def test_cpu_load_compares_the_process_clock_with_the_wall_time_between_two_read
     assert load.busy(0.5) is False  # no wall time passed: nothing to judge
 
 
-def test_serve_s_workers_judge_their_own_cpu(tmp_path: Path, sandbox: Sandbox) -> None:
+def test_serve_s_workers_judge_their_own_cpu(app_relay_factory: InProcessRelayFactory) -> None:
     """The app ``serve`` builds in each worker carries the process's CPU clock (the rule above is
     only as good as this wiring); ``create_app``'s default, for tests and embedders, carries none."""
-    import time
-
-    from server.cli import worker_app
-
-    config = parse_config(
-        {
-            "relay": {"upstream_url": sandbox.url, "store": f"sqlite:///{tmp_path / 'outbox.sqlite3'}"},
-            "campaigns": {"cmp_test": {"allowed_origins": ["https://www.example.com"]}},
-        }
-    )
-    served = worker_app(config).extensions["relay"]
-    plain = create_app(config, start_delivery=False).extensions["relay"]
+    plain = app_relay_factory()
+    served = worker_app(load_config(str(plain.config_path))).extensions["relay"]
     try:
         assert isinstance(served.cpu_load, CpuLoad)
         assert served.cpu_load.process_clock is time.process_time
-        assert plain.cpu_load is None
+        assert plain.app.extensions["relay"].cpu_load is None
     finally:
         served.close()
-        plain.close()
