@@ -85,8 +85,7 @@ class Metrics:
         )
         self._sdk_versions: dict[str, set[str]] = {}
         self._sdk_children: dict[tuple[str, str, str], Any] = {}  # labels() is costly on the script path
-        self._children: dict[tuple[str, ...], Any] = {}  # (family, *labels) -> its counter
-        self._latency_children: dict[str, Any] = {}  # state -> its histogram (three states)
+        self._children: dict[tuple[Any, ...], Any] = {}  # (metric, *labels) -> its child
         self._zeroes()
 
     def _zeroes(self) -> None:
@@ -112,15 +111,19 @@ class Metrics:
             return campaign.cid, event_id
         return campaign.cid, UNKNOWN
 
-    def _inc(self, family: str, *labels: str) -> None:
-        # labels() validates and locks on every call (two or three per event): children are kept.
-        key = (family, *labels)
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: labels() validates and locks on every call, and two or
+        three run per event."""
+        key = (metric, *labels)
         child = self._children.get(key)
         if child is None:
-            child = self.counters[family].labels(*labels)
+            child = metric.labels(*labels)
             if len(self._children) < MAX_CACHED_SERIES:  # labels are bounded by the config; still
                 self._children[key] = child
-        child.inc()
+        return child
+
+    def _inc(self, family: str, *labels: str) -> None:
+        self._child(self.counters[family], *labels).inc()
 
     def observe(self, kind: str, fields: dict[str, Any]) -> None:
         """Observer for :class:`server.observe.Observers`."""
@@ -185,11 +188,7 @@ class Metrics:
         latency_ms = fields.get("latency_ms")
         if fields.get("status") is not None and isinstance(latency_ms, (int, float)):
             # Only attempts Pingtree answered: a connection refused in 1 ms is not a latency.
-            label = _label(state)
-            child = self._latency_children.get(label)
-            if child is None:
-                child = self._latency_children.setdefault(label, self.latency.labels(label))
-            child.observe(latency_ms / 1000.0)
+            self._child(self.latency, _label(state)).observe(latency_ms / 1000.0)
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
         """``(labels, value)`` of every series of counter ``name`` (without ``_total``), summed over

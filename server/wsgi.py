@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,54 +90,64 @@ class _SidecarArbiter(Arbiter):  # type: ignore[misc]
     ) -> None:
         self._command = command
         self._env = env
-        self._reloading = [False] * count
-        self._sidecars: list[subprocess.Popen[bytes] | None] = [None] * count
-        self._next_start = [0.0] * count
+        self._sidecars = [_Sidecar() for _ in range(count)]
         super().__init__(app)
 
     def manage_workers(self) -> None:
         super().manage_workers()
-        for slot in range(len(self._sidecars)):
-            self._supervise(slot)
+        for sidecar in self._sidecars:
+            self._supervise(sidecar)
 
-    def _supervise(self, slot: int) -> None:
-        sidecar = self._sidecars[slot]
-        if sidecar is not None and sidecar.poll() is None:
+    def _supervise(self, sidecar: _Sidecar) -> None:
+        if sidecar.running() or time.monotonic() < sidecar.next_start:
             return
-        if time.monotonic() < self._next_start[slot]:
-            return
-        if sidecar is not None and self._reloading[slot]:
-            self.log.info("delivery process (pid:%s) stopped for the reload; starting it again", sidecar.pid)
-        elif sidecar is not None:
-            self.log.error("delivery process (pid:%s) exited; restarting it", sidecar.pid)
-        self._reloading[slot] = False
-        self._next_start[slot] = time.monotonic() + 1.0
+        if sidecar.proc is not None and sidecar.reloading:
+            self.log.info(
+                "delivery process (pid:%s) stopped for the reload; starting it again", sidecar.proc.pid
+            )
+        elif sidecar.proc is not None:
+            self.log.error("delivery process (pid:%s) exited; restarting it", sidecar.proc.pid)
+        sidecar.reloading = False
+        sidecar.next_start = time.monotonic() + 1.0
         env = {**os.environ, **self._env()} if self._env is not None else None
-        self._sidecars[slot] = subprocess.Popen(self._command, env=env)
+        sidecar.proc = subprocess.Popen(self._command, env=env)
 
     def _running(self) -> list[subprocess.Popen[bytes]]:
-        return [sidecar for sidecar in self._sidecars if sidecar is not None and sidecar.poll() is None]
+        return [sidecar.proc for sidecar in self._sidecars if sidecar.proc is not None and sidecar.running()]
 
     def reload(self) -> None:
         # SIGHUP: new workers get the (validated) config; so do the delivery processes, each restarted
         # by the supervisor once it has finished its sends and handed back its leases.
         super().reload()
-        for slot, sidecar in enumerate(self._sidecars):
-            if sidecar is not None and sidecar.poll() is None:
-                sidecar.send_signal(signal.SIGTERM)
-                self._next_start[slot], self._reloading[slot] = 0.0, True
+        for sidecar in self._sidecars:
+            if sidecar.proc is not None and sidecar.running():
+                sidecar.proc.send_signal(signal.SIGTERM)
+                sidecar.next_start, sidecar.reloading = 0.0, True
 
     def stop(self, graceful: bool = True) -> None:
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        self._next_start = [float("inf")] * len(self._sidecars)  # no restart while stopping
-        for sidecar in self._running():
-            sidecar.send_signal(signal.SIGTERM)
+        for sidecar in self._sidecars:
+            sidecar.next_start = float("inf")  # no restart while stopping
+        for proc in self._running():
+            proc.send_signal(signal.SIGTERM)
         super().stop(graceful)
         while self._running() and time.monotonic() < deadline:
             time.sleep(0.05)
-        for sidecar in self._running():
-            self.log.error("delivery process (pid:%s) did not stop in time; killing it", sidecar.pid)
-            sidecar.kill()
+        for proc in self._running():
+            self.log.error("delivery process (pid:%s) did not stop in time; killing it", proc.pid)
+            proc.kill()
+
+
+@dataclass
+class _Sidecar:
+    """One supervised delivery process: its Popen (None before the first start) and restart state."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    next_start: float = 0.0  # not restarted before this (time.monotonic)
+    reloading: bool = False  # stopped on purpose, for a SIGHUP
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
 
 def default_workers() -> int:
