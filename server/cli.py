@@ -164,8 +164,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     # Under serve: the config its master validated (the file may have been edited since, even badly).
     config = _load(args.config, text=os.environ.pop(CONFIG_TEXT_ENV, None) if args.parent_pid else None)
     relay = create_app(config, start_delivery=False).extensions["relay"]  # observers as in a worker
-    # One of ``--share`` delivery processes (serve's): each takes its part of the engine's cap.
-    cap = max(1, relay.delivery_cap(args.inline_workers) // max(1, args.share))
+    cap = relay.delivery_cap(args.inline_workers, engines=args.share)  # one of serve's --share processes
     if args.parent_pid:
         _stop_when_orphaned(relay.dispatcher, args.parent_pid)
     # Under serve, stdout is jsonlog's: this line comes out as JSON too.

@@ -119,11 +119,12 @@ class Relay:
         self._checked_at = 0.0  # the first accept checks
         self._worthwhile = True
 
-    def delivery_cap(self, inline_processes: int) -> int:
-        """The engine's share of ``max_in_flight``: the box's cap less what ``inline_processes``
-        processes may have in flight inline, so engine plus inline never exceed the one knob."""
+    def delivery_cap(self, inline_processes: int, engines: int = 1) -> int:
+        """One engine's share of ``max_in_flight``: the box's cap less what ``inline_processes``
+        processes may have in flight inline, split between the box's ``engines`` (serve's delivery
+        processes), so engines plus inline never exceed the one knob."""
         inline = self.config.relay.inline_concurrency if self._inline_enabled else 0
-        return max(1, self.config.relay.max_in_flight - inline_processes * inline)
+        return max(1, (self.config.relay.max_in_flight - inline_processes * inline) // engines)
 
     def start_delivery(self) -> None:
         """Run the delivery engine in this process (one process serves and delivers)."""
