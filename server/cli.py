@@ -461,9 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p)
     _listen_options(p, 8000)
     p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: 1 per CPU core, 2 to 8)"
+        "--workers", type=_positive, default=None, help="worker processes (default: 1 per CPU core, 2 to 8)"
     )
-    p.add_argument("--threads", type=int, default=8, help="threads per worker (default: 8)")
+    p.add_argument("--threads", type=_positive, default=8, help="threads per worker (default: 8)")
     p.add_argument(
         "--delivery-processes",
         type=_positive,

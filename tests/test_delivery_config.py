@@ -65,16 +65,17 @@ def test_serve_refuses_a_cap_the_workers_inline_attempts_would_fill(tmp_path: Pa
     assert "relay.max_in_flight: must be more than workers x inline_concurrency (4 x 4)" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--delivery-processes", "--workers", "--threads"])
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_serve_refuses_a_bad_delivery_processes_naming_the_flag(tmp_path: Path, value: str) -> None:
+def test_serve_refuses_a_bad_process_count_naming_the_flag(tmp_path: Path, flag: str, value: str) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(GOOD)
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--delivery-processes", value],
+        [sys.executable, "-m", "server.cli", "serve", "--config", str(path), flag, value],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2  # argparse's usage error, before anything starts
-    assert "--delivery-processes" in result.stderr, result.stderr
+    assert flag in result.stderr, result.stderr
