@@ -1,5 +1,7 @@
 // The SDK's minifier, run by scripts/build-sdk (through server/sdk_build.py): terser, pinned in
-// package-lock.json. Reads {"name": "source", ...} as JSON on stdin, writes {"name": "minified", ...}.
+// package-lock.json. Reads {"name": {"code": "source", "pure_funcs": ["log"]}, ...} as JSON on stdin
+// (pure_funcs: the functions whose calls may be dropped, no-ops in that variant), writes
+// {"name": "minified", ...}.
 // One process for every variant: Node starts once, not once per feature combination.
 import { minify } from "terser";
 
@@ -14,7 +16,8 @@ let input = "";
 for await (const chunk of process.stdin) input += chunk;
 const sources = JSON.parse(input);
 const out = {};
-for (const [name, source] of Object.entries(sources)) {
-  out[name] = (await minify({ [name]: source }, OPTIONS)).code;
+for (const [name, { code, pure_funcs }] of Object.entries(sources)) {
+  const options = { ...OPTIONS, compress: { ...OPTIONS.compress, pure_funcs } };
+  out[name] = (await minify({ [name]: code }, options)).code;
 }
 process.stdout.write(JSON.stringify(out));

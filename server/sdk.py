@@ -21,7 +21,6 @@ Three layers, so the interesting parts are testable without Flask:
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import html
 import json
@@ -34,6 +33,7 @@ from typing import Any
 
 import brotli
 import jinja2
+import zopfli.gzip
 from flask import Blueprint, Response, current_app, request
 
 from .config import CampaignConfig, Config, RelayConfig
@@ -111,7 +111,7 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "base": relay.public_url,
         "path": sdk.endpoint_path or f"/api/event/{campaign.cid}",
         "cookie": sdk.cookie_name,
-        "days": sdk.cookie_days,
+        "maxAge": sdk.cookie_days * 86400,  # the cookie's Max-Age, in seconds
         "domain": sdk.cookie_domain,
         "last": sdk.attribution == "last",
         "ptCookie": sdk.pingtree_cookie,
@@ -136,12 +136,21 @@ def script_features(campaign: CampaignConfig) -> dict[str, bool]:
     }
 
 
-def render_sdk(campaign: CampaignConfig, relay: RelayConfig) -> BuiltScript:
-    """The campaign's script; built once per distinct script config, then served from the cache."""
+def render_sdk(campaign: CampaignConfig, relay: RelayConfig, *, debug: bool = False) -> BuiltScript:
+    """The campaign's script; built once per distinct script config, then served from the cache.
+
+    ``debug=True``: its debug build (``DEBUG_FLAG``), the same script keeping a trail for the debug
+    panel, which the normal one loads in its place under ``?pt_debug=1`` (``debug_path``).
+    """
     return _build(
         json.dumps(script_config(campaign, relay), sort_keys=True),
-        json.dumps(script_features(campaign), sort_keys=True),
+        json.dumps({**script_features(campaign), DEBUG_FLAG: debug}, sort_keys=True),
     )
+
+
+# The build flag of the debug builds: not a campaign's feature (script_features), every campaign's
+# script has one. Visitors get the build without it, so the debug code costs them no byte.
+DEBUG_FLAG = "debug"
 
 
 def variant_name(features: Mapping[str, bool]) -> str:
@@ -163,7 +172,9 @@ def package(body: bytes) -> BuiltScript:
     the archive)."""
     return BuiltScript(
         body=body,
-        gzip=gzip.compress(body, compresslevel=9, mtime=0),  # mtime=0: same bytes on every worker
+        # zopfli: a gzip stream about 2% smaller than zlib's best, once per build (about 20 ms); its
+        # header's mtime is 0, so every worker makes the same bytes.
+        gzip=zopfli.gzip.compress(body, numiterations=15),
         br=brotli.compress(body, quality=11),
         etag=hashlib.sha256(body).hexdigest()[:32],
         integrity="sha384-" + base64.b64encode(hashlib.sha384(body).digest()).decode("ascii"),
@@ -196,6 +207,11 @@ def snippet_tag(
         path = campaign.sdk.script_path or f"/sdk/{cid}.js"
         tag = f'<script async src="{html.escape(base + path)}"></script>'
     return f"<script>{STUB}</script>\n{tag}" if stub else tag
+
+
+def debug_path(cid: str) -> str:
+    """Where the normal build loads the debug build from, on the relay's origin (sdk.js.j2)."""
+    return f"/sdk/{cid}/debug.js"
 
 
 def pinned_path(cid: str, version: str) -> str:
@@ -320,6 +336,18 @@ def script(cid: str) -> Response:
     if config is None or campaign is None:
         return _not_found()
     return _current(campaign, config)
+
+
+@bp.get(debug_path("<cid>"))
+def debug_script(cid: str) -> Response:
+    """The campaign's current debug build (``?pt_debug=1``); also for a page with a pinned tag."""
+    config = _config()
+    campaign = config.campaigns.get(cid) if config else None
+    if config is None or campaign is None:
+        return _not_found()
+    built = render_sdk(campaign, config.relay, debug=True)
+    _count(cid, built.version, "debug")
+    return _script_response(built)
 
 
 @bp.get("/sdk/<cid>/v/<version>.js")

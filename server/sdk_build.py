@@ -27,12 +27,14 @@ from typing import Any
 
 from .config import CampaignConfig
 from .paths import JS_TEMPLATES
-from .sdk import COMPILED, DEBUG_PANEL_FILE, script_features, templates, variant_name
+from .sdk import COMPILED, DEBUG_FLAG, DEBUG_PANEL_FILE, script_features, templates, variant_name
 
 # A global name that survives minification (the minifier renames locals only); the build swaps it
 # for the Jinja slot that takes the campaign's config, as JSON, at serve time.
 PLACEHOLDER = "__PINGTREE_CONFIG__"
 CONFIG_SLOT = "{{ cfg|tojson }}"
+# Outside the debug builds log() is a no-op: the minifier drops its calls, arguments and all.
+NO_OP_OUTSIDE_DEBUG = ("log",)
 SOURCE = "sdk.js.j2"
 DEBUG_PANEL_SOURCE = "debug_panel.js"
 COMPILED_DIR = JS_TEMPLATES / COMPILED
@@ -44,8 +46,8 @@ LOCK_FILE = CHECKOUT / "package-lock.json"
 
 
 def feature_flags() -> tuple[str, ...]:
-    """The flags a campaign's script is built for, as :func:`script_features` names them."""
-    return tuple(sorted(script_features(CampaignConfig(cid="any"))))
+    """The flags a script is built for: a campaign's features (:func:`script_features`) and ``debug``."""
+    return tuple(sorted([*script_features(CampaignConfig(cid="any")), DEBUG_FLAG]))
 
 
 def feature_sets() -> list[dict[str, bool]]:
@@ -113,8 +115,11 @@ def minifier_version() -> str:
     return "terser " + lock["packages"]["node_modules/terser"]["version"]
 
 
-def minify(sources: Mapping[str, str]) -> dict[str, str]:
-    """Minify every source in one Node.js process (needs node, and ``npm ci`` run in the checkout)."""
+def minify(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Minify every source in one Node.js process (needs node, and ``npm ci`` run in the checkout).
+
+    ``sources``: name -> ``{"code": ..., "pure_funcs": [...]}``, the functions whose calls may go.
+    """
     node = shutil.which("node")
     if node is None:
         raise RuntimeError("node is not installed: apt-get install -y nodejs npm")
@@ -135,8 +140,17 @@ def build(out_dir: Path) -> dict[str, Any]:
     """Write every variant and the manifest into ``out_dir`` (emptied first); return the manifest."""
     sets = feature_sets()
     names = [variant_name(features) for features in sets]
-    sources = {name: render_source(features) for name, features in zip(names, sets, strict=True)}
-    sources[DEBUG_PANEL_FILE] = (JS_TEMPLATES / DEBUG_PANEL_SOURCE).read_text(encoding="utf-8")
+    sources: dict[str, dict[str, Any]] = {
+        name: {
+            "code": render_source(features),
+            "pure_funcs": [] if features[DEBUG_FLAG] else list(NO_OP_OUTSIDE_DEBUG),
+        }
+        for name, features in zip(names, sets, strict=True)
+    }
+    sources[DEBUG_PANEL_FILE] = {
+        "code": (JS_TEMPLATES / DEBUG_PANEL_SOURCE).read_text(encoding="utf-8"),
+        "pure_funcs": [],
+    }
     minified = minify(sources)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)

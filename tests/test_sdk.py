@@ -80,7 +80,7 @@ def test_script_config_of_the_demo_campaign() -> None:
         "cid": "cmp_demo",
         "path": "/api/event/cmp_demo",
         "cookie": "pt_attr",
-        "days": 30,
+        "maxAge": 30 * 86400,
         "ptCookie": "pt_transaction_id",
         "generate": True,
         "call": "call_clicked",
@@ -109,7 +109,7 @@ def test_script_config_carries_every_sdk_setting() -> None:
         "base": "https://relay.example.com",
         "path": "/t/e",
         "cookie": "attr",
-        "days": 7,
+        "maxAge": 7 * 86400,
         "domain": ".example.com",
         "last": True,
         "ptCookie": "ptid",
@@ -127,10 +127,10 @@ def test_server_only_fields_are_never_attribution_params() -> None:
 @pytest.mark.parametrize(
     ("table", "present", "absent"),
     [
-        ({}, ["data-pt-event", "input[type=hidden]"], ["tcpa_consent", "tel:", "bad selector"]),
+        ({}, ["data-pt-event", "input[type=hidden]"], ["tcpa_consent", "tel:", ".selectors"]),
         ({"call_event": "call_clicked"}, ["tel:"], ["tcpa_consent"]),
         ({"consent": True}, ["tcpa_consent", '"consent"'], ["tel:"]),
-        ({"selectors": {".buy": "sale"}}, ["bad selector"], ["tel:"]),
+        ({"selectors": {".buy": "sale"}}, [".selectors"], ["tel:"]),
         ({"fill_forms": False}, ["data-pt-event"], ["input[type=hidden]"]),
         ({}, ["data-pt-event"], ['createElement("input")']),
         ({"add_hidden_fields": True}, ['createElement("input")', "input[type=hidden]"], []),
@@ -364,10 +364,48 @@ def test_debug_panel_is_a_separate_script_served_with_cors() -> None:
     assert answer.status_code == 200 and answer.headers["Access-Control-Allow-Origin"] == "*"
     assert answer.headers["Content-Type"].startswith("application/javascript")
     assert b"pingtree-debug" in answer.data
-    # The SDK only names it (loaded in debug mode); none of the panel's code is in the SDK.
+    # The debug build only names it; none of the panel's code is in any build.
     config = demo_config()
-    js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay).body.decode()
+    js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay, debug=True).body.decode()
     assert sdk.DEBUG_PANEL_PATH in js and "pingtree-debug" not in js
+
+
+def test_visitors_get_no_debug_code_only_the_loader_of_the_debug_build() -> None:
+    config = demo_config()
+    campaign = config.campaigns["cmp_demo"]
+    normal = sdk.render_sdk(campaign, config.relay).body.decode()
+    debug = sdk.render_sdk(campaign, config.relay, debug=True).body.decode()
+    # The normal build loads the debug build in debug mode, and keeps no trail.
+    assert "/debug.js" in normal and "pt_debug=1" in normal
+    assert sdk.DEBUG_PANEL_PATH not in normal and "landing" not in normal and ".t=" not in normal
+    # The debug build is that script with the trail and the panel, and loads nothing in its place.
+    assert sdk.DEBUG_PANEL_PATH in debug and '"landing"' in debug and "/debug.js" not in debug
+    assert "import.meta.url" in debug and "currentScript" not in debug
+    assert len(normal) < len(debug)
+
+
+def test_the_debug_build_is_served_beside_the_script_for_known_campaigns_only() -> None:
+    config = demo_config()
+    client = client_for(config)
+    answer = client.get(sdk.debug_path("cmp_demo"), headers={"Accept-Encoding": "identity"})
+    assert answer.status_code == 200 and answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert answer.headers["Content-Type"].startswith("application/javascript")
+    assert answer.data == sdk.render_sdk(config.campaigns["cmp_demo"], config.relay, debug=True).body
+    assert answer.headers["Cache-Control"] == sdk.CACHE_CONTROL
+    missing = client.get(sdk.debug_path("cmp_nope"))
+    assert missing.status_code == 404 and b"unknown campaign" in missing.data
+
+
+def test_debug_build_parses_as_a_module() -> None:
+    config = demo_config()
+    js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay, debug=True).body.decode()
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed to check the debug build's syntax")
+    result = subprocess.run(
+        [node, "--input-type=module", "--check", "-"], input=js, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_debug_panel_parses() -> None:

@@ -104,7 +104,7 @@ class Funnel:
         self.relay = relay
 
     def url(self, page: str, **params: str) -> str:
-        query = {"relay": self.relay.url, "cid": "cmp_test", "pt_debug": "1", **params}
+        query = {"relay": self.relay.url, "cid": "cmp_test", **params}
         return f"{self.pages}/{page}?{urlencode(query)}"
 
     def open(self, page: Any, name: str, **params: str) -> None:

@@ -62,7 +62,7 @@ class Site:
         )
 
     def url(self, transaction_id: str) -> str:
-        return f"{self.origin}/landing.html?transaction_id={transaction_id}&pt_debug=1"
+        return f"{self.origin}/landing.html?transaction_id={transaction_id}"
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ class Loads:
         page.on("request", lambda r: self.posts.append(r.url) if "/api/event/" in r.url else None)
 
     def _response(self, response: Any) -> None:
-        # The campaign's SDK only, not the ?pt_debug=1 panel (/sdk/pingtree.debug.js, loaded apart).
+        # The campaign's SDK only (/sdk/cmp_test...), not the debug panel (/sdk/pingtree.debug.js).
         if "/sdk/cmp_test" in response.url and response.request.resource_type == "script":
             try:
                 self.scripts.append(response.body())
@@ -200,7 +200,7 @@ def fire_from_demo(page: Any, funnel: Funnel, sandbox: Any) -> None:
 
 def check_new_build_reached_the_page(kind: str, page: Any, loads: Loads, scene: Scene) -> None:
     if kind == "sdk_setting":
-        assert b'"days":7' in loads.scripts[-1]
+        assert b'"maxAge":604800' in loads.scripts[-1]
     elif kind == "public_url":
         assert scene.other is not None
         assert any(url.startswith(scene.other.url + "/api/event/") for url in loads.posts), loads.posts
@@ -234,7 +234,7 @@ def test_tag_keeps_working_after_a_change(
 
     loads = Loads(page)
     fire()
-    assert page.evaluate("() => window.ptRelease") is None and b'"days":30' in loads.scripts[-1]
+    assert page.evaluate("() => window.ptRelease") is None and b'"maxAge":2592000' in loads.scripts[-1]
     scene.change(change)
     fire()
     check_new_build_reached_the_page(change, page, loads, scene)

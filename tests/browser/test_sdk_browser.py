@@ -150,7 +150,7 @@ def test_relay_down_then_back_each_event_arrives_once(
     funnel: Funnel, sandbox: Any, page: Any, console: list[str]
 ) -> None:
     t = tid()
-    funnel.open(page, "csp.html", transaction_id=t)
+    funnel.open(page, "csp.html", transaction_id=t, pt_debug="1")  # its trail counts the retries
     funnel.relay.stop()
     page.click("#csp-button")
     page.evaluate("() => { pingtree('event', 'call_clicked'); pingtree('event', 'call_clicked'); }")
@@ -197,7 +197,7 @@ def test_consent_gates_events(
 ) -> None:
     funnel = Funnel(pages, relay_factory(sdk_campaigns(pages_port, consent=True)))
     t = tid()
-    funnel.open(page, "csp.html", transaction_id=t)
+    funnel.open(page, "csp.html", transaction_id=t, pt_debug="1")  # the panel says why events wait
     page.click("#csp-button")
     wait_for(lambda: page.evaluate(QUEUED) == 1, message="the event held in the queue")
     queue = page.locator('#pingtree-debug table[data-section="Waiting in this browser\'s queue"]')

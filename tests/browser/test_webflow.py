@@ -314,10 +314,42 @@ def test_debug_panel_shows_attribution_events_answers_and_queue(
 
 def test_debug_panel_only_in_debug_mode(plain: Any, site: WebflowSite, page: Any, console: list[str]) -> None:  # noqa: F811
     loaded: list[str] = []
-    page.on("request", lambda r: loaded.append(r.url) if "pingtree.debug.js" in r.url else None)
+    page.on("request", lambda r: loaded.append(r.url) if "debug.js" in r.url else None)
     open_site(page, site, transaction_id=tid())
     page.evaluate("() => pingtree('event', 'quote_viewed')")
+    # Neither the debug build nor the panel: a visitor downloads no debug code.
     assert page.locator("#pingtree-debug").count() == 0 and loaded == []
+
+
+def test_pingtree_debug_turns_the_debug_build_on_for_the_next_pages_and_off_again(
+    plain: Any,
+    site: WebflowSite,
+    sandbox: Any,
+    page: Any,
+    console: list[str],  # noqa: F811
+) -> None:
+    loaded: list[str] = []
+    page.on("request", lambda r: loaded.append(r.url) if "debug.js" in r.url else None)
+    t = tid()
+    open_site(page, site, transaction_id=t)
+    assert page.evaluate("() => pingtree('debug')") is True
+    assert loaded == []  # remembered for the next page, not loaded into this one
+    page.reload()
+    page.wait_for_selector("#pingtree-debug")
+    assert [url.rsplit("/", 1)[-1] for url in loaded] == ["debug.js", "pingtree.debug.js"]
+    # The debug build does the work in the normal one's place: events go out, once, with the trail.
+    page.evaluate("() => pingtree('event', 'quote_viewed')")
+    assert len(arrived(sandbox, "quote_viewed", t)) == 1
+    wait_for(
+        lambda: page.evaluate("() => pingtree.t.some(e => e[0] == 'answer')"),
+        message="the answer in the debug trail",
+    )
+    assert page.evaluate("() => pingtree('debug', false)") is False
+    loaded.clear()
+    page.reload()
+    page.wait_for_function(SDK_LOADED)
+    assert page.locator("#pingtree-debug").count() == 0 and loaded == []
+    assert page.evaluate("() => pingtree.t") is None
 
 
 def test_debug_panel_under_the_demo_strict_csp(
@@ -326,7 +358,7 @@ def test_debug_panel_under_the_demo_strict_csp(
     from tests.browser.conftest import Funnel, sdk_campaigns
 
     funnel = Funnel(pages, relay_factory(sdk_campaigns(pages_port)))
-    funnel.open(page, "csp.html", transaction_id=tid())  # Funnel's URLs carry ?pt_debug=1
+    funnel.open(page, "csp.html", transaction_id=tid(), pt_debug="1")
     page.click("#csp-button")
     panel = page.locator("#pingtree-debug")
     wait_for(lambda: panel.count() and "accepted" in panel.inner_text(), message="the panel with the answer")
