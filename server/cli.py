@@ -52,6 +52,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     deliverers = args.delivery_processes or wsgi.default_delivery_processes()
     settings = config.relay
     inline = settings.inline_concurrency if settings.inline_concurrency and settings.inline_timeout else 0
+    if inline * 2 > args.threads:
+        # Inline attempts wait on Pingtree (up to inline_timeout each): a worker whose threads all
+        # wait accepts nothing, and its CPU looks idle, so the inline rule would go on sending more.
+        log.error(
+            "%s: relay.inline_concurrency: at most half of --threads (%s inline of %s threads); "
+            "lower it or raise --threads",
+            args.config,
+            inline,
+            args.threads,
+        )
+        return 1
     if workers * inline >= settings.max_in_flight:
         # Every worker's inline attempts come out of the box's one in-flight budget.
         log.error(

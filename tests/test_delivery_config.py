@@ -65,6 +65,27 @@ def test_serve_refuses_a_cap_the_workers_inline_attempts_would_fill(tmp_path: Pa
     assert "relay.max_in_flight: must be more than workers x inline_concurrency (4 x 4)" in result.stderr
 
 
+@pytest.mark.parametrize(("threads", "inline"), [("4", 4), ("7", 4), ("3", 2)])
+def test_serve_refuses_inline_attempts_that_could_hold_most_threads(
+    tmp_path: Path, threads: str, inline: int
+) -> None:
+    # Measured: --threads 4 with 4 inline attempts at a 300 ms upstream accepted 26 events/s of
+    # 1,000 offered, every thread waiting on Pingtree while the CPU looked idle. (serve's defaults,
+    # 8 threads and 4 inline, start in every test that runs serve.)
+    path = tmp_path / "relay.toml"
+    path.write_text(GOOD.replace("[relay]", f"[relay]\ninline_concurrency = {inline}", 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--threads", threads],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    message = f"relay.inline_concurrency: at most half of --threads ({inline} inline of {threads} threads)"
+    assert message in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("flag", ["--delivery-processes", "--workers", "--threads"])
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
 def test_serve_refuses_a_bad_process_count_naming_the_flag(tmp_path: Path, flag: str, value: str) -> None:
