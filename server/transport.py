@@ -1,4 +1,4 @@
-"""An ``httpx.AsyncBaseTransport`` on asyncio streams and ``h11``: HTTP/1.1 keep-alive, nothing else.
+"""An ``httpx.AsyncBaseTransport`` on asyncio streams: HTTP/1.1 keep-alive, nothing else.
 
 Why our own transport: the delivery engine keeps hundreds of requests in flight on one event loop,
 and the CPU per request is what caps delivery on a small box. httpx's default (httpcore on anyio)
@@ -6,6 +6,14 @@ spends most of it in its pool bookkeeping, which grows with the number of pooled
 (measured in docs/durability.md). This pool is a deque of idle connections per origin: taking and
 returning one costs O(1) however many are open. httpx stays the client (requests, responses,
 timeouts, errors); only the wire is ours.
+
+The wire is a small HTTP/1.1 client codec (RFC 9112) rather than ``h11``: a request is one
+``bytes`` built from httpx's headers, an answer is read with ``readuntil``/``readexactly``. h11's
+event machinery was a third of the delivery process's CPU (docs/benchmarks.md). What it reads:
+``Content-Length``, ``chunked`` and close-delimited bodies, interim ``1xx`` answers skipped, no body
+for ``204``/``304``; what it refuses as a protocol error: a malformed status line or header, a
+header folded over lines, conflicting lengths, a transfer coding other than chunked, a head beyond
+``MAX_HEAD_BYTES`` or a body beyond ``MAX_ANSWER_BYTES`` (Pingtree answers a few hundred bytes).
 
 Errors are httpx's own classes, chosen as httpcore would, because the forwarder's classification
 depends on them: a failure before the request was written is a ``ConnectError``/``ConnectTimeout``
@@ -16,27 +24,34 @@ depends on them: a failure before the request was written is a ``ConnectError``/
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 
-import h11
 import httpx
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
+MAX_HEAD_BYTES = 64 * 1024  # the status line and headers of one answer (the stream's buffer limit)
+MAX_ANSWER_BYTES = 1024 * 1024  # one answer's body
+# A header name is a token (RFC 9110 5.1); a value holds no CR, LF or NUL (either way, ours or theirs).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_UNSAFE_VALUE = re.compile(rb"[\r\n\0]")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?")
+
 
 class _Connection:
-    """One keep-alive connection: a stream pair and its h11 state machine."""
+    """One keep-alive connection: a stream pair, and whether it may carry another exchange."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle = True  # False from a request's first byte until its answer was read whole, kept alive
 
     def reusable(self) -> bool:
         # A peer that closed an idle connection shows as EOF on the reader once the loop saw it.
-        return self.h11.our_state is h11.IDLE and not self.reader.at_eof() and not self.writer.is_closing()
+        return self.idle and not self.reader.at_eof() and not self.writer.is_closing()
 
     def close(self) -> None:
         self.writer.close()
@@ -88,13 +103,8 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         write_timeout: float | None,
         read_timeout: float | None,
     ) -> httpx.Response:
-        body = request.read()
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        target = request.url.raw_path
-        data = conn.h11.send(h11.Request(method=request.method, target=target, headers=headers))
-        data += conn.h11.send(h11.Data(data=body)) if body else b""
-        data += conn.h11.send(h11.EndOfMessage())
+        data = _request_bytes(request)
+        conn.idle = False
         try:
             conn.writer.write(data)
             # A request fits the socket's buffer: write() sent it all, and drain() (with its timeout,
@@ -112,33 +122,65 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
                 return await self._read_response(conn, request)
         except TimeoutError as exc:
             raise httpx.ReadTimeout("read timed out", request=request) from exc
+        except (asyncio.LimitOverrunError, ValueError) as exc:
+            raise httpx.RemoteProtocolError(f"malformed answer: {exc}", request=request) from exc
+        except OSError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
 
     async def _read_response(self, conn: _Connection, request: httpx.Request) -> httpx.Response:
-        status, headers, chunks = 0, [], []
+        reader = conn.reader
         while True:
             try:
-                event = conn.h11.next_event()
-                if event is h11.NEED_DATA:
-                    conn.h11.receive_data(await conn.reader.read(65536))
-                    continue
-            except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-            except OSError as exc:
-                raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-            if isinstance(event, h11.Response):
-                status, headers = event.status_code, event.headers.raw_items()
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise httpx.RemoteProtocolError(
-                    "Server disconnected without sending a response", request=request
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                message = (
+                    "peer closed connection without sending a complete answer head"
+                    if exc.partial
+                    else "Server disconnected without sending a response"
                 )
-        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            conn.h11.start_next_cycle()
+                raise httpx.RemoteProtocolError(message, request=request) from exc
+            version, status, headers = _parse_head(head)
+            if status == 101:
+                raise ValueError("101 Switching Protocols was not asked for")
+            if not 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the next
+                break
+        framing: dict[bytes, bytes] = {}  # the headers that decide the body's length and the reuse
+        for name, value in headers:
+            key = name.lower()
+            if key == b"content-length":
+                if framing.setdefault(key, value) != value:
+                    raise ValueError("conflicting Content-Length headers")
+            elif key in (b"transfer-encoding", b"connection"):  # a list, possibly over several lines
+                framing[key] = framing[key] + b", " + value if key in framing else value
+        keep_alive = (
+            version == 1
+            and b"close" not in framing.get(b"connection", b"").lower()
+            and "close" not in request.headers.get("connection", "").lower()
+        )
+        try:
+            if status in (204, 304) or request.method == "HEAD":
+                body = b""
+            elif b"transfer-encoding" in framing:
+                if framing[b"transfer-encoding"].strip().lower() != b"chunked":
+                    raise ValueError("a transfer coding other than chunked")
+                body = await _read_chunked(reader)
+            elif b"content-length" in framing:
+                length = framing[b"content-length"].strip()
+                if not length.isdigit():
+                    raise ValueError("a Content-Length that is not a number")
+                if int(length) > MAX_ANSWER_BYTES:
+                    raise ValueError(f"an answer beyond {MAX_ANSWER_BYTES} bytes")
+                body = await reader.readexactly(int(length))
+            else:  # delimited by the connection's close
+                keep_alive = False
+                body = await _read_to_close(reader)
+        except asyncio.IncompleteReadError as exc:
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body", request=request
+            ) from exc
+        conn.idle = keep_alive
         return httpx.Response(
-            status, headers=headers, stream=_Body(b"".join(chunks)), extensions={"http_version": b"HTTP/1.1"}
+            status, headers=headers, stream=_Body(body), extensions={"http_version": b"HTTP/1.1"}
         )
 
     # --- the pool ---------------------------------------------------------------------------------
@@ -207,6 +249,70 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         for origin, idle in self._idle.items():
             while idle:
                 self._discard(origin, idle.pop())
+
+
+def _request_bytes(request: httpx.Request) -> bytes:
+    """The request on the wire: its line, httpx's headers (with our Content-Length), its body."""
+    body = request.read()
+    lines = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    for name, value in request.headers.raw:
+        if not _TOKEN.fullmatch(name) or _UNSAFE_VALUE.search(value):
+            raise httpx.LocalProtocolError(f"illegal header {name!r}", request=request)
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            continue  # the body is sent whole, with its length
+        lines += (name, b": ", value, b"\r\n")
+    lines += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n\r\n", body)
+    return b"".join(lines)
+
+
+def _parse_head(head: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]]:
+    """An answer's status line and headers (``head`` ends with the blank line): (minor version,
+    status, headers as sent). ValueError for anything malformed."""
+    if len(head) > MAX_HEAD_BYTES:
+        raise ValueError("an answer head beyond its limit")
+    lines = head[:-4].split(b"\r\n")
+    status_line = _STATUS_LINE.fullmatch(lines[0])
+    if status_line is None:
+        raise ValueError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):  # a folded line starts with a space: no token
+            raise ValueError(f"a malformed header line: {line[:80]!r}")
+        value = value.strip(b" \t")
+        if _UNSAFE_VALUE.search(value):
+            raise ValueError(f"a header value with a control character: {name!r}")
+        headers.append((name, value))
+    return int(status_line[1]), int(status_line[2]), headers
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        size_line = (await reader.readuntil(b"\r\n"))[:-2].split(b";", 1)[0].strip()
+        if not size_line or size_line.strip(b"0123456789abcdefABCDEF"):
+            raise ValueError(f"a malformed chunk size: {size_line[:20]!r}")
+        size = int(size_line, 16)
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields, ignored
+                pass
+            return b"".join(chunks)
+        total += size
+        if total > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer beyond {MAX_ANSWER_BYTES} bytes")
+        chunks.append(await reader.readexactly(size))
+        if await reader.readexactly(2) != b"\r\n":
+            raise ValueError("a chunk not followed by CRLF")
+
+
+async def _read_to_close(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while chunk := await reader.read(65536):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer beyond {MAX_ANSWER_BYTES} bytes")
+    return bytes(body)
 
 
 async def _notify_all(condition: asyncio.Condition) -> None:

@@ -172,3 +172,136 @@ def closed_port() -> int:
     with socket.socket() as s:  # nothing listens on it once this is closed
         s.bind(("127.0.0.1", port))
     return port
+
+
+# --- the codec: what it reads, what it refuses (each answer sent twice on one connection) ---------
+
+
+def answering(*answers: bytes, close: bool = False) -> Handler:
+    """A handler that reads one request per answer and sends it (then closes if ``close``)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+        if not close:
+            await reader.read()  # until the client closes
+
+    return handler
+
+
+def exchange(
+    answers: list[bytes], requests: int, *, close: bool = False
+) -> tuple[list[httpx.Response | Exception], int]:
+    outcomes: list[httpx.Response | Exception] = []
+
+    async def test(url: str, connections: list[int]) -> None:
+        async with httpx.AsyncClient(transport=AsyncH11Transport(max_connections=1), timeout=5) as client:
+            for _ in range(requests):
+                try:
+                    response = await client.post(url + "/api/event/c", content=b"{}")
+                    await response.aread()
+                    outcomes.append(response)
+                except httpx.HTTPError as exc:
+                    outcomes.append(exc)
+
+    connections = serve(answering(*answers, close=close), test)
+    return outcomes, len(connections)
+
+
+def test_interim_answers_are_skipped_and_204_has_no_body() -> None:
+    outcomes, connections = exchange(
+        [
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\ncontent-length: 4\r\nX-A: 1\r\n\r\nnull",
+        ],
+        3,
+    )
+    assert [(r.status_code, r.content) for r in outcomes] == [(200, b"{}"), (204, b""), (200, b"null")]  # type: ignore[union-attr]
+    assert connections == 1  # all kept alive
+
+
+def test_http10_and_connection_close_answers_are_not_reused() -> None:
+    outcomes, connections = exchange([b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}"] * 2, 2)
+    assert [r.status_code for r in outcomes] == [200, 200]  # type: ignore[union-attr]
+    assert connections == 2
+    outcomes, connections = exchange(
+        [b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\n{}"] * 2, 2
+    )
+    assert [r.status_code for r in outcomes] == [200, 200]  # type: ignore[union-attr]
+    assert connections == 2
+
+
+def test_chunked_answers_with_extensions_and_trailers() -> None:
+    outcomes, _ = exchange(
+        [
+            b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;ext=1\r\n{"\r\n3\r\na":\r\n1\r\n1\r\n1\r\n}\r\n0\r\nX-T: y\r\n\r\n'
+        ],
+        1,
+    )
+    assert outcomes[0].content == b'{"a":1}'  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (b"HTTP/2 200 OK\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+            "conflicting Content-Length",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n{}", "not a number"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}", "other than chunked"),
+        (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n", "malformed header line"),
+        (b"HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n", "malformed header line"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed chunk size"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "beyond"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "101"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "complete message body"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "complete answer head"),
+    ],
+)
+def test_malformed_or_truncated_answers_are_protocol_errors_and_uncertain(answer: bytes, why: str) -> None:
+    async def test(url: str, connections: list[int]) -> None:
+        forwarder = AsyncForwarder(url, timeout=5)
+        attempt = await forwarder.send("c", {})
+        await forwarder.aclose()
+        assert (attempt.status, attempt.error, attempt.uncertain) == (None, "RemoteProtocolError", True)
+
+    serve(answering(answer, close=True), test)
+    outcomes, _ = exchange([answer], 1, close=True)
+    assert isinstance(outcomes[0], httpx.RemoteProtocolError) and why in str(outcomes[0]), outcomes[0]
+
+
+def test_a_close_delimited_answer_beyond_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.transport.MAX_ANSWER_BYTES", 10)
+    outcomes, _ = exchange([b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 11], 1, close=True)
+    assert isinstance(outcomes[0], httpx.RemoteProtocolError) and "beyond" in str(outcomes[0])
+
+
+def test_the_request_on_the_wire_has_one_length_and_no_injected_header() -> None:
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def test(url: str, connections: list[int]) -> None:
+        async with httpx.AsyncClient(transport=AsyncH11Transport(), timeout=5) as client:
+            await client.post(url + "/api/event/c?x=1", content=b'{"a":1}', headers={"X-Key": "k"})
+            with pytest.raises(httpx.LocalProtocolError):
+                await client.post(url, content=b"{}", headers={"X-Key": "k\r\nX-Evil: 1"})
+
+    serve(record, test)
+    head, body = seen[0].split(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /api/event/c?x=1 HTTP/1.1" and body == b'{"a":1}'
+    assert [line.lower() for line in lines if line.lower().startswith(b"content-length")] == [
+        b"content-length: 7"
+    ]
+    assert b"x-key: k" in [line.lower() for line in lines] and len(seen) == 1
