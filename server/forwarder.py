@@ -48,6 +48,12 @@ class Attempt:
     retry_after: float | None = None
     latency_ms: float = 0.0
 
+    @property
+    def unreachable(self) -> bool:
+        """No connection to Pingtree could be made (refused, unresolvable, connect timeout): the
+        upstream's state, not this event's (a full pool of ours is neither)."""
+        return self.error in ("connect: ConnectError", "connect: ConnectTimeout")
+
 
 @dataclass(frozen=True)
 class Decision:
