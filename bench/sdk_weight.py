@@ -85,7 +85,7 @@ def weigh(config: Config, cid: str) -> Weight:
     campaign = config.campaigns[cid]
     built = sdk.render_sdk(campaign, config.relay)
     raw = sdk_build.render_source(  # the readable source, before the build minifies it
-        sdk.script_features(campaign), sdk.script_config(campaign, config.relay)
+        sdk.build_flags(campaign), sdk.script_config(campaign, config.relay)
     )
     return Weight(
         campaign=cid,

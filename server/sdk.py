@@ -144,8 +144,13 @@ def render_sdk(campaign: CampaignConfig, relay: RelayConfig, *, debug: bool = Fa
     """
     return _build(
         json.dumps(script_config(campaign, relay), sort_keys=True),
-        json.dumps({**script_features(campaign), DEBUG_FLAG: debug}, sort_keys=True),
+        json.dumps(build_flags(campaign, debug=debug), sort_keys=True),
     )
+
+
+def build_flags(campaign: CampaignConfig, *, debug: bool = False) -> dict[str, bool]:
+    """The build flags of the campaign's script: its features, and whether it is the debug build."""
+    return {**script_features(campaign), DEBUG_FLAG: debug}
 
 
 # The build flag of the debug builds: not a campaign's feature (script_features), every campaign's

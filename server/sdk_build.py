@@ -27,7 +27,7 @@ from typing import Any
 
 from .config import CampaignConfig
 from .paths import JS_TEMPLATES
-from .sdk import COMPILED, DEBUG_FLAG, DEBUG_PANEL_FILE, script_features, templates, variant_name
+from .sdk import COMPILED, DEBUG_FLAG, DEBUG_PANEL_FILE, build_flags, templates, variant_name
 
 # A global name that survives minification (the minifier renames locals only); the build swaps it
 # for the Jinja slot that takes the campaign's config, as JSON, at serve time.
@@ -47,7 +47,7 @@ LOCK_FILE = CHECKOUT / "package-lock.json"
 
 def feature_flags() -> tuple[str, ...]:
     """The flags a script is built for: a campaign's features (:func:`script_features`) and ``debug``."""
-    return tuple(sorted([*script_features(CampaignConfig(cid="any")), DEBUG_FLAG]))
+    return tuple(sorted(build_flags(CampaignConfig(cid="any"))))
 
 
 def feature_sets() -> list[dict[str, bool]]:

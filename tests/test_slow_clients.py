@@ -48,7 +48,8 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 
 def test_legitimate_requests_are_answered_while_50_slow_clients_trickle(relay_factory: RelayFactory) -> None:
-    relay = relay_factory(workers=1, start=False)
+    # 4 threads allow at most 2 inline attempts (serve refuses more).
+    relay = relay_factory(workers=1, start=False, inline_concurrency=2)
     relay.args += ["--threads", "4"]
     relay.start()
     slow = [open_slow(relay, i) for i in range(SLOW_CLIENTS)]
