@@ -137,7 +137,10 @@ def _busy_retry(operation: Callable[[], T]) -> T:
 
     In place of SQLite's own busy handler, which sleeps 1, 2, 5, 10, 15... ms between tries: a
     write holds the lock for ~50 us, so those sleeps (not the writes) set the pace when two
-    workers share a file. Here the waits start at 0.1 ms and double up to 5 ms.
+    workers share a file. Here the waits start at 0.1 ms and double up to 1 ms: with two workers
+    and two delivery processes writing, a 5 ms cap left a worker's threads queued behind one
+    sleeping lock holder (10 of 10 threads waiting in a dump at 1,000 events/s); 1 ms delivered
+    726 and 753 events/s against 707 and 692 in one A/B at a 300 ms upstream.
     """
     deadline = time.monotonic() + BUSY_WAIT_SECONDS
     pause = 0.0001
