@@ -164,6 +164,8 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
                 if framing[b"transfer-encoding"].strip().lower() != b"chunked":
                     raise ValueError("a transfer coding other than chunked")
                 body = await _read_chunked(reader)
+                if b"content-length" in framing:  # both: chunked wins, but never trust the stream again
+                    keep_alive = False  # (RFC 9112 6.3: a sign of request smuggling)
             elif b"content-length" in framing:
                 length = framing[b"content-length"].strip()
                 if not length.isdigit():

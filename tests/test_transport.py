@@ -234,6 +234,13 @@ def test_http10_and_connection_close_answers_are_not_reused() -> None:
     assert connections == 2
 
 
+def test_an_answer_with_both_lengths_is_read_chunked_and_its_connection_not_reused() -> None:
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    outcomes, connections = exchange([both, both], 2)
+    assert [r.content for r in outcomes] == [b"{}", b"{}"]  # type: ignore[union-attr]
+    assert connections == 2
+
+
 def test_chunked_answers_with_extensions_and_trailers() -> None:
     outcomes, _ = exchange(
         [
