@@ -35,6 +35,15 @@ SOURCE_INACTIVE = "Source Inactive"
 LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
 
 
+def _connect_error(kind: type[httpx.TransportError]) -> str:
+    """An attempt's error when no request left this machine."""
+    return f"connect: {kind.__name__}"
+
+
+# Of those, the ones that say Pingtree itself cannot be reached (our own full pool does not).
+_UNREACHABLE_ERRORS = frozenset(_connect_error(kind) for kind in (httpx.ConnectError, httpx.ConnectTimeout))
+
+
 @dataclass(frozen=True)
 class Attempt:
     """What one delivery attempt produced: an HTTP answer, or a transport error."""
@@ -52,7 +61,7 @@ class Attempt:
     def unreachable(self) -> bool:
         """No connection to Pingtree could be made (refused, unresolvable, connect timeout): the
         upstream's state, not this event's (a full pool of ours is neither)."""
-        return self.error in ("connect: ConnectError", "connect: ConnectTimeout")
+        return self.error in _UNREACHABLE_ERRORS
 
 
 @dataclass(frozen=True)
@@ -144,8 +153,8 @@ class _Upstream:
     def _failed(self, exc: httpx.TransportError, started: float) -> Attempt:
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
             # Never left this machine: certainly not processed.
-            self._note(False, f"connect: {type(exc).__name__}")
-            return Attempt(None, error=f"connect: {type(exc).__name__}", latency_ms=_ms(started))
+            self._note(False, _connect_error(type(exc)))
+            return Attempt(None, error=_connect_error(type(exc)), latency_ms=_ms(started))
         self._note(False, type(exc).__name__)
         return Attempt(None, error=f"{type(exc).__name__}", uncertain=True, latency_ms=_ms(started))
 

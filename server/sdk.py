@@ -325,6 +325,13 @@ def _config() -> Config | None:
     return getattr(relay, "config", None)
 
 
+def _campaign(cid: str) -> tuple[Config, CampaignConfig] | None:
+    """The relay's config and the campaign ``cid``, or None when either is unknown."""
+    config = _config()
+    campaign = config.campaigns.get(cid) if config else None
+    return None if config is None or campaign is None else (config, campaign)
+
+
 def _count(cid: str, version: str, state: str) -> None:
     _state().versions.seen(cid, version, state)
     observers = getattr(current_app.extensions.get("relay"), "observers", None)
@@ -336,20 +343,20 @@ def _count(cid: str, version: str, state: str) -> None:
 @bp.get("/sdk/<cid>/pingtree.js")
 def script(cid: str) -> Response:
     """A campaign's SDK; 404 with a JavaScript comment for an unknown campaign."""
-    config = _config()
-    campaign = config.campaigns.get(cid) if config else None
-    if config is None or campaign is None:
+    found = _campaign(cid)
+    if found is None:
         return _not_found()
+    config, campaign = found
     return _current(campaign, config)
 
 
 @bp.get(debug_path("<cid>"))
 def debug_script(cid: str) -> Response:
     """The campaign's current debug build (``?pt_debug=1``); also for a page with a pinned tag."""
-    config = _config()
-    campaign = config.campaigns.get(cid) if config else None
-    if config is None or campaign is None:
+    found = _campaign(cid)
+    if found is None:
         return _not_found()
+    config, campaign = found
     built = render_sdk(campaign, config.relay, debug=True)
     _count(cid, built.version, "debug")
     return _script_response(built)
@@ -358,10 +365,10 @@ def debug_script(cid: str) -> Response:
 @bp.get("/sdk/<cid>/v/<version>.js")
 def pinned_script(cid: str, version: str) -> Response:
     """One build by its content address: current, superseded (from the archive) or unknown."""
-    config = _config()
-    campaign = config.campaigns.get(cid) if config else None
-    if config is None or campaign is None:
+    found = _campaign(cid)
+    if found is None:
         return _not_found()
+    config, campaign = found
     current = render_sdk(campaign, config.relay)
     state = _state()
     if version == current.version:

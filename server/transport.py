@@ -33,7 +33,7 @@ import httpx
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
-MAX_HEAD_BYTES = 64 * 1024  # the status line and headers of one answer (the stream's buffer limit)
+MAX_HEAD_BYTES = 64 * 1024  # the status line and headers of one answer: the stream's readuntil limit
 MAX_ANSWER_BYTES = 1024 * 1024  # one answer's body
 # A header name is a token (RFC 9110 5.1); a value holds no CR, LF or NUL (either way, ours or theirs).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -225,7 +225,7 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         scheme, host, port = origin
         tls = self._ssl if scheme == "https" else None
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls, server_hostname=host if tls else None
+            host, port, ssl=tls, server_hostname=host if tls else None, limit=MAX_HEAD_BYTES
         )
         return _Connection(reader, writer)
 
@@ -270,8 +270,6 @@ def _request_bytes(request: httpx.Request) -> bytes:
 def _parse_head(head: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]]:
     """An answer's status line and headers (``head`` ends with the blank line): (minor version,
     status, headers as sent). ValueError for anything malformed."""
-    if len(head) > MAX_HEAD_BYTES:
-        raise ValueError("an answer head beyond its limit")
     lines = head[:-4].split(b"\r\n")
     status_line = _STATUS_LINE.fullmatch(lines[0])
     if status_line is None:

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from server.forwarder import AsyncForwarder, Attempt
-from server.outbox import Record, open_store
 from server.outbox import dispatcher as dispatcher_module
+from server.outbox import open_store
 from server.outbox.dispatcher import UNREACHABLE_AFTER, Dispatcher, Reachability
 from tests.conftest import wait_for
-from tests.test_delivery_engine import Upstream
+from tests.test_delivery_engine import Upstream, backlog_of
 
 REFUSED = Attempt(None, error="connect: ConnectError")
 
@@ -82,22 +82,9 @@ def test_an_unreachable_pingtree_gets_one_probe_at_a_time_and_the_backlog_drains
     upstream = Upstream(tmp_path / "upstream.log")
     url = upstream.url
     upstream.kill()  # its port now refuses every connection
-    store = open_store(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
-    txns = [f"txn_reach_{uuid.uuid4().hex[:8]}_{i}" for i in range(300)]
-    for t in txns:
-        store.add(
-            Record(
-                id=uuid.uuid4().hex,
-                cid="cmp_test",
-                event_id="form_submitted",
-                transaction_id=t,
-                payload={"event_id": "form_submitted", "transaction_id": t},
-                received_at=time.time(),
-                dedupe_key=f"cmp_test|{t}|form_submitted",
-            ),
-            owner=None,
-            lease=30,
-        )
+    store_url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    backlog_of(store_url, [f"txn_reach_{uuid.uuid4().hex[:8]}_{i}" for i in range(300)])
+    store = open_store(store_url)
     forwarders: list[CountingForwarder] = []
 
     def factory(n: int) -> CountingForwarder:

@@ -398,26 +398,20 @@ def test_the_debug_build_is_served_beside_the_script_for_known_campaigns_only() 
 
 def test_debug_build_parses_as_a_module() -> None:
     config = demo_config()
-    js = sdk.render_sdk(config.campaigns["cmp_demo"], config.relay, debug=True).body.decode()
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is needed to check the debug build's syntax")
-    result = subprocess.run(
-        [node, "--input-type=module", "--check", "-"], input=js, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
+    _node_module_check(sdk.render_sdk(config.campaigns["cmp_demo"], config.relay, debug=True).body.decode())
 
 
 def test_debug_panel_parses() -> None:
+    _node_module_check(sdk.debug_panel_script().body.decode())
+
+
+def _node_module_check(js: str) -> None:
+    """``js`` parses as a module (the debug build and the panel are import()ed)."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail("node is needed to check the panel's syntax")
+        pytest.fail("node is needed to check a module's syntax")
     result = subprocess.run(
-        [node, "--input-type=module", "--check", "-"],
-        input=sdk.debug_panel_script().body.decode(),
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [node, "--input-type=module", "--check", "-"], input=js, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
 

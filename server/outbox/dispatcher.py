@@ -309,12 +309,7 @@ class Dispatcher:
                 break
             idle = len(records) < want
             if probing:
-                self._reachable.clear()
-                try:
-                    async with asyncio.timeout(PROBE_SECONDS):
-                        await self._reachable.wait()
-                except TimeoutError:
-                    pass
+                await self._wait_for(self._reachable, PROBE_SECONDS)
             elif idle:
                 await self._pause(IDLE_POLL_SECONDS)
 
@@ -376,10 +371,15 @@ class Dispatcher:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def _pause(self, seconds: float) -> None:
-        self._wake.clear()
+        await self._wait_for(self._wake, seconds)
+
+    @staticmethod
+    async def _wait_for(event: asyncio.Event, seconds: float) -> None:
+        """``seconds``, or less if ``event`` is set meanwhile (it is cleared first)."""
+        event.clear()
         try:
             async with asyncio.timeout(seconds):
-                await self._wake.wait()
+                await event.wait()
         except TimeoutError:
             pass
 
