@@ -388,7 +388,7 @@ def settings(seconds: float, sustained_seconds: float, events: int, limits: dict
     serve = servers.serve_defaults()
     return [
         f"relay: `pingtree-relay serve` defaults (workers {serve['workers'] or 'by CPU count'}, {serve['threads']} "
-        f"threads, gthread); {knobs}; SQLite store in WAL mode on the local disk.",
+        f"threads, event-loop workers); {knobs}; SQLite store in WAL mode on the local disk.",
         "upstream: the lean fake Pingtree (bench/fake_upstream.py: asyncio, answers each event N ms after "
         "receiving it, counts distinct events and answers in flight), except for the drains to the sandbox "
         "(`pingtree-relay sandbox`, every rule checked; one asyncio process). Both on this machine.",

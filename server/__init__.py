@@ -57,6 +57,7 @@ def create_app(
 
     relay = relay or Relay(config, cpu_load=cpu_load)
     app.extensions["relay"] = relay
+    app.extensions["wants_thread"] = relay.wants_thread  # where server/worker.py runs a request
     _register(app)
     if start_delivery:
         relay.start_delivery()

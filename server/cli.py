@@ -53,8 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = config.relay
     inline = settings.inline_concurrency if settings.inline_concurrency and settings.inline_timeout else 0
     if inline * 2 > args.threads:
-        # Inline attempts wait on Pingtree (up to inline_timeout each): a worker whose threads all
-        # wait accepts nothing, and its CPU looks idle, so the inline rule would go on sending more.
+        # Inline attempts wait on Pingtree (up to inline_timeout each) on the worker's request
+        # threads: with them all waiting, the requests of the same moment that wanted a thread run
+        # on the loop instead (answered 202), so the page that could have had its conversion_id
+        # loses it to the ones already waiting. Half the threads stay free for them.
         log.error(
             "%s: relay.inline_concurrency: at most half of --threads (%s inline of %s threads); "
             "lower it or raise --threads",
@@ -467,14 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the relay under gunicorn",
         description="Run the relay under "
-        "gunicorn (gthread workers). SIGTERM drains gracefully, SIGHUP reloads.",
+        "gunicorn (event-loop workers). SIGTERM drains gracefully, SIGHUP reloads.",
     )
     _config_option(p)
     _listen_options(p, 8000)
     p.add_argument(
         "--workers", type=_positive, default=None, help="worker processes (default: 1 per CPU core, 2 to 8)"
     )
-    p.add_argument("--threads", type=_positive, default=8, help="threads per worker (default: 8)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=8,
+        help="request threads per worker, for requests that may wait on Pingtree (default: 8)",
+    )
     p.add_argument(
         "--delivery-processes",
         type=_positive,

@@ -5,7 +5,8 @@ The accept path (``accept``) is: validate -> enrich -> store durably -> one boun
 (``inline_timeout``) and made only with capacity to spare (:meth:`Relay._inline_worthwhile`): not
 while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
 is short of CPU (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``,
-:mod:`server.cpu_load`). Otherwise every
+:mod:`server.cpu_load`), nor on the worker's event loop thread (:func:`server.worker.may_wait`:
+such a request is one the relay said it would not try, see :meth:`Relay.wants_thread`). Otherwise every
 request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
 Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
 back anyway, never accept throughput. Background delivery is the engine's
@@ -34,6 +35,7 @@ from .outbox import Record, Store, open_store, scoped_id
 from .outbox.dispatcher import Dispatcher
 from .staging import AsyncStagingRouter, StagingRouter, is_test, mark, staging_dedupe_key
 from .validation import Event
+from .worker import may_wait
 
 log = logging.getLogger("pingtree_relay.relay")
 
@@ -54,6 +56,25 @@ CAPACITY_CHECK_SECONDS = 0.25  # how stale the accept path's view of backlog and
 # for half of the last check interval is queueing requests behind each other (its GIL is one core):
 # that CPU goes to accepting, and the engine delivers in batches for less (docs/durability.md).
 INLINE_CPU_BUSY = 0.5
+
+
+class InlineSlots:
+    """How many inline attempts this process may still start (``relay.inline_concurrency``)."""
+
+    def __init__(self, slots: int) -> None:
+        self._lock = threading.Lock()
+        self.free = slots
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.free <= 0:
+                return False
+            self.free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.free += 1
 
 
 class Relay:
@@ -113,7 +134,7 @@ class Relay:
             retry_cap=settings.retry_cap_seconds,
             observer=self._delivered,
         )
-        self._inline = threading.BoundedSemaphore(max(1, settings.inline_concurrency))
+        self._inline = InlineSlots(max(1, settings.inline_concurrency))
         self._inline_enabled = settings.inline_concurrency > 0 and settings.inline_timeout > 0
         self.cpu_load = cpu_load  # its first reading (at the first accept) starts its clocks
         self._checked_at = 0.0  # the first accept checks
@@ -178,6 +199,13 @@ class Relay:
             event_uuid=reply.body["data"].get("event_uuid"),
             test=True if test else None,
         )
+
+    def wants_thread(self, environ: dict[str, Any] | None = None) -> bool:
+        """Whether a request now would be tried inline, so may wait on Pingtree: the worker's hint
+        (``app.extensions["wants_thread"]``, server/worker.py) to run it on a thread, not its loop.
+        Not while every inline slot is taken: that request would be answered 202 anyway, and on a
+        thread it would only wait for the GIL behind the loop's requests."""
+        return self._inline_enabled and self._inline.free > 0 and self._inline_worthwhile()
 
     def _inline_worthwhile(self) -> bool:
         """True unless the engine has a backlog or this process is short of CPU: then an inline
@@ -255,7 +283,7 @@ class Relay:
             dedupe_key=staging_dedupe_key(dedupe_key(event)) if test else dedupe_key(event),
             fingerprint=event.fingerprint(),
         )
-        inline = self._inline_enabled and self._inline_worthwhile() and self._inline.acquire(blocking=False)
+        inline = self.wants_thread() and may_wait() and self._inline.take()
         owner = self.dispatcher.owner if inline else None
         try:
             stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)

@@ -1,17 +1,30 @@
-"""The gunicorn worker: ``gthread``, except that a request is read whole before a thread takes it.
+"""The gunicorn worker: one event loop per process parses HTTP; the app runs where it may.
 
-Why: stock gthread hands a connection to a thread as soon as its first bytes arrive, and the thread
-then blocks reading the rest. A few dozen clients sending their headers or body one byte at a time
-("slowloris") hold every thread, and every legitimate request waits. Here the worker's selector
-loop (one thread, non-blocking sockets) buffers each request until its head and body are complete,
-and only then gives it to a thread, whose parser finds it all in memory. A request not complete
-within ``read_timeout`` seconds of its first byte (or of the connection, when none comes) is
-answered 408 and closed: a slow client costs a socket and a buffer, never a thread.
+Why not gthread: measured on this project's 2-core box at 1,000 requests/s, a bare Flask endpoint
+cost 0.96-1.08 ms of CPU per request under gunicorn's gthread and 0.12 ms in process; almost all of
+the difference was the server (a pure-Python HTTP parser, a thread hand-off and a poller
+registration per request, keep-alive bookkeeping). Here one asyncio loop per worker reads every
+connection, ``httptools`` (llhttp, C) parses, and an answer is written in one ``write``: the same
+endpoint cost 0.38-0.40 ms (docs/benchmarks.md).
 
-Bounds: a head larger than ``HEAD_LIMIT`` or a declared body larger than ``BODY_LIMIT`` is handed
-over as it is (gunicorn or the app refuse it at once: 431/400, 413); so is a chunked body larger than
-``BODY_LIMIT``. The nginx in docs/deployment.md does the same job in front with
-``client_header_timeout`` and ``client_body_timeout``.
+Where the app runs: on the loop's own thread, unless the request may wait on the network. The app
+says which by ``app.extensions["wants_thread"](environ)``; the relay says yes only while it would
+try the event inline upstream (an idle box and a free inline slot, so that a page gets its
+``conversion_id``), and no under load, which is when the hand-off would cost. Such a request runs on
+one of ``threads`` threads and the loop goes on. Two rules of the worker's own keep threads for
+when they help: a request never queues for a thread (all taken: it runs on the loop), and a loop
+that is behind (its rounds ``BEHIND_SECONDS`` late while it was busy: saturated) gives out none. An app without the
+hint runs every request on a thread, as gthread did. Code on the loop's thread can ask
+:func:`may_wait` and must not wait when it says no: the relay then answers 202 from the store
+instead of an inline attempt.
+
+Slow clients ("slowloris"): a connection costs a socket and a buffer, never a thread. A request not
+complete within ``read_timeout`` seconds of its first byte is answered 408 and closed; a connection
+that sends nothing is closed after ``read_timeout`` (new) or ``keepalive`` seconds (after an
+answer), without an answer, like nginx. A head larger than ``HEAD_LIMIT`` is refused (431). A body
+larger than ``BODY_LIMIT`` (declared, or chunked as it arrives) is handed to the app as far as it
+came (the app answers 413) and the connection closed. The nginx in docs/deployment.md does the
+same job in front with ``client_header_timeout`` and ``client_body_timeout``.
 
 Fair accept: gunicorn's workers share one listening socket, and whichever is awake first accepts.
 A burst of new keep-alive connections (a load balancer's pool, nginx's ``keepalive``, a load
@@ -22,39 +35,70 @@ one master (:class:`ConnectionTable`, anonymous shared memory made before the fo
 accepting while it holds more than the least-loaded live worker plus one. The least-loaded worker
 always accepts, so a connection never waits for a worker to change its mind. Connections a worker
 took before the others were up (the first worker to boot gets every early connection) are moved
-the safe way: a worker holding more than twice the least-loaded worker's connections answers its next request with ``Connection: close``
-(RFC 9112 section 9.6), and the client's new connection goes to a worker below it. Nothing is cut
-mid-request and no idle connection is closed under a client that may be sending on it.
+the safe way: a worker holding more than twice the least-loaded worker's connections answers its
+next request with ``Connection: close`` (RFC 9112 section 9.6), and the client's new connection goes
+to a worker below it. Nothing is cut mid-request and no idle connection is closed under a client
+that may be sending on it.
+
+Shutdown: SIGTERM stops accepting, closes idle connections, lets requests in progress finish (up to
+gunicorn's ``graceful_timeout``, after which the master kills the worker) and then exits.
 """
 
 from __future__ import annotations
 
-import errno
+import asyncio
+import io
 import mmap
 import os
-import re
-import selectors
 import socket
 import struct
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import formatdate
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from gunicorn.workers.gthread import ThreadWorker
+import httptools
+from gunicorn.workers.base import Worker
 
 READ_TIMEOUT_SECONDS = 10.0
 HEAD_LIMIT = 64 * 1024
 BODY_LIMIT = 64 * 1024  # larger than any event body the relay accepts (relay.max_body_bytes)
+# A loop this late for its rounds, having run Python for at least BEHIND_BUSY of the time since
+# the previous ones, is saturated: a request on a thread would wait for the GIL behind the loop's,
+# and an inline attempt there costs its page seconds, not 300 ms (measured at 1,000 events/s
+# offered to 2 cores: p99 1.5 s). Late but not busy is the box's scheduler running something else
+# (a test suite, a build): no reason to refuse threads. Idle, the rounds run within a ms or two.
+BEHIND_SECONDS = 0.02
+BEHIND_BUSY = 0.25
+TICK_SECONDS = 0.1  # how often the loop does its rounds: heartbeat, deadlines, fair accept, shutdown
 
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d+)[ \t]*(?=\r\n|$)")
-_CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked")
-_EXPECT_CONTINUE = re.compile(rb"\r\nexpect[ \t]*:[ \t]*100-continue")
-_TIMEOUT_BODY = b'{"status":408,"type":"error","message":"Request timeout"}'
-_TIMEOUT_ANSWER = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
-)
+
+def _error_answer(status: int, reason: str, message: str) -> bytes:
+    body = b'{"status":%d,"type":"error","message":"%s"}' % (status, message.encode())
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+    )
+
+
+_TIMEOUT_ANSWER = _error_answer(408, "Request Timeout", "Request timeout")
+_BAD_REQUEST_ANSWER = _error_answer(400, "Bad Request", "Malformed HTTP request")
+_HEAD_TOO_LARGE_ANSWER = _error_answer(431, "Request Header Fields Too Large", "Request header too large")
+_SERVER_ERROR_ANSWER = _error_answer(500, "Internal Server Error", "Internal server error")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUSES = (204, 304)
+
+_loop_threads: set[int] = set()
+
+
+def may_wait() -> bool:
+    """Whether the calling thread may wait on the network: not the event loop's own (module docstring)."""
+    return threading.get_ident() not in _loop_threads
 
 
 class ConnectionTable:
@@ -129,165 +173,507 @@ def over_share(mine: int, least: int | None) -> bool:
     return least is not None and mine > 2 * least + SHED_MARGIN
 
 
-@dataclass
-class _Reading:
-    """A connection whose request is being buffered by the selector loop."""
+class _Request:
+    """One request as the parser gives it: head, then body pieces."""
 
-    conn: Any  # gunicorn's TConn
-    deadline: float
-    data: bytearray = field(default_factory=bytearray)
-    sent_continue: bool = False
+    __slots__ = ("url", "headers", "body", "size", "oversize", "keep_alive", "method", "version")
 
-
-def request_complete(data: bytes | bytearray) -> tuple[bool, bool]:
-    """``(complete, wants_continue)`` for the bytes of one HTTP/1.x request received so far.
-
-    "Complete" also means "hand it over as it is": past a limit, or a head that cannot be
-    understood here, the real parser decides (and refuses it).
-    """
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return len(data) > HEAD_LIMIT, False
-    head, body = bytes(data[:end]).lower(), len(data) - end - 4
-    if _CHUNKED.search(head):
-        return b"0\r\n\r\n" in data[end:] or body > BODY_LIMIT, bool(_EXPECT_CONTINUE.search(head))
-    lengths = _CONTENT_LENGTH.findall(head)
-    if len(lengths) != 1:
-        return True, False  # no body, or conflicting lengths (gunicorn answers 400)
-    declared = int(lengths[0])
-    if declared > BODY_LIMIT:
-        return True, False  # the app answers 413 from the header alone
-    return body >= declared, body < declared and bool(_EXPECT_CONTINUE.search(head))
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0  # head bytes, then body bytes
+        self.oversize = False  # handed over before its body was all here: close after the answer
+        self.keep_alive = True
+        self.method = "GET"
+        self.version = "1.1"
 
 
-class ReadAheadWorker(ThreadWorker):  # type: ignore[misc]
-    """gthread whose connections reach a thread only with a complete request (module docstring)."""
+class _Stop(Exception):
+    """Raised from a parser callback: parse no further on this connection; ``answer``, if any, is
+    this worker's own answer to write after the requests parsed so far, before closing."""
+
+    def __init__(self, answer: bytes | None = None) -> None:
+        self.answer = answer
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse, hand each request to the worker in order, write its answers.
+
+    Requests are answered in the order they came (HTTP/1.1 pipelining): while one is with the app,
+    reading pauses and requests already parsed wait in ``_ready``. Once parsing stops (a malformed
+    or oversized request, an upgrade), the requests parsed before it are answered, then the
+    worker's own answer if it has one, and the connection is closed."""
+
+    def __init__(self, worker: LoopWorker, server: tuple[str, str]) -> None:
+        self.worker = worker
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, str] = ("", "")
+        self.request: _Request | None = None  # being read
+        self._ready: deque[_Request] = deque()
+        self.busy = False  # a request is with the app
+        self.closing = False
+        self.stopped = False  # parse no more: answer what is ready, then ``_last_answer``, then close
+        self._last_answer: bytes | None = None
+        self._in_next = False
+        self.deadline = time.monotonic() + worker.read_timeout  # to get (the rest of) a request
+        self.reading = False  # some bytes of a request came: 408 at the deadline, not a silent close
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = (str(peer[0]), str(peer[1]))
+        self.worker.opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.worker.closed(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.stopped:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            stop = exc.__context__
+            if not isinstance(stop, _Stop):
+                raise
+            if stop.answer is not None:
+                self._invalid(f"request head larger than {HEAD_LIMIT} bytes")
+            self._stop(stop.answer)
+        except httptools.HttpParserUpgrade:  # "Upgrade: h2c" and the like: answered as HTTP/1.1
+            self._stop(None)  # (RFC 9110 7.8), and nothing after it is read
+        except httptools.HttpParserError as exc:
+            self._invalid(str(exc))
+            self._stop(_BAD_REQUEST_ANSWER)
+        self._next()
+
+    def _invalid(self, error: str) -> None:
+        # gunicorn's own words for it, which operators may already grep for
+        self.worker.log.warning("Invalid request from ip=%s: %s", self.peer[0], error)
+
+    def _stop(self, answer: bytes | None) -> None:
+        self.stopped, self._last_answer = True, answer
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    # --- httptools callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.request = _Request()
+        if not self.reading:
+            self.reading = True
+            self.deadline = time.monotonic() + self.worker.read_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self._grow(len(url))
+        self.request.url += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value) + 4)
+        self.request.headers.append((name, value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        request.method = self.parser.get_method().decode("latin-1")
+        request.version = self.parser.get_http_version()
+        request.keep_alive = self.parser.should_keep_alive()
+        request.size = 0
+        declared = next((v for n, v in request.headers if n.lower() == b"content-length"), None)
+        if declared is not None and declared.strip().isdigit() and int(declared) > BODY_LIMIT:
+            self._hand_over_early(request)  # the app refuses it from the header alone (413)
+        expects = next((v for n, v in request.headers if n.lower() == b"expect"), b"")
+        if expects.strip().lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(_CONTINUE)  # the client waits for this before it sends the body
+
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        assert request is not None
+        request.body.append(body)
+        request.size += len(body)
+        if request.size > BODY_LIMIT:  # chunked, past the limit: the app sees that much and refuses
+            self._hand_over_early(request)
+
+    def on_message_complete(self) -> None:
+        request, self.request = self.request, None
+        if request is not None:
+            self._ready.append(request)
+        self.reading = False
+
+    def _grow(self, size: int) -> None:
+        request = self.request
+        assert request is not None
+        request.size += size
+        if request.size > HEAD_LIMIT:
+            raise _Stop(_HEAD_TOO_LARGE_ANSWER)
+
+    def _hand_over_early(self, request: _Request) -> None:
+        request.oversize, request.keep_alive = True, False
+        self._ready.append(request)
+        self.request, self.reading = None, False
+        raise _Stop()
+
+    # --- answering ----------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Hand the next parsed request to the worker, unless one is with the app already."""
+        if self._in_next:
+            return  # an answer given on the loop's thread, inside this loop: it goes on below
+        self._in_next = True
+        try:
+            while self._ready and not self.busy and not self.closing:
+                self.busy = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                self.worker.handle(self, self._ready.popleft())
+        finally:
+            self._in_next = False
+        if self.busy or self.closing or self.transport is None:
+            return
+        if self.stopped:
+            self.closing = True
+            if self._last_answer is not None:
+                self.transport.write(self._last_answer)
+            self.transport.close()
+            return
+        if not self.reading:
+            self.deadline = time.monotonic() + self.worker.keepalive
+        self.transport.resume_reading()
+
+    def answered(self, answer: bytes, keep_alive: bool) -> None:
+        """The worker's answer to the request handed over last (on the loop's thread)."""
+        self.busy = False
+        if self.closing or self.transport is None:
+            return
+        self.transport.write(answer)
+        if not keep_alive:
+            self.closing = True
+            self.transport.close()
+            return
+        self._next()
+
+    def expire(self, now: float) -> None:
+        """At the loop's rounds: a request not complete in time is answered 408; an idle one closed."""
+        if self.busy or self._ready or self.closing or now < self.deadline or self.transport is None:
+            return
+        self.closing = True
+        if self.reading:
+            self.transport.write(_TIMEOUT_ANSWER)
+        self.transport.close()
+
+    def close_if_idle(self) -> None:
+        """Shutting down: close a connection with no request in progress (a partial one included)."""
+        if not self.busy and not self._ready and self.transport is not None and not self.closing:
+            self.closing = True
+            self.transport.close()
+
+
+class LoopWorker(Worker):  # type: ignore[misc]
+    """A gunicorn worker serving every connection from one asyncio loop (module docstring)."""
 
     read_timeout = READ_TIMEOUT_SECONDS
+    alive: bool  # gunicorn's: False once the worker is told to stop
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._reading: dict[int, _Reading] = {}  # by id(conn)
+        self.connections: set[Connection] = set()
+        self.keepalive = float(self.cfg.keepalive)
         self._slot: int | None = None
+        self._accepting = False
+        self._date = (0, "")
+        self.threads = max(1, self.cfg.threads)
+        # Requests with a thread now. An app with the hint never queues for one: with every thread
+        # taken, a request runs on the loop (where the relay answers 202), since a queued one would
+        # wait for a thread, then for the GIL behind the loop's own requests.
+        self._on_threads = 0
+        # Whether the loop ran its last rounds more than BEHIND_SECONDS late: it has more requests
+        # than it can take at once, and an app with the hint gets no threads until it catches up.
+        self.behind = False
+        self._rounds_due = time.monotonic()
+        self._rounds_at = (time.monotonic(), 0.0)  # (wall, loop thread's CPU) at the last rounds
 
-    # --- fair accept (module docstring) ----------------------------------------------------------
+    # --- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
         self._slot = CONNECTIONS.claim(self.age, os.getpid())
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        _loop_threads.add(threading.get_ident())
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="request")
+        extensions = getattr(self.wsgi, "extensions", None)
+        self.wants_thread: Callable[[dict[str, Any]], bool] | None = (
+            extensions.get("wants_thread") if isinstance(extensions, dict) else None
+        )
+        self.ssl = None
+        if self.cfg.is_ssl:
+            from gunicorn.sock import ssl_context
+
+            self.ssl = ssl_context(self.cfg)
+        self.listeners = [getattr(s, "sock", s) for s in self.sockets]
+        for listener in self.listeners:
+            listener.setblocking(False)
+        self.loop.add_reader(self.PIPE[0], self._on_signal)  # gunicorn's wakeup fd for signals
+        self._accept_on(True)
+        self._rounds_due, self._rounds_at = time.monotonic(), (time.monotonic(), time.thread_time())
+        self.loop.call_soon(self._rounds)
         try:
-            super().run()
+            self.loop.run_forever()
         finally:
+            _loop_threads.discard(threading.get_ident())
             CONNECTIONS.clear(self._slot)
+            self.pool.shutdown(wait=False)
+
+    def _on_signal(self) -> None:
+        try:
+            while os.read(self.PIPE[0], 64):
+                pass
+        except BlockingIOError:
+            pass
+        if not self.alive:
+            self._rounds()
+
+    def _rounds(self) -> None:
+        """Every TICK_SECONDS: the heartbeat, deadlines, fair accept, and shutdown when asked."""
+        self.notify()
+        now = time.monotonic()
+        cpu = time.thread_time()  # of this thread: the loop's
+        (then, then_cpu), self._rounds_at = self._rounds_at, (now, cpu)
+        busy = (cpu - then_cpu) >= BEHIND_BUSY * (now - then)
+        self.behind = busy and now - self._rounds_due > BEHIND_SECONDS
+        self._rounds_due = now + TICK_SECONDS
+        for conn in list(self.connections):
+            conn.expire(now)
+        if self.alive and os.getppid() != self.ppid:
+            self.log.info("Parent changed, shutting down: %s", self)
+            self.alive = False
+        if not self.alive:
+            self._shut_down()
+            return
+        self._publish()
+        self._accept_on(self._fair_to_accept())
+        self.loop.call_later(TICK_SECONDS, self._rounds)
+
+    def _shut_down(self) -> None:
+        """Stop accepting, close what is idle, and stop the loop once nothing is in progress."""
+        self._accept_on(False)
+        self._publish()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        if any(conn.busy or conn._ready for conn in self.connections):
+            self.loop.call_later(TICK_SECONDS, self._shut_down)
+            self.notify()
+            return
+        self.loop.stop()
+
+    # --- accepting (fair accept: module docstring) ---------------------------------------------------
+
+    def _accept_on(self, on: bool) -> None:
+        on = on and self.alive and len(self.connections) < self.cfg.worker_connections
+        if on == self._accepting:
+            return
+        self._accepting = on
+        for listener in self.listeners:
+            if on:
+                self.loop.add_reader(listener, self._accept, listener)
+            else:
+                self.loop.remove_reader(listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        name = listener.getsockname()
+        server = (str(name[0]), str(name[1])) if isinstance(name, tuple) else (str(name), "")
+        self.loop.create_task(
+            self.loop.connect_accepted_socket(lambda: Connection(self, server), sock, ssl=self.ssl)
+        )
+
+    def opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self._publish()
+        if not self._fair_to_accept():
+            self._accept_on(False)  # the rounds ask again
+
+    def closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self._publish()
+        self._reconsider_accepting()
+
+    def _reconsider_accepting(self) -> None:
+        """A worker that stopped accepting asks again at each request and each close, not only at
+        its rounds: the other workers may have stopped too (each above the other's count, as
+        published a moment ago), and a client connecting meanwhile would wait for the next round."""
+        if not self._accepting and self.alive:
+            self._accept_on(self._fair_to_accept())
 
     def _publish(self) -> None:
         if self._slot is not None:
-            CONNECTIONS.publish(self._slot, os.getpid(), accepting=self.alive, connections=self.nr_conns)
+            CONNECTIONS.publish(
+                self._slot, os.getpid(), accepting=self.alive, connections=len(self.connections)
+            )
 
     def _fair_to_accept(self) -> bool:
         least = CONNECTIONS.least()
-        return least is None or self.nr_conns <= least + FAIR_SLACK
+        return least is None or len(self.connections) <= least + FAIR_SLACK
 
-    def set_accept_enabled(self, enabled: bool) -> None:
-        """gthread's loop calls this whenever it wants accepting on or off (each turn while the two
-        differ): turning it on is also the moment to ask whether this worker is the one to accept."""
-        self._publish()
-        super().set_accept_enabled(enabled and self.alive and self._fair_to_accept())
+    # --- requests -----------------------------------------------------------------------------------
 
-    def accept(self, listener: socket.socket) -> None:
-        super().accept(listener)
-        self._publish()
-        if not self._fair_to_accept():
-            super().set_accept_enabled(False)  # the loop asks again on its next turn
-
-    def handle_request(self, req: Any, conn: Any) -> Any:
-        """In a request thread: a worker above its share answers this request with
-        ``Connection: close``, so the client reconnects to a less loaded worker."""
-        # The table is read only when the answer could be yes (never with SHED_MARGIN or fewer).
-        if self.alive and self.nr_conns > SHED_MARGIN and over_share(self.nr_conns, CONNECTIONS.least()):
-            req.must_close = True
-        return super().handle_request(req, conn)
-
-    def murder_keepalived(self, force: bool = False) -> None:
-        super().murder_keepalived(force)
-        self._publish()  # once per loop turn at least: the heartbeat, and closed connections
-
-    def enqueue_req(self, conn: Any) -> None:
-        """Every path to a thread (new, kept-alive, leftover bytes) comes through here."""
-        if self.cfg.is_ssl:  # TLS in gunicorn itself: the socket's bytes are not the request yet
-            super().enqueue_req(conn)
+    def handle(self, conn: Connection, request: _Request) -> None:
+        """Answer ``request`` of ``conn``: on this thread, or on a request thread if it may wait."""
+        self._reconsider_accepting()
+        environ = self._environ(conn, request)
+        keep_alive = request.keep_alive and self.alive
+        if (
+            keep_alive
+            and len(self.connections) > SHED_MARGIN
+            and over_share(len(self.connections), CONNECTIONS.least())
+        ):
+            keep_alive = False  # the client reconnects to a less loaded worker (module docstring)
+        if self.on_a_thread(environ):
+            self._on_threads += 1
+            future = self.pool.submit(self._call, environ, request, keep_alive)
+            future.add_done_callback(
+                lambda f: self.loop.call_soon_threadsafe(self._deliver, conn, f, keep_alive)
+            )
             return
-        pending = bytearray()
-        if conn.parser is not None:  # bytes the parser already read past the previous request
-            pending += conn.parser.unreader.buf.getvalue()
-            conn.parser.unreader.buf.seek(0)
-            conn.parser.unreader.buf.truncate()
-        reading = _Reading(conn, time.monotonic() + self.read_timeout, pending)
-        if reading.data and request_complete(reading.data)[0]:
-            self._hand_over(reading)
-            return
-        conn.sock.setblocking(False)
-        self._reading[id(conn)] = reading
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, reading))
+        answer, keep_alive = self._call(environ, request, keep_alive)
+        conn.answered(answer, keep_alive)
 
-    def _on_readable(self, reading: _Reading, sock: socket.socket) -> None:
+    def on_a_thread(self, environ: dict[str, Any]) -> bool:
+        """Whether this request runs on a request thread rather than the loop's (module docstring)."""
+        if self.wants_thread is None:
+            return True
+        return not self.behind and self._on_threads < self.threads and self.wants_thread(environ)
+
+    def _deliver(self, conn: Connection, future: Any, keep_alive: bool) -> None:
+        self._on_threads -= 1
         try:
-            chunk = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:  # the client went away
-            self._forget(reading)
-            self._close(reading.conn)
-            return
-        reading.data += chunk
-        complete, wants_continue = request_complete(reading.data)
-        if complete:
-            self._forget(reading)
-            self._hand_over(reading)
-        elif wants_continue and not reading.sent_continue:
-            reading.sent_continue = True  # the client waits for this before it sends the body
-            self._send_quietly(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            answer, keep_alive = future.result()
+        except BaseException:  # _call answers every error itself; this is a bug's last resort
+            self.log.exception("Error handling request")
+            answer, keep_alive = _SERVER_ERROR_ANSWER, False
+        conn.answered(answer, keep_alive)
 
-    def _hand_over(self, reading: _Reading) -> None:
-        conn = reading.conn
-        conn.init()  # the parser, as the thread would make it (plain HTTP/1.x)
-        conn.parser.unreader.unread(bytes(reading.data))
-        conn.data_ready = True
-        super().enqueue_req(conn)
+    def _environ(self, conn: Connection, request: _Request) -> dict[str, Any]:
+        raw = request.url.decode("latin-1")
+        path, _, query = raw.partition("?")
+        if path.startswith(("http://", "https://")):  # absolute form (RFC 9112 3.2.2)
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        path, _, _ = path.partition("#")
+        body = b"".join(request.body)
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
+            "QUERY_STRING": query,
+            "RAW_URI": raw,
+            "REQUEST_URI": raw,
+            "SERVER_NAME": conn.server[0],
+            "SERVER_PORT": conn.server[1],
+            "SERVER_PROTOCOL": f"HTTP/{request.version}",
+            "SERVER_SOFTWARE": "pingtree-relay",
+            "REMOTE_ADDR": conn.peer[0],
+            "REMOTE_PORT": conn.peer[1],
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "https" if self.ssl is not None else "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.input_terminated": True,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": self.cfg.workers > 1,
+            "wsgi.run_once": False,
+        }
+        chunked = False
+        for name, value in request.headers:
+            key = name.decode("latin-1").upper()
+            if "_" in key:
+                continue  # X_Forwarded_For would pass for X-Forwarded-For (as gunicorn drops them)
+            key = key.replace("-", "_")
+            text = value.decode("latin-1").strip()
+            if key == "TRANSFER_ENCODING":
+                chunked = True
+            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] = text
+                continue
+            key = "HTTP_" + key
+            environ[key] = f"{environ[key]},{text}" if key in environ else text
+        if chunked:  # de-chunked here: all of it, or (oversize) as far as it came
+            environ.pop("CONTENT_LENGTH", None)
+            if not request.oversize:
+                environ["CONTENT_LENGTH"] = str(len(body))
+        return environ
 
-    def _forget(self, reading: _Reading) -> None:
-        self._reading.pop(id(reading.conn), None)
+    def _call(self, environ: dict[str, Any], request: _Request, keep_alive: bool) -> tuple[bytes, bool]:
+        """Run the app for one request; its whole answer as bytes, and whether to keep the connection."""
+        started: list[Any] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], None]:
+            if exc_info is not None and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return written.append
+
+        written: list[bytes] = []
         try:
-            self.poller.unregister(reading.conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+            result: Iterable[bytes] = self.wsgi(environ, start_response)
+            try:
+                written.extend(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        except Exception:
+            self.log.exception("Error handling request %s", environ.get("RAW_URI"))
+            return _SERVER_ERROR_ANSWER, False
+        if not started:
+            self.log.error("The app gave no status for %s", environ.get("RAW_URI"))
+            return _SERVER_ERROR_ANSWER, False
+        status, headers = started
+        body = b"".join(written)
+        code = int(status[:3])
+        lines = [f"HTTP/1.1 {status}\r\n"]
+        has_length = False
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in ("connection", "transfer-encoding", "keep-alive"):
+                continue  # hop-by-hop: this server's to say
+            if lowered == "content-length":
+                has_length = True
+            lines.append(f"{name}: {value}\r\n")
+        if not has_length and code not in _NO_BODY_STATUSES and code >= 200:
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        if request.oversize or not self.alive:
+            keep_alive = False  # the rest of its body was never read; or this worker is stopping
+        lines.append(f"Date: {self._http_date()}\r\n")
+        if not keep_alive:
+            lines.append("Connection: close\r\n")
+        elif request.version == "1.0":
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        if code in _NO_BODY_STATUSES or request.method == "HEAD":
+            body = b""
+        return head + body, keep_alive
 
-    def _close(self, conn: Any) -> None:
-        self.nr_conns -= 1
-        conn.close()
-
-    @staticmethod
-    def _send_quietly(sock: socket.socket, data: bytes) -> None:
-        try:
-            sock.send(data)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EPIPE, errno.ECONNRESET):
-                raise
-
-    def murder_pending(self) -> None:
-        """Also close the requests that took longer than ``read_timeout`` to arrive (408)."""
-        super().murder_pending()
-        now = time.monotonic()
-        # A stopping worker does not wait for requests nobody has started sending.
-        expired = [r for r in self._reading.values() if r.deadline <= now or (not self.alive and not r.data)]
-        for reading in expired:
-            self._forget(reading)
-            if reading.data:  # a client that never sent a byte gets no answer, like nginx's 408
-                self._send_quietly(reading.conn.sock, _TIMEOUT_ANSWER)
-            self._close(reading.conn)
+    def _http_date(self) -> str:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
 
 
-def with_read_timeout(seconds: float) -> type[ReadAheadWorker]:
+def with_read_timeout(seconds: float) -> type[LoopWorker]:
     """The worker class with another ``read_timeout`` (the class is inherited by forked workers)."""
-    return type("ReadAheadWorker", (ReadAheadWorker,), {"read_timeout": seconds})
+    return type("LoopWorker", (LoopWorker,), {"read_timeout": seconds})

@@ -1,10 +1,11 @@
 """Run a WSGI app under gunicorn from inside our own CLI (no gunicorn command line to get right).
 
-Worker model, chosen for the accept path (see docs/benchmarks.md): ``gthread`` workers (our
-:class:`server.worker.ReadAheadWorker`, which reads each request whole before a thread takes it,
-so slow clients cannot hold the threads). The accept
-path is a short SQLite/Redis write plus, at most, one bounded inline attempt upstream; threads let a
-worker keep accepting while a few of its threads wait on a slow Pingtree. Background delivery is
+Worker model, chosen for the accept path (see docs/benchmarks.md): :class:`server.worker.LoopWorker`,
+one asyncio loop per process that parses HTTP in C (httptools) and runs the app on the loop's own
+thread, or on one of ``threads`` request threads when the app says the request may wait on the
+network. The accept path is a short SQLite/Redis write plus, at most, one bounded inline attempt
+upstream: the 202s run on the loop, the inline attempts on threads, so a worker keeps accepting
+while a few of them wait on a slow Pingtree, and slow clients cost a socket, never a thread. Background delivery is
 not the workers' job: ``serve`` runs the box's delivery engine as supervised sidecar processes
 (``pingtree-relay deliver``, one per core up to 4, sharing the box's cap: see :class:`_SidecarArbiter`). SIGTERM makes gunicorn stop accepting,
 finish requests in flight (``graceful_timeout``), and the delivery process finish its sends.
@@ -29,7 +30,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from .worker import ReadAheadWorker
+from .worker import LoopWorker
 
 _METRICS_PREFIX = "pingtree-relay-metrics-"
 
@@ -201,7 +202,7 @@ def run(
     options = {
         "bind": f"fd://{listener.detach()}" if listener is not None else f"{host}:{port}",
         "workers": workers or default_workers(),
-        "worker_class": ReadAheadWorker,
+        "worker_class": LoopWorker,
         "threads": threads,
         "graceful_timeout": graceful_timeout,
         "timeout": 60,

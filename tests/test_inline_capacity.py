@@ -8,6 +8,7 @@ store and the real sandbox; the CPU clocks are the one part given by the test, s
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 import server.relay
+import server.worker
 from server.cli import worker_app
 from server.config import load_config
 from server.cpu_load import CpuLoad
@@ -74,6 +76,43 @@ def test_a_busy_process_answers_202_from_the_store_and_the_engine_delivers(
     # Busy no longer (no CPU used since): the next event is attempted inline again.
     status, body, t = post(relay)
     assert status == 200 and body["type"] == "success", body
+
+
+@pytest.mark.usefixtures("every_accept_checks")
+def test_on_the_worker_s_loop_thread_the_relay_never_waits_upstream(
+    app_relay_factory: InProcessRelayFactory, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """server/worker.py runs a request on its event loop's thread when the relay said it would not
+    try it inline; if the relay changed its mind meanwhile, the loop must still not wait on Pingtree."""
+    relay = app_relay_factory(app_options={"start_delivery": True})
+    status, body, t = post(relay)
+    assert status == 200, body  # idle, on an ordinary thread: inline
+    monkeypatch.setattr(server.worker, "_loop_threads", {threading.get_ident()})  # this thread is a loop's
+    assert not server.worker.may_wait()
+    status, body, t = post(relay)
+    assert status == 202 and body["type"] == "queued", body
+    wait_for(lambda: len(sandbox.events(transaction_id=t)) == 1, message="the engine delivered the event")
+
+
+@pytest.mark.usefixtures("every_accept_checks")
+def test_the_worker_is_asked_for_a_thread_only_while_an_inline_attempt_would_be_made(
+    app_relay_factory: InProcessRelayFactory,
+) -> None:
+    clock = CpuClock()
+    relay = app_relay_factory(app_options={"cpu_load": CpuLoad(clock)})
+    wants_thread = relay.app.extensions["wants_thread"]
+    inline = relay.app.extensions["relay"]._inline
+    environ = {"PATH_INFO": "/api/event/cmp_test", "REQUEST_METHOD": "POST"}
+    assert wants_thread(environ) is True  # the first look starts the CPU clocks: not busy
+    clock.burn(0.0001)
+    assert wants_thread(environ) is True  # idle, a slot free
+    taken = [inline.take() for _ in range(relay.app.extensions["relay"].config.relay.inline_concurrency)]
+    assert all(taken) and not inline.take()
+    assert wants_thread(environ) is False  # every slot taken: it would be answered 202 anyway
+    for _ in taken:
+        inline.release()
+    clock.burn(3600.0)
+    assert wants_thread(environ) is False  # busy
 
 
 def test_without_a_cpu_clock_a_process_busy_with_other_work_still_attempts_inline(
