@@ -6,7 +6,7 @@ The accept path (``accept``) is: validate -> enrich -> store durably -> one boun
 while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
 is short of CPU (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``,
 :mod:`server.cpu_load`), nor on the worker's event loop thread (:func:`server.worker.may_wait`:
-such a request is one the relay said it would not try, see :meth:`Relay.wants_thread`). Otherwise every
+such a request is one the relay said it would not try, :meth:`Relay.wants_thread`). Otherwise every
 request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
 Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
 back anyway, never accept throughput. Background delivery is the engine's
@@ -200,12 +200,17 @@ class Relay:
             test=True if test else None,
         )
 
-    def wants_thread(self, environ: dict[str, Any] | None = None) -> bool:
-        """Whether a request now would be tried inline, so may wait on Pingtree: the worker's hint
-        (``app.extensions["wants_thread"]``, server/worker.py) to run it on a thread, not its loop.
-        Not while every inline slot is taken: that request would be answered 202 anyway, and on a
-        thread it would only wait for the GIL behind the loop's requests."""
+    def would_try_inline(self) -> bool:
+        """Whether an event accepted now would be tried inline: enabled, a slot free, capacity to
+        spare (:meth:`_inline_worthwhile`)."""
         return self._inline_enabled and self._inline.free > 0 and self._inline_worthwhile()
+
+    def wants_thread(self, environ: dict[str, Any]) -> bool:
+        """The worker's hint (``app.extensions["wants_thread"]``, server/worker.py): a request the
+        relay would try inline may wait on Pingtree, so it runs on a thread, not the worker's loop.
+        Any other is answered without waiting (202 from the store), on the loop. With every inline
+        slot taken it is the latter: on a thread it would only wait for the GIL behind the loop."""
+        return self.would_try_inline()
 
     def _inline_worthwhile(self) -> bool:
         """True unless the engine has a backlog or this process is short of CPU: then an inline
@@ -283,7 +288,7 @@ class Relay:
             dedupe_key=staging_dedupe_key(dedupe_key(event)) if test else dedupe_key(event),
             fingerprint=event.fingerprint(),
         )
-        inline = self.wants_thread() and may_wait() and self._inline.take()
+        inline = self.would_try_inline() and may_wait() and self._inline.take()
         owner = self.dispatcher.owner if inline else None
         try:
             stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)
