@@ -394,11 +394,11 @@ class LoopWorker(Worker):  # type: ignore[misc]
         # taken, a request runs on the loop (where the relay answers 202), since a queued one would
         # wait for a thread, then for the GIL behind the loop's own requests.
         self._on_threads = 0
-        # Whether the loop ran its last rounds more than BEHIND_SECONDS late: it has more requests
-        # than it can take at once, and an app with the hint gets no threads until it catches up.
+        # Whether the loop ran its last rounds BEHIND_SECONDS late, busy (BEHIND_BUSY): it has more
+        # requests than it can take at once, and an app with the hint gets no threads meanwhile.
         self.behind = False
-        self._rounds_due = time.monotonic()
-        self._rounds_at = (time.monotonic(), 0.0)  # (wall, loop thread's CPU) at the last rounds
+        self._rounds_due = 0.0  # when the next rounds should run (set in run())
+        self._rounds_at = (0.0, 0.0)  # (wall, the loop thread's CPU) at the last rounds
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -418,8 +418,13 @@ class LoopWorker(Worker):  # type: ignore[misc]
 
             self.ssl = ssl_context(self.cfg)
         self.listeners = [getattr(s, "sock", s) for s in self.sockets]
+        self._server_names: dict[socket.socket, tuple[str, str]] = {}  # SERVER_NAME, SERVER_PORT
         for listener in self.listeners:
             listener.setblocking(False)
+            name = listener.getsockname()
+            self._server_names[listener] = (
+                (str(name[0]), str(name[1])) if isinstance(name, tuple) else (str(name), "")
+            )
         self.loop.add_reader(self.PIPE[0], self._on_signal)  # gunicorn's wakeup fd for signals
         self._accept_on(True)
         self._rounds_due, self._rounds_at = time.monotonic(), (time.monotonic(), time.thread_time())
@@ -493,11 +498,8 @@ class LoopWorker(Worker):  # type: ignore[misc]
         few hundred ms under load; one connection a turn left a burst of 500 new connections (a
         load balancer's pool filling up) waiting in the kernel for tens of seconds, past clients'
         timeouts (measured: 13 to 38 of them at 1,000 events/s offered)."""
-        least = CONNECTIONS.least()
-        room = ACCEPT_BURST if least is None else least + FAIR_SLACK + ACCEPT_BURST - self._count()
-        name = listener.getsockname()
-        server = (str(name[0]), str(name[1])) if isinstance(name, tuple) else (str(name), "")
-        for _ in range(max(1, room)):
+        room: int | None = None  # looked up after the first accept: most calls find none waiting
+        while room is None or room > 0:
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -506,7 +508,11 @@ class LoopWorker(Worker):  # type: ignore[misc]
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._opening += 1
-            self.loop.create_task(self._open(sock, server))
+            self.loop.create_task(self._open(sock, self._server_names[listener]))
+            if room is None:
+                least = CONNECTIONS.least()
+                room = ACCEPT_BURST if least is None else least + FAIR_SLACK + ACCEPT_BURST - self._count()
+            room -= 1
 
     async def _open(self, sock: socket.socket, server: tuple[str, str]) -> None:
         try:
