@@ -98,21 +98,26 @@ def test_on_the_worker_s_loop_thread_the_relay_never_waits_upstream(
 def test_the_worker_is_asked_for_a_thread_only_while_an_inline_attempt_would_be_made(
     app_relay_factory: InProcessRelayFactory,
 ) -> None:
-    clock = CpuClock()
-    relay = app_relay_factory(app_options={"cpu_load": CpuLoad(clock)})
+    clock, wall = CpuClock(), CpuClock()  # both wound by the test: "busy" is exact
+    relay = app_relay_factory(app_options={"cpu_load": CpuLoad(clock, wall)})
     wants_thread = relay.app.extensions["wants_thread"]
     inline = relay.app.extensions["relay"]._inline
     environ = {"PATH_INFO": "/api/event/cmp_test", "REQUEST_METHOD": "POST"}
     assert wants_thread(environ) is True  # the first look starts the CPU clocks: not busy
     clock.burn(0.0001)
+    wall.burn(1.0)
     assert wants_thread(environ) is True  # idle, a slot free
     taken = [inline.take() for _ in range(relay.app.extensions["relay"].config.relay.inline_concurrency)]
     assert all(taken) and not inline.take()
     assert wants_thread(environ) is False  # every slot taken: it would be answered 202 anyway
     for _ in taken:
         inline.release()
-    clock.burn(3600.0)
-    assert wants_thread(environ) is False  # busy
+    clock.burn(0.0001)
+    wall.burn(1.0)
+    assert wants_thread(environ) is True  # a slot free again
+    clock.burn(1.0)
+    wall.burn(1.0)
+    assert wants_thread(environ) is False  # busy: a core's worth of CPU in a second
 
 
 def test_without_a_cpu_clock_a_process_busy_with_other_work_still_attempts_inline(

@@ -108,3 +108,56 @@ def test_request_id_header(app: Flask, incoming: str, kept: bool) -> None:
     answer = app.test_client().get("/healthz", headers={"X-Request-Id": incoming})
     assert (answer.headers["X-Request-Id"] == incoming) is kept
     assert len(answer.headers["X-Request-Id"]) >= 8
+
+
+def test_a_decision_line_is_the_line_the_formatter_makes_of_the_same_record() -> None:
+    import logging
+
+    from server.jsonlog import JsonFormatter
+
+    fields = {"event": "accepted", "cid": "cmp_1", "status": 202, "client": "203.0.113.0/24"}
+    record = logging.LogRecord(
+        "pingtree_relay.decisions", logging.WARNING, __file__, 0, "accepted", None, None
+    )
+    record.fields = fields
+    formatter = JsonFormatter()
+    assert formatter.format_line(record.created, logging.WARNING, "accepted", fields) == formatter.format(
+        record
+    )
+
+
+def test_the_writer_writes_every_queued_line_in_order_in_batches(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+    import queue
+
+    from server.logs import _LineWriter
+
+    records: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    for n in range(500):
+        records.put((1764619200.0 + n / 1000, logging.INFO, "delivery", {"event": "delivery", "n": n}))
+    record = logging.LogRecord(
+        "pingtree_relay.decisions", logging.ERROR, __file__, 0, "by the book", None, None
+    )
+    records.put(record)  # a record that came the ordinary way (the decision logger's own handler)
+    writes: list[str] = []
+
+    class Stderr:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Stderr())
+    writer = _LineWriter(records)
+    writer.start()
+    writer.stop()  # everything queued before it is written, then the thread ends
+    assert not writer.is_alive()
+    lines = [json.loads(line) for text in writes for line in text.splitlines()]
+    assert [line.get("n") for line in lines[:500]] == list(range(500))
+    assert lines[0]["ts"] == "2025-12-01T20:00:00.000Z" and lines[1]["ts"] == "2025-12-01T20:00:00.001Z"
+    assert lines[500]["message"] == "by the book" and lines[500]["level"] == "error"
+    assert len(writes) < 10  # 501 lines, a handful of writes: batched, not one write per line
