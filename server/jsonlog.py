@@ -90,30 +90,38 @@ class JsonFormatter(logging.Formatter):
     (message, traceback) is masked here.
     """
 
-    def format_line(self, created: float, level: int, message: str, fields: dict[str, Any]) -> str:
-        """The line of a decision (server/logs.py): as :meth:`format` makes it for a record of the
-        decision logger with these values, without the record."""
+    def format(self, record: logging.LogRecord) -> str:
+        error = None
+        if record.exc_info:
+            error = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted before it crossed a queue
+            error = record.exc_text
+        logger = None
+        if record.name != "root" and not record.name.startswith("pingtree_relay.decisions"):
+            logger = record.name
+        fields = getattr(record, "fields", {})
+        return self.format_line(record.created, record.levelno, record.getMessage(), fields, logger, error)
+
+    def format_line(
+        self,
+        created: float,
+        level: int,
+        message: str,
+        fields: dict[str, Any],
+        logger: str | None = None,
+        error: str | None = None,
+    ) -> str:
+        """The line itself; a decision (server/logs.py) comes here without a record."""
         line: dict[str, Any] = {
             "ts": utc_timestamp(created),
             "level": logging.getLevelName(level).lower(),
             "message": mask_addresses(message),
         }
+        if logger is not None:
+            line["logger"] = logger
         line.update(fields)
-        return json.dumps(line, default=str, separators=(",", ":"))
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": utc_timestamp(record.created),
-            "level": record.levelname.lower(),
-            "message": mask_addresses(record.getMessage()),
-        }
-        if record.name != "root" and not record.name.startswith("pingtree_relay.decisions"):
-            line["logger"] = record.name
-        line.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            line["error"] = mask_addresses(self.formatException(record.exc_info))
-        elif record.exc_text:  # formatted before it crossed a queue
-            line["error"] = mask_addresses(record.exc_text)
+        if error is not None:
+            line["error"] = mask_addresses(error)
         return json.dumps(line, default=str, separators=(",", ":"))
 
 

@@ -191,11 +191,12 @@ class _Request:
 
 
 class _Stop(Exception):
-    """Raised from a parser callback: parse no further on this connection; ``answer``, if any, is
-    this worker's own answer to write after the requests parsed so far, before closing."""
+    """Raised from a parser callback: parse no further on this connection. ``answer``, if any, is
+    this worker's own answer to write after the requests parsed so far, before closing; ``invalid``
+    what was wrong with the request, for the log."""
 
-    def __init__(self, answer: bytes | None = None) -> None:
-        self.answer = answer
+    def __init__(self, answer: bytes | None = None, invalid: str | None = None) -> None:
+        self.answer, self.invalid = answer, invalid
 
 
 class Connection(asyncio.Protocol):
@@ -244,8 +245,8 @@ class Connection(asyncio.Protocol):
             stop = exc.__context__
             if not isinstance(stop, _Stop):
                 raise
-            if stop.answer is not None:
-                self._invalid(f"request head larger than {HEAD_LIMIT} bytes")
+            if stop.invalid is not None:
+                self._invalid(stop.invalid)
             self._stop(stop.answer)
         except httptools.HttpParserUpgrade:  # "Upgrade: h2c" and the like: answered as HTTP/1.1
             self._stop(None)  # (RFC 9110 7.8), and nothing after it is read
@@ -312,7 +313,7 @@ class Connection(asyncio.Protocol):
         assert request is not None
         request.size += size
         if request.size > HEAD_LIMIT:
-            raise _Stop(_HEAD_TOO_LARGE_ANSWER)
+            raise _Stop(_HEAD_TOO_LARGE_ANSWER, f"request head larger than {HEAD_LIMIT} bytes")
 
     def _hand_over_early(self, request: _Request) -> None:
         request.oversize, request.keep_alive = True, False
@@ -397,7 +398,6 @@ class LoopWorker(Worker):  # type: ignore[misc]
         # Whether the loop ran its last rounds BEHIND_SECONDS late, busy (BEHIND_BUSY): it has more
         # requests than it can take at once, and an app with the hint gets no threads meanwhile.
         self.behind = False
-        self._rounds_due = 0.0  # when the next rounds should run (set in run())
         self._rounds_at = (0.0, 0.0)  # (wall, the loop thread's CPU) at the last rounds
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
             )
         self.loop.add_reader(self.PIPE[0], self._on_signal)  # gunicorn's wakeup fd for signals
         self._accept_on(True)
-        self._rounds_due, self._rounds_at = time.monotonic(), (time.monotonic(), time.thread_time())
+        self._rounds_at = (time.monotonic(), time.thread_time())
         self.loop.call_soon(self._rounds)
         try:
             self.loop.run_forever()
@@ -452,8 +452,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
         cpu = time.thread_time()  # of this thread: the loop's
         (then, then_cpu), self._rounds_at = self._rounds_at, (now, cpu)
         busy = (cpu - then_cpu) >= BEHIND_BUSY * (now - then)
-        self.behind = busy and now - self._rounds_due > BEHIND_SECONDS
-        self._rounds_due = now + TICK_SECONDS
+        self.behind = busy and now - then - TICK_SECONDS > BEHIND_SECONDS
         for conn in list(self.connections):
             conn.expire(now)
         if self.alive and os.getppid() != self.ppid:
