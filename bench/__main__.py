@@ -123,6 +123,25 @@ def accept_part(workdir: Path, seconds: float, results: dict[str, Any], profiles
                     ),
                 },
             )
+            # The same rate of conversions: each is tried inline (the plain events above are not),
+            # so this is what a page waiting for its conversion_id sees, the upstream's answer included.
+            out["fixed_rate_conversions"] = guarded(
+                "fixed rate 500 ev/s, conversions",
+                lambda: {
+                    "rate": 500,
+                    **measured(
+                        relay,
+                        lambda: load.run_paced(
+                            relay.url,
+                            PATH,
+                            rate=500,
+                            seconds=max(seconds * 2, 2),
+                            origin=servers.ORIGIN,
+                            conversion="sale_completed",
+                        ),
+                    ),
+                },
+            )
             out["relay"] = sweep(relay, seconds)
             results["memory"]["accept path, fast upstream (after the sweep), SQLite"] = worker_rss(relay)
             if profiles:

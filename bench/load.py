@@ -75,6 +75,7 @@ def run_wrk(
     origin: str,
     threads: int = 2,
     rate: float = 0,
+    conversion: str = "",
 ) -> LoadResult:
     """``wrk`` with ``concurrency`` keep-alive connections for ``seconds``, posting unique events.
 
@@ -99,6 +100,7 @@ def run_wrk(
         path,
         origin,
         f"{rate / threads:g}",
+        conversion,
     ]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         # At a higher priority, like the fake upstreams: it stands for browsers on other machines.
@@ -117,13 +119,29 @@ def run_wrk(
 
 
 def run_paced(
-    base_url: str, path: str, *, rate: float, seconds: float, origin: str, connections: int = 100
+    base_url: str,
+    path: str,
+    *,
+    rate: float,
+    seconds: float,
+    origin: str,
+    connections: int = 100,
+    conversion: str = "",
 ) -> LoadResult:
     """About ``rate`` requests/s offered for ``seconds``, whatever the answers' latency (open loop).
 
     Each wrk thread starts its requests ``threads / rate`` apart on a clock (post_event.lua's
     ``delay()``; Debian has no wrk2); a slow server keeps more of the ``connections`` busy instead
     of lowering the offered rate, until all are busy. wrk, not a Python generator: a Python client
-    at 1,000 requests/s needs a good part of a core on the same two cores.
+    at 1,000 requests/s needs a good part of a core on the same two cores. ``conversion``: that
+    conversion event (with an amount) instead of ``quote_viewed``.
     """
-    return run_wrk(base_url, path, concurrency=connections, seconds=seconds, origin=origin, rate=rate)
+    return run_wrk(
+        base_url,
+        path,
+        concurrency=connections,
+        seconds=seconds,
+        origin=origin,
+        rate=rate,
+        conversion=conversion,
+    )

@@ -176,7 +176,11 @@ def load_results(results: dict[str, Any]) -> list[dict[str, Any]]:
     runs = [
         r for key in ("relay", "proxy", "baseline", "relay_slow", "relay_down") for r in accept.get(key) or []
     ]
-    runs += [accept["fixed_rate"]] if "wrk_cpu_percent" in (accept.get("fixed_rate") or {}) else []
+    runs += [
+        accept[key]
+        for key in ("fixed_rate", "fixed_rate_conversions")
+        if "wrk_cpu_percent" in (accept.get(key) or {})
+    ]
     return runs + [r for r in results.get("sustained") or [] if "wrk_cpu_percent" in r]
 
 
@@ -281,17 +285,24 @@ def _accept_section(accept: dict[str, Any] | None) -> list[str]:
         ),
         "",
     ]
-    fixed = accept.get("fixed_rate")
-    if fixed and "error" in fixed:
-        out += [f"Fixed rate 500 ev/s: n/a ({fixed['error']})", ""]
-    elif fixed:
-        out += [
-            f"Fixed rate (about {fixed['rate']:.0f} ev/s offered open loop for {fixed['seconds']:.0f} s, fast "
-            f"upstream): achieved {fixed['rps']:,.0f} ev/s, p50 {fixed['p50_ms']:.2f} ms, "
-            f"p95 {fixed['p95_ms']:.2f} ms, p99 {fixed['p99_ms']:.2f} ms, max {fixed['max_ms']:.1f} ms, "
-            f"errors {fixed['errors']}; relay CPU {fixed.get('server_cpu_percent', 0):.0f} % of a core.",
-            "",
-        ]
+    for key, what in (
+        ("fixed_rate", "Fixed rate"),
+        (
+            "fixed_rate_conversions",
+            "The same for conversions (each tried inline, the upstream's answer included)",
+        ),
+    ):
+        fixed = accept.get(key)
+        if fixed and "error" in fixed:
+            out += [f"{what}, 500 ev/s: n/a ({fixed['error']})", ""]
+        elif fixed:
+            out += [
+                f"{what} (about {fixed['rate']:.0f} ev/s offered open loop for {fixed['seconds']:.0f} s, fast "
+                f"upstream): achieved {fixed['rps']:,.0f} ev/s, p50 {fixed['p50_ms']:.2f} ms, "
+                f"p95 {fixed['p95_ms']:.2f} ms, p99 {fixed['p99_ms']:.2f} ms, max {fixed['max_ms']:.1f} ms, "
+                f"errors {fixed['errors']}; relay CPU {fixed.get('server_cpu_percent', 0):.0f} % of a core.",
+                "",
+            ]
     return out
 
 

@@ -62,6 +62,16 @@ class EventConfig:
     allow_duplicates: bool = False  # Pingtree's isDuplicate ("Multi-Trigger")
     revenue: str | float = "client"  # "client", "signed", or a fixed amount set by the server
     max_revenue: float | None = None
+    # Whether the accept path waits for Pingtree's answer while the caller waits (an inline attempt),
+    # so the answer carries Pingtree's own (its conversion_id); None: conversions only.
+    inline: bool | None = None
+
+    @property
+    def tried_inline(self) -> bool:
+        """Whether an accepted event of this kind is tried inline when the relay has capacity to
+        spare (docs/durability.md): ``inline`` if set, else for conversions, whose answer carries
+        the conversion_id a page or a caller waits for."""
+        return self.conversion if self.inline is None else self.inline
 
 
 @dataclass(frozen=True)
@@ -328,6 +338,7 @@ def _event(path: str, name: str, raw: Any) -> EventConfig:
             "allow_duplicates": _bool,
             "revenue": _revenue,
             "max_revenue": lambda p, v: _number(p, v),
+            "inline": _bool,
         },
     )
     if values.get("revenue") == "signed" and not values.get("conversion", False):

@@ -40,8 +40,11 @@ cost_operation = "add"
 sub5 = "from-server"
 
 [campaigns.cmp_test.events.quote_viewed]
+inline = true
 [campaigns.cmp_test.events.form_submitted]
+inline = true
 [campaigns.cmp_test.events.call_clicked]
+inline = true
 allow_duplicates = true
 [campaigns.cmp_test.events.sale_completed]
 conversion = true
@@ -51,6 +54,7 @@ max_revenue = 5000
 allowed_origins = ["https://other.example.org"]
 conversion_timezone = "PST"
 [campaigns.cmp_other.events.signup]
+inline = true
 """
 
 

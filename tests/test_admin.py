@@ -66,7 +66,7 @@ def make_app(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Flask
                 "campaigns": {
                     "cmp_a": {
                         "allowed_origins": ["https://shop.example.com"],
-                        "events": {"view": {}, "sale": {"conversion": True}},
+                        "events": {"view": {"inline": True}, "sale": {"conversion": True}},
                     }
                 },
             }

@@ -24,12 +24,14 @@ server_key = "{KEY}"
 cost = 1.25
 cost_operation = "add"
 [campaigns.cmp_test.events.quote_viewed]
+inline = true
 [campaigns.cmp_test.events.sale_completed]
 conversion = true
 
 [campaigns.cmp_other]
 allowed_origins = ["https://other.example.org"]
 [campaigns.cmp_other.events.signup]
+inline = true
 """
 
 

@@ -53,6 +53,9 @@ def test_the_issue_example_is_valid(tmp_path: Path) -> None:
     assert config.relay.store == f"sqlite:///{(tmp_path / 'var/relay.sqlite3').resolve()}"
     campaign = config.campaigns["cmp_demo"]
     assert campaign.events["sale_completed"].conversion is True
+    # Tried inline: conversions unless an event says otherwise (``inline``).
+    assert campaign.events["sale_completed"].tried_inline is True
+    assert campaign.events["quote_viewed"].tried_inline is False
     assert campaign.server_fields == {"cost": 1.25, "cost_operation": "add"}
 
 
@@ -62,6 +65,10 @@ def test_the_issue_example_is_valid(tmp_path: Path) -> None:
         (
             ("conversion = true", 'conversion = "yes"'),
             "campaigns.cmp_demo.events.sale_completed.conversion: expected true or false",
+        ),
+        (
+            ("conversion = true", 'conversion = true\ninline = "always"'),
+            "campaigns.cmp_demo.events.sale_completed.inline: expected true or false",
         ),
         (
             ('conversion_timezone = "EST"', 'conversion_timezone = "CET"'),

@@ -359,7 +359,9 @@ def test_dead_letters_can_be_listed_retried_and_purged(
     relay_factory: RelayFactory, sandbox: Sandbox, pages_port: int
 ) -> None:
     # relay_only exists in the relay's campaign but not in the sandbox's: Pingtree answers 400.
-    relay = relay_factory(campaigns_toml(pages_port) + "\n[campaigns.cmp_test.events.relay_only]\n")
+    relay = relay_factory(
+        campaigns_toml(pages_port) + "\n[campaigns.cmp_test.events.relay_only]\ninline = true\n"
+    )
     [txn] = new_txns(1, "dead")
     response = relay.post({"event_id": "relay_only", "transaction_id": txn})
     assert response.status_code == 400, response.text

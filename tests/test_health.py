@@ -32,7 +32,9 @@ def config(tmp_path: Path) -> Any:
                 "upstream_url": "http://upstream.invalid",
                 "store": f"sqlite:///{tmp_path / 'o.sqlite3'}",
             },
-            "campaigns": {"cmp_h": {"allowed_origins": [ORIGIN], "events": {"quote_viewed": {}}}},
+            "campaigns": {
+                "cmp_h": {"allowed_origins": [ORIGIN], "events": {"quote_viewed": {"inline": True}}}
+            },
         }
     )
 

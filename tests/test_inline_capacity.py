@@ -8,6 +8,7 @@ store and the real sandbox; the CPU clocks are the one part given by the test, s
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ import server.worker
 from server.cli import worker_app
 from server.config import load_config
 from server.cpu_load import CpuLoad
-from tests.conftest import InProcessRelay, InProcessRelayFactory, Sandbox, wait_for
+from tests.conftest import InProcessRelay, InProcessRelayFactory, Sandbox, campaigns_toml, wait_for
 
 
 class CpuClock:
@@ -118,6 +119,70 @@ def test_the_worker_is_asked_for_a_thread_only_while_an_inline_attempt_would_be_
     clock.burn(1.0)
     wall.burn(1.0)
     assert wants_thread(environ) is False  # busy: a core's worth of CPU in a second
+
+
+def default_campaigns(pages_port: int) -> str:
+    """The test campaigns without the ``inline = true`` the other tests' plain events carry."""
+    return campaigns_toml(pages_port).replace("inline = true\n", "")
+
+
+def test_by_default_only_conversions_are_tried_inline(
+    app_relay_factory: InProcessRelayFactory, sandbox: Sandbox, pages_port: int
+) -> None:
+    """A conversion's answer carries Pingtree's conversion_id, so the caller waits for it; a plain
+    event's would carry nothing the caller needs: 202 at once, and the engine delivers it."""
+    relay = app_relay_factory(default_campaigns(pages_port), app_options={"start_delivery": True})
+    t = f"txn_{uuid.uuid4().hex}"
+    plain = relay.post({"event_id": "quote_viewed", "transaction_id": t})
+    assert plain.status_code == 202 and plain.json()["type"] == "queued", plain.text
+    wait_for(lambda: len(sandbox.events(transaction_id=t)) == 1, message="the engine delivered the event")
+    sale = relay.post({"event_id": "sale_completed", "transaction_id": t, "amount": 45})
+    assert sale.status_code == 200 and sale.json()["data"]["conversion_id"], sale.text
+
+
+def test_an_event_s_inline_key_overrides_the_default(
+    app_relay_factory: InProcessRelayFactory, sandbox: Sandbox, pages_port: int
+) -> None:
+    campaigns = (
+        default_campaigns(pages_port)
+        .replace(
+            "[campaigns.cmp_test.events.quote_viewed]\n",
+            "[campaigns.cmp_test.events.quote_viewed]\ninline = true\n",
+        )
+        .replace("conversion = true\n", "conversion = true\ninline = false\n")
+    )
+    relay = app_relay_factory(campaigns, app_options={"start_delivery": True})
+    t = f"txn_{uuid.uuid4().hex}"
+    plain = relay.post({"event_id": "quote_viewed", "transaction_id": t})
+    assert plain.status_code == 200 and plain.json()["type"] == "success", plain.text
+    sale = relay.post({"event_id": "sale_completed", "transaction_id": t, "amount": 45})
+    assert sale.status_code == 202 and sale.json()["type"] == "queued", sale.text
+    wait_for(lambda: len(sandbox.events(transaction_id=t)) == 2, message="the engine delivered the sale")
+
+
+def test_the_worker_is_asked_for_a_thread_only_for_a_request_that_may_carry_an_inline_event(
+    app_relay_factory: InProcessRelayFactory, pages_port: int
+) -> None:
+    """The hint reads the path and the worker's buffered body (not parsed); idle, a slot free."""
+    campaigns = default_campaigns(pages_port) + '\n[campaigns.cmp_test.sdk]\nendpoint_path = "/p/e"\n'
+    relay = app_relay_factory(campaigns)
+    wants_thread = relay.app.extensions["wants_thread"]
+
+    def asks(path: str, body: bytes | None = None) -> bool:
+        environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "POST"}
+        if body is not None:
+            environ["wsgi.input"] = io.BytesIO(body)
+        return bool(wants_thread(environ))
+
+    sale, view = b'{"event_id":"sale_completed","amount":4}', b'{"event_id": "quote_viewed"}'
+    assert asks("/api/event/cmp_test", sale) and not asks("/api/event/cmp_test", view)
+    assert asks("/p/e", sale) and not asks("/p/e", view)  # the campaign's first-party endpoint
+    assert asks("/api/event/trigger", sale) and not asks("/api/event/trigger", view)
+    assert not asks("/api/event/cmp_other", b'{"event_id":"signup"}')  # no event of it is tried inline
+    assert not asks("/api/event/cmp_unknown", sale)  # answered 404 on the loop
+    assert asks("/api/event/cmp_test")  # a body the hint cannot read: a thread, as before
+    assert asks("/postback/cmp_test/ringba") and not asks("/postback/cmp_other/x")
+    assert asks("/admin/")  # not an event: as before
 
 
 def test_without_a_cpu_clock_a_process_busy_with_other_work_still_attempts_inline(

@@ -135,7 +135,7 @@ def make_app(tmp_path: Path) -> Iterator[Callable[[str, list[int]], Any]]:
                 "campaigns": {
                     "cmp_a": {
                         "allowed_origins": ["https://shop.example.com"],
-                        "events": {"view": {}, "sale": {"conversion": True}},
+                        "events": {"view": {"inline": True}, "sale": {"conversion": True}},
                     }
                 },
             }

@@ -32,6 +32,7 @@ per_campaign = ""
 [campaigns.cmp_test]
 allowed_origins = ["https://www.example.com"]
 [campaigns.cmp_test.events.quote_viewed]
+inline = true
 """
 
 

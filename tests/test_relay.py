@@ -72,7 +72,7 @@ def make_client(store_url: str, sandbox: Sandbox) -> Iterator[Any]:
                 "campaigns": {
                     "cmp_test": {
                         "allowed_origins": ["https://www.example.com"],
-                        "events": {"quote_viewed": {}},
+                        "events": {"quote_viewed": {"inline": True}},
                     }
                 },
             }

@@ -24,7 +24,7 @@ def shared_relay(
     tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox, pages_port: int
 ) -> Iterator[Relay]:
     """One relay for the read-mostly tests of this module (each test uses fresh transaction ids)."""
-    extra = campaigns_toml(pages_port) + "\n[campaigns.cmp_test.events.relay_only]\n"
+    extra = campaigns_toml(pages_port) + "\n[campaigns.cmp_test.events.relay_only]\ninline = true\n"
     relay = make_relay(tmp_path_factory.mktemp("relay"), sandbox.url, pages_port, extra).start()
     yield relay
     relay.kill()

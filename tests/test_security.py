@@ -55,7 +55,9 @@ extra_fields = ["quote_id"]
 [campaigns.cmp_test.sdk]
 endpoint_path = "/p/collect"
 [campaigns.cmp_test.events.quote_viewed]
+inline = true
 [campaigns.cmp_test.events.form_submitted]
+inline = true
 [campaigns.cmp_test.events.sale_completed]
 conversion = true
 revenue = "signed"
@@ -63,6 +65,7 @@ revenue = "signed"
 [campaigns.cmp_other]
 allowed_origins = ["https://other.example.org"]
 [campaigns.cmp_other.events.signup]
+inline = true
 """
 
 

@@ -1,7 +1,8 @@
 -- wrk script: POST valid events to the relay (or a baseline) the way the SDK sends them:
 -- text/plain JSON (no CORS preflight) with an allowed Origin, each with a unique transaction_id
 -- and event_uuid so that nothing is collapsed or replayed.
---   wrk -s post_event.lua URL -- RUN_PREFIX PATH ORIGIN [RATE]
+--   wrk -s post_event.lua URL -- RUN_PREFIX PATH ORIGIN [RATE] [CONVERSION]
+-- CONVERSION, when given: post that conversion event with an amount instead of quote_viewed.
 -- done() prints one line "WRK_JSON {...}" with throughput inputs and latency percentiles (us).
 -- RATE (requests per second, for each wrk thread) makes the load open-loop, as wrk2 would: the
 -- thread's requests are given start times RATE apart on a clock, and a connection that comes free
@@ -31,11 +32,13 @@ end
 
 local counter = 0
 local prefix, path, headers
+local event = '"event_id":"quote_viewed"'
 
 function init(args)
   prefix = (args[1] or "run") .. "x" .. tostring(tid)
   path = args[2] or "/api/event/cmp_bench"
   headers = { ["Content-Type"] = "text/plain;charset=UTF-8", ["Origin"] = args[3] or "https://www.example.com" }
+  if args[5] and args[5] ~= "" then event = '"event_id":"' .. args[5] .. '","amount":45' end
   local rate = tonumber(args[4] or "")
   if rate and rate > 0 then
     local interval = 1000 / rate
@@ -56,7 +59,7 @@ end
 function request()
   counter = counter + 1
   local id = prefix .. "n" .. counter
-  local body = '{"event_id":"quote_viewed","transaction_id":"t' .. id .. '","event_uuid":"u' .. id ..
+  local body = '{' .. event .. ',"transaction_id":"t' .. id .. '","event_uuid":"u' .. id ..
     '","pid":"src_bench","sub1":"ad42","utm_source":"google","utm_campaign":"spring"}'
   return wrk.format("POST", path, headers, body)
 end
