@@ -169,6 +169,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     """The box's delivery engine, in the foreground, until SIGTERM (then it finishes or hands back
     every lease). ``serve`` runs and supervises it; run it yourself beside another WSGI server."""
     from . import create_app, jsonlog
+    from .heap import freeze_what_is_loaded
 
     if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
         jsonlog.configure()
@@ -180,6 +181,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     cap = relay.delivery_cap(args.inline_workers, engines=args.share)  # one of serve's --share processes
     if args.parent_pid:
         _stop_when_orphaned(relay.dispatcher, args.parent_pid)
+    freeze_what_is_loaded()
     # Under serve, stdout is jsonlog's: this line comes out as JSON too.
     print(f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight", flush=True)
     relay.dispatcher.run(cap, handle_signals=True)

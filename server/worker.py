@@ -65,6 +65,8 @@ from urllib.parse import unquote_to_bytes
 import httptools
 from gunicorn.workers.base import Worker
 
+from .heap import freeze_what_is_loaded
+
 READ_TIMEOUT_SECONDS = 10.0
 HEAD_LIMIT = 64 * 1024
 BODY_LIMIT = 64 * 1024  # larger than any event body the relay accepts (relay.max_body_bytes)
@@ -403,6 +405,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
     # --- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        freeze_what_is_loaded()  # the app is loaded (init_process): keep it out of full GC passes
         self._slot = CONNECTIONS.claim(self.age, os.getpid())
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)

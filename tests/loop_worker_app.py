@@ -1,12 +1,14 @@
 """A small app served by server/worker.py's LoopWorker, for tests/test_worker.py.
 
 ``wants_thread`` sends ``/slow`` and any request with ``?thread`` to a request thread; the rest
-run on the loop's thread. ``/where`` says where it ran; ``/sleeping``, how many are in ``/slow``.
+run on the loop's thread. ``/where`` says where it ran; ``/sleeping``, how many are in ``/slow``;
+``/gc``, what the collector has frozen.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import threading
 import time
 from typing import Any
@@ -44,6 +46,11 @@ def create_app() -> Flask:
         finally:
             sleeping[0] -= 1
         return jsonify(may_wait=may_wait())
+
+    @app.get("/gc")
+    def collector() -> Response:
+        # What the worker froze before serving (server/heap.py), and a full pass's count now.
+        return jsonify(frozen=gc.get_freeze_count(), collected=gc.collect())
 
     @app.get("/sleeping")
     def sleeping_now() -> Response:

@@ -97,6 +97,12 @@ def test_the_app_runs_on_the_loop_thread_unless_its_hint_says_it_may_wait(server
     assert on_thread["may_wait"] is True and on_thread["thread"].startswith("request")
 
 
+def test_what_the_worker_loaded_before_serving_is_frozen_out_of_full_collections(server: Server) -> None:
+    """server/heap.py: the app and its modules are not walked by every full GC pass (a stall)."""
+    collector = httpx.get(server.url + "/gc").json()
+    assert collector["frozen"] > 10_000  # Flask, gunicorn, the app: tens of thousands of objects
+
+
 def test_a_request_waiting_on_a_thread_does_not_hold_up_the_others(server: Server) -> None:
     slow: list[float] = []
 
