@@ -1,8 +1,10 @@
 """End to end: browser-style request -> relay -> sandbox, against posting straight to the sandbox.
 
 Sequential requests (one in flight), alternating relay and direct, so both see the same machine
-state. The relay answers 200 only after its inline attempt reached the sandbox, so the difference
-of the two is exactly what the relay adds (validation, enrichment, the durable write, one hop).
+state. The events are conversions, which the relay tries inline (it answers a plain event 202
+without waiting for the upstream): it answers 200 only after its inline attempt reached the
+upstream, so the difference of the two is exactly what the relay adds (validation, enrichment, the
+durable writes, one hop).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class EndToEnd:
 def _body(ident: str, *, with_uuid: bool) -> str:
     uuid = f'"event_uuid":"u{ident}",' if with_uuid else ""
     return (
-        f'{{"event_id":"quote_viewed","transaction_id":"t{ident}",{uuid}'
+        f'{{"event_id":"sale_completed","amount":45,"transaction_id":"t{ident}",{uuid}'
         f'"pid":"src_bench","sub1":"ad42","utm_source":"google"}}'
     )
 
