@@ -3,8 +3,8 @@
 The accept path (``accept``) is: validate -> enrich -> store durably -> one bounded inline attempt
 -> answer. Only an event whose caller waits for Pingtree's answer is tried inline
 (``EventConfig.tried_inline``: conversions, whose answer carries the conversion_id, unless the
-event's ``inline`` says otherwise). Inline attempts are capped per process (``inline_concurrency``), time-boxed
-(``inline_timeout``) and made only with capacity to spare (:meth:`Relay._inline_worthwhile`): not
+event's ``inline`` says otherwise; the dashboard's test events). Inline attempts are capped per
+process (``inline_concurrency``), time-boxed (``inline_timeout``) and made only with capacity to spare (:meth:`Relay._inline_worthwhile`): not
 while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
 is short of CPU (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``,
 :mod:`server.cpu_load`), nor on the worker's event loop thread (:func:`server.worker.may_wait`:
@@ -224,8 +224,9 @@ class Relay:
         )
 
     def would_try_inline(self) -> bool:
-        """Whether an event accepted now would be tried inline: enabled, a slot free, capacity to
-        spare (:meth:`_inline_worthwhile`)."""
+        """Whether an event whose caller waits for Pingtree's answer (a conversion, by default),
+        accepted now, would be tried inline: enabled, a slot free, capacity to spare
+        (:meth:`_inline_worthwhile`)."""
         return self._inline_enabled and self._inline.free > 0 and self._inline_worthwhile()
 
     def wants_thread(self, environ: dict[str, Any]) -> bool:
@@ -233,7 +234,7 @@ class Relay:
         relay would try inline may wait on Pingtree, so it runs on a thread, not the worker's loop.
         Any other is answered without waiting (202 from the store), on the loop. With every inline
         slot taken it is the latter: on a thread it would only wait for the GIL behind the loop.
-        So is an event request that cannot be of an event tried inline (:meth:`_may_be_inline`)."""
+        So is an event request that cannot carry an event tried inline (:meth:`_may_be_inline`)."""
         return self.would_try_inline() and self._may_be_inline(environ)
 
     def _may_be_inline(self, environ: dict[str, Any]) -> bool:
@@ -289,11 +290,14 @@ class Relay:
         ip_address: str | None,
         user_agent: str | None,
         test: bool = False,
+        inline: bool | None = None,
     ) -> Reply:
         """Store the event, try it once inline, and say what happened.
 
         ``test``: from one of the campaign's staging_origins; stored flagged, never sent to the real
-        upstream (see server/staging.py), answered with ``"test": true`` in ``data``.
+        upstream (see server/staging.py), answered with ``"test": true`` in ``data``. ``inline``:
+        whether the caller waits for Pingtree's answer, capacity permitting; None: as the event's
+        config says (``EventConfig.tried_inline``).
         """
         received_at = time.time()
         payload = forward_body(
@@ -301,7 +305,13 @@ class Relay:
         )
         reply = replace(
             self._accept(
-                campaign, event, payload, received_at=received_at, idempotency_key=idempotency_key, test=test
+                campaign,
+                event,
+                payload,
+                received_at=received_at,
+                idempotency_key=idempotency_key,
+                test=test,
+                wants_answer=campaign.events[event.event_id].tried_inline if inline is None else inline,
             ),
             forwarded=payload,
         )
@@ -319,8 +329,10 @@ class Relay:
         received_at: float,
         idempotency_key: str | None,
         test: bool,
+        wants_answer: bool,
     ) -> Reply:
-        """Store ``payload`` (the event's forward body), try it once inline, and say what happened."""
+        """Store ``payload`` (the event's forward body), try it once inline if the caller
+        ``wants_answer`` and there is capacity to spare, and say what happened."""
         record = Record(
             id=scoped_id(campaign.cid, event.event_uuid or idempotency_key or uuid.uuid4().hex),
             cid=campaign.cid,
@@ -331,12 +343,7 @@ class Relay:
             dedupe_key=staging_dedupe_key(dedupe_key(event)) if test else dedupe_key(event),
             fingerprint=event.fingerprint(),
         )
-        inline = (
-            campaign.events[event.event_id].tried_inline
-            and self.would_try_inline()
-            and may_wait()
-            and self._inline.take()
-        )
+        inline = wants_answer and self.would_try_inline() and may_wait() and self._inline.take()
         owner = self.dispatcher.owner if inline else None
         try:
             stored, created = self.store.add(record, owner=owner, lease=self.config.relay.lease_seconds)

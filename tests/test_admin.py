@@ -66,7 +66,7 @@ def make_app(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., Flask
                 "campaigns": {
                     "cmp_a": {
                         "allowed_origins": ["https://shop.example.com"],
-                        "events": {"view": {"inline": True}, "sale": {"conversion": True}},
+                        "events": {"view": {"inline": True}, "sale": {"conversion": True}, "visit": {}},
                     }
                 },
             }
@@ -212,6 +212,25 @@ def test_campaigns_page_and_test_event(make_app: Callable[..., Flask], upstream:
     assert record.state == "delivered"
     feed = client.get(sent.headers["Location"]).text
     assert "t-dash-1" in feed and 'class="state delivered"' in feed
+
+
+def test_a_test_event_waits_for_pingtree_even_for_an_event_not_tried_inline(
+    make_app: Callable[..., Flask], upstream: Upstream
+) -> None:
+    """A page's plain event is answered 202 at once; the dashboard's test event is Pingtree's verdict."""
+    app = make_app()
+    client = logged_in(app)
+    data = {"csrf_token": csrf(client, "/admin/campaigns"), "event_id": "visit", "transaction_id": "t-dash-2"}
+    sent = client.post("/admin/campaigns/cmp_a/test", data=data)
+    assert sent.status_code == 302
+    assert app.extensions["relay"].store.find(transaction_id="t-dash-2")[0].state == "delivered"
+    assert "visit for t-dash-2: delivered (200" in client.get(sent.headers["Location"]).text
+    page = app.test_client().post(
+        "/api/event/cmp_a",
+        json={"event_id": "visit", "transaction_id": "t-page-2"},
+        headers={"Origin": "https://shop.example.com"},
+    )
+    assert page.status_code == 202, page.text
 
 
 def test_test_event_is_validated(make_app: Callable[..., Flask], upstream: Upstream) -> None:

@@ -158,6 +158,7 @@ def send_test_event(cid: str) -> Response:
         idempotency_key=None,
         ip_address=None,
         user_agent="pingtree-relay dashboard (test event)",
+        inline=True,  # the campaign manager is here for Pingtree's verdict, whatever the event
     )
     flash(
         f"Test event {event.event_id} for {event.transaction_id}: {reply.outcome} "
