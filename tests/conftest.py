@@ -27,6 +27,8 @@ __all__ = ["wait_for"]  # the one polling helper, shared with bench/: tests impo
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The plain events say ``inline = true``: most tests read Pingtree's answer in the relay's (a conversion
+# gets that by default, a plain event 202: tests/test_inline_capacity.py tests the default).
 BASE_CAMPAIGNS = """
 [campaigns.cmp_test]
 allowed_origins = ["http://127.0.0.1:{pages_port}", "http://localhost:{pages_port}", "https://*.webflow.io", "https://www.example.com"]
