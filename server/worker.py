@@ -40,8 +40,10 @@ next request with ``Connection: close`` (RFC 9112 section 9.6), and the client's
 to a worker below it. Nothing is cut mid-request and no idle connection is closed under a client
 that may be sending on it.
 
-Shutdown: SIGTERM stops accepting, closes idle connections, lets requests in progress finish (up to
-gunicorn's ``graceful_timeout``, after which the master kills the worker) and then exits.
+Shutdown: SIGTERM stops accepting, answers every request from then on with ``Connection: close``,
+closes idle connections after ``IDLE_GRACE_SECONDS`` (a pooled connection a client reuses at once
+is not closed under its request), lets requests in progress finish (up to gunicorn's
+``graceful_timeout``, after which the master kills the worker) and then exits.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ BODY_LIMIT = 64 * 1024  # larger than any event body the relay accepts (relay.ma
 BEHIND_SECONDS = 0.02
 BEHIND_BUSY = 0.25
 TICK_SECONDS = 0.1  # how often the loop does its rounds: heartbeat, deadlines, fair accept, shutdown
+# Shutting down, a connection idle at the signal is kept this long: a client sending its next request
+# on it meanwhile (a pooled keep-alive connection, reused at once) gets its answer with
+# Connection: close, where closing the connection under it would race that request (a reset).
+IDLE_GRACE_SECONDS = 0.3
 
 
 def _error_answer(status: int, reason: str, message: str) -> bytes:
@@ -382,6 +388,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
     """A gunicorn worker serving every connection from one asyncio loop (module docstring)."""
 
     read_timeout = READ_TIMEOUT_SECONDS
+    idle_grace = IDLE_GRACE_SECONDS
     alive: bool  # gunicorn's: False once the worker is told to stop
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -400,6 +407,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
         # Whether the loop ran its last rounds BEHIND_SECONDS late, busy (BEHIND_BUSY): it has more
         # requests than it can take at once, and an app with the hint gets no threads meanwhile.
         self.behind = False
+        self._stopping_at: float | None = None  # when shutdown began (monotonic)
         self._rounds_at = (0.0, 0.0)  # (wall, the loop thread's CPU) at the last rounds
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -469,12 +477,18 @@ class LoopWorker(Worker):  # type: ignore[misc]
         self.loop.call_later(TICK_SECONDS, self._rounds)
 
     def _shut_down(self) -> None:
-        """Stop accepting, close what is idle, and stop the loop once nothing is in progress."""
+        """Stop accepting, close what is idle (after ``idle_grace`` seconds: meanwhile a request on
+        it is answered with ``Connection: close``), and stop the loop once nothing is in progress."""
+        now = time.monotonic()
+        if self._stopping_at is None:
+            self._stopping_at = now
         self._accept_on(False)
         self._publish()
-        for conn in list(self.connections):
-            conn.close_if_idle()
-        if any(conn.busy or conn._ready for conn in self.connections):
+        grace = now - self._stopping_at < self.idle_grace
+        if not grace:
+            for conn in list(self.connections):
+                conn.close_if_idle()
+        if (grace and self.connections) or any(conn.busy or conn._ready for conn in self.connections):
             self.loop.call_later(TICK_SECONDS, self._shut_down)
             self.notify()
             return

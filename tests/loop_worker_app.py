@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from server.worker import may_wait
+from server.worker import IDLE_GRACE_SECONDS, LoopWorker, may_wait
 
 
 def create_app() -> Flask:
@@ -71,10 +71,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--port-file")
     parser.add_argument("--keepalive", type=int, default=5)
+    parser.add_argument("--idle-grace", type=float, default=IDLE_GRACE_SECONDS)
     args = parser.parse_args()
     listener = listen("127.0.0.1", args.port, args.port_file)
     wsgi.run(
-        create_app, listener=listener, workers=1, threads=2, keepalive=args.keepalive, graceful_timeout=10
+        create_app,
+        listener=listener,
+        workers=1,
+        threads=2,
+        keepalive=args.keepalive,
+        graceful_timeout=10,
+        worker_class=type("LoopWorker", (LoopWorker,), {"idle_grace": args.idle_grace}),
     )
 
 

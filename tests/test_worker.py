@@ -241,6 +241,31 @@ def test_sigterm_finishes_the_request_in_progress_then_the_worker_exits(server: 
     assert server.proc.wait(20) == 0
 
 
+def test_at_sigterm_a_connection_idle_through_the_signal_is_answered_then_closed(tmp_path: Path) -> None:
+    """A pooled keep-alive connection, idle when the worker is told to stop and reused a moment later,
+    gets its answer (with Connection: close), not a reset: idle connections are closed only after
+    the worker's ``idle_grace`` (here 5 s, so that the test does not depend on the machine's speed)."""
+    args = [sys.executable, "-m", "tests.loop_worker_app", *REPORT_PORT, "--idle-grace", "5"]
+    with Server(args, tmp_path / "loop-worker.log") as srv, _connect(srv) as idle, _connect(srv) as probe:
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _read_answers(idle, 1)[0][0] == 200  # kept alive, then idle through the signal
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:  # the probe's requests, back to back, until the worker says it is stopping
+            assert time.monotonic() < deadline, "the worker never said close"
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            ((status, headers, _),) = _read_answers(probe, 1)
+            assert status == 200
+            if headers.get("connection") == "close":
+                break
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        ((status, headers, _),) = _read_answers(idle, 1)  # closed at the signal, this reads EOF
+        assert status == 200 and headers.get("connection") == "close"
+        assert _closed(idle)
+        assert srv.proc.wait(20) == 0  # nothing left open: it exits without waiting out the grace
+
+
 def test_with_every_thread_taken_a_request_that_wants_one_runs_on_the_loop(server: Server) -> None:
     waiters = [
         threading.Thread(target=lambda: httpx.get(server.url + "/slow?seconds=2", timeout=10))
