@@ -718,8 +718,3 @@ class LoopWorker(Worker):  # type: ignore[misc]
         if self._date[0] != now:
             self._date = (now, formatdate(now, usegmt=True))
         return self._date[1]
-
-
-def with_read_timeout(seconds: float) -> type[LoopWorker]:
-    """The worker class with another ``read_timeout`` (the class is inherited by forked workers)."""
-    return type("LoopWorker", (LoopWorker,), {"read_timeout": seconds})
