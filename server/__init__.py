@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -57,8 +58,8 @@ def create_app(
 
     relay = relay or Relay(config, cpu_load=cpu_load)
     app.extensions["relay"] = relay
-    app.extensions["wants_thread"] = relay.wants_thread  # where server/worker.py runs a request
     _register(app)
+    app.extensions["wants_thread"] = thread_hint(app, relay)  # where server/worker.py runs a request
     if start_delivery:
         relay.start_delivery()
         atexit.register(relay.close)
@@ -82,6 +83,36 @@ def _register(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
     app.after_request(_security_headers)
+
+
+def thread_hint(app: Flask, relay: Relay) -> Callable[[dict[str, Any]], bool]:
+    """The worker's hint (``app.extensions["wants_thread"]``, server/worker.py): whether a request
+    may wait on Pingtree, so that it runs on a request thread rather than the worker's loop.
+
+    Only while the relay would try an event inline (:meth:`Relay.would_try_inline`; with every
+    slot taken a thread would only wait for the GIL behind the loop), and, for an event endpoint,
+    only if the request may carry an event tried inline (:meth:`Relay.may_carry_inline`, the
+    campaign read from the app's own routes, the body from the worker's buffer). Any other request
+    is answered without waiting (202 from the store, on the loop), or is not an event: as before.
+    """
+    routes = app.url_map.bind("relay")  # the rules, first-party endpoint paths included
+
+    def wants_thread(environ: dict[str, Any]) -> bool:
+        if not relay.would_try_inline():
+            return False
+        try:
+            endpoint, args = routes.match(environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET"))
+        except HTTPException:  # answered 404 or 405 at once, on whichever thread
+            return True
+        blueprint = endpoint.partition(".")[0]
+        if blueprint == "postbacks":  # a platform's parameters, not a JSON body: by campaign
+            return relay.may_carry_inline(args["cid"], None)
+        if blueprint != "events":
+            return True
+        buffered = getattr(environ.get("wsgi.input"), "getvalue", None)
+        return relay.may_carry_inline(args.get("cid"), buffered() if buffered else None)
+
+    return wants_thread
 
 
 def _event_request() -> bool:

@@ -4,11 +4,11 @@ The accept path (``accept``) is: validate -> enrich -> store durably -> one boun
 -> answer. Only an event whose caller waits for Pingtree's answer is tried inline
 (``EventConfig.tried_inline``: conversions, whose answer carries the conversion_id, unless the
 event's ``inline`` says otherwise; the dashboard's test events). Inline attempts are capped per
-process (``inline_concurrency``), time-boxed (``inline_timeout``) and made only with capacity to spare (:meth:`Relay._inline_worthwhile`): not
-while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
+process (``inline_concurrency``), time-boxed (``inline_timeout``) and made only with capacity to
+spare (:meth:`Relay._inline_worthwhile`): not while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
 is short of CPU (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``,
 :mod:`server.cpu_load`), nor on the worker's event loop thread (:func:`server.worker.may_wait`:
-such a request is one the relay said it would not try, :meth:`Relay.wants_thread`). Otherwise every
+such a request is one the relay said it would not try, ``server.thread_hint``). Otherwise every
 request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
 Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
 back anyway, never accept throughput. Background delivery is the engine's
@@ -80,23 +80,15 @@ class InlineSlots:
             self.free += 1
 
 
-@dataclass(frozen=True)
-class _InlineMarkers:
-    """For :meth:`Relay._may_be_inline`: per campaign, the quoted names (JSON, as bytes) of its
-    events tried inline, ``trigger`` holding every campaign's; first-party endpoint paths -> cid."""
-
-    by_campaign: dict[str, tuple[bytes, ...]]
-    endpoints: dict[str, str]
-
-
-def _inline_markers(config: Config) -> _InlineMarkers:
-    by_campaign = {
+def _inline_names(config: Config) -> dict[str | None, tuple[bytes, ...]]:
+    """For :meth:`Relay.may_carry_inline`: per campaign, the quoted names (JSON, as bytes) of its
+    events tried inline; under None, every campaign's (``POST /api/event/trigger``)."""
+    names: dict[str | None, tuple[bytes, ...]] = {
         cid: tuple(json.dumps(name).encode() for name, event in c.events.items() if event.tried_inline)
         for cid, c in config.campaigns.items()
     }
-    by_campaign["trigger"] = tuple({m for markers in by_campaign.values() for m in markers})
-    endpoints = {c.sdk.endpoint_path: cid for cid, c in config.campaigns.items() if c.sdk.endpoint_path}
-    return _InlineMarkers(by_campaign, endpoints)
+    names[None] = tuple({name for quoted in names.values() for name in quoted})
+    return names
 
 
 class Relay:
@@ -116,7 +108,7 @@ class Relay:
         passes one, so that inline attempts stop while it is short of CPU (the module docstring); None in tests, where the process is busy with the test itself."""
         settings = config.relay
         self.config = config
-        self._inline_markers = _inline_markers(config)
+        self._inline_names = _inline_names(config)
         self.observers = Observers()
         self.store = store or open_store(settings.store)
         self.forwarder = forwarder or Forwarder(  # the inline attempt's; the engine builds its own
@@ -229,32 +221,14 @@ class Relay:
         (:meth:`_inline_worthwhile`)."""
         return self._inline_enabled and self._inline.free > 0 and self._inline_worthwhile()
 
-    def wants_thread(self, environ: dict[str, Any]) -> bool:
-        """The worker's hint (``app.extensions["wants_thread"]``, server/worker.py): a request the
-        relay would try inline may wait on Pingtree, so it runs on a thread, not the worker's loop.
-        Any other is answered without waiting (202 from the store), on the loop. With every inline
-        slot taken it is the latter: on a thread it would only wait for the GIL behind the loop.
-        So is an event request that cannot carry an event tried inline (:meth:`_may_be_inline`)."""
-        return self.would_try_inline() and self._may_be_inline(environ)
-
-    def _may_be_inline(self, environ: dict[str, Any]) -> bool:
-        """Whether a request may carry an event tried inline (``EventConfig.tried_inline``), from its
-        path and, on the event endpoints, its body searched for such an event's quoted name, not
-        parsed: a wrong yes costs a thread hop; a wrong no (a name written with JSON escapes) an
-        answer of 202 where an inline attempt would have been made. Other requests: yes, as before."""
-        path = environ.get("PATH_INFO", "")
-        cid = self._inline_markers.endpoints.get(path)
-        if cid is None and path.startswith("/api/event/"):
-            cid = path[len("/api/event/") :]
-        if cid is None:
-            if path.startswith("/postback/"):  # conversions from servers: by campaign
-                return bool(self._inline_markers.by_campaign.get(path.split("/")[2]))
-            return True
-        markers = self._inline_markers.by_campaign.get(cid, ())
-        if not markers:
-            return False
-        body = getattr(environ.get("wsgi.input"), "getvalue", None)  # the worker's buffered body
-        return body is None or any(marker in body() for marker in markers)
+    def may_carry_inline(self, cid: str | None, body: bytes | None) -> bool:
+        """Whether a request for campaign ``cid`` (None: any, the trigger form) may carry an event
+        tried inline (``EventConfig.tried_inline``): ``body`` is searched for such an event's quoted
+        name, not parsed (None: not known, so yes if the campaign has one). A wrong yes costs a thread
+        hop; a wrong no (a name written with JSON escapes) an answer of 202 where an inline attempt
+        would have been made. For the worker's hint (``server.thread_hint``)."""
+        names = self._inline_names.get(cid, ())
+        return bool(names) and (body is None or any(name in body for name in names))
 
     def _inline_worthwhile(self) -> bool:
         """True unless the engine has a backlog or this process is short of CPU: then an inline
