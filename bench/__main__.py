@@ -75,6 +75,24 @@ def sweep(server: servers.Server, seconds: float) -> list[dict[str, Any]]:
     ]
 
 
+def fixed_rate(relay: servers.Server, seconds: float, conversion: str = "") -> dict[str, Any]:
+    """About 500 ev/s offered open loop to ``relay`` (``conversion``: of that conversion event)."""
+    return {
+        "rate": 500,
+        **measured(
+            relay,
+            lambda: load.run_paced(
+                relay.url,
+                PATH,
+                rate=500,
+                seconds=max(seconds * 2, 2),
+                origin=servers.ORIGIN,
+                conversion=conversion,
+            ),
+        ),
+    }
+
+
 def warm(server: servers.Server) -> None:
     load.run_wrk(server.url, PATH, concurrency=8, seconds=2, origin=servers.ORIGIN)
 
@@ -111,37 +129,13 @@ def accept_part(workdir: Path, seconds: float, results: dict[str, Any], profiles
                     relay.url, fast.url, servers.CID, servers.ORIGIN, requests=300 if seconds > 2 else 50
                 ).to_dict(),
             )
-            out["fixed_rate"] = guarded(
-                "fixed rate 500 ev/s",
-                lambda: {
-                    "rate": 500,
-                    **measured(
-                        relay,
-                        lambda: load.run_paced(
-                            relay.url, PATH, rate=500, seconds=max(seconds * 2, 2), origin=servers.ORIGIN
-                        ),
-                    ),
-                },
-            )
-            # The same rate of conversions: each is tried inline (the plain events above are not),
-            # so this is what a page waiting for its conversion_id sees, the upstream's answer included.
-            out["fixed_rate_conversions"] = guarded(
-                "fixed rate 500 ev/s, conversions",
-                lambda: {
-                    "rate": 500,
-                    **measured(
-                        relay,
-                        lambda: load.run_paced(
-                            relay.url,
-                            PATH,
-                            rate=500,
-                            seconds=max(seconds * 2, 2),
-                            origin=servers.ORIGIN,
-                            conversion="sale_completed",
-                        ),
-                    ),
-                },
-            )
+            # Plain events, then the same rate of conversions: each of those is tried inline (the
+            # plain ones are not), so it is what a page waiting for its conversion_id sees.
+            for key, what, conversion in (
+                ("fixed_rate", "fixed rate 500 ev/s", ""),
+                ("fixed_rate_conversions", "fixed rate 500 ev/s, conversions", "sale_completed"),
+            ):
+                out[key] = guarded(what, lambda conversion=conversion: fixed_rate(relay, seconds, conversion))
             out["relay"] = sweep(relay, seconds)
             results["memory"]["accept path, fast upstream (after the sweep), SQLite"] = worker_rss(relay)
             if profiles:

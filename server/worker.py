@@ -470,7 +470,8 @@ class LoopWorker(Worker):  # type: ignore[misc]
             self.log.info("Parent changed, shutting down: %s", self)
             self.alive = False
         if not self.alive:
-            self._shut_down()
+            if self._stopping_at is None:  # once: _shut_down then runs its own rounds
+                self._shut_down()
             return
         self._publish()
         self._accept_on(self._fair_to_accept())
