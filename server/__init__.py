@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -59,7 +59,7 @@ def create_app(
     relay = relay or Relay(config, cpu_load=cpu_load)
     app.extensions["relay"] = relay
     _register(app)
-    app.extensions["wants_thread"] = thread_hint(app, relay)  # where server/worker.py runs a request
+    app.extensions["wants_thread"] = ThreadHint(app, relay)  # where server/worker.py runs a request
     if start_delivery:
         relay.start_delivery()
         atexit.register(relay.close)
@@ -85,7 +85,7 @@ def _register(app: Flask) -> None:
     app.after_request(_security_headers)
 
 
-def thread_hint(app: Flask, relay: Relay) -> Callable[[dict[str, Any]], bool]:
+class ThreadHint:
     """The worker's hint (``app.extensions["wants_thread"]``, server/worker.py): whether a request
     may wait on Pingtree, so that it runs on a request thread rather than the worker's loop.
 
@@ -94,16 +94,27 @@ def thread_hint(app: Flask, relay: Relay) -> Callable[[dict[str, Any]], bool]:
     only if the request may carry an event tried inline (:meth:`Relay.may_carry_inline`, the
     campaign read from the app's own routes, the body from the worker's buffer). Any other request
     is answered without waiting (202 from the store, on the loop), or is not an event: as before.
-    """
-    routes = app.url_map.bind("relay")  # the rules, first-party endpoint paths included
 
-    def wants_thread(environ: dict[str, Any]) -> bool:
+    What each (path, method) matched is remembered (``matched``, emptied when it holds
+    ``CACHE_SIZE``, against a client of random paths): a box sees few of them, and werkzeug's
+    match is about 7 us, asked of every request the worker reads.
+    """
+
+    CACHE_SIZE = 1024
+
+    def __init__(self, app: Flask, relay: Relay) -> None:
+        self.relay = relay
+        self.routes = app.url_map.bind("relay")  # the rules, first-party endpoint paths included
+        self.matched: dict[tuple[str, str], tuple[str, Mapping[str, Any]] | None] = {}
+
+    def __call__(self, environ: dict[str, Any]) -> bool:
+        relay = self.relay
         if not relay.would_try_inline():
             return False
-        try:
-            endpoint, args = routes.match(environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET"))
-        except HTTPException:  # answered 404 or 405 at once, on whichever thread
+        found = self.match(environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET"))
+        if found is None:  # answered 404 or 405 at once, on whichever thread
             return True
+        endpoint, args = found
         blueprint = endpoint.partition(".")[0]
         if blueprint == "postbacks":  # a platform's parameters, not a JSON body: by campaign
             return relay.may_carry_inline(args["cid"], None)
@@ -112,7 +123,17 @@ def thread_hint(app: Flask, relay: Relay) -> Callable[[dict[str, Any]], bool]:
         buffered = getattr(environ.get("wsgi.input"), "getvalue", None)
         return relay.may_carry_inline(args.get("cid"), buffered() if buffered else None)
 
-    return wants_thread
+    def match(self, path: str, method: str) -> tuple[str, Mapping[str, Any]] | None:
+        """The endpoint and arguments ``path`` and ``method`` route to; None if none does."""
+        key = (path, method)
+        if key not in self.matched:
+            if len(self.matched) >= self.CACHE_SIZE:
+                self.matched.clear()
+            try:
+                self.matched[key] = self.routes.match(path, method)
+            except HTTPException:
+                self.matched[key] = None
+        return self.matched[key]
 
 
 def _event_request() -> bool:

@@ -8,7 +8,7 @@ process (``inline_concurrency``), time-boxed (``inline_timeout``) and made only 
 spare (:meth:`Relay._inline_worthwhile`): not while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
 is short of CPU (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``,
 :mod:`server.cpu_load`), nor on the worker's event loop thread (:func:`server.worker.may_wait`:
-such a request is one the relay said it would not try, ``server.thread_hint``). Otherwise every
+such a request is one the relay said it would not try, ``server.ThreadHint``). Otherwise every
 request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
 Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
 back anyway, never accept throughput. Background delivery is the engine's
@@ -226,7 +226,7 @@ class Relay:
         tried inline (``EventConfig.tried_inline``): ``body`` is searched for such an event's quoted
         name, not parsed (None: not known, so yes if the campaign has one). A wrong yes costs a thread
         hop; a wrong no (a name written with JSON escapes) an answer of 202 where an inline attempt
-        would have been made. For the worker's hint (``server.thread_hint``)."""
+        would have been made. For the worker's hint (``server.ThreadHint``)."""
         names = self._inline_names.get(cid, ())
         return bool(names) and (body is None or any(name in body for name in names))
 

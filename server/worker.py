@@ -84,6 +84,9 @@ TICK_SECONDS = 0.1  # how often the loop does its rounds: heartbeat, deadlines, 
 # on it meanwhile (a pooled keep-alive connection, reused at once) gets its answer with
 # Connection: close, where closing the connection under it would race that request (a reset).
 IDLE_GRACE_SECONDS = 0.3
+# How often, at most, a busy loop looks for new connections between requests (LoopWorker.handle):
+# often enough that a loop turn of hundreds of ms keeps accepting, rarely enough to cost nothing.
+LOOK_SECONDS = 0.01
 
 
 def _error_answer(status: int, reason: str, message: str) -> bytes:
@@ -180,6 +183,30 @@ def over_share(mine: int, least: int | None) -> bool:
     moves connections; the ordinary unevenness of a burst (counts published up to a loop turn
     late) is left for the accept rule to even out."""
     return least is not None and mine > 2 * least + SHED_MARGIN
+
+
+# A header's name as sent -> its environ key ("" for a name that is dropped), as names are seen:
+# decoding, upper-casing and prefixing each header of each request was a tenth of the server's CPU.
+# Bounded, against a client sending random names (past the bound, names are worked out each time).
+_ENVIRON_KEYS: dict[bytes, str] = {}
+_ENVIRON_KEYS_MAX = 1024
+
+
+def _environ_key(name: bytes) -> str:
+    """``HTTP_USER_AGENT`` for ``User-Agent``, ``CONTENT_TYPE`` for ``Content-Type``; "" for a name
+    with an underscore (X_Forwarded_For would pass for X-Forwarded-For; gunicorn drops them too)."""
+    key = _ENVIRON_KEYS.get(name)
+    if key is None:
+        upper = name.decode("latin-1").upper()
+        if "_" in upper:
+            key = ""
+        else:
+            key = upper.replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+        if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
+            _ENVIRON_KEYS[name] = key
+    return key
 
 
 class _Request:
@@ -295,10 +322,15 @@ class Connection(asyncio.Protocol):
         request.version = self.parser.get_http_version()
         request.keep_alive = self.parser.should_keep_alive()
         request.size = 0
-        declared = next((v for n, v in request.headers if n.lower() == b"content-length"), None)
+        declared, expects = None, b""
+        for name, value in request.headers:  # the first of each, in one pass
+            lowered = name.lower()
+            if lowered == b"content-length" and declared is None:
+                declared = value
+            elif lowered == b"expect" and not expects:
+                expects = value
         if declared is not None and declared.strip().isdigit() and int(declared) > BODY_LIMIT:
             self._hand_over_early(request)  # the app refuses it from the header alone (413)
-        expects = next((v for n, v in request.headers if n.lower() == b"expect"), b"")
         if expects.strip().lower() == b"100-continue" and self.transport is not None:
             self.transport.write(_CONTINUE)  # the client waits for this before it sends the body
 
@@ -339,9 +371,11 @@ class Connection(asyncio.Protocol):
         try:
             while self._ready and not self.busy and not self.closing:
                 self.busy = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
                 self.worker.handle(self, self._ready.popleft())
+                if self.busy and self.transport is not None:
+                    # On a request thread: read no more until it answers. Answered on this
+                    # thread, nothing was read meanwhile, so no epoll change to make and undo.
+                    self.transport.pause_reading()
         finally:
             self._in_next = False
         if self.busy or self.closing or self.transport is None:
@@ -408,6 +442,23 @@ class LoopWorker(Worker):  # type: ignore[misc]
         # requests than it can take at once, and an app with the hint gets no threads meanwhile.
         self.behind = False
         self._stopping_at: float | None = None  # when shutdown began (monotonic)
+        # Between requests, the accept rules are looked at once per LOOK_SECONDS, not per request:
+        # an accept() that finds nobody waiting and a scan of the connection table were 10 % of the
+        # server's own CPU per request. _least: the table's least count, as last looked at.
+        self._look_again_at = 0.0
+        # What every request's environ holds, whatever the request (copied, then filled in).
+        self._environ_base: dict[str, Any] = {
+            "SCRIPT_NAME": "",
+            "SERVER_SOFTWARE": "pingtree-relay",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "https" if self.cfg.is_ssl else "http",
+            "wsgi.input_terminated": True,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": self.cfg.workers > 1,
+            "wsgi.run_once": False,
+        }
+        self._least: int | None = None
         self._rounds_at = (0.0, 0.0)  # (wall, the loop thread's CPU) at the last rounds
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -556,8 +607,8 @@ class LoopWorker(Worker):  # type: ignore[misc]
         self._reconsider_accepting()
 
     def _reconsider_accepting(self) -> None:
-        """A worker that stopped accepting asks again at each request and each close, not only at
-        its rounds: the other workers may have stopped too (each above the other's count, as
+        """A worker that stopped accepting asks again between requests (every ``LOOK_SECONDS`` at
+        most) and at each close, not only at its rounds: the other workers may have stopped too (each above the other's count, as
         published a moment ago), and a client connecting meanwhile would wait for the next round."""
         if not self._accepting and self.alive:
             self._accept_on(self._fair_to_accept())
@@ -574,16 +625,20 @@ class LoopWorker(Worker):  # type: ignore[misc]
 
     def handle(self, conn: Connection, request: _Request) -> None:
         """Answer ``request`` of ``conn``: on this thread, or on a request thread if it may wait."""
-        self._reconsider_accepting()
-        if self._accepting:  # between requests too, not only once per loop turn (see _accept)
-            for listener in self.listeners:
-                self._accept(listener)
+        now = time.monotonic()
+        if now >= self._look_again_at:  # between requests too, not only once per loop turn
+            self._look_again_at = now + LOOK_SECONDS
+            self._least = CONNECTIONS.least()
+            self._reconsider_accepting()
+            if self._accepting:  # see _accept
+                for listener in self.listeners:
+                    self._accept(listener)
         environ = self._environ(conn, request)
         keep_alive = request.keep_alive and self.alive
         if (
             keep_alive
             and len(self.connections) > SHED_MARGIN
-            and over_share(len(self.connections), CONNECTIONS.least())
+            and over_share(len(self.connections), self._least)
         ):
             keep_alive = False  # the client reconnects to a less loaded worker (module docstring)
         if self.on_a_thread(environ):
@@ -618,42 +673,27 @@ class LoopWorker(Worker):  # type: ignore[misc]
             path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
         path, _, _ = path.partition("#")
         body = b"".join(request.body)
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": request.method,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
-            "QUERY_STRING": query,
-            "RAW_URI": raw,
-            "REQUEST_URI": raw,
-            "SERVER_NAME": conn.server[0],
-            "SERVER_PORT": conn.server[1],
-            "SERVER_PROTOCOL": f"HTTP/{request.version}",
-            "SERVER_SOFTWARE": "pingtree-relay",
-            "REMOTE_ADDR": conn.peer[0],
-            "REMOTE_PORT": conn.peer[1],
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "https" if self.ssl is not None else "http",
-            "wsgi.input": io.BytesIO(body),
-            "wsgi.input_terminated": True,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": self.cfg.workers > 1,
-            "wsgi.run_once": False,
-        }
+        environ = self._environ_base.copy()
+        environ["REQUEST_METHOD"] = request.method
+        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+        environ["QUERY_STRING"] = query
+        environ["RAW_URI"] = environ["REQUEST_URI"] = raw
+        environ["SERVER_NAME"], environ["SERVER_PORT"] = conn.server
+        environ["SERVER_PROTOCOL"] = f"HTTP/{request.version}"
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = conn.peer
+        environ["wsgi.input"] = io.BytesIO(body)
         chunked = False
         for name, value in request.headers:
-            key = name.decode("latin-1").upper()
-            if "_" in key:
-                continue  # X_Forwarded_For would pass for X-Forwarded-For (as gunicorn drops them)
-            key = key.replace("-", "_")
-            text = value.decode("latin-1").strip()
-            if key == "TRANSFER_ENCODING":
-                chunked = True
-            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                environ[key] = text
+            key = _environ_key(name)
+            if not key:
                 continue
-            key = "HTTP_" + key
-            environ[key] = f"{environ[key]},{text}" if key in environ else text
+            text = value.decode("latin-1").strip()
+            if key == "HTTP_TRANSFER_ENCODING":
+                chunked = True
+            if key in environ and key.startswith("HTTP_"):
+                environ[key] = f"{environ[key]},{text}"  # a repeated header: its values joined
+            else:
+                environ[key] = text
         if chunked:  # de-chunked here: all of it, or (oversize) as far as it came
             environ.pop("CONTENT_LENGTH", None)
             if not request.oversize:

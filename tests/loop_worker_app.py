@@ -2,7 +2,8 @@
 
 ``wants_thread`` sends ``/slow`` and any request with ``?thread`` to a request thread; the rest
 run on the loop's thread. ``/where`` says where it ran; ``/sleeping``, how many are in ``/slow``;
-``/gc``, what the collector has frozen.
+``/gc``, what the collector has frozen;
+``/environ``, the WSGI environ it got.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def create_app() -> Flask:
         finally:
             sleeping[0] -= 1
         return jsonify(may_wait=may_wait())
+
+    @app.get("/environ")
+    def environ() -> Response:
+        # The WSGI environ the worker built, but for the values that are objects.
+        return jsonify({k: v for k, v in request.environ.items() if isinstance(v, str | bool | int)})
 
     @app.get("/gc")
     def collector() -> Response:

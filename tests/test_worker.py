@@ -7,6 +7,7 @@ the bytes on the wire are the point (pipelining, 100-continue, limits), httpx el
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sys
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from bench.servers import REPORT_PORT, Server, wait_for
+from server import worker
 from server.worker import BODY_LIMIT, HEAD_LIMIT
 
 KEEPALIVE_SECONDS = 1
@@ -95,6 +97,39 @@ def test_the_app_runs_on_the_loop_thread_unless_its_hint_says_it_may_wait(server
     on_thread = httpx.get(server.url + "/where?thread").json()
     assert on_loop["may_wait"] is False and on_loop["thread"] == "MainThread"
     assert on_thread["may_wait"] is True and on_thread["thread"].startswith("request")
+
+
+def test_the_environ_holds_the_request_as_wsgi_says(server: Server) -> None:
+    """PEP 3333's keys; a repeated header's values joined; a name with an underscore dropped (it
+    would pass for the dashed one); Content-Type and -Length without the HTTP_ prefix."""
+    with _connect(server) as sock:
+        for _ in range(2):  # the second time, the header names are known to the worker
+            sock.sendall(
+                b"GET /environ?a=1&b=%20 HTTP/1.1\r\nHost: relay.test\r\nAccept: text/html\r\n"
+                b"X-Forwarded-For: 10.0.0.1\r\nX_Forwarded_For: 6.6.6.6\r\naccept: */*\r\n"
+                b"Content-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
+            )
+            ((status, _, body),) = _read_answers(sock, 1)
+            assert status == 200
+            environ = json.loads(body)
+            assert environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"] == "/environ"
+            assert environ["QUERY_STRING"] == "a=1&b=%20" and environ["SERVER_PROTOCOL"] == "HTTP/1.1"
+            assert environ["REMOTE_ADDR"] == "127.0.0.1" and environ["wsgi.url_scheme"] == "http"
+            assert environ["HTTP_HOST"] == "relay.test"
+            assert environ["HTTP_ACCEPT"] == "text/html,*/*"
+            assert environ["HTTP_X_FORWARDED_FOR"] == "10.0.0.1"
+            assert environ["CONTENT_TYPE"] == "text/plain" and environ["CONTENT_LENGTH"] == "0"
+            assert "HTTP_CONTENT_TYPE" not in environ
+
+
+def test_the_worker_remembers_a_bounded_number_of_header_names() -> None:
+    """A client sending random header names cannot grow a worker's memory."""
+    for n in range(worker._ENVIRON_KEYS_MAX + 10):
+        assert worker._environ_key(f"X-Random-{n}".encode()) == f"HTTP_X_RANDOM_{n}"
+        assert len(worker._ENVIRON_KEYS) <= worker._ENVIRON_KEYS_MAX
+    assert worker._environ_key(b"X-Random-9999") == "HTTP_X_RANDOM_9999"  # past the bound: still right
+    assert worker._environ_key(b"content-length") == "CONTENT_LENGTH"
+    assert worker._environ_key(b"X_Forwarded_For") == ""
 
 
 def test_what_the_worker_loaded_before_serving_is_frozen_out_of_full_collections(server: Server) -> None:

@@ -152,7 +152,7 @@ def _busy_retry(operation: Callable[[], T]) -> T:
             if "locked" not in message and "busy" not in message or time.monotonic() > deadline:
                 raise
         time.sleep(pause * random.uniform(0.5, 1.0))
-        pause = min(pause * 2, 0.005)
+        pause = min(pause * 2, 0.001)
 
 
 @dataclass
