@@ -390,7 +390,8 @@ def _sustained_section(rows: list[dict[str, Any]] | dict[str, Any] | None) -> li
                 r["peak_in_flight"],
                 f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
                 f"{r['relay_cpu_percent']:.0f} / {r['upstream_cpu_percent']:.0f} / {r['wrk_cpu_percent']:.0f}",
-                f"errors {r['answer_errors']}, repeats {r['repeats']}",
+                f"errors {r['answer_errors']}, repeats {r['repeats']}"
+                + (f"; trials {', '.join(f'{t:,.0f}' for t in r['trials'])}" if r.get("trials") else ""),
             ]
         )
     return out + [

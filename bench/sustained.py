@@ -180,3 +180,16 @@ def _wait_empty(upstream: servers.Server, accepted: int, cap: float) -> tuple[fl
         if elapsed >= cap:
             return None, stats
         time.sleep(0.2)
+
+
+def median_trial(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of several runs (:meth:`SustainedResult.to_dict`, or ``{"error": ...}``) by
+    distinct events delivered, with every measured run's delivered events/s as ``trials``, in the
+    order they ran; the first run (an error) when none was measured."""
+    measured = [r for r in runs if "error" not in r]
+    if not measured:
+        return dict(runs[0])
+    ranked = sorted(measured, key=lambda r: r["delivered_during_load"])
+    row = dict(ranked[len(ranked) // 2])
+    row["trials"] = [round(r["delivered_during_load"] / r["seconds"], 1) for r in measured]
+    return row

@@ -176,6 +176,17 @@ def test_sustained_figures() -> None:
     assert sustained.nearest([], 3) == 0
 
 
+def test_a_sustained_row_is_the_median_trial_with_every_trial_listed() -> None:
+    runs = [
+        {"delivered_during_load": d, "seconds": 15.0, "run": i}
+        for i, d in enumerate((14_700, 13_500, 15_000))
+    ]
+    row = sustained.median_trial([*runs[:2], {"error": "RuntimeError: upstream down"}, runs[2]])
+    assert row["run"] == 0 and row["trials"] == [980.0, 900.0, 1000.0]  # in the order they ran
+    assert sustained.median_trial([{"error": "x"}, {"error": "y"}]) == {"error": "x"}
+    assert sustained.median_trial(runs[1:2])["trials"] == [900.0]
+
+
 def test_wrk_cpu_share_and_accepted() -> None:
     result = load.parse_wrk(wrk_json(status=10), concurrency=8, wrk_cpu_seconds=0.5)
     assert (result.accepted, result.wrk_cpu_percent) == (990, 25.0)
