@@ -446,6 +446,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
         # an accept() that finds nobody waiting and a scan of the connection table were 10 % of the
         # server's own CPU per request. _least: the table's least count, as last looked at.
         self._look_again_at = 0.0
+        self._least: int | None = None
         # What every request's environ holds, whatever the request (copied, then filled in).
         self._environ_base: dict[str, Any] = {
             "SCRIPT_NAME": "",
@@ -458,7 +459,6 @@ class LoopWorker(Worker):  # type: ignore[misc]
             "wsgi.multiprocess": self.cfg.workers > 1,
             "wsgi.run_once": False,
         }
-        self._least: int | None = None
         self._rounds_at = (0.0, 0.0)  # (wall, the loop thread's CPU) at the last rounds
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -608,8 +608,9 @@ class LoopWorker(Worker):  # type: ignore[misc]
 
     def _reconsider_accepting(self) -> None:
         """A worker that stopped accepting asks again between requests (every ``LOOK_SECONDS`` at
-        most) and at each close, not only at its rounds: the other workers may have stopped too (each above the other's count, as
-        published a moment ago), and a client connecting meanwhile would wait for the next round."""
+        most) and at each close, not only at its rounds: the other workers may have stopped too
+        (each above the other's count, as published a moment ago), and a client connecting
+        meanwhile would wait for the next round."""
         if not self._accepting and self.alive:
             self._accept_on(self._fair_to_accept())
 
