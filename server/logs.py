@@ -108,6 +108,45 @@ def _write_decision(level: int, message: str, fields: dict[str, Any]) -> None:
 _Queued = tuple[float, int, str, dict[str, Any]] | logging.LogRecord | None
 
 
+class _StderrWrites:
+    """Whether the writer is in a write to stderr, so that a fork waits for it to end.
+
+    CPython does not re-make an io buffer's lock in a forked child: a child forked while another
+    thread of its parent was inside ``sys.stderr.write`` inherits stderr's buffer locked by a thread
+    it does not have, and its first write to stderr (a log line, its own writer's) hangs for good.
+    Under load the parent's writer thread is writing much of the time, so an app built before
+    gunicorn forks (``preload_app``; an embedder's delivery engine logging in the master) could hand
+    that to a worker. The writer holds :attr:`lock` through each write; a fork takes it first (at
+    most ``FORK_WAIT_SECONDS``: a stderr nobody reads must not stop forks for good), and the child
+    gets a lock of its own.
+    """
+
+    FORK_WAIT_SECONDS = 2.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._held_for_fork = False
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._after_fork_in_parent,
+            after_in_child=self._after_fork_in_child,
+        )
+
+    def _before_fork(self) -> None:
+        self._held_for_fork = self.lock.acquire(timeout=self.FORK_WAIT_SECONDS)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self.lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        self.lock, self._held_for_fork = threading.Lock(), False
+
+
+_STDERR_WRITES = _StderrWrites()
+
+
 class _LineWriter(threading.Thread):
     """The decision lines' writer thread: takes what is queued, formats it and writes it to
     whatever ``sys.stderr`` is then (the thread outlives whoever swaps stderr: a test's capture, a
@@ -135,11 +174,12 @@ class _LineWriter(threading.Thread):
             stop = None in batch
             lines = [self._format(item) for item in batch if item is not None]
             if lines:
-                try:
-                    sys.stderr.write("\n".join(lines) + "\n")
-                    sys.stderr.flush()
-                except Exception:  # a closed or broken stderr must not end the writer
-                    pass
+                with _STDERR_WRITES.lock:  # not torn by a fork (_StderrWrites)
+                    try:
+                        sys.stderr.write("\n".join(lines) + "\n")
+                        sys.stderr.flush()
+                    except Exception:  # a closed or broken stderr must not end the writer
+                        pass
             if stop:
                 return
             time.sleep(self.PAUSE_SECONDS)

@@ -266,9 +266,10 @@ wsgi.run(lambda: app, listener=listener, workers=2, preload_app=True)
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "known hazard, not fixed: the engine thread started in the master may hold a lock (the decision "
-        "log's queue) at the fork, and the child's engine then hangs; seen on Redis under heavy load. The "
-        "fix is to start the engine after the fork (gunicorn post_worker_init), not in create_app."
+        "known hazard, not fixed: a thread of the master (its engine's) may hold a lock at the fork, and "
+        "the child's engine then hangs; seen on Redis under heavy load. stderr's buffer, held by the "
+        "decision writer mid-write, is guarded now (tests/test_logs.py); whether another lock remains is "
+        "not known. The sure fix is to start the engine after the fork (gunicorn post_worker_init)."
     ),
 )
 def test_an_engine_started_before_gunicorns_fork_delivers_in_the_workers(

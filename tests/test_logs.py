@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from server.config import parse_config
 from server.logs import mask_ip
 from tests.conftest import RelayFactory, wait_for
 
+REPO = Path(__file__).resolve().parent.parent
 VISITOR_IP = "203.0.113.77"
 MARKER = "PAYLOAD-MARKER-5f1c"  # a value that must never appear in a log
 
@@ -161,3 +164,51 @@ def test_the_writer_writes_every_queued_line_in_order_in_batches(
     assert lines[0]["ts"] == "2025-12-01T20:00:00.000Z" and lines[1]["ts"] == "2025-12-01T20:00:00.001Z"
     assert lines[500]["message"] == "by the book" and lines[500]["level"] == "error"
     assert len(writes) < 10  # 501 lines, a handful of writes: batched, not one write per line
+
+
+# A process whose decision writer is in the middle of a long write to stderr (a pipe drained
+# slowly) forks; the child writes to stderr. Exit status 0: the child's write went through.
+FORK_DURING_A_WRITE = r"""
+import io, logging, os, sys, threading, time
+from server import logs
+
+read_end, write_end = os.pipe()
+sys.stderr = os.fdopen(write_end, "w")  # text over a BufferedWriter, like the real stderr
+drained = [0]
+
+def drain(pause):
+    while chunk := os.read(read_end, 16384):
+        drained[0] += len(chunk)
+        time.sleep(pause)
+
+threading.Thread(target=drain, args=(0.001,), daemon=True).start()
+for n in range(2500):  # about 1 MB, taken by the writer in a batch or two: 60 ms at this pace
+    logs._write_decision(logging.INFO, "filler", {"n": n, "pad": "x" * 400})
+deadline = time.monotonic() + 10
+while drained[0] < 131072 and time.monotonic() < deadline:
+    time.sleep(0.001)
+pid = os.fork()  # the writer is inside sys.stderr.write now: a write of that size, not finished
+if pid == 0:
+    threading.Thread(target=drain, args=(0,), daemon=True).start()
+    wrote = threading.Event()
+
+    def write():
+        sys.stderr.write("child\n")
+        sys.stderr.flush()
+        wrote.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    os._exit(0 if wrote.wait(5) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_fork_during_a_decision_write_leaves_the_child_a_working_stderr() -> None:
+    """CPython does not re-make stderr's buffer lock in a forked child: forked mid-write, the child's
+    first write to stderr would hang (exit status 3 here) without the writer's fork guard."""
+    # -c, from the checkout: the server package imported is this tree's, not an installed copy.
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_DURING_A_WRITE], cwd=REPO, timeout=60, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
