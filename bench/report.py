@@ -328,8 +328,9 @@ def _misc_section(results: dict[str, Any]) -> list[str]:
                 ],
             ),
             "",
-            f"{e2e['requests']} sequential requests each, alternating; relay answers other than 200: "
-            f"{e2e['relay_non_200']}.",
+            f"{e2e['requests']} sequential requests each, alternating, "
+            + (f"a pair every {e2e['pace_ms']:g} ms" if "pace_ms" in e2e else "back to back")
+            + f"; relay answers other than 200: {e2e['relay_non_200']}.",
             "",
         ]
     else:
