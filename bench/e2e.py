@@ -1,13 +1,15 @@
 """End to end: browser-style request -> relay -> sandbox, against posting straight to the sandbox.
 
 Sequential requests (one in flight), alternating relay and direct, so both see the same machine
-state, paced as pages send conversions (``PACE_SECONDS`` apart), not back to back: a client
-posting as fast as it can keeps a worker busy enough that the relay (rightly) skips its inline
-attempts and answers 202, and the figure then compared a 202 with the upstream's answer (178 and
-181 of 300 at the two runs before pacing). The events are conversions, which the relay tries inline (it answers a plain event 202
+state. The events are conversions, which the relay tries inline (it answers a plain event 202
 without waiting for the upstream): it answers 200 only after its inline attempt reached the
 upstream, so the difference of the two is exactly what the relay adds (validation, enrichment, the
 durable writes, one hop).
+
+Paced as pages send conversions (``PACE_SECONDS`` apart), not back to back: a client posting as
+fast as it can keeps a worker busy enough that the relay (rightly) skips its inline attempts and
+answers 202, and the figure then compared a 202 with the upstream's answer (178 and 181 of 300 in
+the two runs before the pacing).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
+
+PACE_SECONDS = 0.02  # between the starts of two pairs of posts: 50 conversions/s, an idle relay
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,9 +66,6 @@ def _body(ident: str, *, with_uuid: bool) -> str:
         f'{{"event_id":"sale_completed","amount":45,"transaction_id":"t{ident}",{uuid}'
         f'"pid":"src_bench","sub1":"ad42","utm_source":"google"}}'
     )
-
-
-PACE_SECONDS = 0.02  # between the starts of two pairs of posts: 50 conversions/s, an idle relay
 
 
 def measure(relay_url: str, sandbox_url: str, cid: str, origin: str, requests: int = 400) -> EndToEnd:

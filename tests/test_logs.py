@@ -169,7 +169,7 @@ def test_the_writer_writes_every_queued_line_in_order_in_batches(
 # A process whose decision writer is in the middle of a long write to stderr (a pipe drained
 # slowly) forks; the child writes to stderr. Exit status 0: the child's write went through.
 FORK_DURING_A_WRITE = r"""
-import io, logging, os, sys, threading, time
+import logging, os, sys, threading, time
 from server import logs
 
 read_end, write_end = os.pipe()
@@ -177,12 +177,12 @@ sys.stderr = os.fdopen(write_end, "w")  # text over a BufferedWriter, like the r
 drained = [0]
 
 def drain(pause):
-    while chunk := os.read(read_end, 16384):
+    while chunk := os.read(read_end, 65536):
         drained[0] += len(chunk)
         time.sleep(pause)
 
 threading.Thread(target=drain, args=(0.001,), daemon=True).start()
-for n in range(2500):  # about 1 MB, taken by the writer in a batch or two: 60 ms at this pace
+for n in range(2500):  # about 1 MB, taken by the writer in a batch or two: 16 reads at this pace
     logs._write_decision(logging.INFO, "filler", {"n": n, "pad": "x" * 400})
 deadline = time.monotonic() + 10
 while drained[0] < 131072 and time.monotonic() < deadline:
