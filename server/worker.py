@@ -255,7 +255,8 @@ class Connection(asyncio.Protocol):
         self.stopped = False  # parse no more: answer what is ready, then ``_last_answer``, then close
         self._last_answer: bytes | None = None
         self._in_next = False
-        self.deadline = time.monotonic() + worker.read_timeout  # to get (the rest of) a request
+        self.opened_at = time.monotonic()
+        self.deadline = self.opened_at + worker.read_timeout  # to get (the rest of) a request
         self.reading = False  # some bytes of a request came: 408 at the deadline, not a silent close
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------
@@ -530,17 +531,25 @@ class LoopWorker(Worker):  # type: ignore[misc]
 
     def _shut_down(self) -> None:
         """Stop accepting, close what is idle (after ``idle_grace`` seconds: meanwhile a request on
-        it is answered with ``Connection: close``), and stop the loop once nothing is in progress."""
+        it is answered with ``Connection: close``), and stop the loop once nothing is in progress.
+
+        A connection accepted but not yet open (``_opening``: its task runs on a later loop turn) is
+        in progress too, and once open it gets a grace of its own (its request may not be read
+        yet): stopping the loop under it dropped the socket with the client's request unread, and
+        the client read a reset (a red CI run: a poll through a SIGHUP's restart)."""
         now = time.monotonic()
         if self._stopping_at is None:
             self._stopping_at = now
         self._accept_on(False)
         self._publish()
-        grace = now - self._stopping_at < self.idle_grace
-        if not grace:
-            for conn in list(self.connections):
+        in_grace = False  # a connection is: idle since the signal (or since it opened) for less
+        for conn in list(self.connections):
+            if now - max(self._stopping_at, conn.opened_at) < self.idle_grace:
+                in_grace = True
+            else:
                 conn.close_if_idle()
-        if (grace and self.connections) or any(conn.busy or conn._ready for conn in self.connections):
+        busy = self._opening or any(conn.busy or conn._ready for conn in self.connections)
+        if in_grace or busy:
             self.loop.call_later(TICK_SECONDS, self._shut_down)
             self.notify()
             return

@@ -3,12 +3,13 @@
 ``wants_thread`` sends ``/slow`` and any request with ``?thread`` to a request thread; the rest
 run on the loop's thread. ``/where`` says where it ran; ``/sleeping``, how many are in ``/slow``;
 ``/gc``, what the collector has frozen;
-``/environ``, the WSGI environ it got.
+``/environ``, the WSGI environ it got; ``/delay-opens``, see :func:`_worker_class`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import threading
 import time
@@ -53,6 +54,11 @@ def create_app() -> Flask:
         # The WSGI environ the worker built, but for the values that are objects.
         return jsonify({k: v for k, v in request.environ.items() if isinstance(v, str | bool | int)})
 
+    @app.get("/delay-opens")
+    def delay_opens() -> Response:
+        OPEN_DELAY[0] = float(request.args["seconds"])
+        return jsonify(open_delay=OPEN_DELAY[0])
+
     @app.get("/gc")
     def collector() -> Response:
         # What the worker froze before serving (server/heap.py), and a full pass's count now.
@@ -67,6 +73,26 @@ def create_app() -> Flask:
 
     app.extensions["wants_thread"] = wants_thread
     return app
+
+
+# Seconds each connection accepted from now on waits before it is opened (set by /delay-opens).
+OPEN_DELAY = [0.0]
+
+
+def _worker_class(idle_grace: float) -> type[LoopWorker]:
+    """The worker, with its ``idle_grace``; after ``/delay-opens?seconds=N``, each connection it
+    accepts waits N s before it is opened, having said so in the log ("accepted, not open yet"):
+    a test can then signal the worker while a connection is accepted but not open."""
+
+    class Worker(LoopWorker):
+        async def _open(self, sock: Any, server: tuple[str, str]) -> None:
+            if OPEN_DELAY[0]:
+                self.log.warning("accepted, not open yet")
+                await asyncio.sleep(OPEN_DELAY[0])
+            await super()._open(sock, server)
+
+    Worker.idle_grace = idle_grace
+    return Worker
 
 
 def main() -> None:
@@ -87,7 +113,7 @@ def main() -> None:
         threads=2,
         keepalive=args.keepalive,
         graceful_timeout=10,
-        worker_class=type("LoopWorker", (LoopWorker,), {"idle_grace": args.idle_grace}),
+        worker_class=_worker_class(args.idle_grace),
     )
 
 

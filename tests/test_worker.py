@@ -301,6 +301,28 @@ def test_at_sigterm_a_connection_idle_through_the_signal_is_answered_then_closed
         assert srv.proc.wait(20) == 0  # nothing left open: it exits without waiting out the grace
 
 
+def test_at_sigterm_a_connection_accepted_but_not_yet_open_is_served(tmp_path: Path) -> None:
+    """The worker holds no open connection when told to stop, but has just accepted one (its task
+    to open it has not run yet): it opens and serves it before it exits, instead of exiting under
+    it (the client read a reset). Each connection accepted after /delay-opens waits 1 s before it
+    is opened here, so the signal surely lands in between."""
+    args = [sys.executable, "-m", "tests.loop_worker_app", *REPORT_PORT]
+    with Server(args, tmp_path / "loop-worker.log") as srv:
+        assert httpx.get(srv.url + "/delay-opens?seconds=1").status_code == 200
+        with _connect(srv) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_for(
+                lambda: "accepted, not open yet" in srv.log_path.read_text(errors="replace"),
+                message="the connection accepted",
+            )
+            assert srv.proc is not None
+            srv.proc.send_signal(signal.SIGTERM)
+            ((status, headers, body),) = _read_answers(sock, 1)
+            assert status == 200 and body == b"ok"
+            assert headers.get("connection") == "close"
+        assert srv.proc.wait(20) == 0
+
+
 def test_with_every_thread_taken_a_request_that_wants_one_runs_on_the_loop(server: Server) -> None:
     waiters = [
         threading.Thread(target=lambda: httpx.get(server.url + "/slow?seconds=2", timeout=10))
