@@ -5,10 +5,11 @@ The accept path (``accept``) is: validate -> enrich -> store durably -> one boun
 (``EventConfig.tried_inline``: conversions, whose answer carries the conversion_id, unless the
 event's ``inline`` says otherwise; the dashboard's test events). Inline attempts are capped per
 process (``inline_concurrency``), time-boxed (``inline_timeout``) and made only with capacity to
-spare (:meth:`Relay._inline_worthwhile`): not while the delivery engine is behind (``BACKLOG_EVENTS`` due and unclaimed), nor while this process
-is short of CPU (``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``,
-:mod:`server.cpu_load`), nor on the worker's event loop thread (:func:`server.worker.may_wait`:
-such a request is one the relay said it would not try, ``server.ThreadHint``). Otherwise every
+spare (:meth:`Relay._inline_worthwhile`): not while the delivery engine is behind
+(``BACKLOG_EVENTS`` due and unclaimed), nor while this process is short of CPU
+(``INLINE_CPU_BUSY`` of a core over the last ``CAPACITY_CHECK_SECONDS``, :mod:`server.cpu_load`),
+nor on the worker's event loop thread (:func:`server.worker.may_wait`: such a request is one the
+relay said it would not try, ``server.ThreadHint``). Otherwise every
 request is answered 202 at once from the store and the engine delivers it, so a slow or saturated
 Pingtree, or a burst, costs latency only to the requests that were going to get a conversion_id
 back anyway, never accept throughput. Background delivery is the engine's

@@ -542,7 +542,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
             self._stopping_at = now
         self._accept_on(False)
         self._publish()
-        in_grace = False  # a connection is: idle since the signal (or since it opened) for less
+        in_grace = False  # a connection within idle_grace of the signal (or of its opening, if later)
         for conn in list(self.connections):
             if now - max(self._stopping_at, conn.opened_at) < self.idle_grace:
                 in_grace = True
