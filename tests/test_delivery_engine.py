@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -30,6 +31,8 @@ from tests.conftest import Relay, campaigns_toml, make_relay, wait_for, write_re
 from tests.store_counting import count_store_writes
 
 pytest_plugins = ["tests.redis_fixture"]
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Upstream(Server):
@@ -249,6 +252,63 @@ def test_sigterm_with_hundreds_in_flight_finishes_or_hands_back_every_lease(
 
 # --- fork ------------------------------------------------------------------------------------------
 
+# A process whose running engine has one of its threads (argv[1]: the loop's, or a store thread)
+# inside a step holding a lock when the process forks. Exit status 0: the child could take the lock.
+FORK_DURING_A_STEP = r"""
+import os, sys, tempfile, threading, time
+from server.forwarder import AsyncForwarder
+from server.outbox import open_store
+from server.outbox.dispatcher import Dispatcher
+
+where = sys.argv[1]
+lock, inside = threading.Lock(), threading.Event()
+
+def step():  # what a step of the engine's may do: note an answer, write a file, count a metric
+    with lock:
+        inside.set()
+        time.sleep(0.3)
+
+class Store:
+    def __init__(self, store):
+        self.store = store
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+    def claim(self, *args, **kwargs):
+        if where == "store":
+            step()
+        return self.store.claim(*args, **kwargs)
+    def backlog(self, *args, **kwargs):
+        if where == "store":
+            step()
+        return self.store.backlog(*args, **kwargs)
+
+store = Store(open_store(f"sqlite:///{tempfile.mkdtemp()}/outbox.db"))
+engine = Dispatcher(store, forwarder_factory=lambda n: AsyncForwarder("http://127.0.0.1:9", max_connections=n))
+engine.start(4)
+deadline = time.monotonic() + 10
+while engine._loop is None and time.monotonic() < deadline:
+    time.sleep(0.01)
+if where == "loop":
+    engine._loop.call_soon_threadsafe(step)
+assert inside.wait(10), "no step began"
+pid = os.fork()  # the step has the lock now, for 0.3 s
+if pid == 0:
+    os._exit(0 if lock.acquire(timeout=3) else 3)
+_, status = os.waitpid(pid, 0)
+os._exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("thread", ["loop", "store"])
+def test_a_fork_waits_for_the_engines_threads_to_finish_their_step(thread: str) -> None:
+    """A lock an engine thread holds at the fork stays held in the child for good (exit status 3
+    here, without :class:`server.outbox.dispatcher.ForkPark`): the fork waits until the step ends."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_DURING_A_STEP, thread], cwd=REPO, timeout=60, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+
+
 APP_BUILT_BEFORE_THE_FORK = """
 import sys
 from server import create_app, wsgi
@@ -263,15 +323,6 @@ wsgi.run(lambda: app, listener=listener, workers=2, preload_app=True)
 """
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known hazard, not fixed: a thread of the master (its engine's) may hold a lock at the fork, and "
-        "the child's engine then hangs; seen on Redis under heavy load. stderr's buffer, held by the "
-        "decision writer mid-write, is guarded now (tests/test_logs.py); whether another lock remains is "
-        "not known. The sure fix is to start the engine after the fork (gunicorn post_worker_init)."
-    ),
-)
 def test_an_engine_started_before_gunicorns_fork_delivers_in_the_workers(
     tmp_path: Path, upstream: Upstream, pages_port: int, store_url: str
 ) -> None:

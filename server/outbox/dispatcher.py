@@ -14,7 +14,8 @@ claims and settles run on two store threads beside the loop, in batches:
 
 One engine per box: ``pingtree-relay serve`` runs it in its own ``pingtree-relay deliver`` process
 beside the gunicorn workers (:meth:`run`); ``create_app(start_delivery=True)`` runs it in a thread
-of the current process (:meth:`start`), restarted in the child if the process forks. Shutdown stops
+of the current process (:meth:`start`), restarted in the child if the process forks (and parked
+while it forks: :class:`ForkPark`). Shutdown stops
 claiming, lets sends in flight finish (their requests time out by ``upstream_timeout``), settles
 every outcome, and gives back the leases of records never sent.
 
@@ -62,6 +63,8 @@ IDLE_POLL_SECONDS = 0.05  # how soon an event stored by another process is claim
 STORE_RETRY_SECONDS = 0.5  # a failed claim or settle is tried again after this
 UNREACHABLE_AFTER = 10  # connection failures in a row that make Pingtree unreachable (module docstring)
 PROBE_SECONDS = 1.0  # while it is: one event sent this often, to find out when it is back
+STORE_THREADS = 2  # the engine's threads for blocking store calls
+_STORE_THREADS = "pt-store"  # their names' prefix
 
 
 class Reachability:
@@ -103,6 +106,66 @@ class Reachability:
         return "down"
 
 
+class ForkPark:
+    """Holds the engine's threads still, between two steps, while their process forks.
+
+    A fork copies every lock as it is, and a child has only the thread that forked: a lock another
+    thread held at that moment stays held in the child for good. The engine's threads take many
+    (the store's, the metrics values', the upstream state file's, each time an answer is noted),
+    so a child forked mid-step would hang at its first use of that lock; :meth:`Dispatcher.start`
+    runs the engine in the child again, and that engine would then deliver nothing (gunicorn with
+    ``preload_app``: the app and its engine are built in the master, before the fork).
+
+    Before the fork, :meth:`hold` asks the loop thread and each store thread to wait on an event at
+    the end of what it is doing, and waits until all have (at most ``WAIT_SECONDS``: a step that
+    does not end must not stop the fork for good); :meth:`release` (in the parent after the fork)
+    sets them going again. A held thread holds no lock. The parent loses those milliseconds; the
+    child starts from locks nobody holds.
+    """
+
+    WAIT_SECONDS = 2.0
+    HOLD_CAP_SECONDS = 30.0  # a held thread goes on by itself past this, whatever happened to the fork
+
+    def __init__(self) -> None:
+        self._resume: threading.Event | None = None
+
+    def hold(
+        self, loop: asyncio.AbstractEventLoop | None, executor: ThreadPoolExecutor | None, threads: int
+    ) -> bool:
+        """Hold ``loop``'s thread and the ``threads`` threads of ``executor``; True once all wait."""
+        resume, held = threading.Event(), threading.Semaphore(0)
+        self._resume = resume
+
+        def wait() -> None:
+            held.release()
+            resume.wait(self.HOLD_CAP_SECONDS)
+
+        expected = 0
+        if executor is not None:
+            for _ in range(threads):  # each waits in a thread of its own: the pool has no more
+                try:
+                    executor.submit(wait)
+                except RuntimeError:  # shut down meanwhile
+                    break
+                expected += 1
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(wait)
+                expected += 1
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        deadline = time.monotonic() + self.WAIT_SECONDS
+        for _ in range(expected):
+            if not held.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def release(self) -> None:
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            resume.set()
+
+
 class Dispatcher:
     """Delivers the outbox. ``max_in_flight`` is given to :meth:`start` or :meth:`run`."""
 
@@ -136,17 +199,29 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_pid = -1
+        self._executor: ThreadPoolExecutor | None = None
         self._stop_requested = False
         self._restart_after_fork = False
         self._lock = threading.Lock()
-        me = weakref.ref(self)  # the hook must not keep a dropped engine alive
+        self._fork_park = ForkPark()
+        me = weakref.ref(self)  # the hooks must not keep a dropped engine alive
+
+        def park() -> None:
+            engine = me()
+            if engine is not None:
+                engine._park_for_fork()
+
+        def unpark() -> None:
+            engine = me()
+            if engine is not None:
+                engine._fork_park.release()
 
         def forget_in_child() -> None:
             engine = me()
             if engine is not None:
                 engine._forget_parent_engine()
 
-        os.register_at_fork(after_in_child=forget_in_child)
+        os.register_at_fork(before=park, after_in_parent=unpark, after_in_child=forget_in_child)
 
     @property
     def owner(self) -> str:
@@ -221,10 +296,19 @@ class Dispatcher:
             self._room.set()
             self._reachable.set()
 
+    def _park_for_fork(self) -> None:
+        # Only a running engine of this process, and never from its own threads (they would wait
+        # for themselves): a fork from there holds nothing still, as before.
+        me = threading.current_thread()
+        if not self.running() or me is self._thread or me.name.startswith(_STORE_THREADS):
+            return
+        self._fork_park.hold(self._loop, self._executor, STORE_THREADS)
+
     def _forget_parent_engine(self) -> None:
         # In a forked child: the parent's loop thread is not here, and its lock may have been held.
         self._lock = threading.Lock()
-        self._loop = None
+        self._fork_park = ForkPark()  # the parent's held threads are not here: nothing to release
+        self._loop = self._executor = None
         self._thread = None
         self._thread_pid = -1
         if getattr(self, "_restart_after_fork", False):
@@ -248,7 +332,8 @@ class Dispatcher:
         self._loop = loop
         if self._stop_requested:
             self._stopping.set()
-        executor = ThreadPoolExecutor(2, thread_name_prefix="pt-store")  # one claims while one settles
+        # One claims while one settles.
+        executor = self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix=_STORE_THREADS)
         forwarder = self.forwarder = self.forwarder_factory(self.max_in_flight)
         settler = asyncio.create_task(self._settler(executor))
         try:
@@ -269,7 +354,7 @@ class Dispatcher:
                     log.exception("could not give back %d leases", len(self._unsent))
             await forwarder.aclose()
             executor.shutdown(wait=True)
-            self._loop = None
+            self._loop = self._executor = None
 
     async def _claimer(self, executor: ThreadPoolExecutor, forwarder: AsyncSender) -> None:
         # Claim in batches: wait until a batch worth of room is free, unless nothing is in flight.
