@@ -63,6 +63,11 @@ BOT_MARKERS: tuple[str, ...] = (
     "preview",
 )
 _BOT_RE = re.compile("|".join(re.escape(m) for m in BOT_MARKERS))
+# Phones whose model names hold a marker: taken out before matching, or a real visitor's event
+# (answered 202, never forwarded) would be lost without a trace but a counter. CUBOT's Android UAs
+# read "Linux; Android 11; CUBOT X50"; a bot's own name ("Googlebot/2.1") is never one of these.
+NOT_BOTS: tuple[str, ...] = ("cubot",)
+_NOT_BOTS_RE = re.compile("|".join(rf"(?<![a-z]){re.escape(m)}(?![a-z])" for m in NOT_BOTS))  # CUBOT_P30 too
 
 
 def bot_marker(user_agent: str | None) -> str | None:
@@ -72,7 +77,7 @@ def bot_marker(user_agent: str | None) -> str | None:
     """
     if user_agent is None or not user_agent.strip():
         return "no user agent"
-    match = _BOT_RE.search(user_agent.lower())
+    match = _BOT_RE.search(_NOT_BOTS_RE.sub(" ", user_agent.lower()))
     return match.group(0) if match else None
 
 

@@ -341,8 +341,13 @@ def _event(path: str, name: str, raw: Any) -> EventConfig:
             "inline": _bool,
         },
     )
-    if values.get("revenue") == "signed" and not values.get("conversion", False):
-        pass  # signed revenue on a non-conversion event is odd but harmless
+    if values.get("revenue") == "signed" and values.get("allow_duplicates", False):
+        # The signature covers (campaign, lead, event, amount), not the one trigger: a page could send
+        # the same signed amount again under a new event_uuid, and each would count as a sale.
+        raise ConfigError(
+            f"{path}.revenue",
+            '"signed" cannot go with allow_duplicates = true: one signature would pay for every trigger',
+        )
     return EventConfig(name=name, **values)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from .config import CampaignConfig, ConfigError, RelayConfig
+from .fields import CONTROL_FIELDS, INTERNAL_PREFIX, SERVER_ONLY_FIELDS
 
 MIN_SECRET_LENGTH = 16  # admin_token, server_key: long enough that guessing online is hopeless
 
@@ -153,6 +154,25 @@ def check_campaigns(campaigns: Mapping[str, CampaignConfig]) -> list[str]:
         for name, why in PER_EVENT_FIELDS.items():
             if name in campaign.server_fields:
                 raise ConfigError(f"{path}.server_fields.{name}", f"may not be fixed by the server: {why}")
+        for name in campaign.server_fields:
+            if name.startswith(INTERNAL_PREFIX):
+                raise ConfigError(f"{path}.server_fields.{name}", "the relay's own key, not a Pingtree field")
+        for i, name in enumerate(campaign.extra_fields):
+            # Each would let a caller set what only the relay may (a cost, the relay's routing note or
+            # test flag), or hide a key that validation reads itself.
+            if name.startswith(INTERNAL_PREFIX) or name in SERVER_ONLY_FIELDS or name in CONTROL_FIELDS:
+                raise ConfigError(
+                    f"{path}.extra_fields[{i}]",
+                    f"{name!r} is not a field a caller may send (server-only, the relay's own, or a control field)",
+                )
+        for name, source in campaign.postbacks.items():
+            multi = sorted(e for e, ev in campaign.events.items() if ev.allow_duplicates)
+            if source.event_param and not source.call_id_param and multi:
+                warnings.append(
+                    f"{path}.postbacks.{name}.call_id_param: not set, so this source's postbacks for "
+                    f"{', '.join(multi)} (allow_duplicates) will be refused: nothing tells a second call "
+                    "from a retry of the first"
+                )
         if campaign.server_key and len(campaign.server_key) < MIN_SECRET_LENGTH:
             raise ConfigError(f"{path}.server_key", _too_short())
         for i, origin in enumerate(campaign.allowed_origins):

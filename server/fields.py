@@ -54,6 +54,9 @@ CONSENT_FIELDS: tuple[str, ...] = ("tcpa_consent", "tcpa_consent_date")
 
 # The request's own keys: ids, revenue and its signature, read by validation itself, never forwarded as-is.
 CONTROL_FIELDS = frozenset({"cid", "event_id", "transaction_id", "event_uuid", "amount", "revenue", "signature"})
+# The relay's own notes in a stored payload (server/upstream.py's route, server/staging.py's test
+# flag) start with this: never a field a caller may send, nor one a campaign may add.
+INTERNAL_PREFIX = "_pt_"
 # What any caller, the browser included, may send with no configuration.
 BROWSER_FIELDS = frozenset(ATTRIBUTION_FIELDS) | frozenset(LEAD_FIELDS) | frozenset(CLICK_IDS) | frozenset(
     CONSENT_FIELDS)

@@ -24,8 +24,8 @@ import time
 from flask import Flask, Response, current_app, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
 
+from .callers import origin_allowed_for
 from .errors import answer
-from .origins import origin_allowed
 from .relay import current_relay, relay_of
 from .request_state import request_state
 
@@ -110,6 +110,6 @@ def _too_many_requests(exc: RateLimitExceeded) -> Response:
     response.status_code = 429
     response.headers["Retry-After"] = str(retry_after)
     origin = request.headers.get("Origin")
-    if cid and origin_allowed(origin, current_relay().config.campaigns[cid].allowed_origins):
+    if cid and origin_allowed_for(origin, current_relay().config.campaigns[cid]):
         request_state().cors_origin = origin  # let the campaign's own page read the 429 and back off
     return response

@@ -18,9 +18,10 @@ from typing import Any, Protocol
 
 from .config import Config
 from .errors import answer
+from .fields import INTERNAL_PREFIX
 from .forwarder import AsyncForwarder, Attempt
 
-TEST_FLAG = "_pt_test"
+TEST_FLAG = f"{INTERNAL_PREFIX}test"  # in the stored payload only: no caller can ever set it
 SANDBOX_SUCCESS = "Event triggered successfully"  # the sandbox's (and Pingtree's) message
 
 

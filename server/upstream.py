@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from .fields import INTERNAL_PREFIX
 from .validation import Event
 
-ROUTE_KEY = "_pt_global_org"  # not a Pingtree field name, and the browser can never set it
+ROUTE_KEY = f"{INTERNAL_PREFIX}global_org"  # not a Pingtree field name, and no caller can ever set it
 
 
 def with_global_route(event: Event, org_id: str) -> Event:

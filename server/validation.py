@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .config import CampaignConfig, EventConfig
@@ -99,7 +99,8 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
         text = raw.decode("utf-8")
         # Decimals keep "45.10" exact for the two-decimal rule; NaN/Infinity are not JSON numbers.
         body = json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError, InvalidOperation):
+        # InvalidOperation: a number whose exponent Decimal cannot hold (1e-99999999999999999999)
         raise ApiError(400, "Invalid JSON body", reason="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "Invalid JSON body: expected an object", reason="invalid_json")

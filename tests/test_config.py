@@ -189,6 +189,25 @@ def test_the_issue_example_is_valid(tmp_path: Path) -> None:
             ("cost = 1.25", 'cost = 1.25\nconversion_date = "2024-01-01 00:00:00"'),
             "campaigns.cmp_demo.server_fields.conversion_date: may not be fixed by the server",
         ),
+        (
+            ("cost = 1.25", 'cost = 1.25\n_pt_test = "1"'),
+            "campaigns.cmp_demo.server_fields._pt_test: the relay's own key, not a Pingtree field",
+        ),
+        # A field a campaign lets callers send must not be one only the relay may set.
+        *(
+            (
+                (
+                    'conversion_timezone = "EST"',
+                    f'conversion_timezone = "EST"\nextra_fields = ["quote_id", "{name}"]',
+                ),
+                f"campaigns.cmp_demo.extra_fields[1]: '{name}' is not a field a caller may send",
+            )
+            for name in ("_pt_global_org", "_pt_test", "cost", "ip_address", "event_uuid", "signature")
+        ),
+        (
+            ("allow_duplicates = false", 'allow_duplicates = true\nrevenue = "signed"'),
+            'campaigns.cmp_demo.events.sale_completed.revenue: "signed" cannot go with allow_duplicates = true',
+        ),
     ],
 )
 def test_check_config_names_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -269,6 +288,17 @@ def test_admin_token_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         (
             ('allowed_origins = ["https://www.example.com", "https://*.webflow.io"]', "allowed_origins = []"),
             "campaigns.cmp_demo.allowed_origins: none, and allow_server_calls is off",
+        ),
+        (
+            (
+                "[campaigns.cmp_demo.events.quote_viewed]",
+                '[campaigns.cmp_demo.postbacks.buyer]\ntoken = "' + "t" * 32 + '"\nevent_param = "evt"\n'
+                '[campaigns.cmp_demo.postbacks.buyer.params]\ntid = "transaction_id"\n'
+                "[campaigns.cmp_demo.events.call_clicked]\nallow_duplicates = true\n"
+                "[campaigns.cmp_demo.events.quote_viewed]",
+            ),
+            "campaigns.cmp_demo.postbacks.buyer.call_id_param: not set, so this source's postbacks for "
+            "call_clicked (allow_duplicates) will be refused",
         ),
     ],
 )

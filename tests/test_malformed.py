@@ -102,6 +102,9 @@ def cases() -> Iterator[Case]:
             "\x00",
             '{"a": "tab\tinside"}',
             '{"a": "newline\ninside"}',
+            # Numbers whose exponent Decimal cannot hold (decimal.InvalidOperation, not a ValueError).
+            '{"sub1": 1e-99999999999999999999}',
+            '{"amount": 0e99999999999999999999}',
         ]
     ):
         yield Case(f"syntax-{i}", text.encode(), 400, INVALID_JSON)

@@ -75,6 +75,7 @@ def test_platform_names_become_pingtree_names() -> None:
         ("1:30", 90),
         ("00:01:30", 90),
         ("-5", None),
+        (10**400, None),  # too large for a float: not a length
         ("ninety", None),
         (True, None),
         ("1:3", None),
@@ -96,7 +97,6 @@ def test_a_call_exactly_min_duration_long_counts() -> None:
         ("1,234.50", "1234.50"),
         ("USD 1,234", "1234.00"),
         ("€45.5", "45.50"),
-        ("45.005 USD", "45.01"),
     ],
 )
 def test_amounts_with_symbols_or_commas(amount: str, lenient: str) -> None:
@@ -104,6 +104,16 @@ def test_amounts_with_symbols_or_commas(amount: str, lenient: str) -> None:
     assert (error.status, error.reason, list(error.invalid)) == (400, "amount_format", ["payout"])
     text = CONFIG.replace('call_id_param = "call_id"', 'call_id_param = "call_id"\namount_format = "lenient"')
     assert mapped({"tid": "T", "payout": amount, "duration": "100"}, text)["amount"] == lenient
+
+
+@pytest.mark.parametrize("amount", ["45.005 USD", "$1000.005", "$0.999", "$0.0049"])
+def test_lenient_amounts_are_never_rounded(amount: str) -> None:
+    """Cents are the caller's: "$0.0049" must not become a sale worth 0.00, nor "$0.999" one of 1.00."""
+    text = CONFIG.replace('call_id_param = "call_id"', 'call_id_param = "call_id"\namount_format = "lenient"')
+    with pytest.raises(ApiError) as caught:
+        mapped({"tid": "T", "payout": amount, "duration": "100"}, text)
+    assert (caught.value.status, caught.value.reason) == (400, "amount_format")
+    assert caught.value.invalid == {"payout": "at most two decimals"}
 
 
 def test_a_plain_but_invalid_amount_is_left_to_validation() -> None:
@@ -217,6 +227,60 @@ def test_check_config_command_names_the_key(tmp_path: Path) -> None:
     assert "campaigns.cmp_1.postbacks.ringba.params.payout: 'amountt' is not a Pingtree field" in bad.stderr
 
 
+# A source naming the event in a parameter, on a campaign with a Multi-Trigger event.
+BY_PARAMETER = (
+    CONFIG
+    + f"""
+[campaigns.cmp_1.events.call_clicked]
+allow_duplicates = true
+
+[campaigns.cmp_1.postbacks.buyer]
+token = "{TOKEN}"
+event_param = "evt"
+call_id_param = "call_id"
+[campaigns.cmp_1.postbacks.buyer.params]
+tid = "transaction_id"
+"""
+)
+
+
+def by_parameter(params: dict[str, Any], text: str = BY_PARAMETER) -> Any:
+    campaign = config(text).campaigns["cmp_1"]
+    return map_postback(campaign, campaign.postbacks["buyer"], params)
+
+
+def test_each_call_of_a_multi_trigger_event_is_its_own_postback() -> None:
+    first = by_parameter({"evt": "call_clicked", "tid": "T", "call_id": "C1"})
+    second = by_parameter({"evt": "call_clicked", "tid": "T", "call_id": "C2"})
+    assert first.idempotency_key != second.idempotency_key
+    assert by_parameter({"evt": "call_clicked", "tid": "T", "call_id": "C1"}) == first  # a retry
+    assert by_parameter({"evt": "quote_viewed", "tid": "T"}).body["event_id"] == "quote_viewed"
+
+
+def test_a_multi_trigger_postback_without_its_call_id_is_refused() -> None:
+    """Without a call id, a second call would get the first one's key and be answered as its retry:
+    refused, naming what is missing, rather than lost behind a 202."""
+    with pytest.raises(ApiError) as caught:
+        by_parameter({"evt": "call_clicked", "tid": "T"})
+    assert (caught.value.status, caught.value.reason) == (400, "missing_call_id")
+    assert caught.value.missing == {"call_id": "required (the call's id)"}
+    unconfigured = BY_PARAMETER.replace(
+        'event_param = "evt"\ncall_id_param = "call_id"', 'event_param = "evt"'
+    )
+    with pytest.raises(ApiError) as caught:
+        by_parameter({"evt": "call_clicked", "tid": "T", "call_id": "C1"}, unconfigured)
+    assert caught.value.reason == "missing_call_id"
+    assert "postbacks.buyer.call_id_param" in caught.value.message
+
+
+@pytest.mark.parametrize("event", [5, True, ["call_clicked"], {"a": 1}, 1.5])
+def test_an_event_parameter_that_is_not_text_is_refused(event: Any) -> None:
+    with pytest.raises(ApiError) as caught:
+        by_parameter({"evt": event, "tid": "T", "call_id": "C1"})
+    assert (caught.value.status, caught.value.reason) == (400, "invalid_event_id")
+    assert caught.value.invalid == {"evt": "expected a string"}
+
+
 def test_the_mapping_may_name_an_extra_field() -> None:
     text = CONFIG.replace('payout = "amount"', 'payout = "amount"\nq = "quote_id"')
     assert mapped({"tid": "T", "payout": "1", "duration": "100", "q": "Q7"}, text)["quote_id"] == "Q7"
@@ -257,16 +321,20 @@ values = (
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 def test_any_parameters_give_an_event_or_a_4xx(params: dict[str, Any], lenient: bool) -> None:
     text = (
-        CONFIG.replace('call_id_param = "call_id"', 'call_id_param = "call_id"\namount_format = "lenient"')
+        BY_PARAMETER.replace(
+            'call_id_param = "call_id"', 'call_id_param = "call_id"\namount_format = "lenient"'
+        )
         if lenient
-        else CONFIG
+        else BY_PARAMETER
     )
     campaign = config(text).campaigns["cmp_1"]
-    try:
-        body = map_postback(campaign, campaign.postbacks["ringba"], params).body
-        event = validate_event(campaign, body, revenue_key="amount", trusted=False)
-    except ApiError as exc:
-        assert 400 <= exc.status < 500 and exc.reason, exc.body()
-        json.dumps(exc.body())
-    else:
-        assert event.event_id == "call_completed" and event.amount is not None
+    for source in ("ringba", "buyer"):
+        try:
+            body = map_postback(campaign, campaign.postbacks[source], params).body
+            event = validate_event(campaign, body, revenue_key="amount", trusted=False)
+        except ApiError as exc:
+            assert 400 <= exc.status < 500 and exc.reason, exc.body()
+            json.dumps(exc.body())
+        else:
+            assert event.event_id in campaign.events
+            assert source == "buyer" or (event.event_id == "call_completed" and event.amount is not None)

@@ -346,6 +346,75 @@ def test_filtered_is_reported_with_its_reason(tmp_path: Path) -> None:
     app.extensions["relay"].close()
 
 
+def in_process_app(tmp_path: Path, **campaign: Any) -> Any:
+    config = parse_config(
+        {
+            "relay": {
+                "upstream_url": "http://127.0.0.1:9",
+                "store": f"sqlite:///{tmp_path / 'r.sqlite3'}",
+                "rate_limits": {"per_ip": "", "per_campaign": ""},
+            },
+            "campaigns": {"c1": {"allowed_origins": [ORIGIN], "events": {"view": {}}, **campaign}},
+        }
+    )
+    return create_app(config, start_delivery=False)
+
+
+@pytest.mark.parametrize(
+    "ua",
+    [
+        "Mozilla/5.0 (Linux; Android 11; CUBOT X50) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/108.0.0.0 Mobile Safari/537.36",
+        "Mozilla/5.0 (Linux; Android 9; CUBOT_P30) AppleWebKit/537.36 Chrome/99 Mobile Safari/537.36",
+    ],
+)
+def test_a_phone_whose_model_name_holds_bot_is_a_visitor(tmp_path: Path, ua: str) -> None:
+    """CUBOT phones: "bot" in the model name must not cost a real visitor's events (202, never stored)."""
+    app = in_process_app(tmp_path, bot_filter=True)
+    response = app.test_client().post(
+        "/api/event/c1",
+        json={"event_id": "view", "transaction_id": "t-1"},
+        headers={"Origin": ORIGIN, "User-Agent": ua},
+    )
+    assert response.status_code == 202 and response.json["type"] != "filtered", response.json
+    assert [r.transaction_id for r in app.extensions["relay"].store.find(cid="c1")] == ["t-1"]
+    # A robot that says so on the same phone's UA is still one.
+    robot = app.test_client().post(
+        "/api/event/c1",
+        json={"event_id": "view", "transaction_id": "t-2"},
+        headers={"Origin": ORIGIN, "User-Agent": ua + " (compatible; Googlebot/2.1)"},
+    )
+    assert robot.json["type"] == "filtered"
+    app.extensions["relay"].close()
+
+
+def test_a_staging_page_can_read_its_429(tmp_path: Path) -> None:
+    """The SDK backs off on a 429 it can read; a staging origin's page must be able to read it too."""
+    staging = "https://preview.example.org"
+    config = parse_config(
+        {
+            "relay": {
+                "upstream_url": "http://127.0.0.1:9",
+                "store": f"sqlite:///{tmp_path / 'r.sqlite3'}",
+                "rate_limits": {"per_ip": "1/minute", "per_campaign": ""},
+            },
+            "campaigns": {
+                "c1": {"allowed_origins": [ORIGIN], "staging_origins": [staging], "events": {"view": {}}}
+            },
+        }
+    )
+    app = create_app(config, start_delivery=False)
+    headers = {"Origin": staging, "User-Agent": BROWSER}
+    post = lambda: app.test_client().post(  # noqa: E731
+        "/api/event/c1", json={"event_id": "view", "transaction_id": "t-1"}, headers=headers
+    )
+    assert post().status_code in (200, 202)
+    limited = post()
+    assert limited.status_code == 429
+    assert limited.headers["Access-Control-Allow-Origin"] == staging
+    app.extensions["relay"].close()
+
+
 # --- first-party endpoint path (ad blockers) ---------------------------------------------------------------
 
 

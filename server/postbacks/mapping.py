@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 from ..config import CampaignConfig, PostbackConfig
 from ..errors import ApiError
@@ -57,6 +57,13 @@ def map_postback(campaign: CampaignConfig, source: PostbackConfig, params: Mappi
     present = _present(source, params)
     _check_duration(source, present)
     event_id = source.event or _required_param(present, source.event_param, "event_id", "missing_event_id")
+    if not isinstance(event_id, str):  # a JSON body's number, list or object: never an event's name
+        raise ApiError(
+            400,
+            f"Invalid {source.event_param}: expected the event's name",
+            invalid={source.event_param: "expected a string"},
+            reason="invalid_event_id",
+        )
     body, origin = _renamed(source, present)
     body["event_id"] = event_id
     transaction_id = body.get("transaction_id")
@@ -71,11 +78,31 @@ def map_postback(campaign: CampaignConfig, source: PostbackConfig, params: Mappi
     if "amount" in body:
         body["amount"] = _amount(source, origin["amount"], body["amount"])
     call_id = present.get(source.call_id_param, "") if source.call_id_param else ""
+    event = campaign.events.get(event_id)
+    if event is not None and event.allow_duplicates and call_id == "":
+        # Without a call id, a second call has the first one's key: it would be answered as its retry.
+        _missing_call_id(source, event_id)
     return Postback(
         body=body,
         idempotency_key=idempotency_key(
             campaign.cid, source.name, str(transaction_id), event_id, str(call_id)
         ),
+    )
+
+
+def _missing_call_id(source: PostbackConfig, event_id: str) -> NoReturn:
+    why = f"{event_id} counts every call (allow_duplicates), so each postback must say which call it reports"
+    if source.call_id_param:
+        raise ApiError(
+            400,
+            f"{source.call_id_param} is required: {why}",
+            missing={source.call_id_param: "required (the call's id)"},
+            reason="missing_call_id",
+        )
+    raise ApiError(
+        400,
+        f"{why}; this source has no call_id_param (postbacks.{source.name}.call_id_param in the relay's config)",
+        reason="missing_call_id",
     )
 
 
@@ -172,7 +199,10 @@ def parse_seconds(raw: Any) -> float | None:
     if isinstance(raw, bool):
         return None
     if isinstance(raw, (int, float, Decimal)):
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:  # an int of hundreds of digits
+            return None
         return value if value >= 0 and value == value and value != float("inf") else None
     if not isinstance(raw, str):
         return None
@@ -195,6 +225,13 @@ def _amount(source: PostbackConfig, param: str, raw: Any) -> Any:
         return raw  # not a formatting question: validation says what is wrong with it
     lenient = _LENIENT_AMOUNT.match(text)
     if source.amount_format == "lenient" and lenient:
+        if len(lenient["frac"] or "") > 3:  # "." and two digits: cents are never rounded away
+            raise ApiError(
+                400,
+                f"Invalid {param}: {text[:40]!r} has more than two decimals",
+                invalid={param: "at most two decimals"},
+                reason="amount_format",
+            )
         number = Decimal(lenient["int"].replace(",", "") + (lenient["frac"] or ""))
         return str(number.quantize(CENT, rounding=ROUND_HALF_UP))
     raise ApiError(
