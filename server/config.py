@@ -545,11 +545,15 @@ def _relay(path: str, raw: Any) -> RelayConfig:
     if "upstream_url" not in values:
         raise ConfigError(f"{path}.upstream_url", "required")
     relay = RelayConfig(**values)
+    # A lease that ends while its attempt can still be running would let a second process send the
+    # same event at the same time. Each attempt is bounded as a whole by its timeout (server/forwarder.py).
     if relay.lease_seconds <= relay.upstream_timeout:
-        # A lease that ends while its attempt can still be running would let a second worker send
-        # the same event at the same time.
         raise ConfigError(
             f"{path}.lease_seconds", f"must be longer than upstream_timeout ({relay.upstream_timeout} s)"
+        )
+    if relay.lease_seconds <= relay.inline_timeout:
+        raise ConfigError(
+            f"{path}.lease_seconds", f"must be longer than inline_timeout ({relay.inline_timeout} s)"
         )
     if relay.inline_concurrency and relay.inline_timeout and relay.max_in_flight <= relay.inline_concurrency:
         # Inline attempts are part of the box's in-flight budget: the engine needs a share too.

@@ -11,7 +11,9 @@ Pingtree's answer                          what the relay does
                                            was unknown (it was our own); else dead
 other 4xx                                  dead, with Pingtree's message as the reason
 403 Source Inactive                        dead
-403 anything else (the 2-second lock)      retry once the lock window has passed
+403 anything else (the 2-second lock)      retry once the lock window has passed; after
+                                           ``LOCK_RETRIES`` of them, with backoff (a 403 that
+                                           is no lock, a firewall's, must not come every 2 s)
 408, 429                                   retry, ``Retry-After`` as a floor
 5xx, timeout, connection error             retry with backoff until the maximum age
 ========================================  ==========================================
@@ -19,6 +21,8 @@ other 4xx                                  dead, with Pingtree's message as the 
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import json
 import random
 import time
@@ -27,12 +31,15 @@ from typing import Any, Protocol
 
 import httpx
 
+from .transport import MAX_ANSWER_BYTES, AsyncH11Transport
 from .upstream import ROUTE_KEY, route
 from .upstream_state import UpstreamState, shared_dir
 
 DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
 LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
+LOCK_RETRIES = 3  # 403s retried at the lock's pace; past them, the backoff's
+MAX_REASON = 300  # characters of an answer's message kept as a reason (it is stored and logged)
 
 
 def _connect_error(kind: type[httpx.TransportError]) -> str:
@@ -91,14 +98,19 @@ def classify(
 ) -> Decision:
     """Decide what to do with an event after ``attempt`` (its ``attempts``-th)."""
     status = attempt.status
-    message = str((attempt.answer or {}).get("message", ""))
+    message = _text(str((attempt.answer or {}).get("message", "")))
     if status is not None and 200 <= status < 300:
         return Decision("delivered")
     if status == 400 and message == DUPLICATE_MESSAGE and was_uncertain:
         # An earlier attempt of ours got through but its answer was lost: this is our own event.
         return Decision("delivered", reason="duplicate after an attempt with unknown outcome")
-    if status == 403 and message != SOURCE_INACTIVE:
-        return Decision("retry", reason=message or "403", delay=LOCK_SECONDS + random.uniform(0.1, 0.5))
+    if status == 403 and message.strip().rstrip(".").lower() != SOURCE_INACTIVE.lower():
+        delay = LOCK_SECONDS + random.uniform(0.1, 0.5)
+        if attempts > LOCK_RETRIES:
+            delay = max(delay, backoff(attempts - LOCK_RETRIES, base=base, cap=cap))
+        if attempt.retry_after is not None:
+            delay = max(delay, min(attempt.retry_after, 3600.0))
+        return Decision("retry", reason=message or "403", delay=delay)
     if status in (408, 429) or status is None or status >= 500:
         delay = backoff(attempts, base=base, cap=cap)
         if attempt.retry_after is not None:
@@ -108,11 +120,25 @@ def classify(
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds from ``Retry-After``: a number of seconds or an HTTP date (RFC 9110 10.2.3)."""
     value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
+    if not value:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo is not None else None
+
+
+def _text(message: str) -> str:
+    """``message`` as text any store and log can take: at most ``MAX_REASON`` characters, and a lone
+    surrogate (a JSON escape like "\\ud800" decodes to one, and no UTF-8 encoder takes it) replaced."""
+    return message[:MAX_REASON].encode("utf-8", "replace").decode("utf-8")
 
 
 _HEADERS = {"user-agent": "pingtree-relay/0.1", "content-type": "application/json"}
@@ -184,15 +210,22 @@ class Forwarder(_Upstream):
         )
 
     def send(self, cid: str, body: dict[str, Any], *, timeout: float | None = None) -> Attempt:
-        """One attempt. Never raises for network trouble: it is reported in the :class:`Attempt`."""
+        """One attempt, of at most ``timeout`` seconds (the forwarder's by default) however the answer
+        trickles in, and an answer of at most ``MAX_ANSWER_BYTES``. Never raises for network
+        trouble: it is reported in the :class:`Attempt`."""
         started = time.perf_counter()
-        request_timeout = self._client.timeout if timeout is None else _timeout(timeout)
+        seconds = self.timeout if timeout is None else timeout
         url, body = route(self.upstream_url, cid, body)  # campaign form, or Pingtree's global API
         try:
-            response = self._client.post(url, content=json.dumps(body), timeout=request_timeout)
+            # httpx's timeouts are per read: an answer dripping a byte at a time would outlast them
+            # all, and the attempt its lease. Read as a stream, against one deadline.
+            with self._client.stream(
+                "POST", url, content=json.dumps(body), timeout=_timeout(seconds)
+            ) as response:
+                answer = _read_whole(response, deadline=started + seconds)
         except httpx.TransportError as exc:
             return self._failed(exc, started)
-        return self._answered(response, started)
+        return self._answered(answer, started)
 
     def close(self) -> None:
         self._client.close()
@@ -228,8 +261,6 @@ class AsyncForwarder(_Upstream):
         max_connections: int = 400,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        from .transport import AsyncH11Transport
-
         super().__init__(upstream_url, timeout)
         self._transport = transport or AsyncH11Transport(max_connections=max_connections)
         connect = min(timeout, 3.0)
@@ -250,14 +281,44 @@ class AsyncForwarder(_Upstream):
             "POST", url, headers=_HEADERS, content=json.dumps(body).encode(), extensions=self._extensions
         )
         try:
-            response = await self._transport.handle_async_request(request)
-            await response.aread()
+            # One deadline for the whole attempt (a pool wait, the connect, the write, an answer that
+            # trickles in): the lease must outlast it (config: lease_seconds > upstream_timeout).
+            async with asyncio.timeout(self.timeout):
+                response = await self._transport.handle_async_request(request)
+                await response.aread()
+        except TimeoutError:
+            return self._failed(httpx.ReadTimeout("the attempt took longer than upstream_timeout"), started)
         except httpx.TransportError as exc:
             return self._failed(exc, started)
         return self._answered(response, started)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def _read_whole(response: httpx.Response, *, deadline: float) -> httpx.Response:
+    """``response`` read whole by ``deadline`` (``time.perf_counter``) and within ``MAX_ANSWER_BYTES``
+    (decoded: a small gzip bomb counts at its size), else the httpx error the engine's transport
+    raises for the same; returned as a response read already."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise httpx.RemoteProtocolError(
+                f"an answer beyond {MAX_ANSWER_BYTES} bytes", request=response.request
+            )
+        if time.perf_counter() > deadline:
+            raise httpx.ReadTimeout(
+                "the answer took longer than the attempt's timeout", request=response.request
+            )
+        chunks.append(chunk)
+    headers = [
+        (k, v) for k, v in response.headers.raw if k.lower() not in (b"content-encoding", b"content-length")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(chunks), request=response.request
+    )
 
 
 def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:

@@ -50,7 +50,14 @@ class _Connection:
 
     def reusable(self) -> bool:
         # A peer that closed an idle connection shows as EOF on the reader once the loop saw it.
-        return self.idle and not self.reader.at_eof() and not self.writer.is_closing()
+        # Bytes already waiting on an idle connection are no answer of ours (an upstream or proxy
+        # that sent one too many): the next request would read them as its own answer.
+        return (
+            self.idle
+            and not self.reader.at_eof()
+            and not self.reader._buffer  # type: ignore[attr-defined]
+            and not self.writer.is_closing()
+        )
 
     def close(self) -> None:
         self.writer.close()

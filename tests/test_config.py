@@ -178,6 +178,10 @@ def test_the_issue_example_is_valid(tmp_path: Path) -> None:
         ),
         (("[relay]", '[relay]\nadmin_token = "x"'), "relay.admin_token: at least 16 characters"),
         (
+            ("[relay]", "[relay]\ninline_timeout = 40"),
+            "relay.lease_seconds: must be longer than inline_timeout",
+        ),
+        (
             ("[campaigns.cmp_demo]", '[campaigns.cmp_demo]\nallow_server_calls = true\nserver_key = "k"'),
             "campaigns.cmp_demo.server_key: at least 16 characters",
         ),

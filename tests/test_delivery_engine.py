@@ -8,6 +8,7 @@ often it is resent (a resend is answered "Duplicate event"). Relays are ``pingtr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -217,6 +218,60 @@ def test_outcomes_are_settled_in_batches(store_url: str, upstream: Upstream) -> 
     assert upstream.stats()["requests"] == 300
     # One per event would be 300 settles + claims; batched, a few dozen at most (idle polls included).
     assert used <= 60, f"{used} store writes for 300 deliveries"
+    store.close()
+
+
+class UnencodableAnswerStore:
+    """A store that cannot take one event's answer as it is (as sqlite3 and redis-py cannot take a
+    lone surrogate): ``finish_many`` raises for any batch holding that outcome with its answer."""
+
+    def __init__(self, store: Store, poisoned: str) -> None:
+        self.store, self.poisoned = store, poisoned
+        self.failed_batches = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def finish_many(self, outcomes: Any) -> list[bool]:
+        if any(o.record_id == self.poisoned and o.answer is not None for o in outcomes):
+            self.failed_batches += 1
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return self.store.finish_many(outcomes)
+
+
+def test_an_outcome_the_store_cannot_take_does_not_hold_up_its_batch(tmp_path: Path) -> None:
+    """One unstorable outcome used to fail its whole batch for good: no outcome of it (or after it)
+    was stored, and every event was sent again at each lease's end. Now the batch is settled one by
+    one, and the bad one is stored without its answer."""
+    store = open_store(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    txns = new_txns(20, "poison")
+    backlog_of(f"sqlite:///{tmp_path / 'outbox.sqlite3'}", txns)
+    poisoned = next(r.id for r in store.find(limit=50) if r.transaction_id == txns[7])
+    sends: list[str] = []
+
+    def pingtree(request: httpx.Request) -> httpx.Response:
+        sends.append(json.loads(request.content)["transaction_id"])
+        return httpx.Response(200, json={"status": 200, "message": "Event triggered successfully"})
+
+    wrapped = UnencodableAnswerStore(store, poisoned)
+    engine = Dispatcher(
+        wrapped,  # type: ignore[arg-type]
+        forwarder_factory=lambda n: AsyncForwarder(
+            "http://pingtree.test", max_connections=n, transport=httpx.MockTransport(pingtree)
+        ),
+        lease=3,
+        upstream_timeout=2,
+    )
+    engine.start(50)
+    try:
+        wait_for(lambda: store.stats().counts.get("delivered") == 20, timeout=30, message="all 20 settled")
+    finally:
+        engine.stop()
+    assert sorted(sends) == sorted(txns)  # each sent once: no lease ran out unsettled
+    bad = store.get(poisoned)
+    assert bad is not None and bad.state == "delivered" and bad.last_answer is None
+    assert bad.last_error is not None and bad.last_error.startswith("unstorable answer")
+    assert wrapped.failed_batches >= 2  # its batch, then itself alone
     store.close()
 
 

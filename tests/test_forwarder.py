@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import random
 
 import httpx
 import pytest
 
-from server.forwarder import Attempt, Forwarder, backoff, classify
+from server.forwarder import (
+    LOCK_RETRIES,
+    LOCK_SECONDS,
+    Attempt,
+    Decision,
+    Forwarder,
+    _retry_after,
+    backoff,
+    classify,
+)
+from server.transport import MAX_ANSWER_BYTES
 
 
 @pytest.mark.parametrize(
@@ -92,3 +104,56 @@ def test_non_json_answer_is_kept_as_message() -> None:
     attempt = forwarder.send("c", {})
     assert attempt.status == 502 and attempt.answer == {"message": "<html>bad gateway</html>"}
     assert attempt.uncertain
+
+
+def test_a_message_no_store_can_encode_becomes_plain_text() -> None:
+    """A JSON escape like "\\ud800" decodes to a lone surrogate, which no UTF-8 encoder takes: stored
+    as the reason, it made every settle of its batch fail, and the engine resend those events."""
+    decision = classify(Attempt(400, answer={"message": "bad \ud800 value"}), attempts=1, was_uncertain=False)
+    assert decision == Decision("dead", reason="400 bad ? value")
+    long = classify(Attempt(400, answer={"message": "x" * 5000}), attempts=1, was_uncertain=False)
+    assert len(long.reason) <= 310
+
+
+@pytest.mark.parametrize(
+    "message", ["Source Inactive", "Source inactive", "source inactive.", " Source Inactive "]
+)
+def test_source_inactive_in_any_case_is_final(message: str) -> None:
+    assert (
+        classify(Attempt(403, answer={"message": message}), attempts=1, was_uncertain=False).state == "dead"
+    )
+
+
+def test_a_403_that_is_no_lock_backs_off_after_a_few_tries() -> None:
+    """Pingtree's lock lasts 2 s; a 403 that keeps coming (a firewall's page, "Forbidden") must not be
+    retried every 2 s for the event's 72 hours."""
+    forbidden = Attempt(403, answer={"message": "Forbidden"})
+    for attempts in range(1, LOCK_RETRIES + 1):
+        decision = classify(forbidden, attempts=attempts, was_uncertain=False)
+        assert decision.state == "retry" and LOCK_SECONDS < decision.delay <= LOCK_SECONDS + 0.5
+    later = classify(forbidden, attempts=LOCK_RETRIES + 8, was_uncertain=False, base=1, cap=300)
+    assert later.delay >= 2**7 / 2
+    told = classify(
+        Attempt(403, answer={"message": "Forbidden"}, retry_after=60), attempts=1, was_uncertain=False
+    )
+    assert told.delay >= 60
+
+
+def test_retry_after_may_be_an_http_date() -> None:
+    soon = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=120), usegmt=True
+    )
+    assert 100 <= (_retry_after(httpx.Response(503, headers={"Retry-After": soon})) or 0) <= 121
+    assert _retry_after(httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+    assert _retry_after(httpx.Response(503, headers={"Retry-After": "soon"})) is None
+    assert _retry_after(httpx.Response(503, headers={"Retry-After": "7"})) == 7.0
+
+
+def test_an_inline_answer_beyond_the_limit_is_refused_not_read() -> None:
+    """The engine's transport caps an answer at 1 MB; the inline attempt reads no more than it."""
+    big = b"x" * (MAX_ANSWER_BYTES + 1)
+    forwarder = Forwarder(
+        "http://up.example/", transport=httpx.MockTransport(lambda r: httpx.Response(200, content=big))
+    )
+    attempt = forwarder.send("cmp_1", {"event_id": "x"})
+    assert (attempt.status, attempt.error, attempt.uncertain) == (None, "RemoteProtocolError", True)

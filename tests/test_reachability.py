@@ -123,3 +123,47 @@ def test_an_unreachable_pingtree_gets_one_probe_at_a_time_and_the_backlog_drains
         engine.stop()
         upstream.stop()
         store.close()
+
+
+def test_a_dead_staging_upstream_says_nothing_about_pingtree(tmp_path: Path) -> None:
+    """Test events go to the staging upstream (server/staging.py): its refusals must not make the
+    engine think Pingtree is down and drip the real events out one a second."""
+    from server.outbox import Record
+    from server.staging import mark
+
+    store = open_store(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    for i in range(UNREACHABLE_AFTER * 3):
+        t = f"txn_staging_{uuid.uuid4().hex[:8]}_{i}"
+        payload = mark({"event_id": "form_submitted", "transaction_id": t})
+        store.add(
+            Record(
+                id=uuid.uuid4().hex,
+                cid="cmp_test",
+                event_id="form_submitted",
+                transaction_id=t,
+                payload=payload,
+                received_at=time.time(),
+            ),
+            owner=None,
+            lease=30,
+        )
+    attempted: list[str] = []
+
+    class StagingDown:
+        last = None
+
+        async def send(self, cid: str, body: dict[str, Any]) -> Attempt:
+            attempted.append(body["transaction_id"])
+            return REFUSED
+
+        async def aclose(self) -> None:
+            pass
+
+    engine = Dispatcher(store, forwarder_factory=lambda n: StagingDown(), retry_base=30, retry_cap=60)
+    engine.start(100)
+    try:
+        wait_for(lambda: len(set(attempted)) == UNREACHABLE_AFTER * 3, timeout=30, message="each tried once")
+        assert not engine.reachability.down and engine.reachability.failures == 0
+    finally:
+        engine.stop()
+        store.close()

@@ -312,3 +312,81 @@ def test_the_request_on_the_wire_has_one_length_and_no_injected_header() -> None
         b"content-length: 7"
     ]
     assert b"x-key: k" in [line.lower() for line in lines] and len(seen) == 1
+
+
+def test_an_idle_connection_with_bytes_waiting_is_not_reused() -> None:
+    """An upstream (or a proxy) that sends one answer too many: the next request must read its own
+    answer, not that one (it would be taken for Pingtree's verdict on another event)."""
+
+    async def one_answer_too_many(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        ok = (
+            b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 16\r\n\r\n{"message":"ok"}'
+        )
+        stale = b'HTTP/1.1 200 OK\r\ncontent-length: 24\r\n\r\n{"message":"stale reply"}'
+        writer.write(ok + stale)
+        await writer.drain()
+        await read_request(reader)  # a second request on this connection gets a refusal
+        body = b'{"message":"Invalid event_id"}'
+        writer.write(b"HTTP/1.1 400 Bad\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def test(url: str, connections: list[int]) -> None:
+        forwarder = AsyncForwarder(url, timeout=5)
+        first = await forwarder.send("c", {})
+        await asyncio.sleep(0.05)  # the stale answer is in the reader's buffer by now
+        second = await forwarder.send("c", {})
+        await forwarder.aclose()
+        assert first.answer == {"message": "ok"}
+        assert second.answer != {"message": "stale reply"}, "a stale answer was read as this request's"
+        assert len(connections) == 2  # a fresh connection for the second request
+
+    serve(one_answer_too_many, test)
+
+
+async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A 200 whose 40-byte body comes a byte every 0.1 s: each read is quick, the whole takes 4 s."""
+    await read_request(reader)
+    body = b'{"message":"' + b"x" * 26 + b'"}'
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+    for byte in body:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+
+
+def test_an_engine_attempt_has_one_deadline_from_the_pool_wait_to_the_answer() -> None:
+    """Each phase has its own timeout (pool, connect, write, read); the lease must outlast the whole
+    attempt, so the whole is bounded too: waiting 0.3 s for the pool's one connection, then 0.3 s for
+    the answer, is more than an attempt of 0.5 s may take."""
+
+    async def slow_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.3)
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 16\r\n\r\n{"message":"ok"}')
+            await writer.drain()
+
+    async def test(url: str, connections: list[int]) -> None:
+        forwarder = AsyncForwarder(url, timeout=0.5, max_connections=1)
+        first = asyncio.create_task(forwarder.send("c", {}))
+        await asyncio.sleep(0.01)  # the first takes the one connection
+        second = await forwarder.send("c", {})
+        await first
+        await forwarder.aclose()
+        assert (second.status, second.error, second.uncertain) == (None, "ReadTimeout", True)
+
+    serve(slow_answers, test)
+
+
+def test_an_inline_attempt_has_one_deadline_however_the_answer_trickles_in() -> None:
+    from server.forwarder import Forwarder
+
+    async def test(url: str, connections: list[int]) -> None:
+        forwarder = Forwarder(url, timeout=5)
+        attempt = await asyncio.to_thread(forwarder.send, "c", {}, timeout=0.5)
+        forwarder.close()
+        assert (attempt.status, attempt.error, attempt.uncertain) == (None, "ReadTimeout", True)
+
+    serve(drip, test)

@@ -33,6 +33,7 @@ and the probe's success releases them at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -45,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..forwarder import AsyncSender, Attempt, Decision, classify
+from ..staging import is_test
 from . import Outcome, Record, State, Store
 
 log = logging.getLogger("pingtree_relay.delivery")
@@ -63,6 +65,8 @@ IDLE_POLL_SECONDS = 0.05  # how soon an event stored by another process is claim
 STORE_RETRY_SECONDS = 0.5  # a failed claim or settle is tried again after this
 UNREACHABLE_AFTER = 10  # connection failures in a row that make Pingtree unreachable (module docstring)
 PROBE_SECONDS = 1.0  # while it is: one event sent this often, to find out when it is back
+# What a store raises for a value it cannot take, not for being down: settled apart (_settle_batch).
+_UNSTORABLE = (UnicodeError, TypeError, ValueError)
 STORE_THREADS = 2  # the engine's threads for blocking store calls
 _STORE_THREADS = "pt-store"  # their names' prefix
 
@@ -419,7 +423,9 @@ class Dispatcher:
         finally:
             self.in_flight -= 1
             self._room.set()
-        if self.reachability.saw(attempt) == "up":
+        # Only Pingtree's own answers say whether Pingtree is reachable: a test event goes to the
+        # staging upstream (server/staging.py), which may be down while Pingtree is not.
+        if not is_test(record.payload) and self.reachability.saw(attempt) == "up":
             self._reachable.set()
         self._to_settle.append((record, attempt))
         self._settle_ready.set()
@@ -513,9 +519,28 @@ class Dispatcher:
         decided = [
             (record, attempt, *self.outcome(record, attempt, owner=self.owner)) for record, attempt in batch
         ]
-        flags = self.store.finish_many([outcome for _, _, _, outcome in decided])
+        try:
+            flags = self.store.finish_many([outcome for _, _, _, outcome in decided])
+        except _UNSTORABLE:
+            # One outcome the store cannot take (a value it cannot encode) must not keep the whole
+            # batch, and every batch after it, from being stored: each alone, then that one plainer.
+            flags = [self._finish_alone(outcome) for _, _, _, outcome in decided]
         for (record, attempt, decision, outcome), stored in zip(decided, flags, strict=True):
             self._report(record, attempt, decision, outcome, stored, inline=False)
+
+    def _finish_alone(self, outcome: Outcome) -> bool:
+        try:
+            return self.store.finish_many([outcome])[0]
+        except _UNSTORABLE as exc:
+            log.error(
+                "outcome of %s could not be stored as it was (%s); stored without the answer",
+                outcome.record_id,
+                exc,
+            )
+            plain = dataclasses.replace(
+                outcome, answer=None, error=f"unstorable answer: {ascii(outcome.error)[:200]}"
+            )
+            return self.store.finish_many([plain])[0]
 
     def _report(
         self,
