@@ -338,6 +338,26 @@ def test_an_expired_lease_is_reclaimed_and_marked_uncertain(store: Store) -> Non
     assert got is not None and got.state == "delivered" and got.last_status == 400
 
 
+def test_a_late_outcome_cannot_drop_the_same_owners_next_lease(store: Store) -> None:
+    """One process, one owner id: after its lease ran out (its outcome could not be stored in time),
+    it claims the record again and sends it again. The first attempt's outcome, arriving late, must
+    not drop that second lease while its send is in flight (a third send would start beside it)."""
+    r = rec()
+    store.add(r, owner=None, lease=30)
+    [first] = store.claim("engine", 1, 0.3)
+    [second] = wait_for(lambda: store.claim("engine", 1, 30), timeout=5, message="the lease to expire")
+    assert (first.attempts, second.attempts) == (1, 2)
+    late = Outcome(r.id, "engine", "pending", time.time(), status=503, error="503", attempts=first.attempts)
+    assert store.finish_many([late]) == [False]
+    got = store.get(r.id)
+    assert got is not None and got.lease_owner == "engine" and got.last_status is None  # still leased
+    assert store.claim("engine", 1, 30) == []  # and not due: nobody sends it a third time
+    now = Outcome(r.id, "engine", "delivered", time.time(), status=200, attempts=second.attempts)
+    assert store.finish_many([now]) == [True]
+    got = store.get(r.id)
+    assert got is not None and got.state == "delivered" and got.last_status == 200
+
+
 def test_an_expired_inline_lease_is_uncertain_too(store: Store) -> None:
     r = rec()
     store.add(r, owner="inline", lease=0.3)  # the process died during its inline attempt

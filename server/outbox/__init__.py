@@ -84,6 +84,11 @@ class Outcome:
     error: str | None = None
     uncertain: bool = False
     latency_ms: float | None = None
+    # The record's attempt count when this attempt's lease was taken (None: not checked). A lease is
+    # one process's (its owner id), but one process may claim a record again once its lease ran out
+    # (a store outage kept an outcome from being stored in time); the count tells that later lease
+    # from the one this outcome belongs to, so a late outcome cannot drop a send still in flight.
+    attempts: int | None = None
 
     def __post_init__(self) -> None:
         # Checked here, once for every backend: no store can be handed a state it does not keep.

@@ -506,6 +506,7 @@ class Dispatcher:
             decision.reason or attempt.error,
             attempt.uncertain,
             attempt.latency_ms,
+            attempts=record.attempts,  # this lease's, not a later one's (Outcome.attempts)
         )
 
     def settle(self, record: Record, attempt: Attempt, *, owner: str) -> Decision:

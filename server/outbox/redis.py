@@ -138,16 +138,18 @@ return out
 """
 )
 
-# ARGV: prefix, then per outcome 9 values: id, owner, state, next_at, status, answer, error,
-# uncertain (0/1), latency_ms. Returns one 1/0 per outcome (0: the owner no longer held the lease).
+# ARGV: prefix, then per outcome 10 values: id, owner, state, next_at, status, answer, error,
+# uncertain (0/1), latency_ms, attempts ('' : not checked). Returns one 1/0 per outcome (0: the
+# owner no longer held the lease, or holds a later one: Outcome.attempts).
 _FINISH = (
     _PRELUDE
     + """
 local t = fmt(now())
-local function finish(id, owner, state, next_at, status, answer, err, uncertain, latency)
+local function finish(id, owner, state, next_at, status, answer, err, uncertain, latency, attempts)
   local ev = P .. 'ev:' .. id
-  local cur = redis.call('HMGET', ev, 'state', 'lease_owner', 'received_at', 'dedupe_key')
+  local cur = redis.call('HMGET', ev, 'state', 'lease_owner', 'received_at', 'dedupe_key', 'attempts')
   if cur[1] ~= 'pending' or cur[2] ~= owner then return 0 end
+  if attempts ~= '' and cur[5] ~= attempts then return 0 end
   redis.call('HDEL', ev, 'lease_owner')
   redis.call('HSET', ev, 'state', state, 'next_at', next_at, 'updated_at', t)
   set_or_del(ev, 'last_status', status)
@@ -171,9 +173,9 @@ local function finish(id, owner, state, next_at, status, answer, err, uncertain,
   return 1
 end
 local out = {}
-for i = 2, #ARGV, 9 do
+for i = 2, #ARGV, 10 do
   out[#out + 1] = finish(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
-                         ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
+                         ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9])
 end
 return out
 """
@@ -407,6 +409,7 @@ class RedisStore(Store):
                     o.error or "",
                     "1" if o.uncertain else "0",
                     _opt(None if o.latency_ms is None else float(o.latency_ms)),
+                    "" if o.attempts is None else str(int(o.attempts)),
                 ]
             done += [int(flag) == 1 for flag in self._run("finish", *args)]
         return done

@@ -126,7 +126,7 @@ _FINISH_SQL = (
     "UPDATE events SET state = ?, next_at = ?, lease_owner = NULL, last_status = ?, last_answer = ?, "
     "last_error = ?, uncertain = (uncertain OR ?), updated_at = ?, latency_ms = ?, "
     "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
-    "WHERE id = ? AND lease_owner = ? AND state = 'pending'"
+    "WHERE id = ? AND lease_owner = ? AND state = 'pending' AND (? IS NULL OR attempts = ?)"
 )
 
 BUSY_WAIT_SECONDS = 30.0
@@ -453,6 +453,8 @@ class SQLiteStore(Store):
                         now,
                         o.record_id,
                         o.owner,
+                        o.attempts,
+                        o.attempts,
                     ),
                 ).rowcount
                 == 1
