@@ -311,7 +311,7 @@ def _check_server_only(fields: dict[str, Any], invalid: dict[str, str]) -> None:
             invalid["ip_address"] = "expected an IPv4 or IPv6 address"
     if "user_agent" in fields:
         ua = fields["user_agent"]
-        if not isinstance(ua, str) or len(ua) > MAX_USER_AGENT:
+        if not isinstance(ua, str) or _string(ua, MAX_USER_AGENT) is None:  # no control characters either
             invalid["user_agent"] = f"expected a string of at most {MAX_USER_AGENT} characters"
 
 

@@ -156,7 +156,14 @@ def test_without_them_the_backends_own_are_not_forwarded(relay: InProcessRelay, 
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("ip_address", "999.1.1.1"), ("ip_address", 7), ("user_agent", "x" * 513)]
+    ("field", "value"),
+    [
+        ("ip_address", "999.1.1.1"),
+        ("ip_address", 7),
+        ("user_agent", "x" * 513),
+        ("user_agent", "Mozilla/5.0\r\nX-Evil: 1"),
+        ("user_agent", "Mozilla/5.0\x00"),
+    ],
 )
 def test_passed_visitor_fields_are_checked(
     relay: InProcessRelay, sandbox: Sandbox, field: str, value: Any

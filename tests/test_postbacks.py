@@ -346,6 +346,13 @@ def test_global_api_for_an_unknown_lead_says_so(relay: Relay, sandbox: Sandbox) 
             "Invalid event_id for this campaign",
             {"event_id": "not configured"},
         ),
+        (
+            "cmp_test/ringba",
+            f"token={RINGBA_TOKEN}&tid=%ff%fe&payout=25&duration=200",
+            400,
+            "Invalid query string: tid is not UTF-8 text",
+            {"tid": "not UTF-8 text"},
+        ),
     ],
 )
 def test_bad_postbacks_get_a_clear_answer(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
@@ -97,6 +98,7 @@ def _check_token(source: PostbackConfig, sent: str | None) -> None:
 def _params() -> dict[str, Any]:
     """Query string and body as one flat mapping. A name given twice (in the query, or in both the
     query and the body) is refused rather than guessed at."""
+    _check_utf8(request.query_string, "query string")
     params = _single(request.args, "query string")
     if request.method == "POST":
         for name, value in _body_params().items():
@@ -110,6 +112,8 @@ def _body_params() -> dict[str, Any]:
     raw = _read_body()
     mime = (request.mimetype or "").lower()
     if mime in _FORM_TYPES:
+        if mime == "application/x-www-form-urlencoded":
+            _check_utf8(raw, "body")
         return _single(request.form, "body")
     if not raw.strip():
         return {}  # a POST with everything in the query string
@@ -132,6 +136,25 @@ def _single(values: MultiDict[str, str], where: str) -> dict[str, Any]:
             raise _given_twice(name)
         flat[name] = values[name]
     return flat
+
+
+def _check_utf8(encoded: bytes, where: str) -> None:
+    """400 for the first parameter of a query string or form body whose %-escapes are not UTF-8.
+    Werkzeug leaves those escaped: "tid=%ff%fe" would reach Pingtree as a transaction id "%FF%FE"
+    that nobody has. Refused, as a JSON body that is not UTF-8 is."""
+    for pair in encoded.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        try:
+            for part in (name, value):
+                unquote_to_bytes(part.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            shown = unquote_to_bytes(name).decode("utf-8", "replace")[:64]
+            raise ApiError(
+                400,
+                f"Invalid {where}: {shown} is not UTF-8 text",
+                invalid={shown: "not UTF-8 text"},
+                reason="invalid_encoding",
+            ) from None
 
 
 def _given_twice(name: str) -> ApiError:
