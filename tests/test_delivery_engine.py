@@ -28,6 +28,7 @@ from server.config import load_config
 from server.forwarder import AsyncForwarder
 from server.outbox import Record, Store, open_store
 from server.outbox.dispatcher import Dispatcher
+from server.staging import mark
 from tests.conftest import Relay, campaigns_toml, make_relay, wait_for, write_relay_config
 from tests.store_counting import count_store_writes
 
@@ -98,18 +99,20 @@ def post_all(relay: Relay, txns: list[str], *, threads: int = 16) -> list[int | 
         return list(pool.map(one, txns))
 
 
-def backlog_of(store_url: str, txns: list[str]) -> None:
+def backlog_of(store_url: str, txns: list[str], *, test: bool = False) -> None:
     """Events stored while Pingtree was away: the drain starts the moment a relay does (posting
-    hundreds through a loaded machine would be slower than the engine, leaving no backlog)."""
+    hundreds through a loaded machine would be slower than the engine, leaving no backlog).
+    ``test``: stored as test traffic (a staging origin's, server/staging.py)."""
     store = open_store(store_url)
     for t in txns:
+        payload = {"event_id": "form_submitted", "transaction_id": t}
         store.add(
             Record(
                 id=uuid.uuid4().hex,
                 cid="cmp_test",
                 event_id="form_submitted",
                 transaction_id=t,
-                payload={"event_id": "form_submitted", "transaction_id": t},
+                payload=mark(payload) if test else payload,
                 received_at=time.time(),
                 dedupe_key=f"cmp_test|{t}|form_submitted",
             ),

@@ -128,25 +128,13 @@ def test_an_unreachable_pingtree_gets_one_probe_at_a_time_and_the_backlog_drains
 def test_a_dead_staging_upstream_says_nothing_about_pingtree(tmp_path: Path) -> None:
     """Test events go to the staging upstream (server/staging.py): its refusals must not make the
     engine think Pingtree is down and drip the real events out one a second."""
-    from server.outbox import Record
-    from server.staging import mark
-
-    store = open_store(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
-    for i in range(UNREACHABLE_AFTER * 3):
-        t = f"txn_staging_{uuid.uuid4().hex[:8]}_{i}"
-        payload = mark({"event_id": "form_submitted", "transaction_id": t})
-        store.add(
-            Record(
-                id=uuid.uuid4().hex,
-                cid="cmp_test",
-                event_id="form_submitted",
-                transaction_id=t,
-                payload=payload,
-                received_at=time.time(),
-            ),
-            owner=None,
-            lease=30,
-        )
+    store_url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    backlog_of(
+        store_url,
+        [f"txn_staging_{uuid.uuid4().hex[:8]}_{i}" for i in range(UNREACHABLE_AFTER * 3)],
+        test=True,
+    )
+    store = open_store(store_url)
     attempted: list[str] = []
 
     class StagingDown:
