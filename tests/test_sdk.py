@@ -80,7 +80,7 @@ def test_script_config_of_the_demo_campaign() -> None:
         "cid": "cmp_demo",
         "path": "/api/event/cmp_demo",
         "cookie": "pt_attr",
-        "maxAge": 30 * 86400,
+        "cookieAttrs": f";Max-Age={30 * 86400};Path=/;SameSite=Lax",
         "ptCookie": "pt_transaction_id",
         "generate": True,
         "call": "call_clicked",
@@ -109,8 +109,7 @@ def test_script_config_carries_every_sdk_setting() -> None:
         "base": "https://relay.example.com",
         "path": "/t/e",
         "cookie": "attr",
-        "maxAge": 7 * 86400,
-        "domain": ".example.com",
+        "cookieAttrs": f";Max-Age={7 * 86400};Path=/;SameSite=Lax;Domain=.example.com",
         "last": True,
         "ptCookie": "ptid",
         "extra": ["promo_code"],
@@ -188,7 +187,7 @@ def test_hostile_config_values_cannot_break_out() -> None:
     js = sdk.render_sdk(campaign, config.relay).body.decode()
     assert "</script" not in js.lower() and "<!--" not in js
     assert "\u2028" not in js and "\u2029" not in js
-    assert embedded_config(js)["domain"] == HOSTILE
+    assert embedded_config(js)["cookieAttrs"].endswith(";Domain=" + HOSTILE)
 
 
 def test_hostile_values_through_the_renderer_directly() -> None:
