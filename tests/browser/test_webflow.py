@@ -361,7 +361,12 @@ def test_debug_panel_under_the_demo_strict_csp(
     funnel.open(page, "csp.html", transaction_id=tid(), pt_debug="1")
     page.click("#csp-button")
     panel = page.locator("#pingtree-debug")
-    wait_for(lambda: panel.count() and "accepted" in panel.inner_text(), message="the panel with the answer")
+    # Its verdict on the answer: "accepted" (tried inline) or "queued by the relay" (202: the relay
+    # skips the inline attempt while short of CPU, as a loaded CI machine makes it; seen in CI).
+    wait_for(
+        lambda: panel.count() and any(v in panel.inner_text() for v in ("accepted", "queued by the relay")),
+        message="the panel with the answer",
+    )
     assert (
         panel.evaluate("el => getComputedStyle(el).position") == "fixed"
     )  # its styles applied under the CSP
