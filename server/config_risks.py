@@ -165,8 +165,8 @@ def check_campaigns(campaigns: Mapping[str, CampaignConfig]) -> list[str]:
                     f"{path}.extra_fields[{i}]",
                     f"{name!r} is not a field a caller may send (server-only, the relay's own, or a control field)",
                 )
+        multi = sorted(e for e, ev in campaign.events.items() if ev.allow_duplicates)
         for name, source in campaign.postbacks.items():
-            multi = sorted(e for e, ev in campaign.events.items() if ev.allow_duplicates)
             if source.event_param and not source.call_id_param and multi:
                 warnings.append(
                     f"{path}.postbacks.{name}.call_id_param: not set, so this source's postbacks for "

@@ -14,10 +14,9 @@ claims and settles run on two store threads beside the loop, in batches:
 
 One engine per box: ``pingtree-relay serve`` runs it in its own ``pingtree-relay deliver`` process
 beside the gunicorn workers (:meth:`run`); ``create_app(start_delivery=True)`` runs it in a thread
-of the current process (:meth:`start`), restarted in the child if the process forks (and parked
-while it forks: :class:`ForkPark`). Shutdown stops
-claiming, lets sends in flight finish (their requests time out by ``upstream_timeout``), settles
-every outcome, and gives back the leases of records never sent.
+of the current process (:meth:`start`), held still while the process forks (:class:`ForkPark`) and
+restarted in the child. Shutdown stops claiming, lets sends in flight finish (each attempt ends by
+``upstream_timeout``), settles every outcome, and gives back the leases of records never sent.
 
 The inline attempt of the accept path settles through :meth:`settle`: the same classification,
 the same ``finish_many``, the same observer event.
