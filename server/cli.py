@@ -91,6 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         str(deliverers),
         "--parent-pid",
         str(os.getpid()),
+        "--nice",
+        str(args.delivery_nice),
     ]
     listener = _listen(args)
     if listener is None:
@@ -181,6 +183,10 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     cap = relay.delivery_cap(args.inline_workers, engines=args.share)  # one of serve's --share processes
     if args.parent_pid:
         _stop_when_orphaned(relay.dispatcher, args.parent_pid)
+    if args.nice:
+        # Below the workers: when the box is short of CPU, accepting (what a page waits for, and
+        # what makes an event durable) goes first, and delivery catches up once the burst is over.
+        os.nice(args.nice)
     freeze_what_is_loaded()
     # Under serve, stdout is jsonlog's: this line comes out as JSON too.
     print(f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight", flush=True)
@@ -490,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="delivery processes, sharing relay.max_in_flight (default: 1 per CPU core, 1 to 4)",
     )
+    p.add_argument(
+        "--delivery-nice",
+        type=_niceness,
+        default=DELIVERY_NICE,
+        metavar="N",
+        help=f"the delivery processes' CPU niceness above the workers', 0 to 19 (default: {DELIVERY_NICE}): "
+        "when the box is short of CPU, accepting events goes first",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deliver", help="run the delivery engine (serve starts one itself)")
@@ -506,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="one of N delivery processes of one box: take 1/N of max_in_flight (default: 1)",
+    )
+    p.add_argument(
+        "--nice",
+        type=_niceness,
+        default=0,
+        metavar="N",
+        help="run at this much lower CPU priority, 0 to 19 (default: 0; serve gives its own --delivery-nice)",
     )
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_deliver)
@@ -658,6 +679,23 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+# serve's delivery processes run this much nicer than its workers (``--delivery-nice``). With the
+# box's CPU all taken (an accept burst), 10 leaves delivery about a tenth of it (the kernel's
+# weights: 110 against 1,024), so it slows but does not stop; at any lower load it changes nothing.
+DELIVERY_NICE = 10
+
+
+def _niceness(text: str) -> int:
+    """An argparse type: a niceness to add, 0 (none) to 19 (the least priority there is)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"must be 0 to 19, not {value}")
     return value
 
 

@@ -252,10 +252,11 @@ def make_relay(
     name: str = "relay",
     workers: int = 2,
     delivery_processes: int | None = None,
+    delivery_nice: int | None = None,
     **relay_keys: Any,
 ) -> Relay:
-    """A relay process (not started) with its config and log in ``tmp_dir``; ``delivery_processes``:
-    serve's flag (None: its default, one per core)."""
+    """A relay process (not started) with its config and log in ``tmp_dir``; ``delivery_processes``
+    and ``delivery_nice``: serve's flags (None: their defaults)."""
     relay_keys.setdefault("retry_base_seconds", 0.2)
     relay_keys.setdefault("retry_cap_seconds", 1.0)
     relay_keys.setdefault("rate_limits", {"per_ip": "", "per_campaign": ""})
@@ -269,6 +270,8 @@ def make_relay(
     args = ["serve", "--config", str(cfg), "--workers", str(workers)]
     if delivery_processes is not None:
         args += ["--delivery-processes", str(delivery_processes)]
+    if delivery_nice is not None:
+        args += ["--delivery-nice", str(delivery_nice)]
     relay = Relay(args, tmp_dir / f"{name}.log", port or 0)
     relay.config_path = cfg
     relay.store_path = tmp_dir / "relay.sqlite3"

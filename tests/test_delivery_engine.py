@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from bench.servers import REPORT_PORT, Server
+from server import cli
 from server.config import load_config
 from server.forwarder import AsyncForwarder
 from server.outbox import Record, Store, open_store
@@ -370,6 +371,7 @@ def test_a_fork_waits_for_the_engines_threads_to_finish_their_step(thread: str) 
 APP_BUILT_BEFORE_THE_FORK = """
 import sys
 from server import create_app, wsgi
+from server import cli
 from server.config import load_config
 
 from server.listening import bind_listener, bound_port, write_port_file
@@ -458,6 +460,33 @@ def test_a_slow_upstream_with_hundreds_in_flight_does_not_stop_accepting(
     wait_for(lambda: all_settled(store, 560), timeout=120, message="everything delivered")
     assert_each_counted_once(upstream, store, backlog + fresh)
     store.close()
+
+
+@pytest.mark.parametrize("flag", [None, 0, 3])
+def test_the_delivery_processes_run_below_the_workers_cpu_priority(
+    relay_factory: Callable[..., Relay], flag: int | None
+) -> None:
+    # An accept burst that takes every core goes to the workers first (bench: accept with a slow
+    # upstream); the delivery processes catch up after it. serve's --delivery-nice, 10 by default.
+    relay = relay_factory(delivery_processes=2, delivery_nice=flag)
+    wait_for(lambda: len(deliver_pids(relay)) == 2, timeout=30, message="two delivery processes")
+    assert relay.proc is not None
+    workers = set(relay.worker_pids()) - deliver_pids(relay)
+    assert len(workers) == 2, workers
+    wait_for(  # each delivery process renices itself once its config is loaded
+        lambda: (
+            {os.getpriority(os.PRIO_PROCESS, pid) for pid in deliver_pids(relay)}
+            == {
+                os.getpriority(os.PRIO_PROCESS, relay.proc.pid)
+                + (cli.DELIVERY_NICE if flag is None else flag)
+            }
+        ),
+        timeout=30,
+        message="delivery processes reniced",
+    )
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers} == {
+        os.getpriority(os.PRIO_PROCESS, relay.proc.pid)
+    }
 
 
 # --- kill -9 -------------------------------------------------------------------------------------------
