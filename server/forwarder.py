@@ -97,10 +97,20 @@ def classify(
     cap: float = 300.0,
 ) -> Decision:
     """Decide what to do with an event after ``attempt`` (its ``attempts``-th)."""
-    status = attempt.status
+    status = answered_status(attempt)
     message = _text(str((attempt.answer or {}).get("message", "")))
     if status is not None and 200 <= status < 300:
         return Decision("delivered")
+    if status is not None and 300 <= status < 400:
+        # Never followed: the relay posts to relay.upstream_url and nowhere else. A redirect means
+        # the event was not processed (Pingtree moved, or the URL says http:// for https://), so it
+        # waits, backing off, and goes once the operator corrects the URL (a reload, no requeue).
+        where = f" to {message}" if message else ""
+        return Decision(
+            "retry",
+            reason=f"{status} redirect{where}: check relay.upstream_url",
+            delay=backoff(attempts, base=base, cap=cap),
+        )
     if status == 400 and message == DUPLICATE_MESSAGE and was_uncertain:
         # An earlier attempt of ours got through but its answer was lost: this is our own event.
         return Decision("delivered", reason="duplicate after an attempt with unknown outcome")
@@ -117,6 +127,25 @@ def classify(
             delay = max(delay, min(attempt.retry_after, 3600.0))
         return Decision("retry", reason=attempt.error or f"{status} {message}".strip(), delay=delay)
     return Decision("dead", reason=f"{status} {message}".strip())
+
+
+def answered_status(attempt: Attempt) -> int | None:
+    """The status Pingtree meant: its answer's own ``status`` (a number or a string of digits, the
+    API reference's schema) or ``type: "error"`` when they contradict an HTTP 2xx, else the HTTP
+    status. A 2xx whose body says it failed is not counted as delivered: it is dead-lettered with
+    its message, where an operator sees it (and can requeue it)."""
+    status = attempt.status
+    body = attempt.answer
+    if status is None or not 200 <= status < 300 or not isinstance(body, dict):
+        return status
+    said = body.get("status")
+    if isinstance(said, str) and said.strip().isdigit():
+        said = int(said.strip())
+    if isinstance(said, int) and not isinstance(said, bool) and 400 <= said < 600:
+        return said
+    if str(body.get("type", "")).lower() == "error":
+        return 400
+    return status
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -168,9 +197,10 @@ class _Upstream:
 
     def _answered(self, response: httpx.Response, started: float) -> Attempt:
         self._note(response.status_code < 500, f"HTTP {response.status_code}")
+        location = response.headers.get("location") if response.is_redirect else None
         return Attempt(
             response.status_code,
-            answer=_json_or_none(response),
+            answer={"message": location[:200]} if location else _json_or_none(response),
             uncertain=response.status_code >= 500,
             retry_after=_retry_after(response),
             latency_ms=_ms(started),

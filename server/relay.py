@@ -33,7 +33,7 @@ from .config import CampaignConfig, Config
 from .cpu_load import CpuLoad
 from .enrichment import dedupe_key, forward_body
 from .errors import ApiError, answer
-from .forwarder import DUPLICATE_MESSAGE, AsyncForwarder, Attempt, Decision, Forwarder
+from .forwarder import DUPLICATE_MESSAGE, AsyncForwarder, Attempt, Decision, Forwarder, answered_status
 from .observe import Observers
 from .outbox import Record, Store, open_store, scoped_id
 from .outbox.dispatcher import Dispatcher
@@ -360,9 +360,8 @@ class Relay:
         if decision.state == "delivered":
             return Reply(200, _success(stored, attempt.answer), "delivered")
         if decision.state == "dead":
-            return Reply(
-                attempt.status or 502, _upstream_error(stored, attempt.answer, decision.reason), "dead"
-            )
+            status = answered_status(attempt) or 502  # a 200 whose body says 400 is a 400
+            return Reply(status, _upstream_error(stored, status, attempt.answer, decision.reason), "dead")
         self.dispatcher.wake()
         return _queued(stored)
 
@@ -413,9 +412,10 @@ class Relay:
         if stored.state == "delivered":
             return Reply(200, _success(stored, stored.last_answer), "replay")
         if stored.state == "dead":
-            status = stored.last_status if stored.last_status and stored.last_status >= 400 else 502
+            said = answered_status(Attempt(stored.last_status, stored.last_answer))
+            status = said if said and said >= 400 else 502
             return Reply(
-                status, _upstream_error(stored, stored.last_answer, stored.last_error or ""), "replay"
+                status, _upstream_error(stored, status, stored.last_answer, stored.last_error or ""), "replay"
             )
         return Reply(202, _queued(stored).body, "replay")
 
@@ -441,10 +441,10 @@ def _success(record: Record, upstream: dict[str, Any] | None) -> dict[str, Any]:
     return answer(200, str(upstream.get("message") or "Event triggered successfully"), data=data)
 
 
-def _upstream_error(record: Record, upstream: dict[str, Any] | None, reason: str) -> dict[str, Any]:
+def _upstream_error(
+    record: Record, status: int, upstream: dict[str, Any] | None, reason: str
+) -> dict[str, Any]:
     upstream = upstream or {}
-    given = upstream.get("status")
-    status = given if isinstance(given, int) else 502
     body = answer(
         status,
         str(upstream.get("message") or reason or "Upstream rejected the event"),

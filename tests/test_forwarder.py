@@ -39,6 +39,24 @@ from server.transport import MAX_ANSWER_BYTES
         (Attempt(None, error="ReadTimeout", uncertain=True), False, "retry"),
         (Attempt(None, error="connect: ConnectError"), False, "retry"),
         (Attempt(404, {"message": "Not found"}), False, "dead"),
+        # An HTTP 2xx whose body says otherwise (the API's schema: status a string, type
+        # "success" or "error") is what the body says, not a delivery.
+        (Attempt(200, {"status": 400, "message": "Invalid event_id for this campaign"}), False, "dead"),
+        (Attempt(200, {"status": "400", "type": "error", "message": "revenue is required"}), False, "dead"),
+        (Attempt(200, {"type": "error", "message": "Lead not found"}), False, "dead"),
+        (Attempt(200, {"status": " 403", "message": "Concurrent event in progress"}), False, "retry"),
+        (Attempt(200, {"status": 500}), False, "retry"),
+        (
+            Attempt(200, {"status": "400", "message": "Duplicate event for this transaction_id"}),
+            True,
+            "delivered",
+        ),
+        (Attempt(200, {"status": "200", "type": "success"}), False, "delivered"),
+        (Attempt(200, {"status": True, "type": "Success"}), False, "delivered"),
+        (Attempt(201, {"message": "Event triggered successfully"}), False, "delivered"),
+        # A redirect is never followed, nor is the event given up: it waits for the URL to be fixed.
+        (Attempt(301, {"message": "https://up.example/api/event/c"}), False, "retry"),
+        (Attempt(308, None), False, "retry"),
     ],
 )
 def test_classify(attempt: Attempt, uncertain: bool, state: str) -> None:
@@ -94,6 +112,22 @@ def test_transport_errors_are_attempts_not_exceptions(exc: Exception, uncertain:
 
     attempt = Forwarder("http://up.example", transport=httpx.MockTransport(handler)).send("c", {})
     assert attempt.status is None and attempt.uncertain is uncertain and attempt.error
+
+
+def test_a_redirect_is_not_followed_and_names_where_it_points() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            301, headers={"Location": "https://up.example/api/event/c"}, text="<html>moved</html>"
+        )
+
+    attempt = Forwarder("http://up.example", transport=httpx.MockTransport(handler)).send("c", {})
+    assert len(seen) == 1 and attempt.status == 301 and not attempt.uncertain
+    decision = classify(attempt, attempts=1, was_uncertain=False, base=1, cap=300)
+    assert decision.state == "retry" and 0.5 <= decision.delay <= 1
+    assert decision.reason == "301 redirect to https://up.example/api/event/c: check relay.upstream_url"
 
 
 def test_non_json_answer_is_kept_as_message() -> None:

@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
 from server import create_app
 from server.config import parse_config
+from server.forwarder import Forwarder
 from server.outbox import Store, open_store
 from server.relay import Relay
 from tests.conftest import Sandbox, wait_for
@@ -125,3 +127,42 @@ def test_a_stored_event_is_202_when_the_write_after_the_attempt_fails(
         record = store.get(f"cmp_test:{uid}")
         assert record is not None and record.state == "pending"
         assert record.lease_owner is not None and not record.uncertain
+
+
+def test_a_200_whose_body_says_400_is_refused_not_delivered(tmp_path: Path) -> None:
+    # The API reference's answer schema has its own status (a string) and type ("success" or
+    # "error"): when they contradict the HTTP status, the body is believed, so a failed event is
+    # dead-lettered where an operator sees it, and the page is told what Pingtree said.
+    answer = {"status": "400", "type": "error", "message": "revenue is required"}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+    config = parse_config(
+        {
+            "relay": {
+                "upstream_url": "http://127.0.0.1:9",
+                "store": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+                "rate_limits": {"per_ip": "", "per_campaign": ""},
+            },
+            "campaigns": {
+                "cmp_test": {
+                    "allowed_origins": ["https://www.example.com"],
+                    "events": {"quote_viewed": {"inline": True}},
+                }
+            },
+        }
+    )
+    relay = Relay(config, forwarder=Forwarder(config.relay.upstream_url, transport=transport))
+    try:
+        client = create_app(config, relay=relay, start_delivery=False).test_client()
+        uid = f"id_{uuid.uuid4().hex[:16]}"
+        event = {"event_id": "quote_viewed", "transaction_id": "txn_1", "event_uuid": uid}
+        for _ in range(2):  # the attempt, then the replay of its stored outcome
+            response = client.post(
+                "/api/event/cmp_test", json=event, headers={"Origin": "https://www.example.com"}
+            )
+            assert response.status_code == 400, response.text
+            assert response.json["message"] == "revenue is required"
+        record = relay.store.get(f"cmp_test:{uid}")
+        assert record is not None and record.state == "dead"
+        assert record.last_error == "400 revenue is required"
+    finally:
+        relay.close()
