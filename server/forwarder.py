@@ -167,7 +167,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 def _text(message: str) -> str:
     """``message`` as text any store and log can take: at most ``MAX_REASON`` characters, and a lone
     surrogate (a JSON escape like "\\ud800" decodes to one, and no UTF-8 encoder takes it) replaced."""
-    return message[:MAX_REASON].encode("utf-8", "replace").decode("utf-8")
+    return plain(message[:MAX_REASON])
 
 
 _HEADERS = {"user-agent": "pingtree-relay/0.1", "content-type": "application/json"}
@@ -356,7 +356,21 @@ def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:
         data = response.json()
     except ValueError:
         return {"message": response.text[:200]}
+    if b"\\u" in response.content:  # an escape may decode to a lone surrogate (a rare answer)
+        data = plain(data)
     return data if isinstance(data, dict) else {"message": str(data)[:200]}
+
+
+def plain(value: Any) -> Any:
+    """``value`` (parsed JSON) with every lone surrogate replaced: "\\ud800" decodes to one, and no
+    UTF-8 encoder takes it, so a page rendering it (the dashboard) or a store writing it would fail."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def _ms(started: float) -> float:

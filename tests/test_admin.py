@@ -371,3 +371,34 @@ def test_dashboard_times_carry_their_zone(monkeypatch: pytest.MonkeyPatch, tz: s
     finally:
         monkeypatch.delenv("TZ")
         time_module.tzset()
+
+
+def test_an_answer_with_a_lone_surrogate_is_shown_not_a_500(make_app: Callable[..., Flask]) -> None:
+    # "\ud800" in Pingtree's JSON decodes to a lone surrogate, which no UTF-8 encoder takes: the
+    # dashboard's pages were a 500 while such an answer was among the latest. The answer is made
+    # plain as it arrives (the forwarder), and as it is shown (stored by an older release: below).
+    app = make_app()
+    store = app.extensions["relay"].store
+    client = app.test_client()
+    accepted = client.post(
+        "/api/event/cmp_a", headers=ORIGIN, json={"event_id": "visit", "transaction_id": "t-s"}
+    )
+    record_id = "cmp_a:" + accepted.json["data"]["event_uuid"]
+    assert [r.id for r in store.claim("old-release", 10, 30)] == [record_id]
+    store.finish(
+        record_id,
+        "old-release",
+        state="dead",
+        next_at=0,
+        status=400,
+        answer={"status": 400, "message": "Invalid pid \ud800"},
+        error="400 Invalid pid ?",
+        uncertain=False,
+        latency_ms=None,
+    )
+    assert store.get(record_id).last_answer["message"] == "Invalid pid \ud800"  # as an old release kept it
+    admin = logged_in(app)
+    for path in ("/admin/", "/admin/feed", "/admin/dead", "/admin/feed.json"):
+        page = admin.get(path)
+        assert page.status_code == 200, path
+        assert "Invalid pid" in page.text, path

@@ -130,6 +130,22 @@ def test_a_redirect_is_not_followed_and_names_where_it_points() -> None:
     assert decision.reason == "301 redirect to https://up.example/api/event/c: check relay.upstream_url"
 
 
+def test_an_answer_with_lone_surrogates_is_made_plain_as_it_arrives() -> None:
+    body = (
+        b'{"status":400,"message":"Invalid pid \\ud800","invalidFields":{"pid":"bad \\udfff"},"ok":"\\u00e9"}'
+    )
+    forwarder = Forwarder(
+        "http://up.example", transport=httpx.MockTransport(lambda r: httpx.Response(400, content=body))
+    )
+    attempt = forwarder.send("c", {})
+    assert attempt.answer == {
+        "status": 400,
+        "message": "Invalid pid ?",
+        "invalidFields": {"pid": "bad ?"},
+        "ok": "\u00e9",
+    }
+
+
 def test_non_json_answer_is_kept_as_message() -> None:
     forwarder = Forwarder(
         "http://up.example",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..forwarder import plain
 from ..logs import mask_ip
 from ..outbox import Record, State
 from ..staging import is_test
@@ -28,7 +29,7 @@ def upstream_message(record: Record) -> str:
     answer = record.last_answer or {}
     message = answer.get("message") if isinstance(answer, dict) else None
     if isinstance(message, str) and message:
-        return message
+        return str(plain(message))  # as stored: an older release kept lone surrogates
     return record.last_error or ""
 
 
