@@ -225,3 +225,36 @@ def test_debug_mode_loads_from_a_public_url_with_a_path(
     answer = page.evaluate("() => pingtree('event', 'quote_viewed')")  # events go through the path too
     assert answer["status"] == 200, answer
     arrived(sandbox, "quote_viewed", t)
+
+
+# Plausible's form of the stub: it queues `arguments` and returns nothing.
+PLAIN_STUB = "() => { window.pingtree = function () { (pingtree.q = pingtree.q || []).push(arguments); }; }"
+
+
+@pytest.mark.parametrize("stub", ["promise", "plain"])
+def test_a_kept_reference_to_the_stub_still_sends_after_the_script_loads(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str], stub: str
+) -> None:
+    # `const pt = window.pingtree` in a page's code (a bundle, a tag manager) keeps the stub; both
+    # stubs push to `window.pingtree.q` at call time, which after load is the SDK's: that push used
+    # to fill an array nobody read, and every later event through `pt` was lost.
+    t = tid()
+    gate: list[Any] = []
+    page.route("**/sdk/cmp_test.js", lambda route: gate.append(route))
+    page.goto(funnel.url("csp.html", transaction_id=t), wait_until="domcontentloaded")
+    if stub == "plain":
+        page.evaluate(PLAIN_STUB)
+    page.evaluate("() => { window.pt = window.pingtree; pt('event', 'quote_viewed'); }")
+    wait_for(lambda: page.evaluate("1") and gate, message="the SDK request")
+    gate[0].continue_()
+    page.wait_for_function(SDK_LOADED)
+    assert page.evaluate("() => window.pt !== window.pingtree")  # the page still holds the stub
+    page.evaluate("() => { window.late = window.pt('conversion', 'sale_completed', 7); }")
+    if stub == "promise":
+        # A deadline, not a wait: unanswered, the stub's Promise would never settle.
+        answer = page.evaluate(
+            "() => Promise.race([window.late, new Promise(r => setTimeout(r, 15000, 'never answered'))])"
+        )
+        assert answer["status"] in (200, 202), answer
+    assert arrived(sandbox, "sale_completed", t)["amount"] == 7
+    assert arrived(sandbox, "quote_viewed", t)  # the call made before load, as before
