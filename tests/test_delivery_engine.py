@@ -26,7 +26,7 @@ import pytest
 from bench.servers import REPORT_PORT, Server
 from server import cli
 from server.config import load_config
-from server.forwarder import AsyncForwarder
+from server.forwarder import AsyncForwarder, Attempt
 from server.outbox import Record, Store, open_store
 from server.outbox.dispatcher import Dispatcher
 from server.staging import mark
@@ -315,7 +315,7 @@ def test_sigterm_with_hundreds_in_flight_finishes_or_hands_back_every_lease(
 # inside a step holding a lock when the process forks. Exit status 0: the child could take the lock.
 FORK_DURING_A_STEP = r"""
 import os, sys, tempfile, threading, time
-from server.forwarder import AsyncForwarder
+from server.forwarder import AsyncForwarder, Attempt
 from server.outbox import open_store
 from server.outbox.dispatcher import Dispatcher
 
@@ -528,4 +528,32 @@ def test_kill_9_during_a_drain_loses_and_doubles_nothing(
     wait_for(lambda: all_settled(store, 500), timeout=120, message="all 500 delivered after the kill")
     assert_each_counted_once(upstream, store, txns)
     assert any(r.uncertain for r in store.find(limit=600)), "nothing was in flight at the kill"
+    store.close()
+
+
+def test_a_requeued_dead_letter_gets_a_new_max_age_window(tmp_path: Path) -> None:
+    # An operator requeues what died in a long outage; its first retryable failure since must
+    # not kill it again at once because it was received more than max_age_hours ago.
+    store = open_store(f"sqlite:///{tmp_path / 'o.sqlite3'}")
+    engine = Dispatcher(
+        store,
+        forwarder_factory=lambda n: AsyncForwarder("http://127.0.0.1:9", max_connections=n),
+        max_age=3600.0,
+    )
+    old = time.time() - 5 * 3600
+    record = Record(
+        id="cmp_test:old",
+        cid="cmp_test",
+        event_id="quote_viewed",
+        transaction_id="t",
+        payload={},
+        received_at=old,
+    )
+    failed = Attempt(503, None, uncertain=True)
+    assert engine.outcome(record, failed, owner="w")[0].state == "dead"  # never requeued: given up
+    record.requeued_at = time.time() - 60
+    decision, outcome = engine.outcome(record, failed, owner="w")
+    assert decision.state == "retry" and outcome.state == "pending"
+    record.requeued_at = time.time() - 2 * 3600  # its new window has passed too
+    assert engine.outcome(record, failed, owner="w")[0].state == "dead"
     store.close()

@@ -617,10 +617,14 @@ def test_requeue_by_ids_by_campaign_and_all(store: Store) -> None:
         make_dead(store, r)
     live = rec()
     store.add(live, owner=None, lease=30)
+    before = time.time()
     assert store.requeue(ids=[a.id, live.id, "no-such-id"]) == 1  # only dead letters move
     got = store.get(a.id)
     assert got is not None and got.state == "pending" and got.lease_owner is None
     assert got.next_at <= time.time() and got.last_error  # the reason stays for the operator
+    # When it was requeued (max_age_hours counts from then), and its receipt as it was.
+    assert got.requeued_at is not None and before <= got.requeued_at <= time.time()
+    assert got.received_at == a.received_at and store.get(live.id).requeued_at is None
     assert store.requeue(cid="cmp_a") == 0
     assert store.requeue(cid="cmp_b") == 2
     assert store.stats().counts == {"pending": 4, "delivered": 0, "dead": 0}

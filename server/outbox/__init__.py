@@ -43,6 +43,8 @@ class Record:
     updated_at: float = field(default_factory=time.time)
     delivered_at: float | None = None
     latency_ms: float | None = None
+    # When an operator last requeued it from the dead letters: max_age_hours counts from here then.
+    requeued_at: float | None = None
 
     @property
     def event_uuid(self) -> str:

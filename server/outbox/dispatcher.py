@@ -486,7 +486,8 @@ class Dispatcher:
             cap=self.retry_cap,
         )
         now = time.time()
-        if decision.state == "retry" and now - record.received_at + decision.delay > self.max_age:
+        since = max(record.received_at, record.requeued_at or 0.0)  # a requeue starts a new window
+        if decision.state == "retry" and now - since + decision.delay > self.max_age:
             decision = Decision("dead", reason=f"gave up after {record.attempts} attempts: {decision.reason}")
         state: State = (
             "dead"

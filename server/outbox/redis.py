@@ -220,7 +220,7 @@ for i = 2, #ARGV do
   end
   if ok then
     redis.call('HDEL', ev, 'lease_owner')
-    redis.call('HSET', ev, 'state', 'pending', 'next_at', t, 'updated_at', t)
+    redis.call('HSET', ev, 'state', 'pending', 'next_at', t, 'updated_at', t, 'requeued_at', t)
     redis.call('ZREM', P .. 'state:dead', id)
     redis.call('ZREM', P .. 'upd:dead', id)
     redis.call('ZADD', P .. 'state:pending', cur[3], id)
@@ -270,7 +270,7 @@ _SCRIPTS = {
     "purge": _PURGE,
 }
 
-_FLOATS = frozenset({"received_at", "next_at", "updated_at", "delivered_at", "latency_ms"})
+_FLOATS = frozenset({"received_at", "next_at", "updated_at", "delivered_at", "latency_ms", "requeued_at"})
 _INTS = frozenset({"attempts", "last_status"})
 _BATCH = 500  # ids per script call or pipeline: long scripts block every other Redis client
 

@@ -89,6 +89,9 @@ _MIGRATIONS: tuple[str, ...] = (
     # 2: each record keeps a fingerprint of its validated event, so a reused event_uuid with another
     # body is refused instead of replayed (rows stored before have none and replay as before).
     "ALTER TABLE events ADD COLUMN fingerprint TEXT;",
+    # 3: a requeued dead letter keeps when it was requeued, so that max_age_hours gives it a new
+    # window from then (it counted from receipt, and an old one died at its first retryable failure).
+    "ALTER TABLE events ADD COLUMN requeued_at REAL;",
 )
 
 _COLUMNS = (
@@ -111,6 +114,7 @@ _COLUMNS = (
     "updated_at",
     "delivered_at",
     "latency_ms",
+    "requeued_at",
 )
 
 
@@ -308,6 +312,7 @@ class SQLiteStore(Store):
                 None,
                 None,
                 now,
+                None,
                 None,
                 None,
                 record.event_uuid,
@@ -540,8 +545,8 @@ class SQLiteStore(Store):
             try:
                 cur = self._write(
                     "UPDATE events SET state = 'pending', next_at = ?, lease_owner = NULL, updated_at = ?, "
-                    "received_at = received_at WHERE id = ? AND state = 'dead'",
-                    (now, now, rid),
+                    "requeued_at = ? WHERE id = ? AND state = 'dead'",
+                    (now, now, now, rid),
                 )
                 count += cur.rowcount
             except sqlite3.IntegrityError:
