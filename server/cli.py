@@ -173,6 +173,11 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     from . import create_app, jsonlog
     from .heap import freeze_what_is_loaded
 
+    if args.nice:
+        # Below the workers: when the box is short of CPU, accepting (what a page waits for, and
+        # what makes an event durable) goes first, and delivery catches up once the burst is over.
+        # First of all: Linux sets a niceness per thread, and the threads started below inherit it.
+        os.nice(args.nice)
     if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
         jsonlog.configure()
     from .reload import CONFIG_TEXT_ENV
@@ -183,10 +188,6 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     cap = relay.delivery_cap(args.inline_workers, engines=args.share)  # one of serve's --share processes
     if args.parent_pid:
         _stop_when_orphaned(relay.dispatcher, args.parent_pid)
-    if args.nice:
-        # Below the workers: when the box is short of CPU, accepting (what a page waits for, and
-        # what makes an event durable) goes first, and delivery catches up once the burst is over.
-        os.nice(args.nice)
     freeze_what_is_loaded()
     # Under serve, stdout is jsonlog's: this line comes out as JSON too.
     print(f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight", flush=True)

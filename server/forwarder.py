@@ -25,6 +25,7 @@ import asyncio
 import email.utils
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ DUPLICATE_MESSAGE = "Duplicate event for this transaction_id"
 SOURCE_INACTIVE = "Source Inactive"
 LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
 LOCK_RETRIES = 3  # 403s retried at the lock's pace; past them, the backoff's
+_STATUS_DIGITS = re.compile("[0-9]{3}")  # an HTTP status as an answer body may write it
 MAX_REASON = 300  # characters of an answer's message kept as a reason (it is stored and logged)
 
 
@@ -139,7 +141,7 @@ def answered_status(attempt: Attempt) -> int | None:
     if status is None or not 200 <= status < 300 or not isinstance(body, dict):
         return status
     said = body.get("status")
-    if isinstance(said, str) and said.strip().isdigit():
+    if isinstance(said, str) and _STATUS_DIGITS.fullmatch(said.strip()):  # not str.isdigit: "²" is one
         said = int(said.strip())
     if isinstance(said, int) and not isinstance(said, bool) and 400 <= said < 600:
         return said
@@ -198,10 +200,12 @@ class _Upstream:
     def _answered(self, response: httpx.Response, started: float) -> Attempt:
         self._note(response.status_code < 500, f"HTTP {response.status_code}")
         location = response.headers.get("location") if response.is_redirect else None
+        answer = {"message": location[:200]} if location else _json_or_none(response)
+        meant = answered_status(Attempt(response.status_code, answer)) or response.status_code
         return Attempt(
             response.status_code,
-            answer={"message": location[:200]} if location else _json_or_none(response),
-            uncertain=response.status_code >= 500,
+            answer=answer,
+            uncertain=meant >= 500,  # a 2xx whose body says 5xx may have been recorded, like a 5xx
             retry_after=_retry_after(response),
             latency_ms=_ms(started),
         )
@@ -356,8 +360,7 @@ def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:
         data = response.json()
     except ValueError:
         return {"message": response.text[:200]}
-    if b"\\u" in response.content:  # an escape may decode to a lone surrogate (a rare answer)
-        data = plain(data)
+    data = plain(data)  # an escape, or bytes decoded with surrogatepass, may give a lone surrogate
     return data if isinstance(data, dict) else {"message": str(data)[:200]}
 
 

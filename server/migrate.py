@@ -72,6 +72,7 @@ def _fresh(record: Record) -> Record:
         payload=record.payload,
         received_at=record.received_at,
         dedupe_key=record.dedupe_key,
+        requeued_at=record.requeued_at,  # its max_age window, if an operator gave it a new one
     )
 
 

@@ -360,7 +360,7 @@ class Relay:
         if decision.state == "delivered":
             return Reply(200, _success(stored, attempt.answer), "delivered")
         if decision.state == "dead":
-            status = answered_status(attempt) or 502  # a 200 whose body says 400 is a 400
+            status = _error_status(attempt)
             return Reply(status, _upstream_error(stored, status, attempt.answer, decision.reason), "dead")
         self.dispatcher.wake()
         return _queued(stored)
@@ -412,8 +412,7 @@ class Relay:
         if stored.state == "delivered":
             return Reply(200, _success(stored, stored.last_answer), "replay")
         if stored.state == "dead":
-            said = answered_status(Attempt(stored.last_status, stored.last_answer))
-            status = said if said and said >= 400 else 502
+            status = _error_status(Attempt(stored.last_status, stored.last_answer))
             return Reply(
                 status, _upstream_error(stored, status, stored.last_answer, stored.last_error or ""), "replay"
             )
@@ -439,6 +438,13 @@ def _success(record: Record, upstream: dict[str, Any] | None) -> dict[str, Any]:
     data = dict(upstream.get("data") or {}) if isinstance(upstream.get("data"), dict) else {}
     data["event_uuid"] = record.event_uuid
     return answer(200, str(upstream.get("message") or "Event triggered successfully"), data=data)
+
+
+def _error_status(attempt: Attempt) -> int:
+    """The status a page is told for a dead letter: what Pingtree meant (a 200 whose body says 400
+    is a 400), or 502 when that was no error status (no answer, or a redirect given up on)."""
+    said = answered_status(attempt)
+    return said if said is not None and said >= 400 else 502
 
 
 def _upstream_error(

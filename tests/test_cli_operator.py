@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from server.build import version
 from server.cli import build_parser, main
 from server.config import load_config
 from server.outbox import Record, open_store
-from server.outbox.schema import StoreTooNew
+from server.outbox.schema import REDIS_SCHEMA_VERSION, StoreTooNew
 from server.outbox.sqlite import _MIGRATIONS, SQLiteStore
 from tests.conftest import write_relay_config
 
@@ -209,11 +210,39 @@ def test_an_old_store_is_upgraded_and_a_newer_one_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.redis
+def test_an_older_redis_store_is_marked_current_and_a_newer_one_refused(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = "ptr:schema"
+    client.set(key, 1)  # as a release before requeued_at left it: that release must refuse it now
+    open_store(redis_url).close()
+    assert int(client.get(key)) == REDIS_SCHEMA_VERSION == 2
+    client.set(key, 9)  # a future release's
+    with pytest.raises(StoreTooNew):
+        open_store(redis_url)
+    client.set(key, REDIS_SCHEMA_VERSION)
+    client.close()
+
+
+@pytest.mark.redis
 def test_move_from_sqlite_to_redis(tmp_path: Path, redis_url: str) -> None:
     old_url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     old = open_store(old_url)
     for i in range(5):
-        old.add(record(f"ev-{i}", age=100 - i), owner=None, lease=30)
+        old.add(record(f"ev-{i}", age=100 - i), owner="w" if i == 4 else None, lease=30)
+    old.finish(  # ev-4: a dead letter, then requeued
+        "ev-4",
+        "w",
+        state="dead",
+        next_at=0,
+        status=400,
+        answer=None,
+        error="400",
+        uncertain=False,
+        latency_ms=1.0,
+    )
+    assert old.requeue(ids=["ev-4"]) == 1
+    requeued_at = old.get("ev-4").requeued_at  # type: ignore[union-attr]
+    assert requeued_at is not None
     old.add(record("ev-done"), owner="w", lease=30)
     old.finish(
         "ev-done",
@@ -238,6 +267,8 @@ def test_move_from_sqlite_to_redis(tmp_path: Path, redis_url: str) -> None:
     assert new.stats().counts == {"pending": 5, "delivered": 1, "dead": 0}
     assert [r.id for r in reversed(new.find(state="pending"))] == [f"ev-{i}" for i in range(5)]
     assert new.get("ev-3").payload == {"n": "ev-3"}  # type: ignore[union-attr]
+    assert new.get("ev-4").requeued_at == requeued_at  # type: ignore[union-attr]  # its max_age window
+    assert new.get("ev-3").requeued_at is None  # type: ignore[union-attr]
     assert old.stats().counts["pending"] == 0  # nothing left to be sent twice from the old file
     again = cli("outbox", "move", "--from", old_url, "--config", str(path))
     assert again.stdout.startswith("moved 0 pending events")

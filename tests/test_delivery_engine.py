@@ -151,6 +151,14 @@ def deliver_pids(relay: Relay) -> set[int]:
     return found
 
 
+def threads_of(pid: int) -> list[int]:
+    """The thread ids of process ``pid`` (Linux: /proc/PID/task)."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
 def assert_each_counted_once(upstream: Upstream, store: Store, txns: list[str]) -> None:
     """Nothing lost (every event delivered, counted by the upstream) and nothing doubled: the upstream
     counted each event once, and only a record with an unknown earlier outcome was sent twice."""
@@ -315,7 +323,7 @@ def test_sigterm_with_hundreds_in_flight_finishes_or_hands_back_every_lease(
 # inside a step holding a lock when the process forks. Exit status 0: the child could take the lock.
 FORK_DURING_A_STEP = r"""
 import os, sys, tempfile, threading, time
-from server.forwarder import AsyncForwarder, Attempt
+from server.forwarder import AsyncForwarder
 from server.outbox import open_store
 from server.outbox.dispatcher import Dispatcher
 
@@ -371,7 +379,6 @@ def test_a_fork_waits_for_the_engines_threads_to_finish_their_step(thread: str) 
 APP_BUILT_BEFORE_THE_FORK = """
 import sys
 from server import create_app, wsgi
-from server import cli
 from server.config import load_config
 
 from server.listening import bind_listener, bound_port, write_port_file
@@ -473,9 +480,9 @@ def test_the_delivery_processes_run_below_the_workers_cpu_priority(
     assert relay.proc is not None
     workers = set(relay.worker_pids()) - deliver_pids(relay)
     assert len(workers) == 2, workers
-    wait_for(  # each delivery process renices itself once its config is loaded
+    wait_for(  # each delivery process renices itself, every thread of it (Linux: a niceness per thread)
         lambda: (
-            {os.getpriority(os.PRIO_PROCESS, pid) for pid in deliver_pids(relay)}
+            {os.getpriority(os.PRIO_PROCESS, tid) for pid in deliver_pids(relay) for tid in threads_of(pid)}
             == {
                 os.getpriority(os.PRIO_PROCESS, relay.proc.pid)
                 + (cli.DELIVERY_NICE if flag is None else flag)

@@ -54,6 +54,10 @@ from server.transport import MAX_ANSWER_BYTES
         (Attempt(200, {"status": "200", "type": "success"}), False, "delivered"),
         (Attempt(200, {"status": True, "type": "Success"}), False, "delivered"),
         (Attempt(201, {"message": "Event triggered successfully"}), False, "delivered"),
+        # Digits int() cannot read are no status (str.isdigit says "²" is a digit), nor is a number
+        # too long for int(): neither may raise, or the batch it is in would never be stored.
+        (Attempt(200, {"status": "²"}), False, "delivered"),
+        (Attempt(200, {"status": "4" * 5000}), False, "delivered"),
         # A redirect is never followed, nor is the event given up: it waits for the URL to be fixed.
         (Attempt(301, {"message": "https://up.example/api/event/c"}), False, "retry"),
         (Attempt(308, None), False, "retry"),
@@ -144,6 +148,26 @@ def test_an_answer_with_lone_surrogates_is_made_plain_as_it_arrives() -> None:
         "invalidFields": {"pid": "bad ?"},
         "ok": "\u00e9",
     }
+
+
+def test_a_2xx_whose_body_says_5xx_is_uncertain_like_a_5xx() -> None:
+    # Pingtree may have recorded it: the retry's "Duplicate event" must then count as delivered.
+    forwarder = Forwarder(
+        "http://up.example",
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"status": "500", "message": "x"})),
+    )
+    attempt = forwarder.send("c", {})
+    assert attempt.status == 200 and attempt.uncertain
+    assert classify(attempt, attempts=1, was_uncertain=False).state == "retry"
+
+
+def test_bytes_that_decode_to_a_lone_surrogate_are_made_plain_too() -> None:
+    # No "\\u" escape in sight: json.loads decodes UTF-8 bytes with surrogatepass.
+    body = b'{"status":400,"message":"x\xed\xa0\x80y"}'
+    forwarder = Forwarder(
+        "http://up.example", transport=httpx.MockTransport(lambda r: httpx.Response(400, content=body))
+    )
+    assert forwarder.send("c", {}).answer == {"status": 400, "message": "x?y"}
 
 
 def test_non_json_answer_is_kept_as_message() -> None:

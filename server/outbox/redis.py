@@ -366,6 +366,8 @@ class RedisStore(Store):
             fields += ["dedupe_key", record.dedupe_key]
         if record.fingerprint:
             fields += ["fingerprint", record.fingerprint]
+        if record.requeued_at is not None:  # set only by outbox move (a requeued record keeps its window)
+            fields += ["requeued_at", repr(float(record.requeued_at))]
         legacy = record.event_uuid if record.event_uuid != record.id else ""
         reply = self._run(
             "add",

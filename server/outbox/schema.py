@@ -67,14 +67,28 @@ def upgrade_sqlite(conn: sqlite3.Connection, migrations: Sequence[str], where: s
     return known
 
 
-REDIS_SCHEMA_VERSION = 1
+# 2: records may carry ``requeued_at`` (a requeue's new max_age window). Nothing to rewrite: a
+# record without it reads as never requeued; but a release knowing version 1 cannot read a record
+# with it, so the store says 2 from the first start of this code on.
+REDIS_SCHEMA_VERSION = 2
 
 
 def check_redis(client: Any, prefix: str, where: str) -> int:
-    """Mark a new (or pre-version) Redis store as version 1; refuse one newer than this code."""
+    """Bring a new, pre-version or older Redis store to this code's version; refuse a newer one.
+
+    Redis's migrations add fields only (no data to rewrite), so bringing it up is raising the
+    marker; a script does it, so that two processes starting together cannot lower it."""
     key = f"{prefix}schema"
-    client.set(key, REDIS_SCHEMA_VERSION, nx=True)
-    found = int(client.get(key) or 0)
+    found = int(
+        client.eval(
+            "local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
+            "if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1] end "
+            "return v",
+            1,
+            key,
+            REDIS_SCHEMA_VERSION,
+        )
+    )
     if found > REDIS_SCHEMA_VERSION:
         raise StoreTooNew(where, found, REDIS_SCHEMA_VERSION)
     return found

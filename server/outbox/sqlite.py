@@ -314,7 +314,7 @@ class SQLiteStore(Store):
                 now,
                 None,
                 None,
-                None,
+                record.requeued_at,  # set only by outbox move (a requeued record keeps its window)
                 record.event_uuid,
                 record.cid,
             )
