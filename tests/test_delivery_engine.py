@@ -564,3 +564,36 @@ def test_a_requeued_dead_letter_gets_a_new_max_age_window(tmp_path: Path) -> Non
     record.requeued_at = time.time() - 2 * 3600  # its new window has passed too
     assert engine.outcome(record, failed, owner="w")[0].state == "dead"
     store.close()
+
+
+class _AnswerNoRuleReads(dict):  # type: ignore[type-arg]
+    """An answer whose reading fails: stands for any answer classify() was not written for."""
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no rule for this answer")
+
+
+def test_an_answer_that_cannot_be_read_does_not_hold_up_its_batch(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'o.sqlite3'}")
+    engine = Dispatcher(
+        store, forwarder_factory=lambda n: AsyncForwarder("http://127.0.0.1:9", max_connections=n)
+    )
+    records = []
+    for t in ("t-good", "t-odd"):
+        record = Record(
+            id=f"cmp_test:{t}",
+            cid="cmp_test",
+            event_id="quote_viewed",
+            transaction_id=t,
+            payload={},
+            received_at=time.time(),
+        )
+        stored, _ = store.add(record, owner=engine.owner, lease=30)
+        records.append(stored)
+    good, odd = records
+    engine._settle_batch([(good, Attempt(200, {"status": 200})), (odd, Attempt(200, _AnswerNoRuleReads()))])
+    assert store.get(good.id).state == "delivered"  # type: ignore[union-attr]
+    settled = store.get(odd.id)
+    assert settled is not None and settled.state == "pending" and settled.lease_owner is None
+    assert settled.uncertain and settled.last_error.startswith("unread answer: RuntimeError")  # type: ignore[union-attr]
+    store.close()

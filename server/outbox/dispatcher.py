@@ -517,9 +517,7 @@ class Dispatcher:
         return decision
 
     def _settle_batch(self, batch: list[tuple[Record, Attempt]]) -> None:
-        decided = [
-            (record, attempt, *self.outcome(record, attempt, owner=self.owner)) for record, attempt in batch
-        ]
+        decided = [(record, attempt, *self._outcome_or_retry(record, attempt)) for record, attempt in batch]
         try:
             flags = self.store.finish_many([outcome for _, _, _, outcome in decided])
         except _UNSTORABLE:
@@ -528,6 +526,19 @@ class Dispatcher:
             flags = [self._finish_alone(outcome) for _, _, _, outcome in decided]
         for (record, attempt, decision, outcome), stored in zip(decided, flags, strict=True):
             self._report(record, attempt, decision, outcome, stored, inline=False)
+
+    def _outcome_or_retry(self, record: Record, attempt: Attempt) -> tuple[Decision, Outcome]:
+        """:meth:`outcome`, or, should reading the answer fail (a bug, an answer no rule foresaw),
+        a retry marked uncertain: one such answer must not keep its whole batch, and every batch
+        queued behind it, from being stored (their leases would expire and all be sent again)."""
+        try:
+            return self.outcome(record, attempt, owner=self.owner)
+        except Exception as exc:  # noqa: BLE001 - any failure here is settled, never raised
+            log.exception("could not decide what the answer for %s means; retrying it", record.id)
+            unread = dataclasses.replace(
+                attempt, status=None, answer=None, uncertain=True, error=f"unread answer: {ascii(exc)[:200]}"
+            )
+            return self.outcome(record, unread, owner=self.owner)
 
     def _finish_alone(self, outcome: Outcome) -> bool:
         try:
