@@ -41,6 +41,9 @@ SOURCE_INACTIVE = "Source Inactive"
 LOCK_SECONDS = 2.0  # Pingtree's documented lock per transaction_id + event_id
 LOCK_RETRIES = 3  # 403s retried at the lock's pace; past them, the backoff's
 _STATUS_DIGITS = re.compile("[0-9]{3}")  # an HTTP status as an answer body may write it
+# Where a parsed answer can hold a lone surrogate: a "\\u" escape, UTF-8 bytes of a surrogate
+# (json.loads decodes bytes with surrogatepass), or a UTF-16/32 body (NUL bytes in its ASCII).
+_MAY_HOLD_A_SURROGATE = re.compile(rb"\\u|\xed[\xa0-\xbf]|\x00")
 MAX_REASON = 300  # characters of an answer's message kept as a reason (it is stored and logged)
 
 
@@ -360,7 +363,8 @@ def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:
         data = response.json()
     except ValueError:
         return {"message": response.text[:200]}
-    data = plain(data)  # an escape, or bytes decoded with surrogatepass, may give a lone surrogate
+    if _MAY_HOLD_A_SURROGATE.search(response.content):  # one C scan; plain() was 2 % of delivery's CPU
+        data = plain(data)
     return data if isinstance(data, dict) else {"message": str(data)[:200]}
 
 

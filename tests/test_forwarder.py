@@ -161,9 +161,16 @@ def test_a_2xx_whose_body_says_5xx_is_uncertain_like_a_5xx() -> None:
     assert classify(attempt, attempts=1, was_uncertain=False).state == "retry"
 
 
-def test_bytes_that_decode_to_a_lone_surrogate_are_made_plain_too() -> None:
-    # No "\\u" escape in sight: json.loads decodes UTF-8 bytes with surrogatepass.
-    body = b'{"status":400,"message":"x\xed\xa0\x80y"}'
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"status":400,"message":"x\xed\xa0\x80y"}',  # UTF-8 bytes of a surrogate
+        '{"status":400,"message":"x\ud800y"}'.encode("utf-16-le", "surrogatepass"),  # a UTF-16 body
+    ],
+    ids=["utf-8", "utf-16"],
+)
+def test_bytes_that_decode_to_a_lone_surrogate_are_made_plain_too(body: bytes) -> None:
+    # No "\\u" escape in sight: json.loads decodes bytes with surrogatepass.
     forwarder = Forwarder(
         "http://up.example", transport=httpx.MockTransport(lambda r: httpx.Response(400, content=body))
     )
