@@ -16,7 +16,7 @@ import redis
 from server.build import version
 from server.cli import build_parser, main
 from server.config import load_config
-from server.outbox import Record, open_store
+from server.outbox import Record, Store, open_store
 from server.outbox.schema import REDIS_SCHEMA_VERSION, StoreTooNew
 from server.outbox.sqlite import _MIGRATIONS, SQLiteStore
 from tests.conftest import write_relay_config
@@ -53,6 +53,21 @@ def record(rid: str, age: float = 0.0) -> Record:
         payload={"n": rid},
         received_at=time.time() - age,
         dedupe_key=f"cmp_a|t-{rid}|signup",
+    )
+
+
+def finish_dead(store: Store, rid: str, owner: str = "w") -> None:
+    """The leased record ``rid`` answered 400 by Pingtree: a dead letter."""
+    store.finish(
+        rid,
+        owner,
+        state="dead",
+        next_at=0,
+        status=400,
+        answer=None,
+        error="400 x",
+        uncertain=False,
+        latency_ms=1.0,
     )
 
 
@@ -116,17 +131,7 @@ def test_outbox_retry_takes_options_before_the_ids(
     store = open_store(load_config(path).relay.store)
     for rid in ("ev-1", "ev-2"):
         store.add(record(rid), owner="w", lease=30)
-        store.finish(
-            rid,
-            "w",
-            state="dead",
-            next_at=0,
-            status=400,
-            answer=None,
-            error="400 x",
-            uncertain=False,
-            latency_ms=1.0,
-        )
+        finish_dead(store, rid)
     assert main(["outbox", "retry", "--config", str(path), "ev-1", "ev-2"]) == 0
     assert capsys.readouterr().out == "re-queued 2 dead letters\n"
     assert store.stats().counts["pending"] == 2
@@ -215,7 +220,7 @@ def test_an_older_redis_store_is_marked_current_and_a_newer_one_refused(redis_ur
     key = "ptr:schema"
     client.set(key, 1)  # as a release before requeued_at left it: that release must refuse it now
     open_store(redis_url).close()
-    assert int(client.get(key)) == REDIS_SCHEMA_VERSION == 2
+    assert int(str(client.get(key))) == REDIS_SCHEMA_VERSION == 2
     client.set(key, 9)  # a future release's
     with pytest.raises(StoreTooNew):
         open_store(redis_url)
@@ -229,17 +234,7 @@ def test_move_from_sqlite_to_redis(tmp_path: Path, redis_url: str) -> None:
     old = open_store(old_url)
     for i in range(5):
         old.add(record(f"ev-{i}", age=100 - i), owner="w" if i == 4 else None, lease=30)
-    old.finish(  # ev-4: a dead letter, then requeued
-        "ev-4",
-        "w",
-        state="dead",
-        next_at=0,
-        status=400,
-        answer=None,
-        error="400",
-        uncertain=False,
-        latency_ms=1.0,
-    )
+    finish_dead(old, "ev-4")  # a dead letter, then requeued
     assert old.requeue(ids=["ev-4"]) == 1
     requeued_at = old.get("ev-4").requeued_at  # type: ignore[union-attr]
     assert requeued_at is not None
