@@ -672,12 +672,16 @@ def _outbox_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_outbox_move)
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1, or argparse's own error naming the option."""
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1, or argparse's own error naming the option."""
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
@@ -691,10 +695,7 @@ DELIVERY_NICE = 10
 
 def _niceness(text: str) -> int:
     """An argparse type: a niceness to add, 0 (none) to 19 (the least priority there is)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    value = _whole_number(text)
     if not 0 <= value <= 19:
         raise argparse.ArgumentTypeError(f"must be 0 to 19, not {value}")
     return value

@@ -102,7 +102,7 @@ def classify(
     cap: float = 300.0,
 ) -> Decision:
     """Decide what to do with an event after ``attempt`` (its ``attempts``-th)."""
-    status = answered_status(attempt)
+    status = answered_status(attempt.status, attempt.answer)
     message = _text(str((attempt.answer or {}).get("message", "")))
     if status is not None and 200 <= status < 300:
         return Decision("delivered")
@@ -134,13 +134,11 @@ def classify(
     return Decision("dead", reason=f"{status} {message}".strip())
 
 
-def answered_status(attempt: Attempt) -> int | None:
+def answered_status(status: int | None, body: dict[str, Any] | None) -> int | None:
     """The status Pingtree meant: its answer's own ``status`` (a number or a string of digits, the
     API reference's schema) or ``type: "error"`` when they contradict an HTTP 2xx, else the HTTP
     status. A 2xx whose body says it failed is not counted as delivered: it is dead-lettered with
     its message, where an operator sees it (and can requeue it)."""
-    status = attempt.status
-    body = attempt.answer
     if status is None or not 200 <= status < 300 or not isinstance(body, dict):
         return status
     said = body.get("status")
@@ -204,11 +202,12 @@ class _Upstream:
         self._note(response.status_code < 500, f"HTTP {response.status_code}")
         location = response.headers.get("location") if response.is_redirect else None
         answer = {"message": location[:200]} if location else _json_or_none(response)
-        meant = answered_status(Attempt(response.status_code, answer)) or response.status_code
+        meant = answered_status(response.status_code, answer)
         return Attempt(
             response.status_code,
             answer=answer,
-            uncertain=meant >= 500,  # a 2xx whose body says 5xx may have been recorded, like a 5xx
+            uncertain=meant is not None
+            and meant >= 500,  # a 2xx whose body says 5xx may have been recorded, like a 5xx
             retry_after=_retry_after(response),
             latency_ms=_ms(started),
         )

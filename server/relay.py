@@ -360,7 +360,7 @@ class Relay:
         if decision.state == "delivered":
             return Reply(200, _success(stored, attempt.answer), "delivered")
         if decision.state == "dead":
-            status = _error_status(attempt)
+            status = _error_status(attempt.status, attempt.answer)
             return Reply(status, _upstream_error(stored, status, attempt.answer, decision.reason), "dead")
         self.dispatcher.wake()
         return _queued(stored)
@@ -412,7 +412,7 @@ class Relay:
         if stored.state == "delivered":
             return Reply(200, _success(stored, stored.last_answer), "replay")
         if stored.state == "dead":
-            status = _error_status(Attempt(stored.last_status, stored.last_answer))
+            status = _error_status(stored.last_status, stored.last_answer)
             return Reply(
                 status, _upstream_error(stored, status, stored.last_answer, stored.last_error or ""), "replay"
             )
@@ -440,10 +440,10 @@ def _success(record: Record, upstream: dict[str, Any] | None) -> dict[str, Any]:
     return answer(200, str(upstream.get("message") or "Event triggered successfully"), data=data)
 
 
-def _error_status(attempt: Attempt) -> int:
+def _error_status(status: int | None, answer: dict[str, Any] | None) -> int:
     """The status a page is told for a dead letter: what Pingtree meant (a 200 whose body says 400
     is a 400), or 502 when that was no error status (no answer, or a redirect given up on)."""
-    said = answered_status(attempt)
+    said = answered_status(status, answer)
     return said if said is not None and said >= 400 else 502
 
 
