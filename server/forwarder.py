@@ -200,8 +200,11 @@ class _Upstream:
 
     def _answered(self, response: httpx.Response, started: float) -> Attempt:
         self._note(response.status_code < 500, f"HTTP {response.status_code}")
-        location = response.headers.get("location") if response.is_redirect else None
-        answer = {"message": location[:200]} if location else _json_or_none(response)
+        if 300 <= response.status_code < 400:  # never followed: where it points is all it says
+            location = response.headers.get("location", "")
+            answer: dict[str, Any] | None = {"message": location[:200]} if location else None
+        else:
+            answer = _json_or_none(response)
         meant = answered_status(response.status_code, answer)
         return Attempt(
             response.status_code,

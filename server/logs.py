@@ -49,6 +49,7 @@ _FIELDS = (
     "state",
     "reason",
     "status",
+    "http_status",
     "event_uuid",
     "latency_ms",
     "attempts",

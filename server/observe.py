@@ -7,7 +7,9 @@ Kinds and their fields:
 - ``received``: cid (may be None: unknown or missing).
 - ``accepted``: cid, event_id, outcome (delivered, queued, dead, duplicate, collapsed, replay), status, event_uuid.
 - ``rejected``: cid, event_id, reason (a short label), status.
-- ``delivery``: cid, event_id, event_uuid, state (delivered, dead, retry), status, latency_ms, attempts, reason, inline.
+- ``delivery``: cid, event_id, event_uuid, state (delivered, dead, retry), status (what Pingtree
+  meant: :func:`server.forwarder.answered_status`), http_status (only when it differs), latency_ms,
+  attempts, reason, inline.
 - ``filtered``: cid, event_id, reason (e.g. bot): accepted with 202 but deliberately not forwarded.
 - ``postback``: cid, source, event_id, outcome (an ``accepted`` outcome, or ``refused``), reason, status:
   one per postback request, beside its ``accepted`` or ``rejected``.

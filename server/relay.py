@@ -175,13 +175,17 @@ class Relay:
         return max(seen) if seen else None
 
     def _delivered(self, record: Record, attempt: Attempt, decision: Decision, inline: bool) -> None:
+        # What Pingtree meant (an HTTP 200 whose body says 400 is a 400), and the HTTP status beside
+        # it when the two differ, so that a log line never shows a dead letter as "status 200".
+        status = answered_status(attempt.status, attempt.answer)
         self.observers.emit(
             "delivery",
             cid=record.cid,
             event_id=record.event_id,
             event_uuid=record.event_uuid,
             state=decision.state,
-            status=attempt.status,
+            status=status,
+            http_status=attempt.status if attempt.status != status else None,
             latency_ms=attempt.latency_ms,
             attempts=record.attempts,
             reason=decision.reason or attempt.error or "",

@@ -134,6 +134,14 @@ def test_a_redirect_is_not_followed_and_names_where_it_points() -> None:
     assert decision.reason == "301 redirect to https://up.example/api/event/c: check relay.upstream_url"
 
 
+def test_a_redirect_without_location_says_so_and_not_what_its_body_says() -> None:
+    answer = {"message": "Moved"}
+    transport = httpx.MockTransport(lambda request: httpx.Response(302, json=answer))
+    attempt = Forwarder("http://up.example", transport=transport).send("c", {})
+    decision = classify(attempt, attempts=1, was_uncertain=False, base=1, cap=300)
+    assert decision.state == "retry" and decision.reason == "302 redirect: check relay.upstream_url"
+
+
 def test_an_answer_with_lone_surrogates_is_made_plain_as_it_arrives() -> None:
     body = (
         b'{"status":400,"message":"Invalid pid \\ud800","invalidFields":{"pid":"bad \\udfff"},"ok":"\\u00e9"}'

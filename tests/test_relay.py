@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from server import create_app
+from server.admin.present import feed_row
 from server.config import parse_config
 from server.forwarder import Forwarder
 from server.outbox import Store, open_store
@@ -151,6 +152,8 @@ def test_a_200_whose_body_says_400_is_refused_not_delivered(tmp_path: Path) -> N
         }
     )
     relay = Relay(config, forwarder=Forwarder(config.relay.upstream_url, transport=transport))
+    deliveries: list[dict[str, Any]] = []
+    relay.observers.add(lambda kind, fields: deliveries.append(fields) if kind == "delivery" else None)
     try:
         client = create_app(config, relay=relay, start_delivery=False).test_client()
         uid = f"id_{uuid.uuid4().hex[:16]}"
@@ -164,5 +167,8 @@ def test_a_200_whose_body_says_400_is_refused_not_delivered(tmp_path: Path) -> N
         record = relay.store.get(f"cmp_test:{uid}")
         assert record is not None and record.state == "dead"
         assert record.last_error == "400 revenue is required"
+        # What logs, metrics and the dashboard show is the status Pingtree meant, never "200, dead".
+        assert [(d["state"], d["status"], d["http_status"]) for d in deliveries] == [("dead", 400, 200)]
+        assert feed_row(record)["status"] == 400
     finally:
         relay.close()

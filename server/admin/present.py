@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..forwarder import plain
+from ..forwarder import answered_status, plain
 from ..logs import mask_ip
 from ..outbox import Record, State
 from ..staging import is_test
@@ -47,7 +47,7 @@ def feed_row(record: Record, now: float | None = None) -> dict[str, Any]:
         "transaction_id": record.transaction_id,
         "state": record.display_state(now),
         "attempts": record.attempts,
-        "status": record.last_status,
+        "status": answered_status(record.last_status, record.last_answer),  # what Pingtree meant
         "message": upstream_message(record),
         "latency_ms": round(record.latency_ms) if record.latency_ms is not None else None,
         "test": is_test(record.payload),  # from a staging origin: never sent to Pingtree
