@@ -2,7 +2,9 @@
 
 Each runs in its own process group on a loopback port it binds itself (``--port 0``) and reports
 (``--port-file``), is polled until it answers, and is stopped with SIGTERM (then SIGKILL) so that
-nothing outlives the suite. The tests start their servers with the same :class:`Server`.
+nothing outlives the suite; on Linux it also gets SIGTERM when whoever started it dies
+(:func:`die_with_parent`), so that not even a killed suite leaves servers behind. The tests start
+their servers with the same :class:`Server`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,26 @@ def boost_priority() -> None:
             set_nice()
         except OSError:
             pass
+
+
+def die_with_parent(parent: int) -> None:
+    """In a child, before exec: ask Linux to SIGTERM it when its parent dies (``PR_SET_PDEATHSIG``).
+
+    A test run or benchmark killed outright (a ``timeout``, a CI cancel, Ctrl-C twice) never runs
+    its ``stop()``s, and each server it started runs on in its own session, idle but holding a port
+    and a little CPU, into the next benchmark's figures. SIGTERM, not SIGKILL: a relay's master then
+    stops its workers and delivery processes as it does on any SIGTERM. The kernel ties this to
+    the thread that spawned the child: servers are started from a test's or the bench's own thread.
+    Elsewhere than Linux: nothing (the server outlives a killed parent, as before).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl: nobody will stop this one
+        os._exit(1)
 
 
 def free_port() -> int:
@@ -150,6 +172,13 @@ class Server:
         ]
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         # The child gets its own copy of the descriptor; ours is closed as soon as it is spawned.
+        parent, boost = os.getpid(), self.boost
+
+        def before_exec() -> None:
+            die_with_parent(parent)
+            if boost:
+                boost_priority()
+
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -158,7 +187,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
                 start_new_session=True,
-                preexec_fn=boost_priority if self.boost else None,
+                preexec_fn=before_exec,
             )
         self.port = port
         proc = self.proc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -236,3 +238,36 @@ def test_durability_figures_are_in_the_docs_for_both_stores_and_faults() -> None
             assert f"| {store} | {fault} |" in table, f"no {store}/{fault} figures in docs/durability.md"
     row = markdown([Figures("sqlite", "store outage", 10, 9, 9, 0, 1, 2, 3)], 10).splitlines()[-1]
     assert row == "| sqlite | store outage | 10 | 9 | 9 | 0 | 1 | 2 | 3 |"
+
+
+def test_a_server_stops_when_whoever_started_it_is_killed(tmp_path: Path) -> None:
+    # A suite killed outright never runs its stop()s: the relay it started (master, workers and
+    # delivery processes) must still go, not idle on into the next benchmark's figures.
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from bench import servers\n"
+        "work = Path(sys.argv[1])\n"
+        "relay = servers.relay(work, 'http://127.0.0.1:9', f'sqlite:///{work / \"outbox.sqlite3\"}').start()\n"
+        "kids = servers.wait_for(lambda: len(servers.descendants(relay.proc.pid)) >= 3 and servers.descendants(relay.proc.pid))\n"
+        "print(' '.join(map(str, [relay.proc.pid, *kids])), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=servers.ROOT, stdout=subprocess.PIPE, text=True
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            pids = [int(pid) for pid in parent.stdout.readline().split()]
+            assert len(pids) >= 4, pids  # the master, its workers and its delivery process
+        finally:
+            parent.kill()
+    wait_for(lambda: not any(_running(pid) for pid in pids), timeout=30, message="the orphans to stop")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by whoever adopts it, maybe later)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
