@@ -65,7 +65,7 @@ def client_for(config: Config) -> FlaskClient:
 
 def embedded_config(js: str) -> dict:
     """The one JSON object the script carries: the only part that is not the build's own code."""
-    assert js.startswith("((") and "={" in js, js[:300]
+    assert js.startswith("(") and "={" in js, js[:300]
     cfg, end = json.JSONDecoder().raw_decode(js, js.index("={") + 1)
     return cfg
 
