@@ -149,7 +149,8 @@ class BuiltScript:
 def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any]:
     """The JSON object embedded in a campaign's script (pure; the key order does not matter).
 
-    Empty and false values are left out (the script reads a missing key as empty): every byte here
+    Empty and false values are left out (the script reads a missing key as empty), and so is
+    ``generate`` when on, the default (the script reads a missing one as true): every byte here
     ships to every visitor.
     """
     sdk = campaign.sdk
@@ -162,13 +163,13 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "cookieAttrs": cookie_attributes(campaign),
         "last": sdk.attribution == "last",
         "ptCookie": sdk.pingtree_cookie,
-        "generate": sdk.generate_transaction_id,
         "extra": [p for p in sdk.extra_params if p not in URL_PARAMS and p not in CLICK_IDS],
         "call": sdk.call_event,
         "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
         "consent": sdk.consent,  # the debug panel says "waiting for consent" only where it applies
     }
-    return {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
+    kept = {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
+    return kept if sdk.generate_transaction_id else {**kept, "generate": False}
 
 
 def cookie_attributes(campaign: CampaignConfig) -> str:

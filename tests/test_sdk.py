@@ -82,7 +82,6 @@ def test_script_config_of_the_demo_campaign() -> None:
         "cookie": "pt_attr",
         "cookieAttrs": f";Max-Age={30 * 86400};Path=/;SameSite=Lax",
         "ptCookie": "pt_transaction_id",
-        "generate": True,
         "call": "call_clicked",
     }
 
@@ -112,6 +111,7 @@ def test_script_config_carries_every_sdk_setting() -> None:
         "cookieAttrs": f";Max-Age={7 * 86400};Path=/;SameSite=Lax;Domain=.example.com",
         "last": True,
         "ptCookie": "ptid",
+        "generate": False,
         "extra": ["promo_code"],
         "selectors": [[".buy", "sale"]],
     }
