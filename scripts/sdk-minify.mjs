@@ -7,7 +7,10 @@ import { minify } from "terser";
 
 const OPTIONS = {
   ecma: 2020, // what the template may use: arrows, spread, async, optional chaining, ??
-  compress: { passes: 2 }, // a second pass finds a few more bytes; further passes find none
+  // A second pass finds a few more bytes; further passes find none. inline: 1 (terser's "simple
+  // functions" only, not those with arguments): a function called once with an argument is not
+  // unrolled into a `var` and assignments at its call (its arrow gzips smaller: measured).
+  compress: { passes: 2, inline: 1 },
   mangle: true, // every name is local to the SDK's closure; only the config placeholder is global
   format: { comments: false },
 };

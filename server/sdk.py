@@ -24,9 +24,10 @@ import base64
 import hashlib
 import html
 import json
+import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -69,15 +70,62 @@ templates = jinja2.Environment(
 )
 # No spaces in the config's JSON: it ships to every visitor. Sorted: the same bytes on every worker.
 templates.policies["json.dumps_kwargs"] = {"sort_keys": True, "separators": (",", ":")}
+
+
+def name_pattern(names: Iterable[str]) -> str:
+    """A JavaScript regular expression literal that matches exactly ``names``, written compactly.
+
+    Names alike but for a last digit share a character class (``sub[1-5]``), three or more names
+    with the same prefix up to a ``_`` share a group (``utm_(source|medium|...)``); the order is
+    the names' own. Fewer bytes in the SDK than the list itself, and gzip agrees. Field names only
+    (letters, digits, ``_``), so nothing in a name can mean anything to the regular expression.
+    """
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"not a field name: {name!r}")
+    # sub1 ... sub5 -> sub[1-5] (at the place of the first), when every digit between is there.
+    digits: dict[str, list[str]] = {}
+    for name in names:
+        if name[-1].isdigit():
+            digits.setdefault(name[:-1], []).append(name[-1])
+    terms: list[str] = []
+    for name in names:
+        stem, last = name[:-1], name[-1]
+        found = sorted(digits.get(stem, []))
+        if len(found) < 3 or found != [str(d) for d in range(int(found[0]), int(found[-1]) + 1)]:
+            terms.append(name)
+        elif last == found[0]:
+            terms.append(f"{stem}[{found[0]}-{found[-1]}]")
+    # utm_source, utm_medium, ... -> utm_(source|medium|...), at the place of the first.
+    groups: dict[str, list[str]] = {}
+    for term in terms:
+        if "_" in term[1:-1]:
+            groups.setdefault(term[: term.index("_") + 1], []).append(term)
+    alternatives: list[str] = []
+    for term in terms:
+        head = term[: term.index("_") + 1] if "_" in term[1:-1] else ""
+        if len(groups.get(head, ())) < 3:
+            alternatives.append(term)
+        elif term == groups[head][0]:
+            alternatives.append(f"{head}({'|'.join(t[len(head) :] for t in groups[head])})")
+    pattern = f"^({'|'.join(alternatives)})$"
+    if not all(re.fullmatch(pattern, name) for name in names):
+        raise AssertionError(pattern)
+    return f"/{pattern}/"
+
+
 # Not campaign values: the relay's field lists (server/fields.py), the same in every campaign's
-# script (rendered into the build; server/sdk_build.py hashes them with the sources): the landing-URL
-# parameters the SDK keeps, and the fields only the relay may set. The parameters in one list: the
-# ids first, then the ad click ids, then sub1-5, adv1-5 and utm_* (tests/test_attribution.py reads the
-# click ids off the script after the ids).
+# script (rendered into the build, as regular expressions: name_pattern; server/sdk_build.py hashes
+# them with the sources): the landing-URL parameters the SDK keeps, and the fields only the relay
+# may set. The parameters in one pattern: the ids first, then the ad click ids, then sub1-5, adv1-5
+# and utm_* (tests/test_attribution.py reads the click ids off the script after the ids).
 _ID_PARAMS = ("transaction_id", "pid", "clid", "external_clickid")
+SDK_URL_PARAMS = (*_ID_PARAMS, *CLICK_IDS, *(p for p in URL_PARAMS if p not in _ID_PARAMS))
+SDK_SERVER_ONLY = tuple(sorted(SERVER_ONLY_FIELDS))  # sorted: the same bytes each build
 templates.globals["click_ids"] = CLICK_IDS
-templates.globals["url_params"] = (*_ID_PARAMS, *CLICK_IDS, *(p for p in URL_PARAMS if p not in _ID_PARAMS))
-templates.globals["server_only"] = tuple(sorted(SERVER_ONLY_FIELDS))  # sorted: the same bytes each build
+templates.globals["url_params_pattern"] = name_pattern(SDK_URL_PARAMS)
+templates.globals["server_only_pattern"] = name_pattern(SDK_SERVER_ONLY)
 COMPILED = "compiled"  # the build's folder in js_templates/
 DEBUG_PANEL_FILE = "debug_panel.js"  # in COMPILED: js_templates/debug_panel.js, minified by the build
 
@@ -101,7 +149,8 @@ class BuiltScript:
 def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any]:
     """The JSON object embedded in a campaign's script (pure; the key order does not matter).
 
-    Empty and false values are left out (the script reads a missing key as empty): every byte here
+    Empty and false values are left out (the script reads a missing key as empty), and so is
+    ``generate`` when on, the default (the script reads a missing one as true): every byte here
     ships to every visitor.
     """
     sdk = campaign.sdk
@@ -114,13 +163,13 @@ def script_config(campaign: CampaignConfig, relay: RelayConfig) -> dict[str, Any
         "cookieAttrs": cookie_attributes(campaign),
         "last": sdk.attribution == "last",
         "ptCookie": sdk.pingtree_cookie,
-        "generate": sdk.generate_transaction_id,
         "extra": [p for p in sdk.extra_params if p not in URL_PARAMS and p not in CLICK_IDS],
         "call": sdk.call_event,
         "selectors": sorted([selector, event] for selector, event in sdk.selectors.items()),
         "consent": sdk.consent,  # the debug panel says "waiting for consent" only where it applies
     }
-    return {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
+    kept = {key: value for key, value in values.items() if value != "" and value != [] and value is not False}
+    return kept if sdk.generate_transaction_id else {**kept, "generate": False}
 
 
 def cookie_attributes(campaign: CampaignConfig) -> str:

@@ -58,9 +58,9 @@ def test_every_click_id_is_accepted_forwarded_and_mapped_with_no_config(click_id
 def test_every_click_id_is_in_the_sdk(click_id: str) -> None:
     c = config()
     js = sdk.render_sdk(c.campaigns["cmp_a"], c.relay).body.decode()
-    # terser folds the template's 'transaction_id ... ' + "gclid ..." into one string
-    captured = re.search(r'"transaction_id pid clid external_clickid ([^"]+)"', js)
-    assert captured and click_id in captured.group(1).split(" ")
+    # The build writes the parameters as one regular expression (sdk.name_pattern), the ids first.
+    captured = re.search(r"/(\^\(transaction_id\|pid\|clid\|external_clickid\|[^/]+)/\.test\(", js)
+    assert captured and re.fullmatch(captured.group(1), click_id)
 
 
 @pytest.mark.parametrize("position", range(len(CLICK_IDS)))

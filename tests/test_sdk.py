@@ -65,7 +65,7 @@ def client_for(config: Config) -> FlaskClient:
 
 def embedded_config(js: str) -> dict:
     """The one JSON object the script carries: the only part that is not the build's own code."""
-    assert js.startswith("((") and "={" in js, js[:300]
+    assert js.startswith("(") and "={" in js, js[:300]
     cfg, end = json.JSONDecoder().raw_decode(js, js.index("={") + 1)
     return cfg
 
@@ -82,7 +82,6 @@ def test_script_config_of_the_demo_campaign() -> None:
         "cookie": "pt_attr",
         "cookieAttrs": f";Max-Age={30 * 86400};Path=/;SameSite=Lax",
         "ptCookie": "pt_transaction_id",
-        "generate": True,
         "call": "call_clicked",
     }
 
@@ -112,6 +111,7 @@ def test_script_config_carries_every_sdk_setting() -> None:
         "cookieAttrs": f";Max-Age={7 * 86400};Path=/;SameSite=Lax;Domain=.example.com",
         "last": True,
         "ptCookie": "ptid",
+        "generate": False,
         "extra": ["promo_code"],
         "selectors": [[".buy", "sale"]],
     }
@@ -121,6 +121,32 @@ def test_server_only_fields_are_never_attribution_params() -> None:
     from server.config import SERVER_ONLY_FIELDS
 
     assert not SERVER_ONLY_FIELDS & set(sdk.URL_PARAMS)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        sdk.SDK_URL_PARAMS,
+        sdk.SDK_SERVER_ONLY,
+        ("a1", "a2", "a4", "b_x", "b_y", "b_z", "b_", "c3", "s1", "s2", "s3", "z_a1", "z_a2", "z_a3"),
+    ],
+)
+def test_name_pattern_matches_exactly_its_names(names: tuple[str, ...]) -> None:
+    pattern = sdk.name_pattern(names)
+    assert pattern.startswith("/") and pattern.endswith("/")
+    compiled = re.compile(pattern[1:-1])  # the subset of JavaScript's syntax it uses means the same here
+    assert all(compiled.fullmatch(name) for name in names)
+    # Nothing else: no prefix, extension, case change or neighbouring digit of a name matches.
+    near = [(n[:-1], n + "x", n + "_", "x" + n, n.upper(), n.swapcase(), n + "1") for n in names]
+    digits = {n[:-1] + str(d) for n in names for d in range(10)}
+    others = {other for group in near for other in group} | digits
+    assert not any(compiled.search(other) for other in others - set(names))
+    assert compiled.search("transaction_id\nx") is None and compiled.search("x\ntransaction_id") is None
+
+
+def test_name_pattern_takes_field_names_only() -> None:
+    with pytest.raises(ValueError, match="not a field name"):
+        sdk.name_pattern(["ok", "a|b"])
 
 
 @pytest.mark.parametrize(
