@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -284,6 +285,38 @@ def test_an_outcome_the_store_cannot_take_does_not_hold_up_its_batch(tmp_path: P
     assert bad is not None and bad.state == "delivered" and bad.last_answer is None
     assert bad.last_error is not None and bad.last_error.startswith("unstorable answer")
     assert wrapped.failed_batches >= 2  # its batch, then itself alone
+    store.close()
+
+
+class UpkeepCountingStore:
+    """A real store whose ``maintain`` calls are counted, with the thread each ran on."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.threads = store, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def maintain(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.store.maintain()
+
+
+def test_the_engine_runs_the_stores_upkeep_on_a_store_thread_until_it_stops(tmp_path: Path) -> None:
+    # The WAL checkpoints left the accept path for Store.maintain: if the engine stopped calling it,
+    # nothing but SQLite's far-off safety net would checkpoint.
+    store = UpkeepCountingStore(open_store(f"sqlite:///{tmp_path / 'outbox.sqlite3'}"))
+    engine = Dispatcher(
+        store,  # type: ignore[arg-type]
+        forwarder_factory=lambda n: AsyncForwarder("http://127.0.0.1:9", max_connections=n),
+    )
+    engine.start(10)
+    try:
+        wait_for(lambda: len(store.threads) >= 3, timeout=10, message="three upkeep calls")
+    finally:
+        engine.stop()
+    assert not engine.running()  # its run() awaits the upkeep's task: none is left calling
+    assert all(name.startswith("pt-store") for name in store.threads), store.threads
     store.close()
 
 

@@ -186,6 +186,12 @@ class Store(Protocol):
     def timeline(self, since: float) -> list[tuple[int, str, int]]:
         """``(minute_start, display outcome, count)`` of events received since ``since``."""
 
+    def maintain(self) -> None:
+        """Upkeep that must not cost the accept path: the delivery engine calls it every
+        ``MAINTAIN_SECONDS`` from a store thread of its own (SQLite: WAL checkpoints). Nothing by
+        default."""
+        return None
+
     def ping(self) -> bool: ...
 
     def check_writable(self) -> str | None:

@@ -3,7 +3,8 @@
 Why an event loop: an in-flight request costs a pending coroutine here, not a blocked thread, so
 hundreds can wait on a slow Pingtree at once (throughput = in-flight / latency: 400 in flight at
 300 ms is 1,300 events/s) for a few kilobytes each. The store is blocking (sqlite3, redis-py), so
-claims and settles run on two store threads beside the loop, in batches:
+claims and settles run on store threads beside the loop, in batches (and a third runs the store's
+upkeep, :meth:`server.outbox.Store.maintain`, every ``MAINTAIN_SECONDS``):
 
 - **claim**: lease up to ``CLAIM_BATCH`` due records in one store call whenever that much room
   is free under the cap (never one record per freed slot: a store transaction per event);
@@ -66,7 +67,8 @@ UNREACHABLE_AFTER = 10  # connection failures in a row that make Pingtree unreac
 PROBE_SECONDS = 1.0  # while it is: one event sent this often, to find out when it is back
 # What a store raises for a value it cannot take, not for being down: settled apart (_settle_batch).
 _UNSTORABLE = (UnicodeError, TypeError, ValueError)
-STORE_THREADS = 2  # the engine's threads for blocking store calls
+MAINTAIN_SECONDS = 0.1  # how often the engine runs the store's upkeep (Store.maintain: checkpoints)
+STORE_THREADS = 3  # the engine's threads for blocking store calls: claims, settles, upkeep
 _STORE_THREADS = "pt-store"  # their names' prefix
 
 
@@ -335,10 +337,11 @@ class Dispatcher:
         self._loop = loop
         if self._stop_requested:
             self._stopping.set()
-        # One claims while one settles.
+        # One claims while one settles, and one runs the upkeep.
         executor = self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix=_STORE_THREADS)
         forwarder = self.forwarder = self.forwarder_factory(self.max_in_flight)
         settler = asyncio.create_task(self._settler(executor))
+        maintainer = asyncio.create_task(self._maintainer(executor))
         try:
             await self._claimer(executor, forwarder)
             if self._sends:  # shutdown: let what is in flight finish; requests end by upstream_timeout
@@ -349,7 +352,9 @@ class Dispatcher:
         finally:
             self._closing = True
             self._settle_ready.set()
+            self._stopping.set()  # the maintainer's cue (a claimer that failed for good did not set it)
             await settler
+            await maintainer
             if self._unsent:
                 try:
                     await self._store_call(executor, self.store.release, list(self._unsent), self.owner)
@@ -456,6 +461,20 @@ class Dispatcher:
                         return
                 self._to_settle[:0] = batch
                 await asyncio.sleep(STORE_RETRY_SECONDS)
+
+    async def _maintainer(self, executor: ThreadPoolExecutor) -> None:
+        # The store's upkeep, off the accept path and on a thread of its own (a checkpoint may take
+        # milliseconds, and claims and settles go on meanwhile), until the engine stops.
+        while not self._stopping.is_set():
+            try:
+                await self._store_call(executor, self.store.maintain)
+            except Exception:
+                log.exception("store upkeep failed; trying again in %s s", MAINTAIN_SECONDS)
+            try:
+                async with asyncio.timeout(MAINTAIN_SECONDS):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
 
     async def _store_call(self, executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
