@@ -105,8 +105,9 @@ def test_the_demo_stays_under_its_ceiling() -> None:
     # Until its budget is met: never above what it costs now (the SDK review's fixes included, and
     # since then the kept stub reference's, +17 B; two shorter rewrites, -4 B; the relay's field
     # lists as regular expressions, -28 B; `document` as a parameter, -6 B; terser inline: 1, -7 B;
-    # `generate` left out when on, -4 B; four arrows and arguments written shorter, -6 B).
-    assert _gzip_size("demo")[1] <= 2142
+    # `generate` left out when on, -4 B; four arrows and arguments written shorter, -6 B; a made-up
+    # transaction id giving way to Pingtree's click cookie, +33 B).
+    assert _gzip_size("demo")[1] <= 2175
 
 
 def test_the_digest_covers_every_template_and_the_minifier() -> None:

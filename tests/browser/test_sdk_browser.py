@@ -215,6 +215,28 @@ def test_consent_gates_events(
     )
 
 
+def test_a_made_up_transaction_id_gives_way_to_pingtrees_click_cookie(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str]
+) -> None:
+    # Both scripts on one landing page, ours first: no id anywhere yet, so the SDK makes one up.
+    funnel.open(page, "csp.html")
+    made = page.evaluate("() => pingtree('transactionId')")
+    assert made
+    # Pingtree's click script sets its cookie (pingtree_cookie's default name) a moment later...
+    ours = tid()
+    page.evaluate(f"() => {{ document.cookie = 'pt_transaction_id={ours}; path=/'; }}")
+    # ...and from the next page on, events go with Pingtree's id, not the one Pingtree never heard of.
+    funnel.open(page, "csp.html")
+    assert page.evaluate("() => pingtree('transactionId')") == ours
+    page.evaluate("() => pingtree('event', 'quote_viewed')")
+    assert arrived(sandbox, "quote_viewed", ours)
+    # An id that came from a landing URL is not made up: a click cookie never replaces it.
+    t = tid()
+    funnel.open(page, "csp.html", transaction_id=t)
+    funnel.open(page, "csp.html")
+    assert page.evaluate("() => pingtree('transactionId')") == t
+
+
 def test_hidden_fields_are_filled(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
     t = tid()
     funnel.open(page, "index.html", transaction_id=t, pid="src_demo", sub1="ad42", utm_source="google")
