@@ -67,6 +67,19 @@ def boost_priority() -> None:
             pass
 
 
+def _linux_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+
+
+# Looked up here, in the parent: a forked child of a threaded parent should only call a function.
+_PRCTL = _linux_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
 def die_with_parent(parent: int) -> None:
     """In a child, before exec: ask Linux to SIGTERM it when its parent dies (``PR_SET_PDEATHSIG``).
 
@@ -77,12 +90,9 @@ def die_with_parent(parent: int) -> None:
     the thread that spawned the child: servers are started from a test's or the bench's own thread.
     Elsewhere than Linux: nothing (the server outlives a killed parent, as before).
     """
-    if not sys.platform.startswith("linux"):
+    if _PRCTL is None:
         return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the prctl: nobody will stop this one
         os._exit(1)
 

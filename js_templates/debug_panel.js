@@ -47,10 +47,12 @@ function attribution() {
   const landing = entries('landing')[0] || ['landing', {}, {}, {}];
   const first = landing[1], url = landing[2], before = landing[3];
   const now = parse(stored(C.cookie)) || parse(cookie(C.cookie)) || first;
-  return Object.keys(now).sort().map(k => {
+  // `$` is not a field: the transaction id the SDK made up, kept beside them (see sdk.js.j2).
+  return Object.keys(now).filter(k => k !== '$').sort().map(k => {
     const v = now[k];
     let from = 'page code: pingtree(\'set\')';
     if (url[k] === v) from = 'landing URL';
+    else if (k === 'transaction_id' && now.$ === v) from = 'made up by the SDK (gives way to Pingtree\'s click-script cookie)';
     else if (before[k] === v) from = 'cookie (an earlier page or visit)';
     else if (first[k] === v && k === 'transaction_id') {
       from = cookie(C.ptCookie) === v ? 'Pingtree click-script cookie (' + C.ptCookie + ')' : 'new (generated)';

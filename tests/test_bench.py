@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -253,6 +255,7 @@ def test_a_server_stops_when_whoever_started_it_is_killed(tmp_path: Path) -> Non
         "print(' '.join(map(str, [relay.proc.pid, *kids])), flush=True)\n"
         "time.sleep(120)\n"
     )
+    pids: list[int] = []
     with subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)], cwd=servers.ROOT, stdout=subprocess.PIPE, text=True
     ) as parent:
@@ -262,7 +265,14 @@ def test_a_server_stops_when_whoever_started_it_is_killed(tmp_path: Path) -> Non
             assert len(pids) >= 4, pids  # the master, its workers and its delivery process
         finally:
             parent.kill()
-    wait_for(lambda: not any(_running(pid) for pid in pids), timeout=30, message="the orphans to stop")
+    try:
+        wait_for(lambda: not any(_running(pid) for pid in pids), timeout=30, message="the orphans to stop")
+    finally:  # failing, this test must not leave the very orphans it looks for
+        if pids:
+            try:
+                os.killpg(pids[0], signal.SIGKILL)  # the master's session: it and its children
+            except ProcessLookupError:  # all gone, as they should be
+                pass
 
 
 def _running(pid: int) -> bool:

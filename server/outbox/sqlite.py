@@ -15,13 +15,14 @@ writers go on meanwhile). SQLite's own automatic checkpoint runs inside whicheve
 behind it on that worker waited: measured under ``serve`` with the upstream down, the workers spent
 584 us of CPU per accepted event with it and 498 us with it pushed back (the A/B in
 docs/benchmarks.md). It is kept, much higher (``AUTOCHECKPOINT_FRAMES``), as the safety net for a
-box whose engine is not running: the WAL then still stops growing.
+box whose engine is not running (or is starved of CPU: it runs at the delivery processes' lower
+priority): commits then checkpoint as before, from 10,000 pages on, until the engine is back.
 
 A full disk: a write fails with SQLITE_FULL, and the WAL that grew meanwhile keeps the space even
 once the disk has room again (SQLite reuses a WAL file but never shrinks it by itself). So after
-such a failure, and once a minute anyway (in :meth:`SQLiteStore.maintain`), the store runs
-``wal_checkpoint(TRUNCATE)``, and readiness is a real write (:meth:`SQLiteStore.check_writable`),
-not a ``SELECT 1``.
+such a failure, and once a minute anyway where an engine runs (:meth:`SQLiteStore.maintain`), the
+store runs ``wal_checkpoint(TRUNCATE)``, and readiness is a real write
+(:meth:`SQLiteStore.check_writable`), not a ``SELECT 1``.
 ``PINGTREE_RELAY_SQLITE_MAX_PAGE_COUNT`` caps the file's pages on every connection: how the tests
 fill a "disk" without a mount.
 
@@ -61,6 +62,7 @@ CHECKPOINT_INTERVAL = 60.0  # seconds between two WAL truncations while writes s
 # 1,000). The engine's maintain() checkpoints long before, every MAINTAIN_SECONDS (module docstring).
 AUTOCHECKPOINT_FRAMES = 10_000
 RESTART_FRAMES = 4_000  # maintain() starts the WAL over past this many frames (16 MB)
+RESTART_WAIT_MS = 10  # how long that RESTART may wait for the writer and the WAL's readers
 # The readiness write: larger than a typical stored event (~1 KB), so "ready" means there is
 # room for events, not merely for one tiny row in a page that already exists.
 PROBE_BYTES = 8192
@@ -217,6 +219,7 @@ class SQLiteStore(Store):
         self._queued: list[_QueuedAdd] = []  # adds waiting for the next group commit
         self._queue_lock = threading.Lock()
         self._checkpointed_at = time.monotonic()
+        self._warned_at = -CHECKPOINT_INTERVAL  # maintain()'s warnings: once a minute at most
         conn = self._conn()
         _busy_retry(lambda: upgrade_sqlite(conn, _MIGRATIONS, f"the outbox {path}"))
 
@@ -288,24 +291,41 @@ class SQLiteStore(Store):
 
     def maintain(self) -> None:
         """The engine's periodic upkeep (module docstring): a ``PASSIVE`` checkpoint, which waits
-        for no reader or writer, or once every ``CHECKPOINT_INTERVAL`` a ``TRUNCATE`` one that gives
-        the WAL's disk space back (under this process's write lock, like any write)."""
+        for no reader or writer, then a ``RESTART`` one once the WAL holds ``RESTART_FRAMES``; or,
+        once every ``CHECKPOINT_INTERVAL``, a ``TRUNCATE`` one that gives the WAL's disk space back
+        (under this process's write lock, like any write)."""
+        conn = self._conn()  # first: after a fork it also gives this process its own locks
         if time.monotonic() - self._checkpointed_at >= CHECKPOINT_INTERVAL:
             with self._wlock:
                 self._checkpoint()
             return
-        conn = self._conn()
         try:
             _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames >= RESTART_FRAMES:
-                # Writers never pause under a steady load, so the WAL, though copied back, would
-                # only grow: SQLite starts it over at a writer that finds every frame copied, and
-                # one always wrote meanwhile. RESTART holds writers off for what is left to copy
-                # (little, just after the PASSIVE) and starts it over; busy now: the next call.
-                with self._wlock:
-                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
-        except sqlite3.Error as exc:  # another process's checkpoint is running: the next call
-            log.debug("WAL checkpoint skipped: %s", exc)
+            if frames < RESTART_FRAMES:
+                return
+            # Writers never pause under a steady load, so a WAL only ever copied back would only
+            # grow: SQLite starts it over at a writer that finds every frame copied, and one always
+            # wrote meanwhile. RESTART holds writers off for what is left to copy (little, just
+            # after the PASSIVE) and starts it over, waiting up to RESTART_WAIT_MS for the writer
+            # and the readers in the WAL to finish (busy_timeout 0 would make it give up at once).
+            with self._wlock:
+                conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+                try:
+                    busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    conn.execute("PRAGMA busy_timeout=0")
+            if busy and frames >= AUTOCHECKPOINT_FRAMES:
+                # Now every commit checkpoints too (SQLite's safety net): it works, but on the
+                # accept path again. Said once a minute at most.
+                self._warn(f"the WAL holds {frames} frames and could not be started over; retrying")
+        except sqlite3.Error as exc:
+            self._warn(f"WAL checkpoint failed: {exc}")
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= CHECKPOINT_INTERVAL:
+            self._warned_at = now
+            log.warning("%s", message)
 
     def _checkpoint(self) -> None:
         """``wal_checkpoint(TRUNCATE)``, best effort: it gives up at once while a reader is active
