@@ -217,7 +217,10 @@ def log_decision(kind: str, fields: dict[str, Any]) -> None:
     """Observer: one line per decision; the bus swallows anything this raises."""
     if kind not in _DECISIONS:
         return
-    line: dict[str, Any] = {"event": kind, "request_id": request_id()}
+    line: dict[str, Any] = {"event": kind}
+    rid = request_id()
+    if rid is not None:  # a background delivery has none: its line is followed by event_uuid
+        line["request_id"] = rid
     line.update({key: fields[key] for key in _FIELDS if fields.get(key) is not None})
     if has_request_context():
         line["client"] = mask_ip(request.remote_addr)

@@ -129,6 +129,19 @@ def test_a_decision_line_is_the_line_the_formatter_makes_of_the_same_record() ->
     )
 
 
+def test_a_background_deliverys_line_has_no_request_id_but_its_event_uuid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server import logs
+
+    written: list[dict[str, Any]] = []
+    monkeypatch.setattr(logs, "_write_decision", lambda level, message, fields: written.append(fields))
+    logs.log_decision("delivery", {"cid": "cmp_1", "event_uuid": "u-1", "state": "delivered", "status": 200})
+    assert written == [
+        {"event": "delivery", "cid": "cmp_1", "state": "delivered", "status": 200, "event_uuid": "u-1"}
+    ]
+
+
 def test_the_writer_writes_every_queued_line_in_order_in_batches(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
