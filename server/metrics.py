@@ -253,6 +253,14 @@ class QueueCollector(Collector):
         for state, count in sorted(stats.counts.items()):
             stored.add_metric([state], count)
         yield stored
+        journal = self.relay.store.journal_bytes()
+        if journal is not None:
+            wal = GaugeMetricFamily(
+                "pingtree_relay_sqlite_wal_bytes",
+                "Size of the SQLite outbox's WAL file (the delivery engine's checkpoints keep it small)",
+            )
+            wal.add_metric([], journal)
+            yield wal
 
 
 def multiprocess_dir() -> str | None:

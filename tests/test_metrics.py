@@ -204,6 +204,7 @@ def test_single_process_registry_per_app(make_app: Callable[[str, list[int]], An
     assert value(samples, "pingtree_relay_delivery_retries_total", cid="cmp_a", event_id="view") == 1
     assert value(samples, "pingtree_relay_queue_depth") == 1
     assert value(samples, "pingtree_relay_queue_oldest_pending_age_seconds") > 0
+    assert value(samples, "pingtree_relay_sqlite_wal_bytes") > 0  # the event is in the WAL
     assert value(scrape(second.test_client().get("/metrics").text), "pingtree_relay_queue_depth") == 0
 
 

@@ -192,6 +192,11 @@ class Store(Protocol):
         default."""
         return None
 
+    def journal_bytes(self) -> int | None:
+        """The size of the store's own write-ahead journal on disk (SQLite: the WAL file), for
+        /metrics; None where there is none to watch."""
+        return None
+
     def ping(self) -> bool: ...
 
     def check_writable(self) -> str | None:
