@@ -470,11 +470,7 @@ class Dispatcher:
                 await self._store_call(executor, self.store.maintain)
             except Exception:
                 log.exception("store upkeep failed; trying again in %s s", MAINTAIN_SECONDS)
-            try:
-                async with asyncio.timeout(MAINTAIN_SECONDS):
-                    await self._stopping.wait()
-            except TimeoutError:
-                pass
+            await self._until(self._stopping, MAINTAIN_SECONDS)
 
     async def _store_call(self, executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -486,6 +482,11 @@ class Dispatcher:
     async def _wait_for(event: asyncio.Event, seconds: float) -> None:
         """``seconds``, or less if ``event`` is set meanwhile (it is cleared first)."""
         event.clear()
+        await Dispatcher._until(event, seconds)
+
+    @staticmethod
+    async def _until(event: asyncio.Event, seconds: float) -> None:
+        """``seconds``, or less if ``event`` is (or gets) set."""
         try:
             async with asyncio.timeout(seconds):
                 await event.wait()

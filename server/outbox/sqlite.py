@@ -63,6 +63,7 @@ CHECKPOINT_INTERVAL = 60.0  # seconds between two WAL truncations while writes s
 AUTOCHECKPOINT_FRAMES = 10_000
 RESTART_FRAMES = 4_000  # maintain() starts the WAL over past this many frames (16 MB)
 RESTART_WAIT_MS = 10  # how long that RESTART may wait for the writer and the WAL's readers
+WARN_EVERY_SECONDS = 60.0  # maintain()'s warnings, at most this often
 # The readiness write: larger than a typical stored event (~1 KB), so "ready" means there is
 # room for events, not merely for one tiny row in a page that already exists.
 PROBE_BYTES = 8192
@@ -219,7 +220,7 @@ class SQLiteStore(Store):
         self._queued: list[_QueuedAdd] = []  # adds waiting for the next group commit
         self._queue_lock = threading.Lock()
         self._checkpointed_at = time.monotonic()
-        self._warned_at = -CHECKPOINT_INTERVAL  # maintain()'s warnings: once a minute at most
+        self._warned_at = -WARN_EVERY_SECONDS  # when maintain() last warned
         conn = self._conn()
         _busy_retry(lambda: upgrade_sqlite(conn, _MIGRATIONS, f"the outbox {path}"))
 
@@ -323,7 +324,7 @@ class SQLiteStore(Store):
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()
-        if now - self._warned_at >= CHECKPOINT_INTERVAL:
+        if now - self._warned_at >= WARN_EVERY_SECONDS:
             self._warned_at = now
             log.warning("%s", message)
 
