@@ -67,6 +67,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 from gunicorn.workers.base import Worker
 
+from . import group_commit
 from .heap import freeze_what_is_loaded
 
 READ_TIMEOUT_SECONDS = 10.0
@@ -470,6 +471,7 @@ class LoopWorker(Worker):  # type: ignore[misc]
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         _loop_threads.add(threading.get_ident())
+        group_commit.serve(self.loop)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="request")
         extensions = getattr(self.wsgi, "extensions", None)
         self.wants_thread: Callable[[dict[str, Any]], bool] | None = (
@@ -658,8 +660,19 @@ class LoopWorker(Worker):  # type: ignore[misc]
                 lambda f: self.loop.call_soon_threadsafe(self._deliver, conn, f, keep_alive)
             )
             return
+        group_commit.run(self._answer, conn, environ, request, keep_alive)
+
+    def _answer(self, conn: Connection, environ: dict[str, Any], request: _Request, keep_alive: bool) -> None:
+        """Run the app for ``request`` on the loop's thread and answer it: in a greenlet of its own
+        (:func:`server.group_commit.run`), so that its store write can wait for the loop turn's
+        group commit while the loop serves the other requests."""
         answer, keep_alive = self._call(environ, request, keep_alive)
-        conn.answered(answer, keep_alive)
+        try:
+            conn.answered(answer, keep_alive)
+        except Exception:  # nothing of it may escape into whichever request resumed this one
+            self.log.exception("Error answering request %s", environ.get("RAW_URI"))
+            if conn.transport is not None:
+                conn.transport.abort()
 
     def on_a_thread(self, environ: dict[str, Any]) -> bool:
         """Whether this request runs on a request thread rather than the loop's (module docstring)."""

@@ -2,7 +2,7 @@
 
 ``wants_thread`` sends ``/slow`` and any request with ``?thread`` to a request thread; the rest
 run on the loop's thread. ``/where`` says where it ran; ``/sleeping``, how many are in ``/slow``;
-``/gc``, what the collector has frozen;
+``/gc``, what the collector has frozen; ``/commit`` waits for a group commit (server/group_commit.py);
 ``/environ``, the WSGI environ it got; ``/delay-opens``, see :func:`_worker_class`.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
+from server import group_commit
 from server.worker import IDLE_GRACE_SECONDS, LoopWorker, may_wait
 
 
@@ -67,6 +68,18 @@ def create_app() -> Flask:
     @app.get("/sleeping")
     def sleeping_now() -> Response:
         return jsonify(sleeping=sleeping[0])
+
+    commits = [0]  # commits run for /commit
+
+    def commit() -> None:
+        commits[0] += 1
+
+    @app.post("/commit")
+    def commit_route() -> Response:
+        # Holding the loop first (?hold=seconds): the requests sent meanwhile are read together.
+        time.sleep(float(request.args.get("hold", "0")))
+        waited = group_commit.wait_for_commit(commit)
+        return jsonify(waited=waited, commits=commits[0])
 
     def wants_thread(environ: dict[str, Any]) -> bool:
         return bool(environ["PATH_INFO"] == "/slow" or "thread" in environ["QUERY_STRING"])

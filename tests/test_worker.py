@@ -99,6 +99,25 @@ def test_the_app_runs_on_the_loop_thread_unless_its_hint_says_it_may_wait(server
     assert on_thread["may_wait"] is True and on_thread["thread"].startswith("request")
 
 
+def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Server) -> None:
+    socks = [_connect(server) for _ in range(10)]
+    try:
+        for sock in socks:  # every connection open before the requests go
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert _read_answers(sock, 1)[0][0] == 200
+        request = b"POST /commit%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
+        socks[0].sendall(request % b"?hold=0.3")  # holds the loop while the nine others arrive
+        for sock in socks[1:]:
+            sock.sendall(request % b"")
+        answers = [json.loads(_read_answers(sock, 1)[0][2]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert answers == [{"waited": True, "commits": 1}] * 10  # each answered after the one commit
+    on_thread = httpx.post(server.url + "/commit?thread").json()
+    assert on_thread["waited"] is False  # a request thread commits by itself
+
+
 def test_the_environ_holds_the_request_as_wsgi_says(server: Server) -> None:
     """PEP 3333's keys; a repeated header's values joined; a name with an underscore dropped (it
     would pass for the dashed one); Content-Type and -Length without the HTTP_ prefix."""

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..group_commit import wait_for_commit
 from . import Outcome, Persistence, Record, State, Stats, Store
 from .schema import upgrade_sqlite
 
@@ -394,25 +395,33 @@ class SQLiteStore(Store):
         """Queue ``queued`` and return once it is committed (or has failed: ``queued.error``).
 
         Group commit: whichever thread gets the write lock commits every add queued so far in one
-        transaction; a thread whose add a previous holder committed returns at once."""
-        conn = self._conn()  # first: after a fork it also gives this process its own queue and locks
+        transaction; a thread whose add a previous holder committed returns at once. Requests on
+        the worker's loop are committed together at the end of its turn (server/group_commit.py)."""
+        self._conn()  # first: after a fork it also gives this process its own queue and locks
         with self._queue_lock:
             self._queued.append(queued)
-        with self._wlock:
-            if not queued.done:
-                with self._queue_lock:
-                    batch, self._queued = self._queued, []
-                try:
-                    self._insert_batch(conn, batch)
-                finally:
-                    for item in batch:  # never leave a caller whose add was taken without an answer
-                        if not item.done:
-                            item.done, item.error = (
-                                True,
-                                item.error or RuntimeError("group commit interrupted"),
-                            )
+        # A request on the worker's loop waits for the end of the loop turn, when one commit
+        # writes every add of the turn's requests (server/group_commit.py).
+        wait_for_commit(self._commit_pending)
+        if not queued.done:
+            self._commit_pending()
         if queued.error is not None:
             raise queued.error
+
+    def _commit_pending(self) -> None:
+        """Commit every add queued so far, in one transaction (none: nothing to do)."""
+        conn = self._conn()
+        with self._wlock:
+            with self._queue_lock:
+                batch, self._queued = self._queued, []
+            if not batch:
+                return
+            try:
+                self._insert_batch(conn, batch)
+            finally:
+                for item in batch:  # never leave a caller whose add was taken without an answer
+                    if not item.done:
+                        item.done, item.error = True, item.error or RuntimeError("group commit interrupted")
 
     def _insert_batch(self, conn: sqlite3.Connection, batch: list[_QueuedAdd]) -> None:
         """One transaction for the batch; if it fails, each add alone, so that one add's error

@@ -1,0 +1,182 @@
+"""Group commit on the worker's event loop (server/group_commit.py), on a real asyncio loop; and
+the SQLite store's adds from one loop turn's requests, committed in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server import group_commit
+from server.outbox import Record
+from server.outbox.sqlite import SQLiteStore
+
+
+@pytest.fixture()
+def loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop of its own thread, served by group_commit; run a turn of it with :func:`_run_turns`.
+    (Not the test's thread: pytest-playwright's sync API may have a loop running there.)"""
+    for name in ("_hub", "_loop", "_loop_thread"):  # as they were, after the test
+        monkeypatch.setattr(group_commit, name, getattr(group_commit, name))
+    ready = threading.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def serve() -> None:
+        loops.append(asyncio.new_event_loop())
+        group_commit.serve(loops[0])
+        ready.set()
+        loops[0].run_forever()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield loops[0]
+    finally:
+        loops[0].call_soon_threadsafe(loops[0].stop)
+        thread.join(10)
+        loops[0].close()
+
+
+def _run_turns(loop: asyncio.AbstractEventLoop, turns: list[Callable[[], None]]) -> None:
+    """Run ``turns[0]`` in one turn of ``loop``, ``turns[1]`` in the next, ..., then a few turns
+    more: each callback hands the next one to the loop, so each runs one turn after the other."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def step(i: int) -> None:
+        if i == len(turns) + 5:
+            done.set()
+            return
+        try:
+            if i < len(turns):
+                turns[i]()
+        except BaseException as exc:
+            errors.append(exc)
+        loop.call_soon(step, i + 1)
+
+    loop.call_soon_threadsafe(step, 0)
+    assert done.wait(10), "the loop's turns did not run"
+    if errors:
+        raise errors[0]
+
+
+def test_requests_of_one_turn_and_the_next_wait_for_one_commit_then_resume_in_order(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    events: list[str] = []
+
+    def commit() -> None:
+        events.append("commit")
+
+    def request(name: str) -> None:
+        events.append(f"{name} waits")
+        assert group_commit.wait_for_commit(commit) is True
+        events.append(f"{name} answered")
+
+    _run_turns(
+        loop,
+        [
+            lambda: (group_commit.run(request, "a"), group_commit.run(request, "b")),
+            lambda: group_commit.run(request, "c"),  # read in the next turn: joins the same commit
+        ],
+    )
+    assert events == ["a waits", "b waits", "c waits", "commit", "a answered", "b answered", "c answered"]
+
+
+def test_a_request_after_the_commit_gets_a_commit_of_its_own(loop: asyncio.AbstractEventLoop) -> None:
+    commits: list[int] = []
+
+    def request() -> None:
+        group_commit.wait_for_commit(lambda: commits.append(1))
+
+    _run_turns(loop, [lambda: group_commit.run(request), lambda: None, lambda: None])
+    assert commits == [1]
+    _run_turns(loop, [lambda: group_commit.run(request)])
+    assert commits == [1, 1]
+
+
+def test_outside_a_request_of_the_loop_nobody_waits(loop: asyncio.AbstractEventLoop) -> None:
+    def never() -> None:
+        raise AssertionError("not to be run")
+
+    assert group_commit.wait_for_commit(never) is False  # the loop's own code, not a request
+    on_thread: list[bool] = []
+    thread = threading.Thread(target=lambda: on_thread.append(group_commit.wait_for_commit(never)))
+    thread.start()
+    thread.join()
+    assert on_thread == [False]  # a request thread commits by itself
+
+
+def test_a_failing_commit_is_logged_and_its_requests_still_resume(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    resumed: list[str] = []
+
+    def commit() -> None:
+        raise OSError("disk on fire")
+
+    def request(name: str) -> None:
+        group_commit.wait_for_commit(commit)
+        resumed.append(name)
+
+    with caplog.at_level(logging.ERROR, logger="pingtree_relay.group_commit"):
+        _run_turns(loop, [lambda: (group_commit.run(request, "a"), group_commit.run(request, "b"))])
+    assert resumed == ["a", "b"]
+    assert "group commit failed" in caplog.text
+
+
+def _record(event_uuid: str) -> Record:
+    return Record(
+        id=f"cmp:{event_uuid}",
+        cid="cmp",
+        event_id="quote_viewed",
+        transaction_id="t" * 32,
+        payload={"event_uuid": event_uuid},
+        received_at=time.time(),
+    )
+
+
+class TransactionCountingStore(SQLiteStore):
+    """The SQLite store, counting its add transactions and how many rows each wrote."""
+
+    def __init__(self, path: str) -> None:
+        self.transactions: list[int] = []
+        super().__init__(path)
+
+    def _insert_all(self, conn: Any, rows: list[tuple[Any, ...]]) -> list[bool]:
+        self.transactions.append(len(rows))
+        return super()._insert_all(conn, rows)
+
+
+def test_sqlite_adds_of_one_loop_turn_are_one_transaction_and_a_repeat_among_them_is_found(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    store = TransactionCountingStore(str(tmp_path / "outbox.sqlite3"))
+    answers: dict[str, tuple[str, bool]] = {}
+
+    def request(name: str, event_uuid: str) -> None:
+        stored, created = store.add(_record(event_uuid), owner=None, lease=30)
+        answers[name] = (stored.id, created)
+
+    _run_turns(
+        loop,
+        [
+            lambda: [group_commit.run(request, f"r{i}", f"e{i}") for i in range(5)],
+            lambda: group_commit.run(request, "again", "e0"),  # the same event, in the same commit
+        ],
+    )
+    assert store.transactions == [6]
+    assert {name: created for name, (_, created) in answers.items()} == {
+        "r0": True, "r1": True, "r2": True, "r3": True, "r4": True, "again": False,
+    }  # fmt: skip
+    assert answers["again"][0] == "cmp:e0"
+    assert store.get("cmp:e4") is not None  # committed: another connection reads it
+    stored, created = store.add(_record("e5"), owner=None, lease=30)  # not a request: at once
+    assert created and store.transactions == [6, 1]
