@@ -25,14 +25,21 @@ microseconds).
 
 Anywhere else (a request thread, the delivery engine, a command, a test) :func:`wait_for_commit`
 returns False at once and the caller commits by itself.
+
+:class:`CommitQueue` is the stores' side: a process's writes of one kind queued, and committed in
+batches, by the loop at its turn or by whichever thread commits first. The SQLite store commits a
+batch as one transaction; the Redis store sends it as one pipeline (one round trip).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from greenlet import getcurrent, greenlet
@@ -90,3 +97,69 @@ def _commit_and_resume() -> None:
             request.switch()
         except Exception:  # a request answers its own errors; this is a bug's last resort
             log.exception("request failed after its group commit")
+
+
+@dataclass
+class Write:
+    """One write in a :class:`CommitQueue`: what to write; once ``done``, its result or error."""
+
+    value: Any
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class CommitQueue:
+    """A process's writes of one kind, committed in batches.
+
+    ``commit_batch(writes)`` commits a batch and sets each write's ``result`` or ``error`` (one
+    write failing must not fail the others). :meth:`write` returns a write's result once it is
+    committed: on the worker's loop, at the turn's group commit (:func:`wait_for_commit`); on a
+    thread, at once, by whichever thread commits first every write queued meanwhile (``lock()``
+    is held around taking a batch and committing it, so the thread that gets it takes every write
+    queued while it waited)."""
+
+    def __init__(
+        self,
+        commit_batch: Callable[[list[Write]], None],
+        lock: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
+        self._commit_batch = commit_batch
+        self._lock = lock
+        self._pid = os.getpid()
+        self._queued: list[Write] = []
+        self._queue_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """How many writes wait for a commit."""
+        return len(self._queued)
+
+    def write(self, value: Any) -> Any:
+        if self._pid != os.getpid():  # forked: another thread of the parent may have held the lock
+            self._pid, self._queued, self._queue_lock = os.getpid(), [], threading.Lock()
+        write = Write(value)
+        with self._queue_lock:
+            self._queued.append(write)
+        wait_for_commit(self.commit)
+        if not write.done:
+            self.commit()
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    def commit(self) -> None:
+        """Commit every write queued so far (none: nothing to do)."""
+        with self._lock():
+            with self._queue_lock:
+                batch, self._queued = self._queued, []
+            if not batch:
+                return
+            try:
+                self._commit_batch(batch)
+            finally:
+                for write in batch:  # never leave a caller whose write was taken without an answer
+                    if not write.done:
+                        write.done, write.error = (
+                            True,
+                            write.error or RuntimeError("group commit interrupted"),
+                        )

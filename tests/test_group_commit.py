@@ -1,5 +1,5 @@
 """Group commit on the worker's event loop (server/group_commit.py), on a real asyncio loop; and
-the SQLite store's adds from one loop turn's requests, committed in one transaction."""
+the stores' adds from one loop turn's requests: one SQLite transaction, one Redis round trip."""
 
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from server import group_commit
+from server.group_commit import Write
 from server.outbox import Record
+from server.outbox.redis import RedisStore
 from server.outbox.sqlite import SQLiteStore
+
+pytest_plugins = ["tests.redis_fixture"]
 
 
 @pytest.fixture()
@@ -143,22 +149,45 @@ def _record(event_uuid: str) -> Record:
     )
 
 
-class TransactionCountingStore(SQLiteStore):
-    """The SQLite store, counting its add transactions and how many rows each wrote."""
+class CountingSQLiteStore(SQLiteStore):
+    """The SQLite store, counting its add transactions and the rows of each."""
 
     def __init__(self, path: str) -> None:
-        self.transactions: list[int] = []
+        self.batches: list[int] = []
         super().__init__(path)
 
     def _insert_all(self, conn: Any, rows: list[tuple[Any, ...]]) -> list[bool]:
-        self.transactions.append(len(rows))
+        self.batches.append(len(rows))
         return super()._insert_all(conn, rows)
 
 
-def test_sqlite_adds_of_one_loop_turn_are_one_transaction_and_a_repeat_among_them_is_found(
-    loop: asyncio.AbstractEventLoop, tmp_path: Path
+class CountingRedisStore(RedisStore):
+    """The Redis store, counting its round trips of adds and the adds of each."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.batches: list[int] = []
+        super().__init__(url, prefix=prefix)
+
+    def _add_batch(self, batch: list[Write]) -> None:
+        self.batches.append(len(batch))
+        super()._add_batch(batch)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def counting_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> CountingSQLiteStore | CountingRedisStore:
+    if request.param == "sqlite":
+        return CountingSQLiteStore(str(tmp_path / "outbox.sqlite3"))
+    url = request.getfixturevalue("redis_url")
+    return CountingRedisStore(url, prefix=f"ptr-{uuid.uuid4().hex[:8]}:")
+
+
+def test_adds_of_one_loop_turn_are_one_commit_and_a_repeat_among_them_is_found(
+    loop: asyncio.AbstractEventLoop, counting_store: CountingSQLiteStore | CountingRedisStore
 ) -> None:
-    store = TransactionCountingStore(str(tmp_path / "outbox.sqlite3"))
+    """One transaction (SQLite) or one pipeline, one round trip (Redis), for the turn's adds."""
+    store = counting_store
     answers: dict[str, tuple[str, bool]] = {}
 
     def request(name: str, event_uuid: str) -> None:
@@ -172,11 +201,30 @@ def test_sqlite_adds_of_one_loop_turn_are_one_transaction_and_a_repeat_among_the
             lambda: group_commit.run(request, "again", "e0"),  # the same event, in the same commit
         ],
     )
-    assert store.transactions == [6]
+    assert store.batches == [6]
     assert {name: created for name, (_, created) in answers.items()} == {
         "r0": True, "r1": True, "r2": True, "r3": True, "r4": True, "again": False,
     }  # fmt: skip
     assert answers["again"][0] == "cmp:e0"
     assert store.get("cmp:e4") is not None  # committed: another connection reads it
     stored, created = store.add(_record("e5"), owner=None, lease=30)  # not a request: at once
-    assert created and store.transactions == [6, 1]
+    assert created and store.batches == [6, 1]
+
+
+def test_a_redis_error_in_a_pipelined_batch_is_each_adds_own_answer(
+    loop: asyncio.AbstractEventLoop, redis_url: str
+) -> None:
+    store = CountingRedisStore(redis_url, prefix=f"ptr-{uuid.uuid4().hex[:8]}:")
+    store._client().set(store.prefix + "ev:cmp:bad", "a string where a hash goes")  # WRONGTYPE
+    answers: dict[str, Any] = {}
+
+    def request(event_uuid: str) -> None:
+        try:
+            answers[event_uuid] = store.add(_record(event_uuid), owner=None, lease=30)[1]
+        except redis.RedisError as exc:
+            answers[event_uuid] = exc
+
+    _run_turns(loop, [lambda: [group_commit.run(request, name) for name in ("a", "bad", "b")]])
+    assert store.batches == [3]
+    assert answers["a"] is True and answers["b"] is True
+    assert isinstance(answers["bad"], redis.ResponseError)

@@ -62,7 +62,7 @@ def test_adds_queued_meanwhile_are_committed_in_one_transaction(
     records = [_record(f"u{i}") for i in range(6)] + [_record("u0"), _record("d1", "k"), _record("d2", "k")]
     with store._wlock:  # hold the writers back until all nine are queued
         threads, results = _add_all(store, records)
-        wait_for(lambda: len(store._queued) == len(records), timeout=60, message="nine queued adds")
+        wait_for(lambda: len(store._adds) == len(records), timeout=60, message="nine queued adds")
     for t in threads:
         t.join(60)
     assert batches == [9]
@@ -93,7 +93,7 @@ def test_one_adds_failure_is_its_own_answer_not_its_neighbours(
     records = [_record("a"), _record("bad"), _record("c")]
     with store._wlock:
         threads, results = _add_all(store, records)
-        wait_for(lambda: len(store._queued) == 3, timeout=60, message="three queued adds")
+        wait_for(lambda: len(store._adds) == 3, timeout=60, message="three queued adds")
     for t in threads:
         t.join(60)
     assert isinstance(results[1], Exception) and "full" in str(results[1])
@@ -109,7 +109,7 @@ def test_a_forked_child_queues_its_own_adds(store: SQLiteStore) -> None:
     read, write = os.pipe()
     store._wlock.acquire()
     threads, results = _add_all(store, [_record("parents-queued")])
-    wait_for(lambda: len(store._queued) == 1, timeout=60, message="the parent's queued add")
+    wait_for(lambda: len(store._adds) == 1, timeout=60, message="the parent's queued add")
     child = os.fork()
     if child == 0:  # a gunicorn worker forked after the master opened the store
         os.close(read)

@@ -32,6 +32,10 @@ Sentinel), not Redis Cluster. Durability is Redis's: run it with ``appendonly ye
 The store checks this at start (``CONFIG GET appendonly`` / ``save``), warns when it is off or
 cannot be verified (managed Redis often forbids CONFIG), and readiness reports it.
 
+Adds of the requests one worker's loop reads together go as one pipeline of ``add`` scripts, one
+round trip (server/group_commit.py); not a ``MULTI``: each script is atomic by itself and one add's
+error must not undo its neighbours'.
+
 A Redis that refuses writes (``OOM`` at ``maxmemory``, ``MISCONF`` after a failed snapshot) still
 answers PING: readiness is a real write (:meth:`RedisStore.check_writable`).
 """
@@ -49,6 +53,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from ..group_commit import CommitQueue, Write
 from . import STATES, Outcome, Persistence, Record, State, Stats, Store
 from .schema import check_redis
 
@@ -309,6 +314,7 @@ class RedisStore(Store):
         self._pid = -1
         self._redis: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
+        self._adds = CommitQueue(self._add_batch)  # group commit: server/group_commit.py
         self._client()  # fail at start-up, not on the first event, when the URL is wrong
         try:
             check_redis(self._client(), prefix, f"the Redis outbox {redis_location(url)}")
@@ -369,15 +375,9 @@ class RedisStore(Store):
         if record.requeued_at is not None:  # set only by outbox move (a requeued record keeps its window)
             fields += ["requeued_at", repr(float(record.requeued_at))]
         legacy = record.event_uuid if record.event_uuid != record.id else ""
-        reply = self._run(
-            "add",
-            record.id,
-            record.dedupe_key or "",
-            owner or "",
-            repr(float(lease)),
-            legacy,
-            record.cid,
-            *fields,
+        self._client()  # first: after a fork it also gives this process its own client and scripts
+        reply = self._adds.write(
+            (record.id, record.dedupe_key or "", owner or "", repr(float(lease)), legacy, record.cid, *fields)
         )
         if int(reply[0]) == 1:
             now, next_at = float(reply[1]), float(reply[2])
@@ -388,6 +388,30 @@ class RedisStore(Store):
         if existing is None:  # purged in between: try once more
             return self.add(record, owner=owner, lease=lease)
         return existing, False
+
+    def _add_batch(self, batch: list[Write]) -> None:
+        """The ``add`` script for each of ``batch``: one call alone, or one pipeline (one round trip,
+        not a transaction: each script is atomic by itself, and each reply or error is its own)."""
+        if len(batch) == 1:
+            try:
+                batch[0].result = self._run("add", *batch[0].value)
+            except redis.RedisError as exc:
+                batch[0].error = exc
+            batch[0].done = True
+            return
+        pipe = self._client().pipeline(transaction=False)
+        for add in batch:
+            self._scripts["add"](keys=[], args=[self.prefix, *add.value], client=pipe)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            replies = [exc] * len(batch)
+        for add, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                add.error = reply
+            else:
+                add.result = reply
+            add.done = True
 
     # --- delivery ----------------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ Writers of one process queue on a thread lock before SQLite sees them (SQLite's 
 would make a thread that finds the write lock taken sleep 1, 2, 5, 10... ms), and events arriving
 together are committed together (group commit, :meth:`SQLiteStore.add`): the thread that gets the
 lock writes every event queued meanwhile in one transaction, and each caller is answered only once
-its event is committed, as before. Other processes' writers (the other workers, the delivery
+its event is committed, as before; requests on a worker's loop are committed together at the
+loop's turn (server/group_commit.py, whose :class:`CommitQueue` holds the queue). Other processes' writers (the other workers, the delivery
 process) are waited out by polling SQLite's lock with short pauses (:func:`_busy_retry`). An
 ``flock`` queue across processes was tried: the kernel does not hand it over in order, and a worker
 whose next writer was already waiting kept taking it back, starving the delivery process's claims
@@ -47,10 +48,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..group_commit import wait_for_commit
+from ..group_commit import CommitQueue, Write
 from . import Outcome, Persistence, Record, State, Stats, Store
 from .schema import upgrade_sqlite
 
@@ -178,16 +178,6 @@ def _busy_retry(operation: Callable[[], T]) -> T:
         pause = min(pause * 2, 0.001)
 
 
-@dataclass
-class _QueuedAdd:
-    """One :meth:`SQLiteStore.add` waiting for a group commit."""
-
-    params: tuple[Any, ...]
-    done: bool = False
-    inserted: bool = False
-    error: BaseException | None = None
-
-
 _INSERT_SQL = (
     # The NOT EXISTS: a record stored before ids were scoped has the bare event_uuid as id; for
     # its own campaign it is the same event. (The WHERE also lets SQLite parse the ON CONFLICT.)
@@ -218,8 +208,7 @@ class SQLiteStore(Store):
         # measured without this lock, under load). Only the other processes' writers remain to wait on.
         self._wlock = threading.Lock()
         self._pid = os.getpid()
-        self._queued: list[_QueuedAdd] = []  # adds waiting for the next group commit
-        self._queue_lock = threading.Lock()
+        self._adds = CommitQueue(self._insert_batch, lock=lambda: self._wlock)  # group commit
         self._checkpointed_at = time.monotonic()
         self._warned_at = -WARN_EVERY_SECONDS  # when maintain() last warned
         conn = self._conn()
@@ -232,8 +221,6 @@ class SQLiteStore(Store):
             if self._pid != os.getpid():
                 # Forked: another thread of the parent may have held the write lock at the fork.
                 self._wlock = threading.Lock()
-                self._queue_lock = threading.Lock()
-                self._queued = []
                 self._pid = os.getpid()
             self._local.pid = os.getpid()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -346,7 +333,8 @@ class SQLiteStore(Store):
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         now = time.time()
-        queued = _QueuedAdd(
+        self._conn()  # first: after a fork it also gives this process its own write lock
+        inserted = self._adds.write(
             (
                 record.id,
                 record.cid,
@@ -372,8 +360,7 @@ class SQLiteStore(Store):
                 record.cid,
             )
         )
-        self._commit_queued(queued)
-        if queued.inserted:
+        if inserted:
             record.state, record.lease_owner, record.updated_at = "pending", owner, now
             record.attempts, record.next_at = (1 if owner else 0), (now + lease if owner else now)
             return record, True
@@ -391,59 +378,28 @@ class SQLiteStore(Store):
             return self.add(record, owner=owner, lease=lease)
         return existing, False
 
-    def _commit_queued(self, queued: _QueuedAdd) -> None:
-        """Queue ``queued`` and return once it is committed (or has failed: ``queued.error``).
-
-        Group commit: whichever thread gets the write lock commits every add queued so far in one
-        transaction; a thread whose add a previous holder committed returns at once. Requests on
-        the worker's loop are committed together at the end of its turn (server/group_commit.py)."""
-        self._conn()  # first: after a fork it also gives this process its own queue and locks
-        with self._queue_lock:
-            self._queued.append(queued)
-        # A request on the worker's loop waits for the end of the loop turn, when one commit
-        # writes every add of the turn's requests (server/group_commit.py).
-        wait_for_commit(self._commit_pending)
-        if not queued.done:
-            self._commit_pending()
-        if queued.error is not None:
-            raise queued.error
-
-    def _commit_pending(self) -> None:
-        """Commit every add queued so far, in one transaction (none: nothing to do)."""
-        conn = self._conn()
-        with self._wlock:
-            with self._queue_lock:
-                batch, self._queued = self._queued, []
-            if not batch:
-                return
-            try:
-                self._insert_batch(conn, batch)
-            finally:
-                for item in batch:  # never leave a caller whose add was taken without an answer
-                    if not item.done:
-                        item.done, item.error = True, item.error or RuntimeError("group commit interrupted")
-
-    def _insert_batch(self, conn: sqlite3.Connection, batch: list[_QueuedAdd]) -> None:
+    def _insert_batch(self, batch: list[Write]) -> None:
         """One transaction for the batch; if it fails, each add alone, so that one add's error
-        (a full disk, a bad value) is that add's answer and not its neighbours'. Caller holds both locks."""
+        (a full disk, a bad value) is that add's answer and not its neighbours'. Caller holds _wlock."""
+        conn = self._conn()
         try:
-            inserted = _busy_retry(lambda: self._insert_all(conn, [item.params for item in batch]))
+            inserted = _busy_retry(lambda: self._insert_all(conn, [add.value for add in batch]))
         except sqlite3.Error as exc:
             if len(batch) == 1:
                 self._after_write_error(exc)
                 batch[0].done, batch[0].error = True, exc
                 return
-            for item in batch:
-                rows = [item.params]
+            for add in batch:
+                rows = [add.value]
                 try:
-                    item.inserted = _busy_retry(lambda rows=rows: self._insert_all(conn, rows))[0]  # type: ignore[misc]
-                except sqlite3.Error as item_exc:
-                    self._after_write_error(item_exc)
-                    item.error = item_exc
-                item.done = True
+                    add.result = _busy_retry(lambda rows=rows: self._insert_all(conn, rows))[0]  # type: ignore[misc]
+                except sqlite3.Error as add_exc:
+                    self._after_write_error(add_exc)
+                    add.error = add_exc
+                add.done = True
             return
-        for item, was_inserted in zip(batch, inserted, strict=True):
-            item.inserted, item.done = was_inserted, True
+        for add, was_inserted in zip(batch, inserted, strict=True):
+            add.result, add.done = was_inserted, True
 
     def _insert_all(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[bool]:
         conn.execute("BEGIN IMMEDIATE")
