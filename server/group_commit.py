@@ -37,8 +37,9 @@ import asyncio
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,7 @@ def _commit_and_resume() -> None:
     for commit in commits:
         try:
             commit()
-        except Exception:  # its callers find their writes not done, and commit them themselves
+        except Exception:  # the batch's writes were given this error as their answer
             log.exception("group commit failed")
     for request in waiting:
         try:
@@ -115,34 +116,41 @@ class CommitQueue:
     ``commit_batch(writes)`` commits a batch and sets each write's ``result`` or ``error`` (one
     write failing must not fail the others). :meth:`write` returns a write's result once it is
     committed: on the worker's loop, at the turn's group commit (:func:`wait_for_commit`); on a
-    thread, at once, by whichever thread commits first every write queued meanwhile (``lock()``
-    is held around taking a batch and committing it, so the thread that gets it takes every write
-    queued while it waited)."""
+    thread, by whichever thread commits first every write queued meanwhile. ``lock()`` (the
+    queue's own lock unless given) is held around taking a batch and committing it: a thread that
+    finds its write taken by another's batch waits there until that batch is committed, and the
+    thread that gets the lock takes every write queued while it waited."""
 
     def __init__(
         self,
         commit_batch: Callable[[list[Write]], None],
-        lock: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        lock: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self._commit_batch = commit_batch
-        self._lock = lock
-        self._pid = os.getpid()
+        self._lock = lock or (lambda: self._commit_lock)
+        self._forked()
+        _queues.add(self)
+
+    def _forked(self) -> None:
+        """A fresh queue and locks (at start, and in a forked child: another thread of the parent
+        may have held a lock at the fork, and the parent's writes are the parent's to commit)."""
         self._queued: list[Write] = []
         self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
 
     def __len__(self) -> int:
         """How many writes wait for a commit."""
         return len(self._queued)
 
     def write(self, value: Any) -> Any:
-        if self._pid != os.getpid():  # forked: another thread of the parent may have held the lock
-            self._pid, self._queued, self._queue_lock = os.getpid(), [], threading.Lock()
         write = Write(value)
         with self._queue_lock:
             self._queued.append(write)
         wait_for_commit(self.commit)
         if not write.done:
             self.commit()
+        if not write.done:  # commit() returns after any batch in progress: a bug if ever seen
+            raise RuntimeError("group commit: write left uncommitted")
         if write.error is not None:
             raise write.error
         return write.result
@@ -156,10 +164,25 @@ class CommitQueue:
                 return
             try:
                 self._commit_batch(batch)
-            finally:
-                for write in batch:  # never leave a caller whose write was taken without an answer
+            except BaseException as exc:  # never leave a caller whose write was taken without an answer
+                for write in batch:
                     if not write.done:
-                        write.done, write.error = (
-                            True,
-                            write.error or RuntimeError("group commit interrupted"),
-                        )
+                        write.done, write.error = True, write.error or exc
+                raise
+            for write in batch:
+                if not write.done:
+                    write.done, write.error = (
+                        True,
+                        write.error or RuntimeError("write left without an answer"),
+                    )
+
+
+_queues: weakref.WeakSet[CommitQueue] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for queue in list(_queues):
+        queue._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import threading
 import time
 from typing import Any
@@ -76,8 +77,12 @@ def create_app() -> Flask:
 
     @app.post("/commit")
     def commit_route() -> Response:
-        # Holding the loop first (?hold=seconds): the requests sent meanwhile are read together.
-        time.sleep(float(request.args.get("hold", "0")))
+        # Holding the loop first, until the file ?hold_until names exists (at most 10 s): the
+        # requests sent meanwhile are read together, after it.
+        hold_until = request.args.get("hold_until")
+        deadline = time.monotonic() + 10
+        while hold_until and not os.path.exists(hold_until) and time.monotonic() < deadline:
+            time.sleep(0.005)
         waited = group_commit.wait_for_commit(commit)
         return jsonify(waited=waited, commits=commits[0])
 

@@ -211,6 +211,65 @@ def test_adds_of_one_loop_turn_are_one_commit_and_a_repeat_among_them_is_found(
     assert created and store.batches == [6, 1]
 
 
+def _script_calls(client: redis.Redis) -> int:
+    """SCRIPT commands (EXISTS, LOAD...) the server has run so far."""
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_script"))
+
+
+def test_a_redis_batch_is_one_round_trip_and_survives_a_flushed_script_cache(
+    loop: asyncio.AbstractEventLoop, redis_url: str
+) -> None:
+    store = CountingRedisStore(redis_url, prefix=f"ptr-{uuid.uuid4().hex[:8]}:")
+    client = store._client()
+    store.add(_record("warm"), owner=None, lease=30)  # the script is loaded from here on
+    before = _script_calls(client)
+    created: dict[str, bool] = {}
+
+    def request(event_uuid: str) -> None:
+        created[event_uuid] = store.add(_record(event_uuid), owner=None, lease=30)[1]
+
+    _run_turns(loop, [lambda: [group_commit.run(request, f"a{i}") for i in range(4)]])
+    assert _script_calls(client) == before  # EVALSHAs only: no SCRIPT EXISTS before the batch
+    client.script_flush()  # a restarted Redis: NOSCRIPT for every add of the next batch
+    _run_turns(loop, [lambda: [group_commit.run(request, f"b{i}") for i in range(4)]])
+    assert store.batches == [1, 4, 4]
+    assert all(created.values()) and len(created) == 8
+    assert all(store.get(f"cmp:b{i}") is not None for i in range(4))
+
+
+def test_a_write_taken_into_another_threads_batch_returns_once_that_batch_is_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Thread A's commit takes the main thread's write with its own; the main thread's commit
+    must wait for A's, not find the queue empty and return without its result."""
+    in_commit, release = threading.Event(), threading.Event()
+
+    def commit_batch(batch: list[Write]) -> None:
+        in_commit.set()
+        assert release.wait(10)
+        for write in batch:
+            write.result, write.done = write.value.upper(), True
+
+    queue = group_commit.CommitQueue(commit_batch)
+    results: dict[str, str] = {}
+    other = threading.Thread(target=lambda: results.__setitem__("a", queue.write("a")))
+    real_wait = group_commit.wait_for_commit
+
+    def wait_for_commit(commit: Callable[[], None]) -> bool:
+        if threading.current_thread() is other:
+            return real_wait(commit)
+        other.start()  # the main thread's write is queued: A takes it into its batch
+        assert in_commit.wait(10)
+        release.set()
+        return False  # the main thread commits by itself, while A's batch may still be going
+
+    monkeypatch.setattr(group_commit, "wait_for_commit", wait_for_commit)
+    results["m"] = queue.write("m")
+    other.join(10)
+    assert results == {"m": "M", "a": "A"}
+
+
 def test_a_redis_error_in_a_pipelined_batch_is_each_adds_own_answer(
     loop: asyncio.AbstractEventLoop, redis_url: str
 ) -> None:

@@ -99,16 +99,19 @@ def test_the_app_runs_on_the_loop_thread_unless_its_hint_says_it_may_wait(server
     assert on_thread["may_wait"] is True and on_thread["thread"].startswith("request")
 
 
-def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Server) -> None:
+def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Server, tmp_path: Path) -> None:
     socks = [_connect(server) for _ in range(10)]
+    sent = tmp_path / "nine-sent"
     try:
         for sock in socks:  # every connection open before the requests go
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             assert _read_answers(sock, 1)[0][0] == 200
         request = b"POST /commit%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
-        socks[0].sendall(request % b"?hold=0.3")  # holds the loop while the nine others arrive
+        # The first holds the loop until the nine others are sent: they are then read together.
+        socks[0].sendall(request % b"?hold_until=" + str(sent).encode())
         for sock in socks[1:]:
             sock.sendall(request % b"")
+        sent.touch()
         answers = [json.loads(_read_answers(sock, 1)[0][2]) for sock in socks]
     finally:
         for sock in socks:
@@ -116,6 +119,18 @@ def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Se
     assert answers == [{"waited": True, "commits": 1}] * 10  # each answered after the one commit
     on_thread = httpx.post(server.url + "/commit?thread").json()
     assert on_thread["waited"] is False  # a request thread commits by itself
+
+
+def test_pipelined_requests_each_waiting_for_a_commit_are_answered_in_order(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(
+            b"POST /commit HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" * 3
+            + b"GET /where HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        answers = [json.loads(body) for _, _, body in _read_answers(sock, 4)]
+    assert [a.get("waited") for a in answers[:3]] == [True] * 3
+    assert [a["commits"] for a in answers[:3]] == sorted({a["commits"] for a in answers[:3]})  # one each
+    assert answers[3]["may_wait"] is False
 
 
 def test_the_environ_holds_the_request_as_wsgi_says(server: Server) -> None:

@@ -42,6 +42,7 @@ answers PING: readiness is a real write (:meth:`RedisStore.check_writable`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -390,28 +391,43 @@ class RedisStore(Store):
         return existing, False
 
     def _add_batch(self, batch: list[Write]) -> None:
-        """The ``add`` script for each of ``batch``: one call alone, or one pipeline (one round trip,
-        not a transaction: each script is atomic by itself, and each reply or error is its own)."""
+        """The ``add`` script for each of ``batch``: one call alone, or one pipeline of ``EVALSHA``s
+        (one round trip; not a transaction: each script is atomic by itself, and each reply or
+        error is its own). Queued as bare ``EVALSHA``s: a registered script in a pipeline would cost a
+        ``SCRIPT EXISTS`` round trip before every batch. An add answered ``NOSCRIPT`` (a restarted or
+        failed-over Redis) runs again alone, which loads the script (running one twice is harmless)."""
         if len(batch) == 1:
-            try:
-                batch[0].result = self._run("add", *batch[0].value)
-            except redis.RedisError as exc:
-                batch[0].error = exc
-            batch[0].done = True
+            self._add_alone(batch[0])
             return
-        pipe = self._client().pipeline(transaction=False)
+        client = self._client()
+        script = self._scripts["add"]
+        pipe = client.pipeline(transaction=False)
         for add in batch:
-            self._scripts["add"](keys=[], args=[self.prefix, *add.value], client=pipe)
+            pipe.evalsha(script.sha, 0, self.prefix, *add.value)
         try:
             replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
-            replies = [exc] * len(batch)
+            for add in batch:  # each its own error (one object raised by many would pile up frames)
+                add.error = copy.copy(exc)
+                add.error.__cause__ = exc
+                add.done = True
+            return
         for add, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                self._add_alone(add)
+                continue
             if isinstance(reply, Exception):
                 add.error = reply
             else:
                 add.result = reply
             add.done = True
+
+    def _add_alone(self, add: Write) -> None:
+        try:
+            add.result = self._run("add", *add.value)
+        except redis.RedisError as exc:
+            add.error = exc
+        add.done = True
 
     # --- delivery ----------------------------------------------------------------------------------
 
