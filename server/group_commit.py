@@ -39,7 +39,6 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,18 +115,13 @@ class CommitQueue:
     ``commit_batch(writes)`` commits a batch and sets each write's ``result`` or ``error`` (one
     write failing must not fail the others). :meth:`write` returns a write's result once it is
     committed: on the worker's loop, at the turn's group commit (:func:`wait_for_commit`); on a
-    thread, by whichever thread commits first every write queued meanwhile. ``lock()`` (the
-    queue's own lock unless given) is held around taking a batch and committing it: a thread that
-    finds its write taken by another's batch waits there until that batch is committed, and the
-    thread that gets the lock takes every write queued while it waited."""
+    thread, by whichever thread commits first every write queued meanwhile. ``lock`` is held
+    around taking a batch and committing it: a thread that finds its write taken by another's batch
+    waits there until that batch is committed, and the thread that gets the lock takes every write
+    queued while it waited. A store may hold it for its other writes too (SQLite's write lock)."""
 
-    def __init__(
-        self,
-        commit_batch: Callable[[list[Write]], None],
-        lock: Callable[[], AbstractContextManager[Any]] | None = None,
-    ) -> None:
+    def __init__(self, commit_batch: Callable[[list[Write]], None]) -> None:
         self._commit_batch = commit_batch
-        self._lock = lock or (lambda: self._commit_lock)
         self._forked()
         _queues.add(self)
 
@@ -136,7 +130,7 @@ class CommitQueue:
         may have held a lock at the fork, and the parent's writes are the parent's to commit)."""
         self._queued: list[Write] = []
         self._queue_lock = threading.Lock()
-        self._commit_lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def __len__(self) -> int:
         """How many writes wait for a commit."""
@@ -157,7 +151,7 @@ class CommitQueue:
 
     def commit(self) -> None:
         """Commit every write queued so far (none: nothing to do)."""
-        with self._lock():
+        with self.lock:
             with self._queue_lock:
                 batch, self._queued = self._queued, []
             if not batch:

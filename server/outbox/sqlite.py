@@ -206,22 +206,22 @@ class SQLiteStore(Store):
         # finds the write lock taken sleep 1, 2, 5, 10... ms, and with a dozen request and delivery
         # threads per worker those sleeps, not the ~50 us INSERT, set the accept rate (4 ms per event
         # measured without this lock, under load). Only the other processes' writers remain to wait on.
-        self._wlock = threading.Lock()
-        self._pid = os.getpid()
-        self._adds = CommitQueue(self._insert_batch, lock=lambda: self._wlock)  # group commit
+        # It is the group commit's lock (the queue's, fresh in a forked child): _wlock.
+        self._adds = CommitQueue(self._insert_batch)
         self._checkpointed_at = time.monotonic()
         self._warned_at = -WARN_EVERY_SECONDS  # when maintain() last warned
         conn = self._conn()
         _busy_retry(lambda: upgrade_sqlite(conn, _MIGRATIONS, f"the outbox {path}"))
 
+    @property
+    def _wlock(self) -> threading.Lock:
+        """This process's write lock: every write of the file takes it, the group commit's included."""
+        return self._adds.lock
+
     def _conn(self) -> sqlite3.Connection:
         # A connection must not cross a fork: gunicorn workers each open their own.
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            if self._pid != os.getpid():
-                # Forked: another thread of the parent may have held the write lock at the fork.
-                self._wlock = threading.Lock()
-                self._pid = os.getpid()
             self._local.pid = os.getpid()
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             # Under connect()'s 30 s busy timeout; retried as well, because switching a new file to
@@ -283,7 +283,7 @@ class SQLiteStore(Store):
         for no reader or writer, then a ``RESTART`` one once the WAL holds ``RESTART_FRAMES``; or,
         once every ``CHECKPOINT_INTERVAL``, a ``TRUNCATE`` one that gives the WAL's disk space back
         (under this process's write lock, like any write)."""
-        conn = self._conn()  # first: after a fork it also gives this process its own locks
+        conn = self._conn()
         if time.monotonic() - self._checkpointed_at >= CHECKPOINT_INTERVAL:
             with self._wlock:
                 self._checkpoint()
@@ -333,7 +333,6 @@ class SQLiteStore(Store):
 
     def add(self, record: Record, *, owner: str | None, lease: float) -> tuple[Record, bool]:
         now = time.time()
-        self._conn()  # first: after a fork it also gives this process its own write lock
         inserted = self._adds.write(
             (
                 record.id,
