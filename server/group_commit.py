@@ -101,7 +101,8 @@ def _commit_and_resume() -> None:
 
 @dataclass
 class Write:
-    """One write in a :class:`CommitQueue`: what to write; once ``done``, its result or error."""
+    """One write in a :class:`CommitQueue`: what to write; then its result or error (set by the
+    batch's commit), and ``done`` (set by the queue once the batch is over)."""
 
     value: Any
     done: bool = False
@@ -112,8 +113,8 @@ class Write:
 class CommitQueue:
     """A process's writes of one kind, committed in batches.
 
-    ``commit_batch(writes)`` commits a batch and sets each write's ``result`` or ``error`` (one
-    write failing must not fail the others). :meth:`write` returns a write's result once it is
+    ``commit_batch(writes)`` commits a batch and sets each write's ``result`` (never None) or
+    ``error`` (one write failing must not fail the others). :meth:`write` returns a write's result once it is
     committed: on the worker's loop, at the turn's group commit (:func:`wait_for_commit`); on a
     thread, by whichever thread commits first every write queued meanwhile. ``lock`` is held
     around taking a batch and committing it: a thread that finds its write taken by another's batch
@@ -156,19 +157,17 @@ class CommitQueue:
                 batch, self._queued = self._queued, []
             if not batch:
                 return
+            failure: BaseException = RuntimeError("group commit: write left without an answer")
             try:
                 self._commit_batch(batch)
-            except BaseException as exc:  # never leave a caller whose write was taken without an answer
-                for write in batch:
-                    if not write.done:
-                        write.done, write.error = True, write.error or exc
+            except BaseException as exc:
+                failure = exc
                 raise
-            for write in batch:
-                if not write.done:
-                    write.done, write.error = (
-                        True,
-                        write.error or RuntimeError("write left without an answer"),
-                    )
+            finally:  # never leave a caller whose write was taken without an answer
+                for write in batch:
+                    if write.result is None and write.error is None:
+                        write.error = failure
+                    write.done = True
 
 
 _queues: weakref.WeakSet[CommitQueue] = weakref.WeakSet()

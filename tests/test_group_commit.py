@@ -249,7 +249,7 @@ def test_a_write_taken_into_another_threads_batch_returns_once_that_batch_is_com
         in_commit.set()
         assert release.wait(10)
         for write in batch:
-            write.result, write.done = write.value.upper(), True
+            write.result = write.value.upper()
 
     queue = group_commit.CommitQueue(commit_batch)
     results: dict[str, str] = {}

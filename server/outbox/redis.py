@@ -376,7 +376,6 @@ class RedisStore(Store):
         if record.requeued_at is not None:  # set only by outbox move (a requeued record keeps its window)
             fields += ["requeued_at", repr(float(record.requeued_at))]
         legacy = record.event_uuid if record.event_uuid != record.id else ""
-        self._client()  # first: after a fork it also gives this process its own client and scripts
         reply = self._adds.write(
             (record.id, record.dedupe_key or "", owner or "", repr(float(lease)), legacy, record.cid, *fields)
         )
@@ -410,24 +409,20 @@ class RedisStore(Store):
             for add in batch:  # each its own error (one object raised by many would pile up frames)
                 add.error = copy.copy(exc)
                 add.error.__cause__ = exc
-                add.done = True
             return
         for add, reply in zip(batch, replies, strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 self._add_alone(add)
-                continue
-            if isinstance(reply, Exception):
+            elif isinstance(reply, Exception):
                 add.error = reply
             else:
                 add.result = reply
-            add.done = True
 
     def _add_alone(self, add: Write) -> None:
         try:
             add.result = self._run("add", *add.value)
         except redis.RedisError as exc:
             add.error = exc
-        add.done = True
 
     # --- delivery ----------------------------------------------------------------------------------
 

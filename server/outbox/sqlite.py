@@ -31,8 +31,8 @@ would make a thread that finds the write lock taken sleep 1, 2, 5, 10... ms), an
 together are committed together (group commit, :meth:`SQLiteStore.add`): the thread that gets the
 lock writes every event queued meanwhile in one transaction, and each caller is answered only once
 its event is committed, as before; requests on a worker's loop are committed together at the
-loop's turn (server/group_commit.py, whose :class:`CommitQueue` holds the queue). Other processes' writers (the other workers, the delivery
-process) are waited out by polling SQLite's lock with short pauses (:func:`_busy_retry`). An
+loop's turn (server/group_commit.py, whose :class:`CommitQueue` holds the queue and the lock).
+Other processes' writers (the other workers, the delivery process) are waited out by polling SQLite's lock with short pauses (:func:`_busy_retry`). An
 ``flock`` queue across processes was tried: the kernel does not hand it over in order, and a worker
 whose next writer was already waiting kept taking it back, starving the delivery process's claims
 (delivered 250-440 ev/s against 400-550 with polling, same load).
@@ -206,7 +206,7 @@ class SQLiteStore(Store):
         # finds the write lock taken sleep 1, 2, 5, 10... ms, and with a dozen request and delivery
         # threads per worker those sleeps, not the ~50 us INSERT, set the accept rate (4 ms per event
         # measured without this lock, under load). Only the other processes' writers remain to wait on.
-        # It is the group commit's lock (the queue's, fresh in a forked child): _wlock.
+        # The lock is the group commit queue's (_wlock), which a forked child gets afresh.
         self._adds = CommitQueue(self._insert_batch)
         self._checkpointed_at = time.monotonic()
         self._warned_at = -WARN_EVERY_SECONDS  # when maintain() last warned
@@ -386,7 +386,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             if len(batch) == 1:
                 self._after_write_error(exc)
-                batch[0].done, batch[0].error = True, exc
+                batch[0].error = exc
                 return
             for add in batch:
                 rows = [add.value]
@@ -395,10 +395,9 @@ class SQLiteStore(Store):
                 except sqlite3.Error as add_exc:
                     self._after_write_error(add_exc)
                     add.error = add_exc
-                add.done = True
             return
         for add, was_inserted in zip(batch, inserted, strict=True):
-            add.result, add.done = was_inserted, True
+            add.result = was_inserted
 
     def _insert_all(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[bool]:
         conn.execute("BEGIN IMMEDIATE")
