@@ -8,6 +8,7 @@ the bytes on the wire are the point (pipelining, 100-continue, limits), httpx el
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -108,7 +109,7 @@ def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Se
             assert _read_answers(sock, 1)[0][0] == 200
         request = b"POST /commit%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
         # The first holds the loop until the nine others are sent: they are then read together.
-        socks[0].sendall(request % b"?hold_until=" + str(sent).encode())
+        socks[0].sendall(request % (b"?hold_until=" + str(sent).encode()))
         for sock in socks[1:]:
             sock.sendall(request % b"")
         sent.touch()
@@ -119,6 +120,42 @@ def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Se
     assert answers == [{"waited": True, "commits": 1}] * 10  # each answered after the one commit
     on_thread = httpx.post(server.url + "/commit?thread").json()
     assert on_thread["waited"] is False  # a request thread commits by itself
+
+
+def test_sigterm_while_requests_wait_for_a_group_commit_answers_each_after_its_commit(tmp_path: Path) -> None:
+    """Requests parked for the loop's group commit when the worker is told to stop are in progress:
+    the loop runs on until the commit, each is answered (with Connection: close), then it exits.
+    With no idle grace, so that only their being in progress keeps the loop running."""
+    args = [sys.executable, "-m", "tests.loop_worker_app", *REPORT_PORT, "--idle-grace", "0"]
+    sent = tmp_path / "signalled"
+    with Server(args, tmp_path / "loop-worker.log") as srv:
+        socks = [_connect(srv) for _ in range(5)]
+        try:
+            for sock in socks:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert _read_answers(sock, 1)[0][0] == 200
+            request = b"POST /commit%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
+            socks[0].sendall(request % (b"?hold_until=" + str(sent).encode()))  # holds the loop...
+            for sock in socks[1:]:
+                sock.sendall(request % b"")
+            # ...while the worker itself gets SIGTERM: its handler runs on the loop's thread, inside
+            # the hold (the signal interrupts the hold's sleep), before the hold can see the file.
+            # So the shutdown begins with the five requests read in or on their way, and waiting for
+            # the one commit.
+            (pid,) = srv.worker_pids()
+            os.kill(pid, signal.SIGTERM)
+            sent.touch()
+            answers = [_read_answers(sock, 1)[0] for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        assert [(status, json.loads(body)) for status, _, body in answers] == [
+            (200, {"waited": True, "commits": 1})
+        ] * 5
+        assert [headers.get("connection") for _, headers, _ in answers] == ["close"] * 5
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)  # the master: its worker is gone, so it may go too
+        assert srv.proc.wait(20) == 0
 
 
 def test_pipelined_requests_each_waiting_for_a_commit_are_answered_in_order(server: Server) -> None:
