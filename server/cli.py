@@ -176,8 +176,8 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     if args.nice:
         # Below the workers: when the box is short of CPU, accepting (what a page waits for, and
         # what makes an event durable) goes first, and delivery catches up once the burst is over.
-        # First of all: Linux sets a niceness per thread, and the threads started below inherit it.
-        os.nice(args.nice)
+        # First of all: Linux sets a priority per thread, and the threads started below inherit it.
+        lower_priority(args.nice)
     if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
         jsonlog.configure()
     from .reload import CONFIG_TEXT_ENV
@@ -502,8 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_niceness,
         default=DELIVERY_NICE,
         metavar="N",
-        help=f"the delivery processes' CPU niceness above the workers', 0 to 19 (default: {DELIVERY_NICE}): "
-        "when the box is short of CPU, accepting events goes first",
+        help="the delivery processes' CPU priority below the workers': a niceness to add, 0 to 19, or "
+        f"idle, CPU no one else wants (default: {DELIVERY_NICE}): when the box is short of CPU, "
+        "accepting events goes first",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -527,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_niceness,
         default=0,
         metavar="N",
-        help="run at this much lower CPU priority, 0 to 19 (default: 0; serve gives its own --delivery-nice)",
+        help="run at this much lower CPU priority, 0 to 19, or idle (default: 0; serve gives its own "
+        "--delivery-nice)",
     )
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_deliver)
@@ -687,18 +689,41 @@ def _positive(text: str) -> int:
     return value
 
 
-# serve's delivery processes run this much nicer than its workers (``--delivery-nice``). With the
-# box's CPU all taken (an accept burst), 10 leaves delivery about a tenth of it (the kernel's
-# weights: 110 against 1,024), so it slows but does not stop; at any lower load it changes nothing.
-DELIVERY_NICE = 10
+# serve's delivery processes run below its workers (``--delivery-nice``): "idle", Linux's SCHED_IDLE
+# class, which gets a core only when no other process wants it, and gives it up at once when a
+# worker wakes. A niceness (10 before) still let a delivery process that had the core keep it for
+# a few milliseconds when a worker woke (the kernel's wakeup granularity), and with hundreds of
+# answers to settle it was always running: an A/B under an accept burst with the upstream slow
+# gave 1,740-2,106 events/s accepted against 1,179-1,428 at nice 10 (docs/durability.md). Delivery
+# still runs whenever a worker waits (for its clients, for the store), and at any lower load that
+# is most of the time. Where the class does not exist, the least priority a niceness gives.
+DELIVERY_NICE = "idle"
+IDLE = "idle"
 
 
-def _niceness(text: str) -> int:
-    """An argparse type: a niceness to add, 0 (none) to 19 (the least priority there is)."""
-    value = _whole_number(text)
-    if not 0 <= value <= 19:
-        raise argparse.ArgumentTypeError(f"must be 0 to 19, not {value}")
+def _niceness(text: str) -> int | str:
+    """An argparse type: a niceness to add, 0 (none) to 19 (the least priority there is), or "idle"."""
+    if text == IDLE:
+        return IDLE
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"expected 0 to 19 or idle, not {text!r}")
     return value
+
+
+def lower_priority(nice: int | str) -> None:
+    """Lower this thread's CPU priority (and so that of the threads it starts from now on) by
+    ``nice``, or to SCHED_IDLE for "idle" (a niceness of 19 where the class is missing or refused)."""
+    if nice != IDLE:
+        os.nice(int(nice))
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or a sandbox that forbids it
+        os.nice(19)
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:

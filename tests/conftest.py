@@ -252,7 +252,7 @@ def make_relay(
     name: str = "relay",
     workers: int = 2,
     delivery_processes: int | None = None,
-    delivery_nice: int | None = None,
+    delivery_nice: int | str | None = None,
     **relay_keys: Any,
 ) -> Relay:
     """A relay process (not started) with its config and log in ``tmp_dir``; ``delivery_processes``

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -502,31 +502,60 @@ def test_a_slow_upstream_with_hundreds_in_flight_does_not_stop_accepting(
     store.close()
 
 
-@pytest.mark.parametrize("flag", [None, 0, 3])
+@pytest.mark.parametrize("flag", [None, "idle", 0, 3])
 def test_the_delivery_processes_run_below_the_workers_cpu_priority(
-    relay_factory: Callable[..., Relay], flag: int | None
+    relay_factory: Callable[..., Relay], flag: int | str | None
 ) -> None:
     # An accept burst that takes every core goes to the workers first (bench: accept with a slow
-    # upstream); the delivery processes catch up after it. serve's --delivery-nice, 10 by default.
+    # upstream); the delivery processes catch up after it. serve's --delivery-nice: "idle" (Linux's
+    # SCHED_IDLE) by default, or a niceness to add.
     relay = relay_factory(delivery_processes=2, delivery_nice=flag)
     wait_for(lambda: len(deliver_pids(relay)) == 2, timeout=30, message="two delivery processes")
     assert relay.proc is not None
     workers = set(relay.worker_pids()) - deliver_pids(relay)
     assert len(workers) == 2, workers
-    wait_for(  # each delivery process renices itself, every thread of it (Linux: a niceness per thread)
-        lambda: (
-            {os.getpriority(os.PRIO_PROCESS, tid) for pid in deliver_pids(relay) for tid in threads_of(pid)}
-            == {
-                os.getpriority(os.PRIO_PROCESS, relay.proc.pid)
-                + (cli.DELIVERY_NICE if flag is None else flag)
-            }
-        ),
+    own = os.getpriority(os.PRIO_PROCESS, relay.proc.pid)
+    wanted = cli.DELIVERY_NICE if flag is None else flag
+    expected = (os.SCHED_IDLE, own) if wanted == "idle" else (os.SCHED_OTHER, own + int(wanted))
+
+    def priorities(pids: Iterable[int]) -> set[tuple[int, int]]:
+        # Every thread of each (Linux: a policy and a niceness per thread).
+        return {
+            (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            for pid in pids
+            for tid in threads_of(pid)
+        }
+
+    wait_for(
+        lambda: priorities(deliver_pids(relay)) == {expected},
         timeout=30,
-        message="delivery processes reniced",
+        message=f"delivery processes at {expected}",
     )
-    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers} == {
-        os.getpriority(os.PRIO_PROCESS, relay.proc.pid)
-    }
+    assert priorities(workers) == {(os.SCHED_OTHER, own)}
+
+
+def test_where_the_idle_class_is_refused_delivery_takes_the_least_niceness() -> None:
+    # In a child: a niceness cannot be given back.
+    code = (
+        "import os\n"
+        "from server import cli\n"
+        "def refuse(*args):\n"
+        "    raise PermissionError('not here')\n"
+        "os.sched_setscheduler = refuse\n"
+        "before = os.getpriority(os.PRIO_PROCESS, 0)\n"
+        "cli.lower_priority('idle')\n"
+        "print(os.sched_getscheduler(0) == os.SCHED_OTHER, os.getpriority(os.PRIO_PROCESS, 0) - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    assert out.split() == ["True", str(min(19, 19 - before))]  # a niceness stops at 19
+
+
+def test_a_bad_delivery_nice_is_refused_naming_what_it_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("20", "-1", "lazy"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "--config", "x.toml", "--delivery-nice", bad])
+        assert "expected 0 to 19 or idle" in capsys.readouterr().err
 
 
 # --- kill -9 -------------------------------------------------------------------------------------------
