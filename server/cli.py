@@ -173,11 +173,10 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     from . import create_app, jsonlog
     from .heap import freeze_what_is_loaded
 
-    if args.nice:
-        # Below the workers: when the box is short of CPU, accepting (what a page waits for, and
-        # what makes an event durable) goes first, and delivery catches up once the burst is over.
-        # First of all: Linux sets a priority per thread, and the threads started below inherit it.
-        lower_priority(args.nice)
+    # Below the workers: when the box is short of CPU, accepting (what a page waits for, and what
+    # makes an event durable) goes first, and delivery catches up once the burst is over. First of
+    # all: Linux sets a priority per thread, and the threads started below inherit it.
+    priority = lower_priority(args.nice) if args.nice else "the workers'"
     if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
         jsonlog.configure()
     from .reload import CONFIG_TEXT_ENV
@@ -190,7 +189,11 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         _stop_when_orphaned(relay.dispatcher, args.parent_pid)
     freeze_what_is_loaded()
     # Under serve, stdout is jsonlog's: this line comes out as JSON too.
-    print(f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight", flush=True)
+    print(
+        f"pingtree-relay delivering to {config.relay.upstream_url}, up to {cap} in flight, "
+        f"CPU priority {priority}",
+        flush=True,
+    )
     relay.dispatcher.run(cap, handle_signals=True)
     relay.close()
     return 0
@@ -697,8 +700,8 @@ def _positive(text: str) -> int:
 # gave 1,740-2,106 events/s accepted against 1,179-1,428 at nice 10 (docs/durability.md). Delivery
 # still runs whenever a worker waits (for its clients, for the store), and at any lower load that
 # is most of the time. Where the class does not exist, the least priority a niceness gives.
-DELIVERY_NICE = "idle"
 IDLE = "idle"
+DELIVERY_NICE = IDLE
 
 
 def _niceness(text: str) -> int | str:
@@ -714,16 +717,17 @@ def _niceness(text: str) -> int | str:
     return value
 
 
-def lower_priority(nice: int | str) -> None:
+def lower_priority(nice: int | str) -> str:
     """Lower this thread's CPU priority (and so that of the threads it starts from now on) by
-    ``nice``, or to SCHED_IDLE for "idle" (a niceness of 19 where the class is missing or refused)."""
+    ``nice``, or to SCHED_IDLE for "idle" (a niceness of 19 where the class is missing or refused);
+    what it got, in words, for the delivery process's first line."""
     if nice != IDLE:
-        os.nice(int(nice))
-        return
+        return f"niceness {os.nice(int(nice))}"
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or a sandbox that forbids it
-        os.nice(19)
+    except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
+        return f"niceness {os.nice(19)} (SCHED_IDLE refused: {exc})"
+    return "idle (SCHED_IDLE)"
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:

@@ -532,6 +532,15 @@ def test_the_delivery_processes_run_below_the_workers_cpu_priority(
         message=f"delivery processes at {expected}",
     )
     assert priorities(workers) == {(os.SCHED_OTHER, own)}
+    if wanted == "idle":
+        said = "idle (SCHED_IDLE)"
+    else:
+        said = f"niceness {own + int(wanted)}" if wanted else "the workers'"
+    wait_for(  # each one's first line says what it got
+        lambda: relay.log_path.read_text().count(f"CPU priority {said}") == 2,
+        timeout=30,
+        message=f"two lines saying CPU priority {said}",
+    )
 
 
 def test_where_the_idle_class_is_refused_delivery_takes_the_least_niceness() -> None:
@@ -543,12 +552,15 @@ def test_where_the_idle_class_is_refused_delivery_takes_the_least_niceness() -> 
         "    raise PermissionError('not here')\n"
         "os.sched_setscheduler = refuse\n"
         "before = os.getpriority(os.PRIO_PROCESS, 0)\n"
-        "cli.lower_priority('idle')\n"
+        "said = cli.lower_priority('idle')\n"
         "print(os.sched_getscheduler(0) == os.SCHED_OTHER, os.getpriority(os.PRIO_PROCESS, 0) - before)\n"
+        "print(said)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    assert out.split() == ["True", str(min(19, 19 - before))]  # a niceness stops at 19
+    lowered, said = out.splitlines()
+    assert lowered.split() == ["True", str(min(19, 19 - before))]  # a niceness stops at 19
+    assert said == f"niceness {min(19, before + 19)} (SCHED_IDLE refused: not here)"  # the operator is told
 
 
 def test_a_bad_delivery_nice_is_refused_naming_what_it_takes(capsys: pytest.CaptureFixture[str]) -> None:
