@@ -176,7 +176,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     # Below the workers: when the box is short of CPU, accepting (what a page waits for, and what
     # makes an event durable) goes first, and delivery catches up once the burst is over. First of
     # all: Linux sets a priority per thread, and the threads started below inherit it.
-    priority = lower_priority(args.nice) if args.nice else "the workers'"
+    priority = lower_priority(args.nice)
     if args.parent_pid:  # started by serve: its lines are JSON like the rest of the box's
         jsonlog.configure()
     from .reload import CONFIG_TEXT_ENV
@@ -693,13 +693,9 @@ def _positive(text: str) -> int:
 
 
 # serve's delivery processes run below its workers (``--delivery-nice``): "idle", Linux's SCHED_IDLE
-# class, which gets a core only when no other process wants it, and gives it up at once when a
-# worker wakes. A niceness (10 before) still let a delivery process that had the core keep it for
-# a few milliseconds when a worker woke (the kernel's wakeup granularity), and with hundreds of
-# answers to settle it was always running: an A/B under an accept burst with the upstream slow
-# gave 1,740-2,106 events/s accepted against 1,179-1,428 at nice 10 (docs/durability.md). Delivery
-# still runs whenever a worker waits (for its clients, for the store), and at any lower load that
-# is most of the time. Where the class does not exist, the least priority a niceness gives.
+# class, which gets a core only when no other process wants it and gives it up at once when a
+# worker wakes (a niceness let one that had the core keep it a few ms more). Why, and the A/Bs:
+# docs/durability.md, "The delivery engine".
 IDLE = "idle"
 DELIVERY_NICE = IDLE
 
@@ -708,19 +704,15 @@ def _niceness(text: str) -> int | str:
     """An argparse type: a niceness to add, 0 (none) to 19 (the least priority there is), or "idle"."""
     if text == IDLE:
         return IDLE
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value <= 19:
+    if not (text.isdigit() and int(text) <= 19):  # isdigit: no sign, so never below 0
         raise argparse.ArgumentTypeError(f"expected 0 to 19 or idle, not {text!r}")
-    return value
+    return int(text)
 
 
 def lower_priority(nice: int | str) -> str:
     """Lower this thread's CPU priority (and so that of the threads it starts from now on) by
-    ``nice``, or to SCHED_IDLE for "idle" (a niceness of 19 where the class is missing or refused);
-    what it got, in words, for the delivery process's first line."""
+    ``nice`` (0: not at all), or to SCHED_IDLE for "idle" (a niceness of 19 where the class is
+    missing or refused); what it got, in words, for the delivery process's first line."""
     if nice != IDLE:
         return f"niceness {os.nice(int(nice))}"
     try:

@@ -157,7 +157,7 @@ class CommitQueue:
                 batch, self._queued = self._queued, []
             if not batch:
                 return
-            failure: BaseException = RuntimeError("group commit: write left without an answer")
+            failure: BaseException | None = None
             try:
                 self._commit_batch(batch)
             except BaseException as exc:
@@ -166,7 +166,7 @@ class CommitQueue:
             finally:  # never leave a caller whose write was taken without an answer
                 for write in batch:
                     if write.result is None and write.error is None:
-                        write.error = failure
+                        write.error = failure or RuntimeError("group commit: write left without an answer")
                     write.done = True
 
 

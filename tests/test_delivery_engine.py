@@ -532,10 +532,7 @@ def test_the_delivery_processes_run_below_the_workers_cpu_priority(
         message=f"delivery processes at {expected}",
     )
     assert priorities(workers) == {(os.SCHED_OTHER, own)}
-    if wanted == "idle":
-        said = "idle (SCHED_IDLE)"
-    else:
-        said = f"niceness {own + int(wanted)}" if wanted else "the workers'"
+    said = "idle (SCHED_IDLE)" if wanted == "idle" else f"niceness {own + int(wanted)}"
     wait_for(  # each one's first line says what it got
         lambda: relay.log_path.read_text().count(f"CPU priority {said}") == 2,
         timeout=30,

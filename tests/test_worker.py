@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -100,23 +100,31 @@ def test_the_app_runs_on_the_loop_thread_unless_its_hint_says_it_may_wait(server
     assert on_thread["may_wait"] is True and on_thread["thread"].startswith("request")
 
 
-def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Server, tmp_path: Path) -> None:
-    socks = [_connect(server) for _ in range(10)]
-    sent = tmp_path / "nine-sent"
+def _commits_read_together(
+    srv: Server, count: int, hold: Path, while_held: Callable[[], None] = lambda: None
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` ``POST /commit`` requests, each on a connection of its own, the first holding the
+    worker's loop until ``hold`` exists: the others are then read together after it. ``while_held``
+    runs once all are sent, before the hold is let go. Their answers, in order."""
+    socks = [_connect(srv) for _ in range(count)]
     try:
         for sock in socks:  # every connection open before the requests go
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             assert _read_answers(sock, 1)[0][0] == 200
         request = b"POST /commit%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
-        # The first holds the loop until the nine others are sent: they are then read together.
-        socks[0].sendall(request % (b"?hold_until=" + str(sent).encode()))
+        socks[0].sendall(request % (b"?hold_until=" + str(hold).encode()))
         for sock in socks[1:]:
             sock.sendall(request % b"")
-        sent.touch()
-        answers = [json.loads(_read_answers(sock, 1)[0][2]) for sock in socks]
+        while_held()
+        hold.touch()
+        return [_read_answers(sock, 1)[0] for sock in socks]
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_requests_on_the_loop_read_together_wait_for_one_group_commit(server: Server, tmp_path: Path) -> None:
+    answers = [json.loads(body) for _, _, body in _commits_read_together(server, 10, tmp_path / "nine-sent")]
     assert answers == [{"waited": True, "commits": 1}] * 10  # each answered after the one commit
     on_thread = httpx.post(server.url + "/commit?thread").json()
     assert on_thread["waited"] is False  # a request thread commits by itself
@@ -127,28 +135,12 @@ def test_sigterm_while_requests_wait_for_a_group_commit_answers_each_after_its_c
     the loop runs on until the commit, each is answered (with Connection: close), then it exits.
     With no idle grace, so that only their being in progress keeps the loop running."""
     args = [sys.executable, "-m", "tests.loop_worker_app", *REPORT_PORT, "--idle-grace", "0"]
-    sent = tmp_path / "signalled"
     with Server(args, tmp_path / "loop-worker.log") as srv:
-        socks = [_connect(srv) for _ in range(5)]
-        try:
-            for sock in socks:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-                assert _read_answers(sock, 1)[0][0] == 200
-            request = b"POST /commit%s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
-            socks[0].sendall(request % (b"?hold_until=" + str(sent).encode()))  # holds the loop...
-            for sock in socks[1:]:
-                sock.sendall(request % b"")
-            # ...while the worker itself gets SIGTERM: its handler runs on the loop's thread, inside
-            # the hold (the signal interrupts the hold's sleep), before the hold can see the file.
-            # So the shutdown begins with the five requests read in or on their way, and waiting for
-            # the one commit.
-            (pid,) = srv.worker_pids()
-            os.kill(pid, signal.SIGTERM)
-            sent.touch()
-            answers = [_read_answers(sock, 1)[0] for sock in socks]
-        finally:
-            for sock in socks:
-                sock.close()
+        (pid,) = srv.worker_pids()
+        # The worker itself gets SIGTERM inside the hold: its handler runs on the loop's thread (the
+        # signal interrupts the hold's sleep) before the hold can see the file. So the shutdown
+        # begins with the five requests read in or on their way, and waiting for the one commit.
+        answers = _commits_read_together(srv, 5, tmp_path / "signalled", lambda: os.kill(pid, signal.SIGTERM))
         assert [(status, json.loads(body)) for status, _, body in answers] == [
             (200, {"waited": True, "commits": 1})
         ] * 5

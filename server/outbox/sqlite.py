@@ -32,7 +32,8 @@ together are committed together (group commit, :meth:`SQLiteStore.add`): the thr
 lock writes every event queued meanwhile in one transaction, and each caller is answered only once
 its event is committed, as before; requests on a worker's loop are committed together at the
 loop's turn (server/group_commit.py, whose :class:`CommitQueue` holds the queue and the lock).
-Other processes' writers (the other workers, the delivery process) are waited out by polling SQLite's lock with short pauses (:func:`_busy_retry`). An
+Other processes' writers (the other workers, the delivery process) are waited out by polling
+SQLite's lock with short pauses (:func:`_busy_retry`). An
 ``flock`` queue across processes was tried: the kernel does not hand it over in order, and a worker
 whose next writer was already waiting kept taking it back, starving the delivery process's claims
 (delivered 250-440 ev/s against 400-550 with polling, same load).
