@@ -76,6 +76,37 @@ def ratio(accept: dict[str, Any], a: str, b: str) -> float | None:
     return round(top / bottom, 2) if top is not None and bottom else None
 
 
+# The bare Flask sweeps measured just before and just after each relay sweep that is compared with
+# bare Flask: this host's speed drifts by up to 2x within minutes, so a ratio against one sweep
+# taken minutes away measures the drift as much as the relay. (A run from before the sweeps after
+# existed: against its one bare sweep.)
+BARE_BRACKETS = {
+    "relay_slow": ("baseline", "baseline_after_slow"),
+    "relay_down": ("baseline_after_slow", "baseline_after_down"),
+}
+SWEEPS = (
+    "relay",
+    "proxy",
+    "baseline",
+    "relay_slow",
+    "baseline_after_slow",
+    "relay_down",
+    "baseline_after_down",
+)
+
+
+def bare_points(accept: dict[str, Any], key: str) -> list[float]:
+    """Bare Flask's events/s at each concurrency, the mean of the sweeps bracketing sweep ``key``."""
+    sweeps = [accept[k] for k in BARE_BRACKETS[key] if accept.get(k)] or [accept.get("baseline") or []]
+    return [sum(p["rps"] for p in points) / len(points) for points in zip(*sweeps, strict=True)]
+
+
+def bare_ratio(accept: dict[str, Any], key: str) -> float | None:
+    """Best of relay sweep ``key`` over the best of bare Flask's sweeps bracketing it (their mean)."""
+    top, bottom = best_rps(accept, key), max(bare_points(accept, key), default=None)
+    return round(top / bottom, 2) if top is not None and bottom else None
+
+
 def write_markdown(
     path: Path,
     results: dict[str, Any],
@@ -173,9 +204,7 @@ def generated(
 def load_results(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every wrk run of ``results`` (sweeps, fixed rate, sustained)."""
     accept = results.get("accept") or {}
-    runs = [
-        r for key in ("relay", "proxy", "baseline", "relay_slow", "relay_down") for r in accept.get(key) or []
-    ]
+    runs = [r for key in SWEEPS for r in accept.get(key) or []]
     runs += [
         accept[key]
         for key in ("fixed_rate", "fixed_rate_conversions")
@@ -220,22 +249,43 @@ def _lat(r: dict[str, Any]) -> str:
     return f"{r['rps']:,.0f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})"
 
 
+def _bare_drift(accept: dict[str, Any]) -> list[str]:
+    """Bare Flask's sweeps either side of the slow and the down relay's, which their ratios use."""
+    keys = ("baseline", "baseline_after_slow", "baseline_after_down")
+    if not all(accept.get(k) for k in keys):
+        return ["slow / bare and down / bare: against the one bare Flask sweep above.", ""]
+    rows = [
+        [points[0]["concurrency"], *[_lat(p) for p in points]]
+        for points in zip(*(accept[k] for k in keys), strict=True)
+    ]
+    return [
+        "Bare Flask was measured three times: before the slow relay's sweep (the column above), between "
+        "it and the down relay's, and after that. slow / bare and down / bare are against the mean of "
+        "the two sweeps either side, so that the host's drift between sweeps (the three below) does not "
+        "pass for the relay's speed.",
+        "",
+        _table(["conc.", "bare Flask, before the slow relay", "between slow and down", "after down"], rows),
+        "",
+    ]
+
+
 def _accept_section(accept: dict[str, Any] | None) -> list[str]:
     out = ["## 2. Accept path: `POST /api/event/{cid}`", ""]
     if not accept or "error" in accept:
         return out + [f"n/a ({(accept or {}).get('error', 'not measured')})", ""]
     keys = ("relay", "proxy", "baseline", "relay_slow", "relay_down")
     sweeps = [accept.get(k) or [] for k in keys]
+    bare_slow, bare_down = bare_points(accept, "relay_slow"), bare_points(accept, "relay_down")
     rows = []
-    for points in zip(*sweeps, strict=False):
-        relay, proxy, base, slow, down = points
+    for points, slow_bare, down_bare in zip(zip(*sweeps, strict=False), bare_slow, bare_down, strict=False):
+        relay, proxy, _, slow, down = points
         rows.append(
             [
                 relay["concurrency"],
                 *[_lat(p) for p in points],
                 f"{relay['rps'] / proxy['rps']:.2f}x",
-                f"{slow['rps'] / base['rps']:.2f}x",
-                f"{down['rps'] / base['rps']:.2f}x",
+                f"{slow['rps'] / slow_bare:.2f}x",
+                f"{down['rps'] / down_bare:.2f}x",
                 sum(p["errors"] for p in points),
             ]
         )
@@ -259,6 +309,7 @@ def _accept_section(accept: dict[str, Any] | None) -> list[str]:
             rows,
         ),
         "",
+        *_bare_drift(accept),
     ]
     cpu_rows = [
         [

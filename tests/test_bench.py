@@ -146,6 +146,22 @@ def test_ratio_is_best_of_each_sweep_of_the_same_run() -> None:
     assert report.ratio(accept, "relay", "empty") is None and report.ratio(accept, "missing", "proxy") is None
 
 
+def test_a_ratio_to_bare_flask_is_against_the_sweeps_either_side() -> None:
+    # Bare Flask drifted from 2,000 to 3,000 ev/s at its best: the slow relay's 1,000 is against 2,500.
+    accept = {
+        "relay_slow": [{"rps": 400.0}, {"rps": 1000.0}],
+        "baseline": [{"rps": 1000.0}, {"rps": 2000.0}],
+        "baseline_after_slow": [{"rps": 1400.0}, {"rps": 3000.0}],
+    }
+    assert report.bare_points(accept, "relay_slow") == [1200.0, 2500.0]
+    assert report.bare_ratio(accept, "relay_slow") == 0.4
+    # A run from before the second sweep existed: against the one it has.
+    del accept["baseline_after_slow"]
+    assert report.bare_ratio(accept, "relay_slow") == 0.5
+    assert report.bare_ratio(accept, "relay_down") is None  # no such sweep
+    assert report.bare_ratio({**accept, "relay_down": [{"rps": 1400.0}]}, "relay_down") == 0.7
+
+
 def test_target_verdicts_say_by_how_much() -> None:
     assert report.Target("r", 0.75, 1.0, "x", False).verdict() == "**missed** by 0.25 x (25%)"
     assert report.Target("p99", 20.0, 25, "ms", True).verdict() == "**met**"
