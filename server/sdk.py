@@ -245,6 +245,15 @@ def package(body: bytes) -> BuiltScript:
     )
 
 
+# How the pasted tag loads the script: `defer` downloads it without holding the page up, like
+# `async`, but runs it once the page is parsed, after every plain (not async) <script> of the page.
+# So where Pingtree's click script is such a tag, it has set its transaction-id cookie before the
+# SDK looks for one, wherever the marketer pasted ours; with `async` the SDK could run first, make
+# an id up, and the landing page's events would go with one Pingtree never heard of
+# (docs/js-api.md, Transaction id). Calls made meanwhile wait in the stub's queue.
+TAG_LOADING = "defer"
+
+
 def snippet_tag(
     config: Config, cid: str, base_url: str | None = None, *, stub: bool = True, integrity: bool = False
 ) -> str:
@@ -264,12 +273,12 @@ def snippet_tag(
         built = render_sdk(campaign, config.relay)
         # A pinned build is always on /sdk/: a first-party script_path names the current build only.
         tag = (
-            f'<script async src="{html.escape(base + pinned_path(cid, built.version))}" '
+            f'<script {TAG_LOADING} src="{html.escape(base + pinned_path(cid, built.version))}" '
             f'integrity="{built.integrity}" crossorigin="anonymous"></script>'
         )
     else:
         path = campaign.sdk.script_path or f"/sdk/{cid}.js"
-        tag = f'<script async src="{html.escape(base + path)}"></script>'
+        tag = f'<script {TAG_LOADING} src="{html.escape(base + path)}"></script>'
     return f"<script>{STUB}</script>\n{tag}" if stub else tag
 
 

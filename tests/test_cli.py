@@ -92,7 +92,7 @@ def test_snippet_prints_the_stable_tag_and_pins_on_request(tmp_path: Path) -> No
     assert stable.returncode == 0, stable.stderr
     assert (
         stable.stdout.splitlines()[1]
-        == '<script async src="https://track.example.com/sdk/cmp_x.js"></script>'
+        == '<script defer src="https://track.example.com/sdk/cmp_x.js"></script>'
     )
     assert not (tmp_path / "sdk-builds").exists()  # nothing to keep for the stable tag
 
@@ -131,4 +131,4 @@ def test_snippet_csp_prints_the_sources_and_no_stub_drops_the_hash(tmp_path: Pat
     bare = run_cli(*base, "--csp", "--no-stub")
     assert bare.stdout.splitlines()[0] == "script-src https://track.example.com"
     tag = run_cli(*base, "--no-stub").stdout.strip()
-    assert tag.startswith('<script async src="https://track.example.com/sdk/cmp_a.js"') and "\n" not in tag
+    assert tag.startswith('<script defer src="https://track.example.com/sdk/cmp_a.js"') and "\n" not in tag

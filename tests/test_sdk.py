@@ -344,7 +344,7 @@ def test_default_snippet_is_the_stable_url_without_integrity() -> None:
     html = sdk.snippet_tag(config, "cmp_demo", "https://relay.example.com/")
     stub, tag = html.splitlines()
     assert stub == f"<script>{sdk.STUB}</script>"
-    assert tag == '<script async src="https://relay.example.com/sdk/cmp_demo.js"></script>'
+    assert tag == '<script defer src="https://relay.example.com/sdk/cmp_demo.js"></script>'
     assert sdk.snippet_tag(config, "cmp_demo", "https://r.example", stub=False) == tag.replace(
         "https://relay.example.com", "https://r.example"
     )
@@ -354,7 +354,7 @@ def test_pinned_snippet_names_its_build_and_matches_its_sri() -> None:
     config = demo_config()
     tag = sdk.snippet_tag(config, "cmp_demo", "https://relay.example.com", stub=False, integrity=True)
     match = re.fullmatch(
-        r'<script async src="https://relay\.example\.com(/sdk/cmp_demo/v/([0-9a-f]{16})\.js)" '
+        r'<script defer src="https://relay\.example\.com(/sdk/cmp_demo/v/([0-9a-f]{16})\.js)" '
         r'integrity="sha384-([A-Za-z0-9+/=]+)" crossorigin="anonymous"></script>',
         tag,
     )

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pluggy
@@ -37,21 +37,28 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
 
 
 class _PagesHandler(SimpleHTTPRequestHandler):
-    """Static files; csp.html gets the relay origin (from ?relay=) in its CSP in place of RELAY_ORIGIN."""
+    """Static files; csp.html gets the relay origin (from ?relay=) in its CSP in place of RELAY_ORIGIN;
+    a page a test wrote (``written_page``) at its path."""
+
+    written: ClassVar[dict[str, bytes]] = {}  # path -> HTML
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
         url = urlsplit(self.path)
-        if url.path.endswith("/csp.html"):
+        if url.path in self.written:
+            self._html(self.written[url.path])
+        elif url.path.endswith("/csp.html"):
             relay = parse_qs(url.query).get("relay", [""])[0]
             origin = relay if _LOOPBACK_ORIGIN.match(relay) else ""
-            body = (DEMO / "csp.html").read_text().replace("RELAY_ORIGIN", origin).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        super().do_GET()
+            self._html((DEMO / "csp.html").read_text().replace("RELAY_ORIGIN", origin).encode())
+        else:
+            super().do_GET()
+
+    def _html(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def end_headers(self) -> None:
         self.send_header("Cache-Control", "no-store")
@@ -73,6 +80,24 @@ def pages(pages_listener: socket.socket, pages_port: int) -> Iterator[str]:
     yield f"http://127.0.0.1:{pages_port}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def written_page(pages: str) -> Iterator[Callable[[str, str], str]]:
+    """``written_page(path, html)``: serve ``html`` at ``path`` of the pages origin; returns its URL.
+
+    From the loopback server itself: Chromium lets a page reach the loopback relay only if the page
+    came from a loopback address (a page fulfilled by ``page.route`` is refused)."""
+    paths: list[str] = []
+
+    def write(path: str, html: str) -> str:
+        _PagesHandler.written[path] = html.encode()
+        paths.append(path)
+        return pages + path
+
+    yield write
+    for path in paths:
+        _PagesHandler.written.pop(path, None)
 
 
 def sdk_campaigns(pages_port: int, **sdk: Any) -> str:

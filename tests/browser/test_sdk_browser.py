@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
+from server import sdk
+from server.config import load_config
 from tests.browser.conftest import SDK_LOADED, Funnel, _toml, sdk_campaigns
 from tests.conftest import wait_for
 
@@ -235,6 +238,36 @@ def test_a_made_up_transaction_id_gives_way_to_pingtrees_click_cookie(
     funnel.open(page, "csp.html", transaction_id=t)
     funnel.open(page, "csp.html")
     assert page.evaluate("() => pingtree('transactionId')") == t
+
+
+def test_the_pasted_tag_runs_after_pingtrees_click_script_wherever_it_is_pasted(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str], written_page: Callable[[str, str], str]
+) -> None:
+    # A landing page with our tag first, an event fired through the stub at once, and Pingtree's
+    # click script (a plain tag) after them, slow to arrive: the SDK must not run before it, or it
+    # makes an id up and the landing page's event goes with one Pingtree never heard of.
+    tag = sdk.snippet_tag(load_config(funnel.relay.config_path), "cmp_test", base_url=funnel.relay.url)
+    html = (
+        f"<!doctype html><html><head>{tag}"
+        "<script>pingtree('event', 'quote_viewed')</script>"
+        '<script src="/pingtree-click.js"></script></head><body>landing</body></html>'
+    )
+    ours = tid()
+    click_script: list[Any] = []
+    page.route("**/pingtree-click.js", lambda route: click_script.append(route))
+    sdk_loaded: list[Any] = []
+    page.on("requestfinished", lambda r: r.url.endswith("/sdk/cmp_test.js") and sdk_loaded.append(r))
+    page.goto(written_page("/landing-both-scripts.html", html), wait_until="commit")
+    # page.evaluate lets Playwright dispatch the route and event callbacks (a plain sleep would not).
+    wait_for(lambda: page.evaluate("1") and click_script and sdk_loaded, message="both scripts requested")
+    # Downloaded, and the page's task queue run once more: an async tag would have run by now.
+    assert page.evaluate("() => !!(window.pingtree && window.pingtree.loaded)") is False
+    click_script[0].fulfill(
+        body=f"document.cookie = 'pt_transaction_id={ours}; path=/';", content_type="text/javascript"
+    )
+    page.wait_for_function(SDK_LOADED)
+    assert page.evaluate("() => pingtree('transactionId')") == ours
+    assert arrived(sandbox, "quote_viewed", ours)
 
 
 def test_hidden_fields_are_filled(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
