@@ -115,7 +115,25 @@ function events() {
 function notes() {
   return trail.slice(1).filter(e => e[0] === 'ignored' || e[0] === 'dropped' || e[0] === 'bad selector')
     .map(e => e[0] === 'ignored' ? 'pingtree(\'set\'): ' + e[1] + ' is not an attribution field, ignored'
-      : e[0] === 'dropped' ? e[1] + ' is set by the relay only: dropped from the event' : 'bad CSS selector: ' + e[1]);
+      : e[0] === 'dropped' ? e[1] + ' is set by the relay only: dropped from the event' : 'bad CSS selector: ' + e[1])
+    .concat(clickScriptNote());
+}
+
+// Pingtree's click script is on the page (its tag, from another origin than the relay's, which
+// serves ours at /sdk/{cid}/pingtree.js too), yet the transaction id in use is one the SDK made up:
+// the SDK ran before that script set its cookie, and this page's events go with an id Pingtree
+// never heard of (docs/js-api.md, Transaction id). Said while it is so: once the cookie is there,
+// the next page takes it.
+function clickScriptNote() {
+  const relay = new URL(import.meta.url).origin; // the panel comes from the relay
+  const theirs = [...document.scripts].find(s => /\/pingtree(-consent)?\.js(\?|$)/.test(s.src) &&
+    new URL(s.src).origin !== relay);
+  const now = parse(stored(C.cookie)) || parse(cookie(C.cookie)) || {};
+  if (!theirs || !now.$ || now.$ !== now.transaction_id) return [];
+  return ['The transaction id was made up by the SDK, though Pingtree\'s click script is on this page (' +
+    theirs.src + '): it had not set its cookie (' + C.ptCookie + ') when the SDK ran, so this page\'s ' +
+    'events go with an id Pingtree does not know. Load Pingtree\'s script with a plain tag (not async), ' +
+    'and the SDK with the tag as `pingtree-relay snippet` prints it (defer).'];
 }
 
 // --- rendering ----------------------------------------------------------------------------------

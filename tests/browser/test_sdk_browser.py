@@ -270,6 +270,34 @@ def test_the_pasted_tag_runs_after_pingtrees_click_script_wherever_it_is_pasted(
     assert arrived(sandbox, "quote_viewed", ours)
 
 
+def test_the_debug_panel_says_when_the_sdk_ran_before_pingtrees_click_script(
+    funnel: Funnel, sandbox: Any, page: Any, console: list[str], written_page: Callable[[str, str], str]
+) -> None:
+    # A tag pasted before the tag became defer: async, so it runs before Pingtree's plain tag that
+    # is still downloading, and makes a transaction id up. The debug panel must say so, and why.
+    tag = sdk.snippet_tag(load_config(funnel.relay.config_path), "cmp_test", base_url=funnel.relay.url)
+    html = (
+        f"<!doctype html><html><head>{tag.replace(' defer ', ' async ')}"
+        '<script src="/pt/pingtree.js"></script></head><body>landing</body></html>'
+    )
+    click_script: list[Any] = []
+    page.route("**/pt/pingtree.js", lambda route: click_script.append(route))
+    page.goto(written_page("/landing-async-tag.html", html) + "?pt_debug=1", wait_until="commit")
+    wait_for(
+        lambda: page.evaluate("() => !!(window.pingtree && window.pingtree.t)") and click_script,
+        message="the debug build running while Pingtree's script is still on its way",
+    )
+    click_script[0].fulfill(
+        body=f"document.cookie = 'pt_transaction_id={tid()}; path=/';", content_type="text/javascript"
+    )
+    notes = page.locator('#pingtree-debug table[data-section="Notes"]')
+    wait_for(
+        lambda: notes.count() and "made up by the SDK, though Pingtree's click script" in notes.inner_text(),
+        message="the panel's note",
+    )
+    assert "/pt/pingtree.js" in notes.inner_text() and "defer" in notes.inner_text()
+
+
 def test_hidden_fields_are_filled(funnel: Funnel, sandbox: Any, page: Any, console: list[str]) -> None:
     t = tid()
     funnel.open(page, "index.html", transaction_id=t, pid="src_demo", sub1="ad42", utm_source="google")
