@@ -240,31 +240,59 @@ def test_a_made_up_transaction_id_gives_way_to_pingtrees_click_cookie(
     assert page.evaluate("() => pingtree('transactionId')") == t
 
 
+class ClickScriptLanding:
+    """A landing page, served from the pages origin, with the campaign's tag as ``snippet`` prints
+    it (``loading``: its defer replaced) and then Pingtree's click script as a plain tag, which
+    arrives only when the test calls :meth:`click_script_arrives` (it sets Pingtree's cookie)."""
+
+    def __init__(
+        self,
+        funnel: Funnel,
+        page: Any,
+        written_page: Callable[[str, str], str],
+        *,
+        loading: str,
+        inline: str = "",
+    ) -> None:
+        tag = sdk.snippet_tag(load_config(funnel.relay.config_path), "cmp_test", base_url=funnel.relay.url)
+        html = (
+            f"<!doctype html><html><head>{tag.replace(' defer ', f' {loading} ')}{inline}"
+            '<script src="/pt/pingtree.js"></script></head><body>landing</body></html>'
+        )
+        self.page = page
+        self.url = written_page(f"/landing-{loading}.html", html)
+        self.held: list[Any] = []
+        page.route("**/pt/pingtree.js", lambda route: self.held.append(route))
+
+    def click_script_arrives(self, transaction_id: str) -> None:
+        self.held[0].fulfill(
+            body=f"document.cookie = 'pt_transaction_id={transaction_id}; path=/';",
+            content_type="text/javascript",
+        )
+
+
 def test_the_pasted_tag_runs_after_pingtrees_click_script_wherever_it_is_pasted(
     funnel: Funnel, sandbox: Any, page: Any, console: list[str], written_page: Callable[[str, str], str]
 ) -> None:
-    # A landing page with our tag first, an event fired through the stub at once, and Pingtree's
-    # click script (a plain tag) after them, slow to arrive: the SDK must not run before it, or it
-    # makes an id up and the landing page's event goes with one Pingtree never heard of.
-    tag = sdk.snippet_tag(load_config(funnel.relay.config_path), "cmp_test", base_url=funnel.relay.url)
-    html = (
-        f"<!doctype html><html><head>{tag}"
-        "<script>pingtree('event', 'quote_viewed')</script>"
-        '<script src="/pingtree-click.js"></script></head><body>landing</body></html>'
+    # Our tag first, an event fired through the stub at once, and Pingtree's click script after
+    # them, slow to arrive: the SDK must not run before it, or it makes an id up and the landing
+    # page's event goes with one Pingtree never heard of.
+    landing = ClickScriptLanding(
+        funnel,
+        page,
+        written_page,
+        loading="defer",
+        inline="<script>pingtree('event', 'quote_viewed')</script>",
     )
-    ours = tid()
-    click_script: list[Any] = []
-    page.route("**/pingtree-click.js", lambda route: click_script.append(route))
     sdk_loaded: list[Any] = []
     page.on("requestfinished", lambda r: r.url.endswith("/sdk/cmp_test.js") and sdk_loaded.append(r))
-    page.goto(written_page("/landing-both-scripts.html", html), wait_until="commit")
+    page.goto(landing.url, wait_until="commit")
     # page.evaluate lets Playwright dispatch the route and event callbacks (a plain sleep would not).
-    wait_for(lambda: page.evaluate("1") and click_script and sdk_loaded, message="both scripts requested")
+    wait_for(lambda: page.evaluate("1") and landing.held and sdk_loaded, message="both scripts requested")
     # Downloaded, and the page's task queue run once more: an async tag would have run by now.
     assert page.evaluate("() => !!(window.pingtree && window.pingtree.loaded)") is False
-    click_script[0].fulfill(
-        body=f"document.cookie = 'pt_transaction_id={ours}; path=/';", content_type="text/javascript"
-    )
+    ours = tid()
+    landing.click_script_arrives(ours)
     page.wait_for_function(SDK_LOADED)
     assert page.evaluate("() => pingtree('transactionId')") == ours
     assert arrived(sandbox, "quote_viewed", ours)
@@ -275,21 +303,13 @@ def test_the_debug_panel_says_when_the_sdk_ran_before_pingtrees_click_script(
 ) -> None:
     # A tag pasted before the tag became defer: async, so it runs before Pingtree's plain tag that
     # is still downloading, and makes a transaction id up. The debug panel must say so, and why.
-    tag = sdk.snippet_tag(load_config(funnel.relay.config_path), "cmp_test", base_url=funnel.relay.url)
-    html = (
-        f"<!doctype html><html><head>{tag.replace(' defer ', ' async ')}"
-        '<script src="/pt/pingtree.js"></script></head><body>landing</body></html>'
-    )
-    click_script: list[Any] = []
-    page.route("**/pt/pingtree.js", lambda route: click_script.append(route))
-    page.goto(written_page("/landing-async-tag.html", html) + "?pt_debug=1", wait_until="commit")
+    landing = ClickScriptLanding(funnel, page, written_page, loading="async")
+    page.goto(landing.url + "?pt_debug=1", wait_until="commit")
     wait_for(
-        lambda: page.evaluate("() => !!(window.pingtree && window.pingtree.t)") and click_script,
+        lambda: page.evaluate("() => !!(window.pingtree && window.pingtree.t)") and landing.held,
         message="the debug build running while Pingtree's script is still on its way",
     )
-    click_script[0].fulfill(
-        body=f"document.cookie = 'pt_transaction_id={tid()}; path=/';", content_type="text/javascript"
-    )
+    landing.click_script_arrives(tid())
     notes = page.locator('#pingtree-debug table[data-section="Notes"]')
     wait_for(
         lambda: notes.count() and "made up by the SDK, though Pingtree's click script" in notes.inner_text(),
