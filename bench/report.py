@@ -80,24 +80,14 @@ def ratio(accept: dict[str, Any], a: str, b: str) -> float | None:
 # bare Flask: this host's speed drifts by up to 2x within minutes, so a ratio against one sweep
 # taken minutes away measures the drift as much as the relay. (A run from before the sweeps after
 # existed: against its one bare sweep.)
-BARE_BRACKETS = {
-    "relay_slow": ("baseline", "baseline_after_slow"),
-    "relay_down": ("baseline_after_slow", "baseline_after_down"),
-}
-SWEEPS = (
-    "relay",
-    "proxy",
-    "baseline",
-    "relay_slow",
-    "baseline_after_slow",
-    "relay_down",
-    "baseline_after_down",
-)
+BARE_SWEEPS = ("baseline", "baseline_after_slow", "baseline_after_down")  # in the order they run
+BARE_BRACKETS = {"relay_slow": BARE_SWEEPS[0:2], "relay_down": BARE_SWEEPS[1:3]}
+SWEEPS = ("relay", "proxy", "relay_slow", "relay_down", *BARE_SWEEPS)
 
 
 def bare_points(accept: dict[str, Any], key: str) -> list[float]:
     """Bare Flask's events/s at each concurrency, the mean of the sweeps bracketing sweep ``key``."""
-    sweeps = [accept[k] for k in BARE_BRACKETS[key] if accept.get(k)] or [accept.get("baseline") or []]
+    sweeps = [accept[k] for k in BARE_BRACKETS[key] if accept.get(k)] or [accept.get(BARE_SWEEPS[0]) or []]
     return [sum(p["rps"] for p in points) / len(points) for points in zip(*sweeps, strict=True)]
 
 
@@ -251,12 +241,11 @@ def _lat(r: dict[str, Any]) -> str:
 
 def _bare_drift(accept: dict[str, Any]) -> list[str]:
     """Bare Flask's sweeps either side of the slow and the down relay's, which their ratios use."""
-    keys = ("baseline", "baseline_after_slow", "baseline_after_down")
-    if not all(accept.get(k) for k in keys):
+    if not all(accept.get(k) for k in BARE_SWEEPS):
         return ["slow / bare and down / bare: against the one bare Flask sweep above.", ""]
     rows = [
         [points[0]["concurrency"], *[_lat(p) for p in points]]
-        for points in zip(*(accept[k] for k in keys), strict=True)
+        for points in zip(*(accept[k] for k in BARE_SWEEPS), strict=True)
     ]
     return [
         "Bare Flask was measured three times: before the slow relay's sweep (the column above), between "

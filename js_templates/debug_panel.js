@@ -12,6 +12,7 @@ const api = window.pingtree;
 const trail = (api && api.t) || [{}];
 const C = trail[0];
 const PREFIX = 'pt:' + C.cid + ':';
+const RELAY = new URL(import.meta.url).origin; // the panel comes from the relay
 const FONT = '12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace';
 let logged = 1; // trail entries already written to the console
 let shown = '';
@@ -36,6 +37,11 @@ function cookie(name) {
   try { return m ? decodeURIComponent(m[1]) : ''; } catch (e) { return ''; }
 }
 
+// The attribution the SDK keeps (localStorage, else its cookie), or null.
+function kept() {
+  return parse(stored(C.cookie)) || parse(cookie(C.cookie));
+}
+
 function entries(kind) {
   return trail.slice(1).filter(e => e[0] === kind);
 }
@@ -46,7 +52,7 @@ function entries(kind) {
 function attribution() {
   const landing = entries('landing')[0] || ['landing', {}, {}, {}];
   const first = landing[1], url = landing[2], before = landing[3];
-  const now = parse(stored(C.cookie)) || parse(cookie(C.cookie)) || first;
+  const now = kept() || first;
   // `$` is not a field: the transaction id the SDK made up, kept beside them (see sdk.js.j2).
   return Object.keys(now).filter(k => k !== '$').sort().map(k => {
     const v = now[k];
@@ -125,10 +131,9 @@ function notes() {
 // never heard of (docs/js-api.md, Transaction id). Said while it is so: once the cookie is there,
 // the next page takes it.
 function clickScriptNote() {
-  const relay = new URL(import.meta.url).origin; // the panel comes from the relay
   const theirs = [...document.scripts].find(s => /\/pingtree(-consent)?\.js(\?|$)/.test(s.src) &&
-    new URL(s.src).origin !== relay);
-  const now = parse(stored(C.cookie)) || parse(cookie(C.cookie)) || {};
+    new URL(s.src).origin !== RELAY);
+  const now = kept() || {};
   if (!theirs || !now.$ || now.$ !== now.transaction_id) return [];
   return ['The transaction id was made up by the SDK, though Pingtree\'s click script is on this page (' +
     theirs.src + '): it had not set its cookie (' + C.ptCookie + ') when the SDK ran, so this page\'s ' +

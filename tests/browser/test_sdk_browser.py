@@ -242,8 +242,9 @@ def test_a_made_up_transaction_id_gives_way_to_pingtrees_click_cookie(
 
 class ClickScriptLanding:
     """A landing page, served from the pages origin, with the campaign's tag as ``snippet`` prints
-    it (``loading``: its defer replaced) and then Pingtree's click script as a plain tag, which
-    arrives only when the test calls :meth:`click_script_arrives` (it sets Pingtree's cookie)."""
+    it (``old_tag``: as tags pasted before it said ``defer`` did, ``async``), then ``inline``, then
+    Pingtree's click script as a plain tag, which arrives only when the test calls
+    :meth:`click_script_arrives` (it sets Pingtree's cookie)."""
 
     def __init__(
         self,
@@ -251,16 +252,17 @@ class ClickScriptLanding:
         page: Any,
         written_page: Callable[[str, str], str],
         *,
-        loading: str,
+        old_tag: bool = False,
         inline: str = "",
     ) -> None:
         tag = sdk.snippet_tag(load_config(funnel.relay.config_path), "cmp_test", base_url=funnel.relay.url)
+        if old_tag:
+            tag = tag.replace(f" {sdk.TAG_LOADING} ", " async ")
         html = (
-            f"<!doctype html><html><head>{tag.replace(' defer ', f' {loading} ')}{inline}"
+            f"<!doctype html><html><head>{tag}{inline}"
             '<script src="/pt/pingtree.js"></script></head><body>landing</body></html>'
         )
-        self.page = page
-        self.url = written_page(f"/landing-{loading}.html", html)
+        self.url = written_page(f"/landing{'-old-tag' if old_tag else ''}.html", html)
         self.held: list[Any] = []
         page.route("**/pt/pingtree.js", lambda route: self.held.append(route))
 
@@ -281,7 +283,6 @@ def test_the_pasted_tag_runs_after_pingtrees_click_script_wherever_it_is_pasted(
         funnel,
         page,
         written_page,
-        loading="defer",
         inline="<script>pingtree('event', 'quote_viewed')</script>",
     )
     sdk_loaded: list[Any] = []
@@ -303,7 +304,7 @@ def test_the_debug_panel_says_when_the_sdk_ran_before_pingtrees_click_script(
 ) -> None:
     # A tag pasted before the tag became defer: async, so it runs before Pingtree's plain tag that
     # is still downloading, and makes a transaction id up. The debug panel must say so, and why.
-    landing = ClickScriptLanding(funnel, page, written_page, loading="async")
+    landing = ClickScriptLanding(funnel, page, written_page, old_tag=True)
     page.goto(landing.url + "?pt_debug=1", wait_until="commit")
     wait_for(
         lambda: page.evaluate("() => !!(window.pingtree && window.pingtree.t)") and landing.held,
