@@ -174,6 +174,7 @@ def _text(message: str) -> str:
 
 
 _HEADERS = {"user-agent": "pingtree-relay/0.1", "content-type": "application/json"}
+_RAW_HEADERS = tuple((name.encode(), value.encode()) for name, value in _HEADERS.items())
 
 
 def _timeout(seconds: float) -> httpx.Timeout:
@@ -302,22 +303,38 @@ class AsyncForwarder(_Upstream):
     ) -> None:
         super().__init__(upstream_url, timeout)
         self._transport = transport or AsyncH11Transport(max_connections=max_connections)
-        connect = min(timeout, 3.0)
+        # The attempt's one deadline (send) bounds the write and the read: only the connect has a
+        # limit of its own (a refused or silent host is "not processed", classified apart), and the
+        # pool's wait. No timer per read or write besides the deadline's.
         self._extensions = {
-            "timeout": {"connect": connect, "read": timeout, "write": timeout, "pool": timeout}
+            "timeout": {"connect": min(timeout, 3.0), "read": None, "write": None, "pool": timeout}
         }
-        self._urls: dict[str, httpx.URL] = {}  # parsed once per campaign
+        self._targets: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}  # per campaign
+
+    def _target(self, url: str) -> tuple[httpx.URL, list[tuple[bytes, bytes]]]:
+        """``url`` parsed, and the headers every request to it carries (``Host`` first, as httpx puts it)."""
+        parsed = httpx.URL(url)
+        return parsed, [(b"Host", parsed.netloc), *_RAW_HEADERS]
 
     async def send(self, cid: str, body: dict[str, Any]) -> Attempt:
         """One attempt; never raises for network trouble (see :class:`Forwarder`)."""
         started = time.perf_counter()
         if ROUTE_KEY in body:  # a postback source routed to Pingtree's global API
             target, body = route(self.upstream_url, cid, body)
-            url = httpx.URL(target)
+            url, headers = self._target(target)
         else:
-            url = self._urls.get(cid) or self._urls.setdefault(cid, httpx.URL(self.url_for(cid)))
+            url, headers = self._targets.get(cid) or self._targets.setdefault(
+                cid, self._target(self.url_for(cid))
+            )
+        content = json.dumps(body).encode()
+        # stream=, not content=: the same request and bytes on the wire, without httpx working the
+        # headers out again per request (Host, Content-Length: 16 us of a request's 19 here).
         request = httpx.Request(
-            "POST", url, headers=_HEADERS, content=json.dumps(body).encode(), extensions=self._extensions
+            "POST",
+            url,
+            headers=[*headers, (b"Content-Length", str(len(content)).encode())],
+            stream=httpx.ByteStream(content),
+            extensions=self._extensions,
         )
         try:
             # One deadline for the whole attempt (a pool wait, the connect, the write, an answer that

@@ -101,7 +101,7 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         write_timeout: float | None,
         read_timeout: float | None,
     ) -> httpx.Response:
-        data = _request_bytes(request)
+        data, close = _request_bytes(request)
         conn.idle = False
         try:
             conn.writer.write(data)
@@ -115,9 +115,12 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         except OSError as exc:
             raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
         try:
-            # asyncio.timeout, not wait_for: wait_for wraps the coroutine in a task, a cost per request.
+            # asyncio.timeout, not wait_for: wait_for wraps the coroutine in a task, a cost per
+            # request; and none at all without a read timeout (the caller's deadline bounds it).
+            if read_timeout is None:
+                return await self._read_response(conn, request, close)
             async with asyncio.timeout(read_timeout):
-                return await self._read_response(conn, request)
+                return await self._read_response(conn, request, close)
         except TimeoutError as exc:
             raise httpx.ReadTimeout("read timed out", request=request) from exc
         except (asyncio.LimitOverrunError, ValueError) as exc:
@@ -125,7 +128,8 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
         except OSError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
 
-    async def _read_response(self, conn: _Connection, request: httpx.Request) -> httpx.Response:
+    async def _read_response(self, conn: _Connection, request: httpx.Request, close: bool) -> httpx.Response:
+        """The answer to ``request`` (``close``: it asked for ``Connection: close``)."""
         reader = conn.reader
         while True:
             try:
@@ -150,11 +154,7 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
                     raise ValueError("conflicting Content-Length headers")
             elif key in (b"transfer-encoding", b"connection"):  # a list, possibly over several lines
                 framing[key] = framing[key] + b", " + value if key in framing else value
-        keep_alive = (
-            version == 1
-            and b"close" not in framing.get(b"connection", b"").lower()
-            and "close" not in request.headers.get("connection", "").lower()
-        )
+        keep_alive = version == 1 and b"close" not in framing.get(b"connection", b"").lower() and not close
         try:
             if status in (204, 304) or request.method == "HEAD":
                 body = b""
@@ -250,18 +250,23 @@ class AsyncH11Transport(httpx.AsyncBaseTransport):
                 self._discard(origin, idle.pop())
 
 
-def _request_bytes(request: httpx.Request) -> bytes:
-    """The request on the wire: its line, httpx's headers (with our Content-Length), its body."""
+def _request_bytes(request: httpx.Request) -> tuple[bytes, bool]:
+    """The request on the wire (its line, httpx's headers with our Content-Length, its body), and
+    whether it asks for ``Connection: close``."""
     body = request.read()
     lines = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    close = False
     for name, value in request.headers.raw:
         if not _TOKEN.fullmatch(name) or _UNSAFE_VALUE.search(value):
             raise httpx.LocalProtocolError(f"illegal header {name!r}", request=request)
-        if name.lower() in (b"content-length", b"transfer-encoding"):
+        key = name.lower()
+        if key in (b"content-length", b"transfer-encoding"):
             continue  # the body is sent whole, with its length
+        if key == b"connection":
+            close = close or b"close" in value.lower()
         lines += (name, b": ", value, b"\r\n")
     lines += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n\r\n", body)
-    return b"".join(lines)
+    return b"".join(lines), close
 
 
 def _parse_head(head: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]]:

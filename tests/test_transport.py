@@ -192,7 +192,7 @@ def answering(*answers: bytes, close: bool = False) -> Handler:
 
 
 def exchange(
-    answers: list[bytes], requests: int, *, close: bool = False
+    answers: list[bytes], requests: int, *, close: bool = False, headers: dict[str, str] | None = None
 ) -> tuple[list[httpx.Response | Exception], int]:
     outcomes: list[httpx.Response | Exception] = []
 
@@ -200,7 +200,7 @@ def exchange(
         async with httpx.AsyncClient(transport=AsyncH11Transport(max_connections=1), timeout=5) as client:
             for _ in range(requests):
                 try:
-                    response = await client.post(url + "/api/event/c", content=b"{}")
+                    response = await client.post(url + "/api/event/c", content=b"{}", headers=headers)
                     await response.aread()
                     outcomes.append(response)
                 except httpx.HTTPError as exc:
@@ -232,6 +232,15 @@ def test_http10_and_connection_close_answers_are_not_reused() -> None:
     )
     assert [r.status_code for r in outcomes] == [200, 200]  # type: ignore[union-attr]
     assert connections == 2
+
+
+def test_a_request_that_asks_for_connection_close_does_not_reuse_its_connection() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    outcomes, connections = exchange([answer] * 2, 2, headers={"Connection": "keep-alive, Close"})
+    assert [r.status_code for r in outcomes] == [200, 200]  # type: ignore[union-attr]
+    assert connections == 2
+    outcomes, connections = exchange([answer] * 2, 2, headers={"Connection": "keep-alive"})
+    assert connections == 1
 
 
 def test_an_answer_with_both_lengths_is_read_chunked_and_its_connection_not_reused() -> None:

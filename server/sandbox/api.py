@@ -65,12 +65,17 @@ def handle_event(state: SandboxState, req: EventRequest) -> EventSteps:
     """One event request, fault included: yields each delay to wait, returns the :class:`Outcome`."""
     started = time.monotonic()
     fault = state.take_fault()  # the whole body was read first, so even a drop happens after the upload
+    try:
+        parsed: dict[str, Any] | ApiError = rules.parse_body(req.raw, req.mimetype)
+    except ApiError as exc:  # answered once the event is processed (a fault may come first)
+        parsed = exc
     record: dict[str, Any] = {
         "received_at": utc_now(),
         "method": req.method,
         "path": req.path,
         "headers": _recorded_headers(req.headers),
-        "body": _recorded_body(req.raw),
+        # What was sent: the object parsed once for both the record and the rules, else the text.
+        "body": _recorded_body(req.raw) if isinstance(parsed, ApiError) else parsed,
         "accepted": False,
         "fault": dict(fault.as_dict) if fault else None,
     }
@@ -78,7 +83,7 @@ def handle_event(state: SandboxState, req: EventRequest) -> EventSteps:
         yield from _delay(state, fault)
         if not fault.processes_event:
             return _finish(state, record, started, _fault_answer(fault))
-    status, result = _process(state, req)
+    status, result = _process(state, req, parsed)
     record["accepted"] = status == 200  # processed and recorded as an event
     if fault and fault.when == "after":
         yield from _delay(state, fault)
@@ -141,9 +146,14 @@ def _respond(path_cid: str | None, global_org: str | None = None) -> Response:
     return response
 
 
-def _process(state: SandboxState, req: EventRequest) -> tuple[int, dict[str, Any]]:
+def _process(
+    state: SandboxState, req: EventRequest, parsed: dict[str, Any] | ApiError
+) -> tuple[int, dict[str, Any]]:
+    """The event's answer: ``parsed`` is its body (:func:`rules.parse_body`), or why it has none."""
     try:
-        body = rules.parse_body(req.raw, req.mimetype)
+        if isinstance(parsed, ApiError):
+            raise parsed
+        body = parsed
         if req.global_org is not None:
             accepted = rules.check_global_event(state.campaigns, body, find_lead=state.lead_campaign)
         else:

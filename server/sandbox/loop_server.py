@@ -36,9 +36,13 @@ _JSON = [("content-type", "application/json")]
 SHUTDOWN_GRACE_SECONDS = 5.0  # held answers get this long to go out on SIGTERM
 
 
+# Flask's compact form (and its trailing newline), so both servers answer byte for byte alike; one
+# encoder, not one per answer (json.dumps builds one for any argument but the defaults).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def json_response(status: int, body: Any) -> Response:
-    # Flask's compact form (and its trailing newline), so both servers answer byte for byte alike.
-    return Response(status, json.dumps(body, separators=(",", ":")).encode() + b"\n", list(_JSON))
+    return Response(status, _COMPACT.encode(body).encode() + b"\n", list(_JSON))
 
 
 def error_response(status: int, reason: str) -> Response:

