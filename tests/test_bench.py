@@ -196,6 +196,15 @@ def test_sustained_figures() -> None:
     assert sustained.nearest([], 3) == 0
 
 
+def test_sustained_delivery_is_held_to_what_the_paced_load_put_in_within_its_slack() -> None:
+    # 15,011 events in wrk's 15.02 s: everything offered, at the pacing's 999.4/s.
+    assert sustained.delivery_target({"accepted_rate": 999.4}, 1000) == 999.4
+    # An accept side 2 % behind does not lower the bar, nor does a missing or a faster figure.
+    assert sustained.delivery_target({"accepted_rate": 980.0}, 1000) == 1000
+    assert sustained.delivery_target({}, 1000) == 1000
+    assert sustained.delivery_target({"accepted_rate": 1000.3}, 1000) == 1000
+
+
 def test_a_sustained_row_is_the_median_trial_with_every_trial_listed() -> None:
     runs = [
         {"delivered_during_load": d, "seconds": 15.0, "run": i}
