@@ -327,8 +327,8 @@ class AsyncForwarder(_Upstream):
                 cid, self._target(self.url_for(cid))
             )
         content = json.dumps(body).encode()
-        # stream=, not content=: the same request and bytes on the wire, without httpx working the
-        # headers out again per request (Host, Content-Length: 16 us of a request's 19 here).
+        # stream=, not content=: the same request and bytes on the wire, without httpx working out
+        # Host and Content-Length and copying the headers twice per request (16 us, 3.5 with stream=).
         request = httpx.Request(
             "POST",
             url,
