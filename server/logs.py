@@ -97,11 +97,12 @@ def _write_decision(level: int, message: str, fields: dict[str, Any]) -> None:
     neither through ``Logger.log`` (which looks up its caller's frame and takes the handler's lock
     for each) nor as a ``LogRecord`` (a dozen attributes nobody reads: 15 % of the accept path's
     logging cost in process)."""
-    logger = decision_logger()
-    if not logger.isEnabledFor(level):
-        return
-    if _listener is not None:  # always, once decision_logger() has run
-        _listener[2].put((time.time(), level, message, fields))
+    listener = _listener
+    if listener is None or listener[0] != os.getpid():  # this process's first line: start its writer
+        decision_logger()
+        listener = _listener
+    if listener is not None and _DECISION_LOG.isEnabledFor(level):  # always, once it has started
+        listener[2].put((time.time(), level, message, fields))
 
 
 # What the writer's queue holds: a decision (created, level, message, fields), or a LogRecord that
@@ -211,6 +212,9 @@ class _QueueHandler(logging.handlers.QueueHandler):
 # (pid, the writer thread, its queue) of this process.
 _listener: tuple[int, _LineWriter, queue.SimpleQueue[_Queued]] | None = None
 _listener_lock = threading.Lock()
+# Loggers are one object per name for the process's life: looked up once, not per line
+# (getLogger takes logging's module lock).
+_DECISION_LOG = logging.getLogger(DECISION_LOGGER)
 
 
 def log_decision(kind: str, fields: dict[str, Any]) -> None:

@@ -65,19 +65,21 @@ class Event:
         """What makes a resent request the same event, for a reused event_uuid: a digest of the
         validated event, not of the raw bytes (key order, or 12 against "12", must not matter) and
         not of what the server adds (the time, the client's IP: a retry may change both)."""
-        canonical = json.dumps(
+        canonical = _CANONICAL.encode(
             {
                 "cid": self.cid,
                 "event_id": self.event_id,
                 "transaction_id": self.transaction_id,
                 "amount": None if self.amount is None else str(self.amount.quantize(CENT)),
                 "fields": dict(self.fields),
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-            default=str,
+            }
         )
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+# The fingerprint's JSON: keys sorted, compact, anything else as str. One encoder for every event
+# (json.dumps builds one per call for any argument but the defaults).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _reject_constant(name: str) -> Any:

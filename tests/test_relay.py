@@ -172,3 +172,43 @@ def test_a_200_whose_body_says_400_is_refused_not_delivered(tmp_path: Path) -> N
         assert feed_row(record)["status"] == 400
     finally:
         relay.close()
+
+
+def test_the_app_keeps_ensure_syncs_answer_but_never_hands_an_async_view_back_as_it_is(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        {
+            "relay": {"upstream_url": "http://127.0.0.1:9", "store": f"sqlite:///{tmp_path / 'o.sqlite3'}"},
+            "campaigns": {"cmp_test": {"allowed_origins": ["https://www.example.com"]}},
+        }
+    )
+    app = create_app(config, start_delivery=False)
+    try:
+
+        def view() -> str:
+            return "ok"
+
+        async def async_view() -> str:
+            return "ok"
+
+        assert app.ensure_sync(view) is view
+        assert app.ensure_sync(view) is view  # kept
+        # Flask wraps an async view, or refuses it without its "async" extra: never as it is.
+        for _ in range(2):
+            try:
+                wrapped = app.ensure_sync(async_view)
+            except RuntimeError as exc:
+                assert "async" in str(exc)
+            else:
+                assert wrapped is not async_view
+        # Past the cache's limit (callables made per call) every answer is still worked out.
+        for _ in range(app._SYNC_CACHE_LIMIT + 5):  # type: ignore[attr-defined]
+
+            def made() -> None:
+                pass
+
+            assert app.ensure_sync(made) is made
+        assert len(app._sync) <= app._SYNC_CACHE_LIMIT  # type: ignore[attr-defined]
+    finally:
+        app.extensions["relay"].close()
