@@ -72,7 +72,7 @@ function waiting(item) {
   const retry = entries('retry').filter(e => e[1].id === item.id).pop();
   if (item.l > Date.now()) return 'in flight';
   if (C.consent && !stored('pt_consent:' + C.cid)) return 'held: waiting for consent (pingtree(\'consent\'))';
-  const attr = parse(stored(C.cookie)) || {};
+  const attr = kept() || {};
   if (!item.b.transaction_id && !attr.transaction_id) return 'held: no transaction id';
   if (!navigator.onLine) return 'held: offline';
   return retry ? 'will retry (' + retry[2] + ')' : 'due now';

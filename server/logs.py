@@ -36,6 +36,9 @@ from .relay import relay_of
 from .request_state import request_state
 
 DECISION_LOGGER = "pingtree_relay.decisions"
+# Loggers are one object per name for the process's life: looked up once, not per line
+# (getLogger takes logging's module lock).
+_DECISION_LOG = logging.getLogger(DECISION_LOGGER)
 # Letters, digits and a few separators, bounded: the id is echoed in a header and written to logs,
 # so a hostile client must not be able to inject newlines, JSON or kilobytes through it.
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{8,128}$")
@@ -71,7 +74,7 @@ def decision_logger() -> logging.Logger:
     the request and delivery threads queued on that lock (16 % of a worker's samples under load).
     """
     global _listener
-    logger = logging.getLogger(DECISION_LOGGER)
+    logger = _DECISION_LOG
     if _listener is not None and _listener[0] == os.getpid():
         return logger  # first: setLevel() below empties every logger's level cache, on each call
     with _listener_lock:
@@ -212,9 +215,6 @@ class _QueueHandler(logging.handlers.QueueHandler):
 # (pid, the writer thread, its queue) of this process.
 _listener: tuple[int, _LineWriter, queue.SimpleQueue[_Queued]] | None = None
 _listener_lock = threading.Lock()
-# Loggers are one object per name for the process's life: looked up once, not per line
-# (getLogger takes logging's module lock).
-_DECISION_LOG = logging.getLogger(DECISION_LOGGER)
 
 
 def log_decision(kind: str, fields: dict[str, Any]) -> None:
