@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import Config, load_config
 from .cpu_load import CpuLoad
 from .errors import ApiError, answer
+from .headers import add_missing
 from .relay import Relay, current_relay
 from .request_state import request_state
+from .worker import WHOLE_BODY
 
 __all__ = ["create_app", "Config", "load_config"]
 
@@ -66,6 +70,29 @@ def create_app(
     return app
 
 
+class _RelayJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, with the encoder of its compact answers (every ``jsonify`` outside debug mode)
+    kept: ``json.dumps`` builds a new encoder on every call that passes any argument, and Flask
+    passes four. Built again whenever the provider's settings change; other calls go to Flask's."""
+
+    _COMPACT = {"separators": (",", ":")}
+
+    def __init__(self, app: Flask) -> None:
+        super().__init__(app)
+        self._compact: tuple[tuple[Any, ...], json.JSONEncoder] | None = None
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        if kwargs != self._COMPACT:
+            return super().dumps(obj, **kwargs)
+        settings = (self.default, self.ensure_ascii, self.sort_keys)
+        if self._compact is None or self._compact[0] != settings:
+            encoder = json.JSONEncoder(
+                default=self.default, ensure_ascii=self.ensure_ascii, sort_keys=self.sort_keys, **kwargs
+            )
+            self._compact = (settings, encoder)
+        return self._compact[1].encode(obj)
+
+
 class _RelayFlask(Flask):
     """Flask, with :meth:`ensure_sync`'s answer kept per function: Flask asks it for every hook and
     the view of every request (six times an event), and its ``iscoroutinefunction`` check was 2.5 %
@@ -73,6 +100,7 @@ class _RelayFlask(Flask):
     ``_SYNC_CACHE_LIMIT`` functions (callables made per request) it is worked out each time."""
 
     _SYNC_CACHE_LIMIT = 1024
+    json_provider_class = _RelayJSONProvider
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -113,8 +141,9 @@ class ThreadHint:
     Only while the relay would try an event inline (:meth:`Relay.would_try_inline`; with every
     slot taken a thread would only wait for the GIL behind the loop), and, for an event endpoint,
     only if the request may carry an event tried inline (:meth:`Relay.may_carry_inline`, the
-    campaign read from the app's own routes, the body from the worker's buffer). Any other request
-    is answered without waiting (202 from the store, on the loop), or is not an event: as before.
+    campaign read from the app's own routes, the body the worker read whole: ``WHOLE_BODY``). Any
+    other request is answered without waiting (202 from the store, on the loop), or is not an
+    event: as before.
 
     What each (path, method) matched is remembered (``matched``, emptied when it holds
     ``CACHE_SIZE``, against a client of random paths): a box sees few of them, and werkzeug's
@@ -141,8 +170,7 @@ class ThreadHint:
             return relay.may_carry_inline(args["cid"], None)
         if blueprint != "events":
             return True
-        buffered = getattr(environ.get("wsgi.input"), "getvalue", None)
-        return relay.may_carry_inline(args.get("cid"), buffered() if buffered else None)
+        return relay.may_carry_inline(args.get("cid"), environ.get(WHOLE_BODY))
 
     def match(self, path: str, method: str) -> tuple[str, Mapping[str, Any]] | None:
         """The endpoint and arguments ``path`` and ``method`` route to; None if none does."""
@@ -209,13 +237,17 @@ def _unexpected(exc: Exception) -> Response:
     return response
 
 
+_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff"}
+_PAGE_SECURITY_HEADERS = {
+    **_SECURITY_HEADERS,
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "Referrer-Policy": "same-origin",
+}
+
+
 def _security_headers(response: Response) -> Response:
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    if response.mimetype == "text/html":
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
-        )
-        response.headers.setdefault("Referrer-Policy", "same-origin")
+    # What response.mimetype reads, without the property's second lookup of the header.
+    page = response.headers.get("Content-Type", "").partition(";")[0].strip() == "text/html"
+    add_missing(response.headers, _PAGE_SECURITY_HEADERS if page else _SECURITY_HEADERS)
     return response

@@ -18,11 +18,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from flask import request
 from werkzeug.datastructures import Headers
 
 from .config import CampaignConfig
 from .errors import ApiError
+from .headers import request_header
 from .origins import origin_allowed, well_formed_origin
 from .request_state import request_state
 
@@ -42,13 +42,18 @@ def server_keys(headers: Mapping[str, str] | Headers) -> list[str]:
 
 def check_caller(campaign: CampaignConfig) -> bool:
     """Who may post for this campaign (raises a 403 that says what to do). True for a trusted caller."""
-    keys = server_keys(request.headers)
+    keys = server_keys(
+        {
+            "X-Server-Key": request_header("X-Server-Key") or "",
+            "Authorization": request_header("Authorization") or "",
+        }
+    )
     if keys and campaign.allow_server_calls and campaign.server_key:
         # Every key given must be right: a wrong one next to a right one is a misconfigured caller.
         if all(hmac.compare_digest(key.encode(), campaign.server_key.encode()) for key in keys):
             return True
         raise ApiError(403, "Invalid server key", reason="server_key")
-    origin = request.headers.get("Origin")
+    origin = request_header("Origin")
     if origin is None:
         raise ApiError(
             403,

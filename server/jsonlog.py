@@ -69,18 +69,22 @@ def mask_addresses(text: str) -> str:
 
 
 def utc_timestamp(created: float) -> str:
-    """``2026-12-01T20:00:00.123Z``; the lines of one millisecond share one formatting."""
-    global _last_timestamp
+    """``2026-12-01T20:00:00.123Z``; the lines of one second share the formatting of its date and
+    time (a busy worker writes a line or two per millisecond: one formatting per millisecond was
+    still one ``datetime`` per line), and add their milliseconds to it."""
+    global _last_second
     millisecond = int(created * 1000)
-    last = _last_timestamp
-    if last[0] == millisecond:
-        return last[1]
-    text = dt.datetime.fromtimestamp(millisecond / 1000, dt.UTC).isoformat(timespec="milliseconds")
-    _last_timestamp = (millisecond, text.replace("+00:00", "Z"))
-    return _last_timestamp[1]
+    second, fraction = divmod(millisecond, 1000)
+    last = _last_second
+    if last[0] != second:
+        text = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = last = (second, text)
+    return f"{last[1]}.{fraction:03d}Z"
 
 
-_last_timestamp: tuple[int, str] = (-1, "")
+_last_second: tuple[int, str] = (-1, "")
+# One encoder for every line (json.dumps given any argument builds a new encoder per call).
+_LINE_JSON = json.JSONEncoder(default=str, separators=(",", ":"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -122,7 +126,7 @@ class JsonFormatter(logging.Formatter):
         line.update(fields)
         if error is not None:
             line["error"] = mask_addresses(error)
-        return json.dumps(line, default=str, separators=(",", ":"))
+        return _LINE_JSON.encode(line)
 
 
 def configure() -> None:

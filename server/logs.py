@@ -31,6 +31,7 @@ from typing import Any
 
 from flask import Flask, Response, has_request_context, request
 
+from .headers import request_header
 from .jsonlog import JsonFormatter, mask_ip
 from .relay import relay_of
 from .request_state import request_state
@@ -233,7 +234,7 @@ def log_decision(kind: str, fields: dict[str, Any]) -> None:
 
 
 def _assign_request_id() -> None:
-    incoming = request.headers.get("X-Request-Id", "")
+    incoming = request_header("X-Request-Id") or ""
     request_state().request_id = incoming if _SANE_REQUEST_ID.match(incoming) else _new_request_id()
 
 
@@ -255,9 +256,10 @@ def _new_request_id() -> str:
 
 
 def _echo_request_id(response: Response) -> Response:
-    if request_state().request_id is None:  # an earlier before_request hook answered before ours ran
+    state = request_state()
+    if state.request_id is None:  # an earlier before_request hook answered before ours ran
         _assign_request_id()
-    response.headers["X-Request-Id"] = request_state().request_id or ""
+    response.headers["X-Request-Id"] = state.request_id or ""
     return response
 
 

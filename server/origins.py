@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection
 
 # What a browser sends: scheme://host[:port], the host made of DNS labels (or an IPv4 address).
 # Anything else (a '?', '@', '/', a space...) is no origin a browser produces: it is refused before
@@ -17,14 +17,14 @@ def well_formed_origin(origin: str | None) -> bool:
     return bool(origin) and len(origin or "") <= 300 and _ORIGIN_RE.match(origin or "") is not None
 
 
-def origin_allowed(origin: str | None, allowed: Iterable[str]) -> bool:
+def origin_allowed(origin: str | None, allowed: Collection[str]) -> bool:
     """True when ``origin`` is one of ``allowed``: exact, or ``scheme://*.domain`` for any subdomain.
 
     ``*.example.com`` matches ``a.example.com`` and ``a.b.example.com`` but not ``example.com``
     itself nor ``evil-example.com``; the scheme and port must match exactly. A malformed origin
     (see :func:`well_formed_origin`) matches nothing.
     """
-    if not well_formed_origin(origin):
+    if not allowed or not well_formed_origin(origin):  # no patterns (most staging_origins): no scan
         return False
     assert origin is not None
     for pattern in allowed:

@@ -107,6 +107,11 @@ _SERVER_ERROR_ANSWER = _error_answer(500, "Internal Server Error", "Internal ser
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = (204, 304)
 
+# The environ key under which the worker hands an app the request body it has read whole (every
+# request but one cut short at BODY_LIMIT): the same bytes as wsgi.input, which stays readable, so
+# an app may take them without going through a stream (the relay's event view: server/api.py).
+WHOLE_BODY = "pingtree_relay.whole_body"
+
 _loop_threads: set[int] = set()
 
 
@@ -710,6 +715,8 @@ class LoopWorker(Worker):  # type: ignore[misc]
         environ["SERVER_PROTOCOL"] = f"HTTP/{request.version}"
         environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = conn.peer
         environ["wsgi.input"] = io.BytesIO(body)
+        if not request.oversize:
+            environ[WHOLE_BODY] = body
         chunked = False
         for name, value in request.headers:
             key = _environ_key(name)

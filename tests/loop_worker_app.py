@@ -19,7 +19,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from server import group_commit
-from server.worker import IDLE_GRACE_SECONDS, LoopWorker, may_wait
+from server.worker import IDLE_GRACE_SECONDS, WHOLE_BODY, LoopWorker, may_wait
 
 
 def create_app() -> Flask:
@@ -38,7 +38,14 @@ def create_app() -> Flask:
         if (request.content_length or 0) > 1024:
             return Response("too large", status=413)
         body = request.get_data()
-        return jsonify(body=body.decode(), length=len(body), path=request.path, args=request.args)
+        whole = request.environ.get(WHOLE_BODY)  # None when the worker cut the body short
+        return jsonify(
+            body=body.decode(),
+            length=len(body),
+            path=request.path,
+            args=request.args,
+            whole=whole == body if whole is not None else None,
+        )
 
     sleeping = [0]  # requests in /slow now
 

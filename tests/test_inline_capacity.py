@@ -21,6 +21,7 @@ import server.worker
 from server.cli import worker_app
 from server.config import load_config
 from server.cpu_load import CpuLoad
+from server.worker import WHOLE_BODY
 from tests.conftest import InProcessRelay, InProcessRelayFactory, Sandbox, campaigns_toml, wait_for
 
 
@@ -170,8 +171,8 @@ def test_the_worker_is_asked_for_a_thread_only_for_a_request_that_may_carry_an_i
 
     def asks(path: str, body: bytes | None = None) -> bool:
         environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "POST"}
-        if body is not None:
-            environ["wsgi.input"] = io.BytesIO(body)
+        if body is not None:  # as the relay's worker hands it over (a body cut short: none)
+            environ["wsgi.input"], environ[WHOLE_BODY] = io.BytesIO(body), body
         return bool(wants_thread(environ))
 
     sale, view = b'{"event_id":"sale_completed","amount":4}', b'{"event_id": "quote_viewed"}'

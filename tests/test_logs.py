@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import random
 import subprocess
 import sys
 import uuid
@@ -14,6 +16,7 @@ from flask import Flask
 
 from server import create_app
 from server.config import parse_config
+from server.jsonlog import utc_timestamp
 from server.logs import mask_ip
 from tests.conftest import RelayFactory, wait_for
 
@@ -225,3 +228,16 @@ def test_a_fork_during_a_decision_write_leaves_the_child_a_working_stderr() -> N
         [sys.executable, "-c", FORK_DURING_A_WRITE], cwd=REPO, timeout=60, capture_output=True
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+
+
+def test_a_lines_timestamp_is_its_utc_millisecond_across_the_cached_second() -> None:
+    # Lines of one second share its formatting (server/jsonlog.py): within it, across its end, and
+    # back to an earlier second (a line queued before one written already), each is still its own.
+    moments = [1796306853.0, 1796306853.0004, 1796306853.5, 1796306853.9995, 1796306854.001, 1796306853.25]
+    rng = random.Random(7)
+    moments += [rng.uniform(0, 4e9) for _ in range(2000)]
+    for moment in moments:
+        expected = dt.datetime.fromtimestamp(int(moment * 1000) / 1000, dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
+        assert utc_timestamp(moment) == expected.replace("+00:00", "Z"), moment

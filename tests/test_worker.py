@@ -235,11 +235,12 @@ def test_a_chunked_body_reaches_the_app_whole_and_100_continue_is_sent(server: S
         )
         ((status, _, body),) = _read_answers(sock, 1)
         assert status == 200 and b'"body":"abcde"' in body and b'"length":5' in body
+        assert b'"whole":true' in body  # the body read whole is handed over as such too (WHOLE_BODY)
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(b"wxyz")
         ((status, _, body),) = _read_answers(sock, 1)
-        assert status == 200 and b'"body":"wxyz"' in body
+        assert status == 200 and b'"body":"wxyz"' in body and b'"whole":true' in body
 
 
 def test_head_has_the_length_of_get_and_no_body(server: Server) -> None:
@@ -307,6 +308,7 @@ def test_a_chunked_body_past_the_limit_reaches_the_app_cut_and_the_connection_is
         assert status == 200 and headers.get("connection") == "close"
         length = int(body.split(b'"length":')[1].split(b",")[0])
         assert BODY_LIMIT < length < 2 * BODY_LIMIT  # what came until the limit, not the rest
+        assert b'"whole":null' in body  # a body cut short is never passed off as whole
         assert _closed(sock)
 
 

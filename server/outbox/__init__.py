@@ -11,8 +11,9 @@ is in the future), ``delivered`` and ``dead`` (with ``last_error`` as the reason
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
@@ -63,6 +64,16 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# A stored payload's JSON: compact, one encoder for every event (json.dumps given any argument
+# builds a new encoder per call).
+_PAYLOAD_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def payload_json(payload: Mapping[str, Any]) -> str:
+    """The JSON a store keeps of an event's forward body (both backends: one format)."""
+    return _PAYLOAD_JSON.encode(payload)
 
 
 def scoped_id(cid: str, event_uuid: str) -> str:

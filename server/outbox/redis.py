@@ -55,7 +55,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from ..group_commit import CommitQueue, Write
-from . import STATES, Outcome, Persistence, Record, State, Stats, Store
+from . import STATES, Outcome, Persistence, Record, State, Stats, Store, payload_json
 from .schema import check_redis
 
 log = logging.getLogger("pingtree_relay.outbox")
@@ -365,7 +365,7 @@ class RedisStore(Store):
             "transaction_id",
             record.transaction_id,
             "payload",
-            json.dumps(record.payload, separators=(",", ":")),
+            payload_json(record.payload),
             "received_at",
             repr(float(record.received_at)),
         ]

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ..group_commit import CommitQueue, Write
-from . import Outcome, Persistence, Record, State, Stats, Store
+from . import Outcome, Persistence, Record, State, Stats, Store, payload_json
 from .schema import upgrade_sqlite
 
 T = TypeVar("T")
@@ -342,7 +342,7 @@ class SQLiteStore(Store):
                 record.transaction_id,
                 record.dedupe_key,
                 record.fingerprint,
-                json.dumps(record.payload, separators=(",", ":")),
+                payload_json(record.payload),
                 record.received_at,
                 "pending",
                 1 if owner else 0,

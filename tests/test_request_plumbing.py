@@ -1,0 +1,160 @@
+"""The accept path's plumbing, cut down for CPU: each must do exactly what the werkzeug or Flask
+call it replaces did (server/headers.py, the worker's whole body, the app's JSON encoder).
+
+In process: the app factory and Flask's test client, a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.datastructures import Headers
+
+from server import create_app
+from server.config import parse_config
+from server.headers import add_missing, request_header, set_headers
+from server.worker import WHOLE_BODY
+
+ORIGIN = "https://www.example.com"
+LIMIT = 2048
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    config = parse_config(
+        {
+            "relay": {
+                "upstream_url": "http://127.0.0.1:9",
+                "store": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+                "max_body_bytes": LIMIT,
+                "rate_limits": {"per_ip": "", "per_campaign": ""},
+            },
+            "campaigns": {"cmp_test": {"allowed_origins": [ORIGIN], "events": {"quote_viewed": {}}}},
+        }
+    )
+    app = create_app(config, start_delivery=False)
+    yield app
+    app.extensions["relay"].close()
+
+
+def _event(transaction_id: str, size: int | None = None) -> bytes:
+    body = json.dumps({"event_id": "quote_viewed", "transaction_id": transaction_id}).encode()
+    return body if size is None else body + b" " * (size - len(body))  # JSON may end in spaces
+
+
+def _post(app: Flask, *, stream: bytes, whole: bytes | None) -> Any:
+    """POST to the event endpoint as the relay's worker would: ``whole`` under WHOLE_BODY (None: as
+    another WSGI server, the stream alone)."""
+    overrides: dict[str, Any] = {"wsgi.input": io.BytesIO(stream)}
+    if whole is not None:
+        overrides[WHOLE_BODY] = whole
+    return app.test_client().post(
+        "/api/event/cmp_test",
+        data=stream,
+        headers={"Origin": ORIGIN, "Content-Type": "text/plain"},
+        environ_overrides=overrides,
+    )
+
+
+# --- the body the worker read whole ---------------------------------------------------------------
+
+
+def test_the_event_view_takes_the_body_the_worker_read_whole(app: Flask) -> None:
+    body = _event("t-whole")
+    # The stream is empty: only the whole body can have given the event.
+    response = _post(app, stream=b"", whole=body)
+    assert response.status_code == 202, response.get_json()
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-body", "stream"])
+def test_the_body_limit_holds_alike_for_a_whole_body_and_a_stream(app: Flask, whole: bool) -> None:
+    for size, status in ((LIMIT, 202), (LIMIT + 1, 413)):
+        body = _event(f"t-{size}-{whole}", size)
+        response = _post(app, stream=body, whole=body if whole else None)
+        assert response.status_code == status, (size, response.get_json())
+        if status == 413:
+            assert response.get_json()["message"] == "Request body too large"
+
+
+# --- request headers ------------------------------------------------------------------------------
+
+
+def test_request_header_reads_what_werkzeug_reads() -> None:
+    app = Flask("plumbing")
+    names = ["Origin", "User-Agent", "X-Server-Key", "Authorization", "Idempotency-Key", "X-Request-Id"]
+    sent = {"Origin": ORIGIN, "User-Agent": "Mozilla/5.0 (é)", "X-Request-Id": ""}
+    with app.test_request_context("/", headers=sent):
+        for name in names:
+            assert request_header(name) == request.headers.get(name), name
+            assert request_header(name.lower()) == request.headers.get(name.lower()), name
+        assert request_header("X-Server-Key") is None and request_header("X-Request-Id") == ""
+
+
+# --- response headers set in one pass -------------------------------------------------------------
+
+
+def _werkzeug(method: str, start: list[tuple[str, str]], values: dict[str, str]) -> list[tuple[str, str]]:
+    headers = Headers(start)
+    for name, value in values.items():
+        getattr(headers, method)(name, value)
+    return list(headers.items())
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        [],
+        [("Content-Type", "application/json"), ("Content-Length", "12")],
+        [("Content-Type", "text/html"), ("vary", "Accept-Encoding"), ("Vary", "Cookie")],
+        [("X-Content-Type-Options", "sniff"), ("Referrer-Policy", "no-referrer")],
+    ],
+    ids=["empty", "absent", "present-twice", "some-present"],
+)
+def test_set_headers_and_add_missing_do_what_set_and_setdefault_do(start: list[tuple[str, str]]) -> None:
+    values = {"Vary": "Origin", "X-Content-Type-Options": "nosniff", "Access-Control-Allow-Origin": ORIGIN}
+    headers = Headers(start)
+    set_headers(headers, values)
+    assert list(headers.items()) == _werkzeug("set", start, values)
+    headers = Headers(start)
+    add_missing(headers, values)
+    assert list(headers.items()) == _werkzeug("setdefault", start, values)
+
+
+def test_a_header_value_with_a_newline_is_still_refused() -> None:
+    with pytest.raises(ValueError):
+        set_headers(Headers(), {"X-Test": "a\r\nSet-Cookie: x=1"})
+
+
+# --- the app's JSON -------------------------------------------------------------------------------
+
+ANSWERS: list[Any] = [
+    {
+        "status": 202,
+        "type": "queued",
+        "message": "Event accepted",
+        "data": {"event_uuid": "u", "b": [1, 2.5]},
+    },
+    {"é": "ü", "z": None, "a": True},
+    [1, "two", {"three": 3}],
+]
+
+
+def test_the_apps_json_is_flasks_byte_for_byte(app: Flask) -> None:
+    plain = Flask("plain")
+    plain.json = DefaultJSONProvider(plain)
+    for sort_keys in (False, True):  # a setting changed after the first answer is honoured
+        app.json.sort_keys = plain.json.sort_keys = sort_keys  # type: ignore[attr-defined]
+        for obj in ANSWERS:
+            with app.app_context():
+                ours = jsonify(obj).get_data()
+            with plain.app_context():
+                theirs = jsonify(obj).get_data()
+            assert ours == theirs
+            assert app.json.dumps(obj, indent=2) == plain.json.dumps(obj, indent=2)
