@@ -6,7 +6,6 @@ import atexit
 import json
 import logging
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -20,6 +19,7 @@ from .errors import ApiError, answer
 from .headers import add_missing
 from .relay import Relay, current_relay
 from .request_state import request_state
+from .routes import RelayRequestContext, RouteCache
 from .worker import WHOLE_BODY
 
 __all__ = ["create_app", "Config", "load_config"]
@@ -63,7 +63,8 @@ def create_app(
     relay = relay or Relay(config, cpu_load=cpu_load)
     app.extensions["relay"] = relay
     _register(app)
-    app.extensions["wants_thread"] = ThreadHint(app, relay)  # where server/worker.py runs a request
+    routes = app.extensions["routes"] = RouteCache(app)  # every rule is in: what each path matches
+    app.extensions["wants_thread"] = ThreadHint(relay, routes)  # where server/worker.py runs a request
     if start_delivery:
         relay.start_delivery()
         atexit.register(relay.close)
@@ -106,6 +107,9 @@ class _RelayFlask(Flask):
         super().__init__(*args, **kwargs)
         self._sync: dict[Any, Any] = {}
 
+    def request_context(self, environ: dict[str, Any]) -> RelayRequestContext:
+        return RelayRequestContext(self, environ)  # its request matched through the RouteCache
+
     def ensure_sync(self, func: Any) -> Any:
         sync = self._sync.get(func)
         if sync is None:
@@ -145,44 +149,28 @@ class ThreadHint:
     other request is answered without waiting (202 from the store, on the loop), or is not an
     event: as before.
 
-    What each (path, method) matched is remembered (``matched``, emptied when it holds
-    ``CACHE_SIZE``, against a client of random paths): a box sees few of them, and werkzeug's
-    match is about 7 us, asked of every request the worker reads.
+    What each (path, method) matches comes from the app's :class:`server.routes.RouteCache`, the
+    one Flask matches the request through afterwards: werkzeug's match is asked once per path.
     """
 
-    CACHE_SIZE = 1024
-
-    def __init__(self, app: Flask, relay: Relay) -> None:
+    def __init__(self, relay: Relay, routes: RouteCache) -> None:
         self.relay = relay
-        self.routes = app.url_map.bind("relay")  # the rules, first-party endpoint paths included
-        self.matched: dict[tuple[str, str], tuple[str, Mapping[str, Any]] | None] = {}
+        self.routes = routes  # the rules, first-party endpoint paths included
 
     def __call__(self, environ: dict[str, Any]) -> bool:
         relay = self.relay
         if not relay.would_try_inline():
             return False
-        found = self.match(environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET"))
+        found = self.routes.match(environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET"))
         if found is None:  # answered 404 or 405 at once, on whichever thread
             return True
-        endpoint, args = found
-        blueprint = endpoint.partition(".")[0]
+        rule, args = found
+        blueprint = str(rule.endpoint).partition(".")[0]
         if blueprint == "postbacks":  # a platform's parameters, not a JSON body: by campaign
             return relay.may_carry_inline(args["cid"], None)
         if blueprint != "events":
             return True
         return relay.may_carry_inline(args.get("cid"), environ.get(WHOLE_BODY))
-
-    def match(self, path: str, method: str) -> tuple[str, Mapping[str, Any]] | None:
-        """The endpoint and arguments ``path`` and ``method`` route to; None if none does."""
-        key = (path, method)
-        if key not in self.matched:
-            if len(self.matched) >= self.CACHE_SIZE:
-                self.matched.clear()
-            try:
-                self.matched[key] = self.routes.match(path, method)
-            except HTTPException:
-                self.matched[key] = None
-        return self.matched[key]
 
 
 def _event_request() -> bool:

@@ -184,19 +184,20 @@ def test_the_worker_is_asked_for_a_thread_only_for_a_request_that_may_carry_an_i
     assert asks("/api/event/cmp_test")  # a body the hint cannot read: a thread, as before
     assert asks("/postback/cmp_test/ringba") and not asks("/postback/cmp_other/x")
     assert asks("/admin/")  # not an event: as before
-    # The routes each path matched are remembered: asked again, the same answers.
-    assert ("/api/event/cmp_test", "POST") in wants_thread.matched
+    # The routes each path matched are remembered (the app's RouteCache): asked again, the same answers.
+    assert ("/api/event/cmp_test", "POST", False) in relay.app.extensions["routes"].matched
     assert asks("/api/event/cmp_test", sale) and not asks("/api/event/cmp_test", view)
     assert not asks("/api/event/cmp_unknown", sale) and asks("/postback/cmp_test/ringba")
 
 
 def test_the_hint_remembers_a_bounded_number_of_paths(app_relay_factory: InProcessRelayFactory) -> None:
-    """A client of random paths cannot grow a worker's memory through the hint's cache."""
-    hint = app_relay_factory().app.extensions["wants_thread"]
-    for n in range(hint.CACHE_SIZE + 10):
+    """A client of random paths cannot grow a worker's memory through the routes it remembers."""
+    app = app_relay_factory().app
+    hint, routes = app.extensions["wants_thread"], app.extensions["routes"]
+    for n in range(routes.SIZE + 10):
         hint({"PATH_INFO": f"/api/event/cmp_{n}", "REQUEST_METHOD": "POST"})
-        assert len(hint.matched) <= hint.CACHE_SIZE
-    assert len(hint.matched) == 10  # emptied when full, then filled again
+        assert len(routes.matched) <= routes.SIZE
+    assert len(routes.matched) == 10  # emptied when full, then filled again
 
 
 def test_without_a_cpu_clock_a_process_busy_with_other_work_still_attempts_inline(

@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 from flask import Flask, jsonify, request
+from flask.ctx import RequestContext
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.datastructures import Headers
 
 from server import create_app
 from server.config import parse_config
 from server.headers import add_missing, request_header, set_headers
+from server.routes import RelayRequestContext, RouteCache
 from server.worker import WHOLE_BODY
 
 ORIGIN = "https://www.example.com"
@@ -158,3 +160,50 @@ def test_the_apps_json_is_flasks_byte_for_byte(app: Flask) -> None:
                 theirs = jsonify(obj).get_data()
             assert ours == theirs
             assert app.json.dumps(obj, indent=2) == plain.json.dumps(obj, indent=2)
+
+
+# --- routes remembered ----------------------------------------------------------------------------
+
+PATHS = [
+    ("POST", "/api/event/cmp_test"),
+    ("POST", "/api/event/trigger"),
+    ("OPTIONS", "/api/event/cmp_test"),
+    ("GET", "/api/event/cmp_test"),  # 405
+    ("POST", "/api/event/cmp_test/"),  # 404 or a redirect: werkzeug's answer either way
+    ("GET", "/sdk/cmp_test.js"),
+    ("GET", "/admin"),  # strict slashes: a redirect to /admin/
+    ("GET", "/nope"),
+    ("POST", "/postback/cmp_test/ringba"),
+]
+
+
+def _matched(app: Flask, context: Any, method: str, path: str) -> tuple[Any, ...]:
+    with app.test_request_context(path, method=method) as ctx:
+        replica = context(app, ctx.request.environ)
+        replica.match_request()
+        request_ = replica.request
+        error = request_.routing_exception
+        return (request_.url_rule, request_.view_args, type(error), getattr(error, "new_url", None))
+
+
+def test_a_request_is_routed_through_the_cache_as_werkzeug_routes_it(app: Flask) -> None:
+    for _ in range(2):  # the second time from the cache
+        for method, path in PATHS:
+            ours = _matched(app, RelayRequestContext, method, path)
+            assert ours == _matched(app, RequestContext, method, path), (method, path)
+    routes = app.extensions["routes"]
+    assert routes.matched[("/api/event/cmp_test", "POST", False)] is not None
+    assert routes.matched[("/nope", "GET", False)] is None
+
+
+def test_the_cache_hands_each_caller_its_own_arguments(app: Flask) -> None:
+    routes = app.extensions["routes"]
+    rule, args = routes.match("/api/event/cmp_test", "post")
+    args["cid"] = "changed"
+    assert routes.match("/api/event/cmp_test", "POST") == (rule, {"cid": "cmp_test"})
+
+
+def test_the_cache_refuses_a_map_that_matches_hosts() -> None:
+    app = Flask("hosts", host_matching=True, static_host="example.com")
+    with pytest.raises(ValueError):
+        RouteCache(app)
