@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from flask import request
 from werkzeug.datastructures import Headers
 
-_ENVIRON_KEYS: dict[str, str] = {}
+_ENVIRON_KEYS: dict[str, str] = {}  # header name -> environ key; the names are the code's own, a handful
 
 
 def request_header(name: str) -> str | None:
