@@ -34,7 +34,7 @@ PREFLIGHT_MAX_AGE = "600"
 @bp.post("/api/event/trigger", provide_automatic_options=False)
 def trigger() -> Response:
     """Pingtree's second form: ``cid`` in the body, revenue as ``revenue``."""
-    body = parse_json_body(_read_body(), request.content_type)
+    body = parse_json_body(read_body(), request.content_type)
     cid = body.get("cid")
     current_relay().received(cid)
     if cid is None or cid == "":
@@ -51,9 +51,7 @@ def event(cid: str) -> Response:
     current_relay().received(cid)
     campaign = current_relay().campaign(cid)
     # The caller is checked before the body is read: a page that may not post gets its 403 first.
-    return _handle(
-        campaign, lambda: parse_json_body(_read_body(), request.content_type), revenue_key="amount"
-    )
+    return _handle(campaign, lambda: parse_json_body(read_body(), request.content_type), revenue_key="amount")
 
 
 @bp.record
@@ -103,7 +101,7 @@ def preflight(cid: str) -> Response:
     return response
 
 
-def _read_body() -> bytes:
+def read_body() -> bytes:
     """The request body, or 413 when it is larger than ``relay.max_body_bytes``.
 
     Under the relay's own worker the body has been read whole already (``WHOLE_BODY``), and only
@@ -127,13 +125,13 @@ def _read_body() -> bytes:
 
 
 def _handle(
-    campaign: CampaignConfig, read_body: Callable[[], dict[str, Any]], *, revenue_key: str
+    campaign: CampaignConfig, parse_body: Callable[[], dict[str, Any]], *, revenue_key: str
 ) -> Response:
     """Admit the caller, then validate, accept and answer one event of ``campaign``."""
     state = request_state()
     state.cid = campaign.cid
     trusted = check_caller(campaign)  # the one place every event request is admitted
-    body = read_body()
+    body = parse_body()
     event_id = body.get("event_id")
     # Only a string may become a label: a list here would break whoever reads it later.
     state.event_id = event_id if isinstance(event_id, str) else None

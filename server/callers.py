@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
-
-from werkzeug.datastructures import Headers
 
 from .config import CampaignConfig
 from .errors import ApiError
@@ -31,10 +29,11 @@ log = logging.getLogger("pingtree_relay.events")
 BEARER = "bearer "
 
 
-def server_keys(headers: Mapping[str, str] | Headers) -> list[str]:
-    """The server keys a request carries: ``X-Server-Key`` and/or an ``Authorization: Bearer`` token."""
-    keys = [headers.get("X-Server-Key", "").strip()]
-    authorization = headers.get("Authorization", "")
+def server_keys(header: Callable[[str], str | None]) -> list[str]:
+    """The server keys a request carries: ``X-Server-Key`` and/or an ``Authorization: Bearer`` token.
+    ``header(name)``: the request's header, or None (:func:`server.headers.request_header`)."""
+    keys = [(header("X-Server-Key") or "").strip()]
+    authorization = header("Authorization") or ""
     if authorization[: len(BEARER)].lower() == BEARER:
         keys.append(authorization[len(BEARER) :].strip())
     return [key for key in keys if key]
@@ -42,12 +41,7 @@ def server_keys(headers: Mapping[str, str] | Headers) -> list[str]:
 
 def check_caller(campaign: CampaignConfig) -> bool:
     """Who may post for this campaign (raises a 403 that says what to do). True for a trusted caller."""
-    keys = server_keys(
-        {
-            "X-Server-Key": request_header("X-Server-Key") or "",
-            "Authorization": request_header("Authorization") or "",
-        }
-    )
+    keys = server_keys(request_header)
     if keys and campaign.allow_server_calls and campaign.server_key:
         # Every key given must be right: a wrong one next to a right one is a misconfigured caller.
         if all(hmac.compare_digest(key.encode(), campaign.server_key.encode()) for key in keys):

@@ -24,6 +24,7 @@ import time
 from flask import Flask, Response, current_app, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
 
+from . import api
 from .callers import origin_allowed_for
 from .errors import answer
 from .relay import current_relay, relay_of
@@ -35,8 +36,6 @@ KEY_PREFIX = "pingtree-relay-limits"
 
 def init_app(app: Flask) -> None:
     """Attach the limiter to the event endpoints (the ``events`` blueprint) of ``app``."""
-    from . import api
-
     settings = relay_of(app).config.relay
     limits = settings.rate_limits
     if not limits.per_ip and not limits.per_campaign:
@@ -84,9 +83,10 @@ def campaign_key() -> str:
 
 
 def _body_cid() -> object:
-    # The body is at most relay.max_body_bytes and cached, so the view does not read it twice.
+    # The view's own reader (the worker's whole body, or werkzeug's stream cached): the body is read
+    # once, its size checked by one rule.
     try:
-        body = json.loads(request.get_data(cache=True))
+        body = json.loads(api.read_body())
     except (ValueError, RecursionError):
         return None
     return body.get("cid") if isinstance(body, dict) else None

@@ -202,7 +202,7 @@ def test_browsers_get_no_relay_fields_and_keep_their_own_address(
     ],
 )
 def test_server_keys(headers: dict[str, str], keys: list[str]) -> None:
-    assert server_keys(headers) == keys
+    assert server_keys(headers.get) == keys
 
 
 def test_visitor() -> None:

@@ -28,8 +28,7 @@ ORIGIN = "https://www.example.com"
 LIMIT = 2048
 
 
-@pytest.fixture
-def app(tmp_path: Path) -> Iterator[Flask]:
+def _make_app(tmp_path: Path, **relay_keys: Any) -> Flask:
     config = parse_config(
         {
             "relay": {
@@ -37,11 +36,17 @@ def app(tmp_path: Path) -> Iterator[Flask]:
                 "store": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
                 "max_body_bytes": LIMIT,
                 "rate_limits": {"per_ip": "", "per_campaign": ""},
+                **relay_keys,
             },
             "campaigns": {"cmp_test": {"allowed_origins": [ORIGIN], "events": {"quote_viewed": {}}}},
         }
     )
-    app = create_app(config, start_delivery=False)
+    return create_app(config, start_delivery=False)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    app = _make_app(tmp_path)
     yield app
     app.extensions["relay"].close()
 
@@ -83,6 +88,29 @@ def test_the_body_limit_holds_alike_for_a_whole_body_and_a_stream(app: Flask, wh
         assert response.status_code == status, (size, response.get_json())
         if status == 413:
             assert response.get_json()["message"] == "Request body too large"
+
+
+def test_the_campaign_limit_reads_the_trigger_forms_body_as_the_view_does(tmp_path: Path) -> None:
+    # The limiter finds /api/event/trigger's campaign in the body: through the view's own reader,
+    # so from the worker's whole body (here the stream is empty, as a consumed one would be).
+    limited = _make_app(tmp_path, rate_limits={"per_ip": "", "per_campaign": "1/minute"})
+    try:
+        answers = []
+        for n in range(2):
+            body = json.dumps({"cid": "cmp_test", "event_id": "quote_viewed", "transaction_id": f"t-lim-{n}"})
+            answers.append(
+                limited.test_client()
+                .post(
+                    "/api/event/trigger",
+                    data=b"",
+                    headers={"Origin": ORIGIN, "Content-Type": "text/plain"},
+                    environ_overrides={"wsgi.input": io.BytesIO(b""), WHOLE_BODY: body.encode()},
+                )
+                .status_code
+            )
+        assert answers == [202, 429]
+    finally:
+        limited.extensions["relay"].close()
 
 
 # --- request headers ------------------------------------------------------------------------------

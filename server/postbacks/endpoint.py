@@ -17,7 +17,7 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
-from ..api import _read_body
+from ..api import read_body
 from ..config import CampaignConfig, PostbackConfig
 from ..errors import ApiError
 from ..relay import Relay, current_relay
@@ -109,7 +109,7 @@ def _params() -> dict[str, Any]:
 
 
 def _body_params() -> dict[str, Any]:
-    raw = _read_body()
+    raw = read_body()
     mime = (request.mimetype or "").lower()
     if mime in _FORM_TYPES:
         if mime == "application/x-www-form-urlencoded":
