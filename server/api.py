@@ -10,13 +10,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .bots import bot_marker
 from .callers import check_caller, origin_allowed_for, visitor
 from .config import CampaignConfig
+from .contexts import current_flask_app, current_request
 from .enrichment import relay_fields
 from .errors import ApiError, answer
 from .headers import request_header, set_headers
@@ -34,7 +35,7 @@ PREFLIGHT_MAX_AGE = "600"
 @bp.post("/api/event/trigger", provide_automatic_options=False)
 def trigger() -> Response:
     """Pingtree's second form: ``cid`` in the body, revenue as ``revenue``."""
-    body = parse_json_body(read_body(), request.content_type)
+    body = parse_json_body(read_body(), current_request().content_type)
     cid = body.get("cid")
     current_relay().received(cid)
     if cid is None or cid == "":
@@ -51,7 +52,9 @@ def event(cid: str) -> Response:
     current_relay().received(cid)
     campaign = current_relay().campaign(cid)
     # The caller is checked before the body is read: a page that may not post gets its 403 first.
-    return _handle(campaign, lambda: parse_json_body(read_body(), request.content_type), revenue_key="amount")
+    return _handle(
+        campaign, lambda: parse_json_body(read_body(), current_request().content_type), revenue_key="amount"
+    )
 
 
 @bp.record
@@ -111,15 +114,16 @@ def read_body() -> bytes:
     limit, where its first bytes could even parse as a complete JSON object. A body that fills the
     limit exactly is therefore probed for one byte more, which raises 413.
     """
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    whole: bytes | None = request.environ.get(WHOLE_BODY)
+    limit = current_flask_app().config.get("MAX_CONTENT_LENGTH")
+    req = current_request()
+    whole: bytes | None = req.environ.get(WHOLE_BODY)
     if whole is not None:
         if limit is not None and len(whole) > limit:
             raise RequestEntityTooLarge()
         return whole
-    data = request.get_data(cache=True)
-    if request.content_length is None and limit is not None and len(data) >= limit:
-        request.stream.read(1)  # past the limit: werkzeug raises RequestEntityTooLarge
+    data = req.get_data(cache=True)
+    if req.content_length is None and limit is not None and len(data) >= limit:
+        req.stream.read(1)  # past the limit: werkzeug raises RequestEntityTooLarge
         raise RequestEntityTooLarge()  # the stream had ended exactly at the limit: still too large
     return data
 
@@ -140,7 +144,9 @@ def _handle(
         filtered = _filter_bot(campaign, event.event_id)
         if filtered is not None:
             return filtered
-    ip_address, user_agent = visitor(trusted, event.fields, request.remote_addr, request_header("User-Agent"))
+    ip_address, user_agent = visitor(
+        trusted, event.fields, current_request().remote_addr, request_header("User-Agent")
+    )
     reply = current_relay().accept(
         campaign,
         event,

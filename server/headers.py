@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from flask import request
 from werkzeug.datastructures import Headers
+
+from .contexts import current_request
 
 _ENVIRON_KEYS: dict[str, str] = {}  # header name -> environ key; the names are the code's own, a handful
 
@@ -29,7 +30,7 @@ def request_header(name: str) -> str | None:
     key = _ENVIRON_KEYS.get(name)
     if key is None:
         key = _ENVIRON_KEYS[name] = "HTTP_" + name.upper().replace("-", "_")
-    value: str | None = request.environ.get(key)
+    value: str | None = current_request().environ.get(key)
     return value
 
 

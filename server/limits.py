@@ -26,6 +26,7 @@ from flask_limiter import Limiter, RateLimitExceeded
 
 from . import api
 from .callers import origin_allowed_for
+from .contexts import current_request
 from .errors import answer
 from .relay import current_relay, relay_of
 from .request_state import request_state
@@ -67,7 +68,7 @@ def init_app(app: Flask) -> None:
 
 def client_ip() -> str:
     """The client's address: the socket's, or the one ProxyFix took from trusted X-Forwarded-For hops."""
-    return request.remote_addr or "unknown"
+    return current_request().remote_addr or "unknown"
 
 
 def campaign_key() -> str:
@@ -76,7 +77,7 @@ def campaign_key() -> str:
     An unknown campaign gives "" and flask-limiter skips the limit: it is answered 404 anyway, and
     made-up ids must not create buckets.
     """
-    cid = (request.view_args or {}).get("cid")
+    cid = (current_request().view_args or {}).get("cid")
     if cid is None:  # /api/event/trigger
         cid = _body_cid()
     return cid if isinstance(cid, str) and cid in current_relay().config.campaigns else ""

@@ -31,6 +31,7 @@ from typing import Any
 
 from flask import Flask, Response, has_request_context, request
 
+from .contexts import current_request
 from .headers import request_header
 from .jsonlog import JsonFormatter, mask_ip
 from .relay import relay_of
@@ -228,7 +229,7 @@ def log_decision(kind: str, fields: dict[str, Any]) -> None:
         line["request_id"] = rid
     line.update({key: fields[key] for key in _FIELDS if fields.get(key) is not None})
     if has_request_context():
-        line["client"] = mask_ip(request.remote_addr)
+        line["client"] = mask_ip(current_request().remote_addr)
     level = logging.WARNING if kind == "rejected" or fields.get("state") == "dead" else logging.INFO
     _write_decision(level, kind, line)
 

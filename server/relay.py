@@ -27,9 +27,10 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import httpx
-from flask import Flask, current_app
+from flask import Flask
 
 from .config import CampaignConfig, Config
+from .contexts import current_flask_app
 from .cpu_load import CpuLoad
 from .enrichment import dedupe_key, forward_body
 from .errors import ApiError, answer
@@ -472,4 +473,4 @@ def relay_of(app: Flask) -> Relay:
 
 def current_relay() -> Relay:
     """The relay of the app serving the current request."""
-    return relay_of(current_app)
+    return relay_of(current_flask_app())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import g
+from .contexts import current_g
 
 
 @dataclass
@@ -26,7 +26,8 @@ class RequestState:
 
 def request_state() -> RequestState:
     """This request's state (created on first use)."""
-    state: RequestState | None = g.get("pingtree_request")
+    namespace = current_g()
+    state: RequestState | None = namespace.get("pingtree_request")
     if state is None:
-        state = g.pingtree_request = RequestState()
+        state = namespace.pingtree_request = RequestState()
     return state

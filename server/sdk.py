@@ -38,6 +38,7 @@ import zopfli.gzip
 from flask import Blueprint, Response, current_app, request
 
 from .config import CampaignConfig, Config, RelayConfig
+from .contexts import current_request
 from .fields import CLICK_IDS, SERVER_ONLY_FIELDS, URL_PARAMS
 from .paths import JS_TEMPLATES
 from .sdk_archive import VERSION_RE, BuildArchive, default_dir
@@ -459,13 +460,14 @@ def pinned_script(cid: str, version: str) -> Response:
 @bp.before_app_request
 def first_party_script() -> Response | None:
     """Serve the SDK at a campaign's ``sdk.script_path`` (a path that ad blockers do not know)."""
-    if request.method not in ("GET", "HEAD"):
+    req = current_request()
+    if req.method not in ("GET", "HEAD"):
         return None
     config = _config()
     if config is None:
         return None
     for campaign in config.campaigns.values():
-        if campaign.sdk.script_path and campaign.sdk.script_path == request.path:
+        if campaign.sdk.script_path and campaign.sdk.script_path == req.path:
             return _current(campaign, config)
     return None
 
