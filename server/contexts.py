@@ -4,8 +4,8 @@
 of the proxied object is looked up on the proxy first, where it is missing: Python builds an
 ``AttributeError`` (its message formatted), drops it, and only then calls the proxy's
 ``__getattr__``, which finds the object in its context variable and looks the name up there. That
-costs about 0.8 us a lookup, ten times the lookup itself, and the accept path made twenty of them
-per event: 12 % of an event's instructions (callgrind, docs/benchmarks.md).
+costs about 0.8 us a lookup, seven times the lookup itself, and the accept path made twenty of
+them per event: 12 % of an event's instructions (callgrind, docs/benchmarks.md).
 
 Each accessor here is the proxy's own ``_get_current_object`` (werkzeug's documented way to get
 the object behind a proxy), taken once: calling it returns the request, the ``g`` namespace or the
