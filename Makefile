@@ -1,5 +1,5 @@
 # Convenience targets; each script sets up what it needs on a fresh Debian machine.
-.PHONY: test lint demo bench
+.PHONY: test lint demo bench instructions
 
 test:
 	scripts/test
@@ -12,3 +12,7 @@ demo:
 
 bench:
 	scripts/bench
+
+# Instructions per accepted event, in process (needs valgrind): bench/instructions.py
+instructions:
+	.venv/bin/python -m bench.instructions

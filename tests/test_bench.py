@@ -306,3 +306,12 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_the_instruction_count_drives_accepted_events_only(tmp_path: Path) -> None:
+    # bench.instructions counts what its driver does under callgrind: every event it posts must be
+    # accepted (202 from the store), or the count measures refusals.
+    from bench import instructions
+
+    assert instructions.drive(5, tmp_path) == {"202": 5}
+    assert instructions._body(7) == instructions._body(7) != instructions._body(8)  # the same bytes each run

@@ -1,0 +1,168 @@
+"""Instructions per accepted event: the accept path in process, counted by valgrind's callgrind.
+
+Wall-clock figures on a shared 2-core host move 10-20 % between rounds; an instruction count of the
+same work repeats to about 1.5 % (the log writer's thread batches lines a little differently each
+run). So a change to the accept path is measured here first: the app as a worker builds it (the
+bench campaign, a real SQLite store, multiprocess metrics, the heap frozen), ``N`` events through
+``app.wsgi_app`` with the body under ``worker.WHOLE_BODY`` as the relay's worker hands it over,
+each a 202 from the store (no inline attempt, nothing delivered). Run once with ``N`` events and
+once with none, under callgrind, one after the other; the difference over ``N`` is what one event
+costs, start-up and warm-up cancelled out.
+
+    python -m bench.instructions            # 300 events, about 90 s; needs valgrind (Debian: valgrind)
+    python -m bench.instructions --events 1000 --keep DIR   # the callgrind files stay in DIR
+
+``callgrind_annotate --tree=caller DIR/callgrind-N.out`` then says who called what, with counts:
+how the exceptions built and dropped in C were found (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import servers
+
+WARM_UP = 50  # events before counting starts: first-request paths, caches, the writer thread
+
+
+def _environ(body: bytes) -> dict[str, Any]:
+    from server.worker import WHOLE_BODY
+
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": f"/api/event/{servers.CID}",
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "HTTP_HOST": "127.0.0.1:8000",
+        "HTTP_ORIGIN": servers.ORIGIN,
+        "HTTP_USER_AGENT": "Mozilla/5.0 (X11; Linux x86_64) bench",
+        "CONTENT_TYPE": "text/plain;charset=UTF-8",
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.url_scheme": "http",
+        "wsgi.version": (1, 0),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.input": io.BytesIO(body),
+        WHOLE_BODY: body,
+    }
+
+
+def _body(n: int) -> bytes:
+    """Event ``n``: the same bytes in every run (no random ids), a new event each time."""
+    return json.dumps(
+        {
+            "event_id": "quote_viewed",
+            "transaction_id": f"t{n:08d}",
+            "event_uuid": f"00000000-0000-4000-8000-{n:012d}",
+            "utm_source": "google",
+            "sub1": "abc",
+        }
+    ).encode()
+
+
+def drive(events: int, workdir: Path) -> Counter[str]:
+    """Build the app in ``workdir`` and post ``WARM_UP`` then ``events`` events: the answers' statuses."""
+    from server import create_app, load_config
+    from server.heap import freeze_what_is_loaded
+
+    config = servers.write_config(
+        workdir / "relay.toml", upstream="http://127.0.0.1:9", store=f"sqlite:///{workdir / 'outbox.sqlite3'}"
+    )
+    app = create_app(load_config(config), start_delivery=False)
+    statuses: Counter[str] = Counter()
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        statuses[status.split()[0]] += 1
+
+    def post(n: int) -> None:
+        b"".join(app.wsgi_app(_environ(_body(n)), start_response))
+
+    try:
+        for n in range(WARM_UP):
+            post(n)
+        freeze_what_is_loaded()  # as the worker does once its app is built
+        statuses.clear()
+        for n in range(WARM_UP, WARM_UP + events):
+            post(n)
+    finally:
+        app.extensions["relay"].close()
+    return statuses
+
+
+def _count(events: int, workdir: Path) -> int:
+    """Instructions of a whole process that drives ``events`` events (callgrind's total)."""
+    run = workdir / f"run-{events}"
+    run.mkdir()
+    (run / "metrics").mkdir()
+    out = workdir / f"callgrind-{events}.out"
+    done = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            "-m",
+            "bench.instructions",
+            "--drive",
+            str(events),
+            str(run),
+        ],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(run / "metrics")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Collected\s*:\s*(\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind run failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=300, help="events counted (default 300)")
+    parser.add_argument("--keep", type=Path, help="keep the callgrind files in this folder")
+    parser.add_argument("--drive", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)  # the child
+    args = parser.parse_args()
+    if args.drive:
+        statuses = drive(int(args.drive[0]), Path(args.drive[1]))
+        if set(statuses) - {"202"}:
+            print(f"expected only 202 answers, got {dict(statuses)}", file=sys.stderr)
+            return 1
+        return 0
+    if shutil.which("valgrind") is None:
+        print("needs valgrind (Debian: apt-get install -y valgrind)", file=sys.stderr)
+        return 2
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="pingtree-relay-instructions-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        counted, baseline = _count(args.events, workdir), _count(0, workdir)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{(counted - baseline) / args.events:,.0f} instructions per accepted event ({args.events} events)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
