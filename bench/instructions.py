@@ -9,7 +9,7 @@ each a 202 from the store (no inline attempt, nothing delivered). Run once with 
 once with none, under callgrind, one after the other; the difference over ``N`` is what one event
 costs, start-up and warm-up cancelled out.
 
-    python -m bench.instructions            # 300 events, about 90 s; needs valgrind (Debian: valgrind)
+    python -m bench.instructions            # 300 events, about a minute; needs valgrind (Debian: valgrind)
     python -m bench.instructions --events 1000 --keep DIR   # the callgrind files stay in DIR
 
 ``callgrind_annotate --tree=caller DIR/callgrind-N.out`` then says who called what, with counts:
