@@ -13,6 +13,7 @@ demo:
 bench:
 	scripts/bench
 
-# Instructions per accepted event, in process (needs valgrind): bench/instructions.py
+# Instructions per accepted event, in process (needs valgrind, which it names if missing): bench/instructions.py
 instructions:
+	scripts/setup
 	.venv/bin/python -m bench.instructions

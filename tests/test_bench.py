@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import load, profile, report, sdk_weight, servers, sustained
+from bench import instructions, load, profile, report, sdk_weight, servers, sustained
 from bench.e2e import percentile
 from tests.conftest import wait_for
 
@@ -311,7 +311,5 @@ def _running(pid: int) -> bool:
 def test_the_instruction_count_drives_accepted_events_only(tmp_path: Path) -> None:
     # bench.instructions counts what its driver does under callgrind: every event it posts must be
     # accepted (202 from the store), or the count measures refusals.
-    from bench import instructions
-
     assert instructions.drive(5, tmp_path) == {"202": 5}
     assert instructions._body(7) == instructions._body(7) != instructions._body(8)  # the same bytes each run
