@@ -31,36 +31,35 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from werkzeug.test import EnvironBuilder
+
 from . import servers
 
 WARM_UP = 50  # events before counting starts: first-request paths, caches, the writer thread
 
 
-def _environ(body: bytes) -> dict[str, Any]:
+def _environ_template() -> dict[str, Any]:
+    """An event POST's environ as werkzeug's test client builds it, made once: each event gets a
+    copy with its own body (building one per event would be counted as the relay's)."""
+    return EnvironBuilder(
+        path=f"/api/event/{servers.CID}",
+        method="POST",
+        base_url="http://127.0.0.1:8000",
+        content_type="text/plain;charset=UTF-8",
+        headers={"Origin": servers.ORIGIN, "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) bench"},
+        environ_base={"REMOTE_ADDR": "127.0.0.1", "wsgi.multithread": True, "wsgi.multiprocess": True},
+    ).get_environ()
+
+
+def _with_body(template: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """``template`` with ``body``, as the relay's worker hands it over (``WHOLE_BODY`` beside the stream)."""
     from server.worker import WHOLE_BODY
 
     return {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": f"/api/event/{servers.CID}",
-        "SCRIPT_NAME": "",
-        "QUERY_STRING": "",
-        "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "8000",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": "127.0.0.1",
-        "HTTP_HOST": "127.0.0.1:8000",
-        "HTTP_ORIGIN": servers.ORIGIN,
-        "HTTP_USER_AGENT": "Mozilla/5.0 (X11; Linux x86_64) bench",
-        "CONTENT_TYPE": "text/plain;charset=UTF-8",
+        **template,
         "CONTENT_LENGTH": str(len(body)),
-        "wsgi.url_scheme": "http",
-        "wsgi.version": (1, 0),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-        "wsgi.input_terminated": True,
         "wsgi.input": io.BytesIO(body),
+        "wsgi.input_terminated": True,
         WHOLE_BODY: body,
     }
 
@@ -92,8 +91,10 @@ def drive(events: int, workdir: Path) -> Counter[str]:
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         statuses[status.split()[0]] += 1
 
+    template = _environ_template()
+
     def post(n: int) -> None:
-        b"".join(app.wsgi_app(_environ(_body(n)), start_response))
+        b"".join(app.wsgi_app(_with_body(template, _body(n)), start_response))
 
     try:
         for n in range(WARM_UP):
