@@ -137,11 +137,22 @@ def _count(events: int, workdir: Path) -> int:
     return int(found.group(1))
 
 
+def _positive(text: str) -> int:
+    """An --events value: a whole number of at least 1 (the count is divided by it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of events, at least 1, not {text!r}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--events", type=int, default=300, help="events counted (default 300)")
+    parser.add_argument("--events", type=_positive, default=300, help="events counted (default 300)")
     parser.add_argument("--keep", type=Path, help="keep the callgrind files in this folder")
     parser.add_argument("--drive", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -313,3 +314,10 @@ def test_the_instruction_count_drives_accepted_events_only(tmp_path: Path) -> No
     # accepted (202 from the store), or the count measures refusals.
     assert instructions.drive(5, tmp_path) == {"202": 5}
     assert instructions._body(7) == instructions._body(7) != instructions._body(8)  # the same bytes each run
+
+
+@pytest.mark.parametrize("given", ["0", "-3", "x", ""])
+def test_the_instruction_count_refuses_a_count_it_cannot_divide_by(given: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+        instructions._positive(given)
+    assert instructions._positive("300") == 300
