@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from .build import store_kind, version
 from .config import Config
+from .outbox.sqlite import SQLiteStore
 from .relay import Relay, relay_of
 
 UNKNOWN = "unknown"
@@ -60,7 +61,12 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "(stable URL, pinned current, pinned superseded, pinned unknown or expired)",
         ("cid", "version", "state"),
     ),
+    # A SQLite outbox only: writes that found another process holding the file's write lock.
+    "sqlite_lock_waits": ("SQLite writes that waited for another process's write lock", ("operation",)),
+    "sqlite_lock_wait_seconds": ("Time SQLite writes spent waiting for that lock", ("operation",)),
 }
+# What waited (server/outbox/sqlite.py): insert is the accept path, claim and settle the delivery engine.
+LOCK_WAIT_OPERATIONS = ("insert", "claim", "settle", "other")
 
 
 MAX_CACHED_SERIES = 10_000
@@ -100,6 +106,12 @@ class Metrics:
                 self.counters["events_dead"].labels(cid, event_id)
             for source in campaign.postbacks:
                 self.counters["postbacks"].labels(cid, source, "refused")
+
+    def lock_waited(self, operation: str, seconds: float) -> None:
+        """The SQLite store's :attr:`~server.outbox.sqlite.SQLiteStore.lock_wait_observer`."""
+        label = operation if operation in LOCK_WAIT_OPERATIONS else "other"
+        self._inc("sqlite_lock_waits", label)
+        self._child(self.counters["sqlite_lock_wait_seconds"], label).inc(seconds)
 
     def labels(self, fields: dict[str, Any]) -> tuple[str, str]:
         """(cid, event_id) as label values: configured ones, else ``unknown``."""
@@ -279,6 +291,11 @@ def init_app(app: Flask) -> None:
     own = None if shared else CollectorRegistry()
     metrics = Metrics(relay.config, own)
     relay.observers.add(metrics.observe)
+    if isinstance(relay.store, SQLiteStore):  # the only store with a lock to wait for
+        relay.store.lock_wait_observer = metrics.lock_waited
+        for operation in LOCK_WAIT_OPERATIONS:  # at 0 from the start, like the event counters
+            metrics.counters["sqlite_lock_waits"].labels(operation)
+            metrics.counters["sqlite_lock_wait_seconds"].labels(operation)
     app.extensions["metrics"] = metrics
     queue = QueueCollector(relay)
     build = BuildInfoCollector(relay.config.relay.store)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -271,3 +275,61 @@ def _pinned_path(app: Any) -> str:
     from server.sdk import snippet_tag
 
     return snippet_tag(app.extensions["relay"].config, "cmp_a", "https://r.example", integrity=True)
+
+
+def _waiting_in(thread: threading.Thread, function: str, deadline: float) -> bool:
+    """Whether ``thread`` is inside ``function`` before ``deadline`` (polled)."""
+    while time.monotonic() < deadline and thread.is_alive():
+        frame = sys._current_frames().get(thread.ident or 0)
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return True
+            frame = frame.f_back
+        time.sleep(0.01)
+    return False
+
+
+def test_sqlite_lock_waits_are_counted(make_app: Callable[[str, list[int]], Any], tmp_path: Path) -> None:
+    """An event stored while another process holds the SQLite file's write lock waits for it, and
+    the wait is counted under ``insert``; the other operations are there at 0 from the start."""
+    app = make_app("w", [])
+    client = app.test_client()
+    samples = scrape(client.get("/metrics").text)
+    for operation in ("insert", "claim", "settle", "other"):
+        assert ("pingtree_relay_sqlite_lock_waits_total", frozenset({("operation", operation)})) in samples
+        assert value(samples, "pingtree_relay_sqlite_lock_wait_seconds_total", operation=operation) == 0
+    holder = subprocess.Popen(  # another process, as a worker or the delivery engine would be
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            f"c = sqlite3.connect({str(tmp_path / 'w.sqlite3')!r}, isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); sys.stdin.readline()\n"
+            "c.execute('COMMIT')\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        answers: list[int] = []
+        post = threading.Thread(
+            target=lambda: answers.append(
+                client.post(
+                    "/api/event/cmp_a",
+                    json={"event_id": "sale", "transaction_id": "t-wait", "amount": 5},
+                    headers={"Origin": "https://shop.example.com"},
+                ).status_code
+            )
+        )
+        post.start()
+        assert _waiting_in(post, "_busy_retry", time.monotonic() + 30), "the store did not wait for the lock"
+    finally:
+        holder.communicate("go\n", timeout=30)
+    post.join(timeout=30)
+    assert answers == [200]  # stored (after the wait), then delivered inline
+    samples = scrape(client.get("/metrics").text)
+    assert value(samples, "pingtree_relay_sqlite_lock_waits_total", operation="insert") == 1
+    assert value(samples, "pingtree_relay_sqlite_lock_wait_seconds_total", operation="insert") > 0
+    assert value(samples, "pingtree_relay_sqlite_lock_waits_total", operation="settle") == 0
