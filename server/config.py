@@ -162,6 +162,8 @@ class RelayConfig:
     admin_token: str = ""
     secret_key: str = ""
     access_log: bool = False  # one JSON line per request, besides the decision lines
+    # Decision lines per second per process and level, the rest counted in a summary line (server/logs.py).
+    decision_log_limit: int = 50
     # Where events from a campaign's staging_origins go; empty: nowhere (answered as the sandbox would).
     staging_upstream_url: str = ""
     # Where superseded SDK builds are kept for pinned (--integrity) tags; "" = beside the SQLite
@@ -537,6 +539,7 @@ def _relay(path: str, raw: Any) -> RelayConfig:
             "admin_token": _str,
             "secret_key": _str,
             "access_log": _bool,
+            "decision_log_limit": lambda p, v: _int(p, v),
             "sdk_archive_dir": _str,
             "staging_upstream_url": lambda p, v: _url(p, v) if v != "" else "",
             "rate_limits": lambda p, v: RateLimits(**_fields(p, v, {"per_ip": _rate, "per_campaign": _rate})),

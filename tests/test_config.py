@@ -178,6 +178,14 @@ def test_the_issue_example_is_valid(tmp_path: Path) -> None:
         ),
         (("[relay]", '[relay]\nadmin_token = "x"'), "relay.admin_token: at least 16 characters"),
         (
+            ("[relay]", "[relay]\ndecision_log_limit = -1"),
+            "relay.decision_log_limit: expected a whole number >= 0",
+        ),
+        (
+            ("[relay]", '[relay]\ndecision_log_limit = "lots"'),
+            "relay.decision_log_limit: expected a whole number",
+        ),
+        (
             ("[relay]", "[relay]\ninline_timeout = 40"),
             "relay.lease_seconds: must be longer than inline_timeout",
         ),

@@ -241,3 +241,107 @@ def test_a_lines_timestamp_is_its_utc_millisecond_across_the_cached_second() -> 
             timespec="milliseconds"
         )
         assert utc_timestamp(moment) == expected.replace("+00:00", "Z"), moment
+
+
+@pytest.fixture
+def budget(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """This process's line budget replaced by one with a clock the test moves (``budget.now[0]``),
+    and the lines it lets through collected in ``budget.written`` as (level, message, fields)."""
+    from server import logs
+
+    fresh = logs._LineBudget(3)
+    fresh.now = [100.2]
+    fresh.clock = lambda: fresh.now[0]
+    fresh._forked()
+    fresh.written = []
+    monkeypatch.setattr(logs, "_budget", fresh)
+    monkeypatch.setattr(
+        logs, "_write_decision", lambda level, message, fields: fresh.written.append((level, message, fields))
+    )
+    return fresh
+
+
+def test_the_line_budget_writes_its_limit_of_each_level_a_second_and_counts_the_rest(budget: Any) -> None:
+    import logging
+
+    from server import logs
+
+    for n in range(10):
+        logs.log_decision("accepted", {"cid": "cmp_1", "event_uuid": f"u-{n}", "outcome": "queued"})
+    for n in range(2):  # warnings have a budget of their own: a flood of info lines cannot hide them
+        logs.log_decision("delivery", {"cid": "cmp_1", "event_uuid": f"d-{n}", "state": "dead"})
+    assert [(level, fields.get("event_uuid")) for level, _, fields in budget.written] == [
+        (logging.INFO, "u-0"), (logging.INFO, "u-1"), (logging.INFO, "u-2"),
+        (logging.WARNING, "d-0"), (logging.WARNING, "d-1"),
+    ]  # fmt: skip
+    budget.written.clear()
+    budget.now[0] = 101.05  # the next second: the summary first, then its own line
+    logs.log_decision("accepted", {"cid": "cmp_1", "event_uuid": "u-next", "outcome": "queued"})
+    (summary_level, message, summary), (_, _, line) = budget.written
+    assert (summary_level, message) == (logging.INFO, "decision lines left out")
+    assert summary["event"] == "lines_left_out" and summary["left_out"] == {"accepted": 7}
+    assert summary["limit"] == 3 and line["event_uuid"] == "u-next"
+    assert budget.flush(final=True) is None  # nothing left out since
+
+
+def test_no_limit_writes_every_line(budget: Any) -> None:
+    from server import logs
+
+    budget.limit = 0
+    for n in range(200):
+        logs.log_decision("accepted", {"cid": "cmp_1", "event_uuid": f"u-{n}", "outcome": "queued"})
+    assert len(budget.written) == 200
+
+
+def test_the_writer_says_what_was_left_out_when_no_decision_comes(
+    budget: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import queue
+
+    from server import logs
+
+    for _ in range(5):
+        logs.log_decision("rejected", {"cid": "cmp_1", "reason": "origin", "status": 403})
+    writes: list[str] = []
+
+    class Stderr:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Stderr())
+    monkeypatch.setattr(logs._LineWriter, "IDLE_SECONDS", 0.01)
+    writer = logs._LineWriter(queue.SimpleQueue())
+    writer.start()
+    budget.now[0] = 102.0  # a second later, and nothing else comes
+    try:
+        text = wait_for(lambda: "".join(writes), timeout=10, message="the summary line")
+    finally:
+        writer.stop()
+    (line,) = [json.loads(raw) for raw in text.splitlines()]
+    assert line["event"] == "lines_left_out" and line["left_out"] == {"rejected": 2}
+    assert line["message"] == "decision lines left out" and line["level"] == "info"
+
+
+def test_the_config_sets_the_processs_line_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import logs
+
+    monkeypatch.setattr(logs._budget, "limit", logs._budget.limit)  # as it was, after the test
+    config = parse_config(
+        {
+            "relay": {
+                "upstream_url": "http://127.0.0.1:9",
+                "store": f"sqlite:///{tmp_path / 'o.sqlite3'}",
+                "decision_log_limit": 7,
+            },
+            "campaigns": {"c": {"events": {"e": {}}}},
+        }
+    )
+    app = create_app(config, start_delivery=False)
+    try:
+        assert logs._budget.limit == 7
+    finally:
+        app.extensions["relay"].close()
