@@ -155,6 +155,18 @@ def accept_part(workdir: Path, seconds: float, results: dict[str, Any], profiles
             warm(slow)
             out["relay_slow"] = sweep(slow, seconds)
             results["memory"]["accept path, 300 ms upstream (backlog growing)"] = worker_rss(slow)
+        with (
+            servers.fake_upstream(workdir, 300, name="upstream-slow-every-line") as slow_up,
+            servers.relay(
+                workdir,
+                slow_up.url,
+                f"sqlite:///{workdir / 'slow-every-line.sqlite3'}",
+                name="relay-slow-every-line",
+                decision_log_limit=0,
+            ) as every_line,
+        ):
+            warm(every_line)  # the same, with a decision line for every event (what it costs)
+            out["relay_slow_every_line"] = sweep(every_line, seconds)
         # Bare Flask again, each relay stopped meanwhile: report.BARE_BRACKETS.
         out["baseline_after_slow"] = sweep(bare, seconds)
         down = f"http://127.0.0.1:{servers.free_port()}"  # nobody listens: every attempt is refused
@@ -427,7 +439,9 @@ def settings(seconds: float, sustained_seconds: float, events: int, limits: dict
         "warm-up; each request a unique quote_viewed event (text/plain, allowed Origin), bench/lua/post_event.lua. "
         "Upstream slow: the fake answering in 300 ms; down: a port nobody listens on. Bare Flask swept "
         "before the slow relay, between it and the down relay, and after (each relay stopped first): "
-        "slow / bare and down / bare are against the mean of the two sweeps either side.",
+        "slow / bare and down / bare are against the mean of the two sweeps either side. After the slow "
+        "relay, the same with every decision line written (`decision_log_limit = 0`; the default writes "
+        "50 a second per process and level and counts the rest), for what the limit saves.",
         "fixed rate and sustained load: open loop, wrk paced on a clock by post_event.lua's delay() "
         "(Debian has no wrk2): requests start 1/rate apart whatever the answers' latency.",
         f"sustained: 1,000 ev/s offered for {sustained_seconds:g} s; accepted = events in the store after "

@@ -3,7 +3,8 @@
 Wall-clock figures on a shared 2-core host move 10-20 % between rounds; an instruction count of the
 same work repeats to about 1.5 % (the log writer's thread batches lines a little differently each
 run). So a change to the accept path is measured here first: the app as a worker builds it (the
-bench campaign, a real SQLite store, multiprocess metrics, the heap frozen), ``N`` events through
+bench campaign, a real SQLite store, multiprocess metrics, the heap frozen, every decision line
+written), ``N`` events through
 ``app.wsgi_app`` with the body under ``worker.WHOLE_BODY`` as the relay's worker hands it over,
 each a 202 from the store (no inline attempt, nothing delivered). Run once with ``N`` events and
 once with none, under callgrind, one after the other; the difference over ``N`` is what one event
@@ -83,7 +84,12 @@ def drive(events: int, workdir: Path) -> Counter[str]:
     from server.heap import freeze_what_is_loaded
 
     config = servers.write_config(
-        workdir / "relay.toml", upstream="http://127.0.0.1:9", store=f"sqlite:///{workdir / 'outbox.sqlite3'}"
+        workdir / "relay.toml",
+        upstream="http://127.0.0.1:9",
+        store=f"sqlite:///{workdir / 'outbox.sqlite3'}",
+        # Every decision line written: the default limit is per second of wall-clock time, which
+        # callgrind stretches 50-fold, so the count would depend on the machine's speed.
+        decision_log_limit=0,
     )
     app = create_app(load_config(config), start_delivery=False)
     statuses: Counter[str] = Counter()

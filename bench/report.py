@@ -325,6 +325,7 @@ def _accept_section(accept: dict[str, Any] | None) -> list[str]:
         ),
         "",
     ]
+    out += _every_line_rows(accept)
     for key, what in (
         ("fixed_rate", "Fixed rate"),
         (
@@ -344,6 +345,43 @@ def _accept_section(accept: dict[str, Any] | None) -> list[str]:
                 "",
             ]
     return out
+
+
+def _every_line_rows(accept: dict[str, Any]) -> list[str]:
+    """The slow relay as configured by default against the same with every decision line written
+    (``relay.decision_log_limit = 0``), swept one after the other."""
+    every = accept.get("relay_slow_every_line")
+    if not every or not accept.get("relay_slow"):
+        return []
+    rows = [
+        [
+            limited["concurrency"],
+            _lat(limited),
+            limited.get("server_cpu_ms_per_event"),
+            _lat(unlimited),
+            unlimited.get("server_cpu_ms_per_event"),
+            f"{limited['rps'] / unlimited['rps']:.2f}x" if unlimited["rps"] else "n/a",
+        ]
+        for limited, unlimited in zip(accept["relay_slow"], every, strict=False)
+    ]
+    return [
+        "Decision lines, 300 ms upstream: the relay as above (`relay.decision_log_limit`, default 50 lines "
+        "of each level a second per process, the rest counted) against the same with every line written "
+        "(`0`), swept right after it:",
+        "",
+        _table(
+            [
+                "conc.",
+                "default limit: ev/s (p50 / p99)",
+                "CPU ms/event",
+                "every line: ev/s (p50 / p99)",
+                "CPU ms/event",
+                "default / every line",
+            ],
+            rows,
+        ),
+        "",
+    ]
 
 
 def _misc_section(results: dict[str, Any]) -> list[str]:
