@@ -25,6 +25,22 @@ VISITOR_IP = "203.0.113.77"
 MARKER = "PAYLOAD-MARKER-5f1c"  # a value that must never appear in a log
 
 
+def _capture_stderr(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``sys.stderr`` replaced by a stream that keeps each write, in order, in the list returned."""
+    writes: list[str] = []
+
+    class Stderr:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Stderr())
+    return writes
+
+
 def decision_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON decision lines of a server log (gunicorn's own lines are plain text)."""
     lines = []
@@ -160,17 +176,7 @@ def test_the_writer_writes_every_queued_line_in_order_in_batches(
         "pingtree_relay.decisions", logging.ERROR, __file__, 0, "by the book", None, None
     )
     records.put(record)  # a record that came the ordinary way (the decision logger's own handler)
-    writes: list[str] = []
-
-    class Stderr:
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-        def flush(self) -> None:
-            pass
-
-    monkeypatch.setattr("sys.stderr", Stderr())
+    writes = _capture_stderr(monkeypatch)
     writer = _LineWriter(records)
     writer.start()
     writer.stop()  # everything queued before it is written, then the thread ends
@@ -281,6 +287,7 @@ def test_the_line_budget_writes_its_limit_of_each_level_a_second_and_counts_the_
     assert (summary_level, message) == (logging.INFO, "decision lines left out")
     assert summary["event"] == "lines_left_out" and summary["left_out"] == {"accepted": 7}
     assert summary["limit"] == 3 and line["event_uuid"] == "u-next"
+    assert summary["seconds"] == pytest.approx(0.85)  # from the first line left out (100.2) to now
     assert budget.flush(final=True) is None  # nothing left out since
 
 
@@ -302,17 +309,7 @@ def test_the_writer_says_what_was_left_out_when_no_decision_comes(
 
     for _ in range(5):
         logs.log_decision("rejected", {"cid": "cmp_1", "reason": "origin", "status": 403})
-    writes: list[str] = []
-
-    class Stderr:
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-        def flush(self) -> None:
-            pass
-
-    monkeypatch.setattr("sys.stderr", Stderr())
+    writes = _capture_stderr(monkeypatch)
     monkeypatch.setattr(logs._LineWriter, "IDLE_SECONDS", 0.01)
     writer = logs._LineWriter(queue.SimpleQueue())
     writer.start()
