@@ -241,7 +241,7 @@ class _LineBudget:
     none comes. A warning (a refusal, a dead letter) never waits behind a flood of info lines.
 
     Why: at the volumes the relay is built for (1,000 events/s) a line per decision is two lines
-    per event, 600 KB/s of text. journald keeps 10,000 lines per 30 s of a service by default
+    per event, about 660 KB/s of text. journald keeps 10,000 lines per 30 s of a service by default
     (scaled up with free disk) and drops the rest, warnings included, and the writing costs a
     worker about 7 % of its CPU per event in process (callgrind). The metrics and the dashboard
     count every event; the log keeps a sample of each second, every kind of decision in it, and the count.
