@@ -146,27 +146,22 @@ def accept_part(workdir: Path, seconds: float, results: dict[str, Any], profiles
         out["proxy"] = sweep(proxy, seconds)
         out["baseline"] = sweep(bare, seconds)
         out["upstream_fast"] = servers.upstream_stats(fast)
-        with (
-            servers.fake_upstream(workdir, 300, name="upstream-slow") as slow_up,
-            servers.relay(
+        with servers.fake_upstream(workdir, 300, name="upstream-slow") as slow_up:
+            with servers.relay(
                 workdir, slow_up.url, f"sqlite:///{workdir / 'slow.sqlite3'}", name="relay-slow"
-            ) as slow,
-        ):
-            warm(slow)
-            out["relay_slow"] = sweep(slow, seconds)
-            results["memory"]["accept path, 300 ms upstream (backlog growing)"] = worker_rss(slow)
-        with (
-            servers.fake_upstream(workdir, 300, name="upstream-slow-every-line") as slow_up,
-            servers.relay(
+            ) as slow:
+                warm(slow)
+                out["relay_slow"] = sweep(slow, seconds)
+                results["memory"]["accept path, 300 ms upstream (backlog growing)"] = worker_rss(slow)
+            with servers.relay(  # the same, with a decision line for every event (what they cost)
                 workdir,
                 slow_up.url,
                 f"sqlite:///{workdir / 'slow-every-line.sqlite3'}",
                 name="relay-slow-every-line",
                 decision_log_limit=0,
-            ) as every_line,
-        ):
-            warm(every_line)  # the same, with a decision line for every event (what it costs)
-            out["relay_slow_every_line"] = sweep(every_line, seconds)
+            ) as every_line:
+                warm(every_line)
+                out["relay_slow_every_line"] = sweep(every_line, seconds)
         # Bare Flask again, each relay stopped meanwhile: report.BARE_BRACKETS.
         out["baseline_after_slow"] = sweep(bare, seconds)
         down = f"http://127.0.0.1:{servers.free_port()}"  # nobody listens: every attempt is refused

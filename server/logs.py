@@ -181,10 +181,9 @@ class _LineWriter(threading.Thread):
                 batch = [self.records.get(timeout=self.IDLE_SECONDS)]
             except queue.Empty:  # quiet: say what the line budget left out before the quiet began
                 summary = _budget.flush()
-                if summary is not None:
-                    batch = [(time.time(), logging.INFO, "decision lines left out", summary)]
-                else:
+                if summary is None:
                     continue
+                batch = [_left_out_line(summary)]
             while True:
                 try:
                     batch.append(self.records.get_nowait())
@@ -213,7 +212,7 @@ class _LineWriter(threading.Thread):
         """Write what is queued (and what the line budget left out), then end (at exit)."""
         summary = _budget.flush(final=True)
         if summary is not None:
-            self.records.put((time.time(), logging.INFO, "decision lines left out", summary))
+            self.records.put(_left_out_line(summary))
         self.records.put(None)
         self.join(timeout=5)
 
@@ -257,7 +256,7 @@ class _LineBudget:
         self._lock = threading.Lock()
         self._second = -1
         self._since = self.clock()
-        self._used = {logging.INFO: 0, logging.WARNING: 0}
+        self._used: dict[int, int] = {}  # lines written this second, by level
         self._left_out: dict[str, int] = {}
 
     def allow(self, level: int, kind: str) -> bool:
@@ -270,7 +269,7 @@ class _LineBudget:
             if int(now) != self._second:
                 summary = self._take_summary(now)
                 self._second = int(now)
-                self._used = {logging.INFO: 0, logging.WARNING: 0}
+                self._used.clear()
             used = self._used.get(level, 0)
             allowed = used < self.limit
             if allowed:
@@ -280,7 +279,7 @@ class _LineBudget:
                     self._since = now
                 self._left_out[kind] = self._left_out.get(kind, 0) + 1
         if summary is not None:
-            _write_decision(logging.INFO, "decision lines left out", summary)
+            _write_decision(logging.INFO, LEFT_OUT, summary)
         return allowed
 
     def flush(self, *, final: bool = False) -> dict[str, Any] | None:
@@ -302,6 +301,14 @@ class _LineBudget:
             "limit": self.limit,
             "seconds": round(now - self._since, 3),  # from the first of them to now
         }
+
+
+LEFT_OUT = "decision lines left out"  # the message of a _LineBudget summary
+
+
+def _left_out_line(summary: dict[str, Any]) -> tuple[float, int, str, dict[str, Any]]:
+    """A summary as the writer's queue holds a decision (what :func:`_write_decision` queues)."""
+    return (time.time(), logging.INFO, LEFT_OUT, summary)
 
 
 # This process's budget: one per process, like the writer (the last app built sets its limit).

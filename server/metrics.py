@@ -107,6 +107,13 @@ class Metrics:
             for source in campaign.postbacks:
                 self.counters["postbacks"].labels(cid, source, "refused")
 
+    def watch_lock_waits(self, store: SQLiteStore) -> None:
+        """Count ``store``'s lock waits, every operation at 0 from the start like the event counters."""
+        store.lock_wait_observer = self.lock_waited
+        for operation in LOCK_WAIT_OPERATIONS:
+            self.counters["sqlite_lock_waits"].labels(operation)
+            self.counters["sqlite_lock_wait_seconds"].labels(operation)
+
     def lock_waited(self, operation: str, seconds: float) -> None:
         """The SQLite store's :attr:`~server.outbox.sqlite.SQLiteStore.lock_wait_observer`."""
         label = operation if operation in LOCK_WAIT_OPERATIONS else "other"
@@ -292,10 +299,7 @@ def init_app(app: Flask) -> None:
     metrics = Metrics(relay.config, own)
     relay.observers.add(metrics.observe)
     if isinstance(relay.store, SQLiteStore):  # the only store with a lock to wait for
-        relay.store.lock_wait_observer = metrics.lock_waited
-        for operation in LOCK_WAIT_OPERATIONS:  # at 0 from the start, like the event counters
-            metrics.counters["sqlite_lock_waits"].labels(operation)
-            metrics.counters["sqlite_lock_wait_seconds"].labels(operation)
+        metrics.watch_lock_waits(relay.store)
     app.extensions["metrics"] = metrics
     queue = QueueCollector(relay)
     build = BuildInfoCollector(relay.config.relay.store)
