@@ -26,6 +26,11 @@ microseconds).
 Anywhere else (a request thread, the delivery engine, a command, a test) :func:`wait_for_commit`
 returns False at once and the caller commits by itself.
 
+The greenlets are kept (:class:`_Runner`): one that has run its request waits for the next. A new
+greenlet per request cost about 10 us: Python 3.11 gives each greenlet its own stack of frames,
+mapped at its first call and unmapped when it ends (strace under load: an ``mmap`` and a
+``munmap`` per request; docs/benchmarks.md).
+
 :class:`CommitQueue` is the stores' side: a process's writes of one kind queued, and committed in
 batches, by the loop at its turn or by whichever thread commits first. The SQLite store commits a
 batch as one transaction; the Redis store sends it as one pipeline (one round trip).
@@ -50,7 +55,32 @@ _hub: greenlet | None = None  # the loop thread's own greenlet, which runs the l
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_thread: int | None = None
 _commits: dict[Callable[[], None], None] = {}  # commit functions waited for this turn, in order
-_waiting: list[greenlet] = []  # requests suspended until they have run
+_waiting: list[_Runner] = []  # requests suspended until they have run
+IDLE_RUNNERS = 64  # greenlets kept for the next requests: more than a worker's requests of two turns
+_idle: list[_Runner] = []  # of the loop's thread (a greenlet runs on the thread that made it)
+
+
+class _Runner(greenlet):
+    """A greenlet of the loop's thread that runs requests, one after another (:func:`run`)."""
+
+    def __init__(self) -> None:
+        super().__init__(parent=_hub)
+        self.back_to: greenlet = _hub  # who is waiting for the request to return or to wait
+
+    def run(self, job: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
+        while True:
+            function, args = job
+            try:
+                function(*args)
+            except BaseException:
+                self.parent = self.back_to  # the error goes to the caller, as from a greenlet of its own
+                raise
+            back = self.back_to
+            if len(_idle) >= IDLE_RUNNERS:
+                self.parent = back  # ends here: back to the caller
+                return
+            _idle.append(self)
+            job = back.switch()  # until run() hands this one the next request
 
 
 def serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -59,12 +89,18 @@ def serve(loop: asyncio.AbstractEventLoop) -> None:
     _hub, _loop, _loop_thread = getcurrent(), loop, threading.get_ident()
     _commits.clear()
     _waiting.clear()
+    _idle.clear()
 
 
 def run(function: Callable[..., Any], *args: Any) -> None:
-    """Call ``function(*args)`` (one request) in a greenlet of its own; back once it has returned
-    or is waiting for a commit, in which case it is finished after the commit, by the loop."""
-    greenlet(function).switch(*args)
+    """Call ``function(*args)`` (one request) in a greenlet; back once it has returned or is waiting
+    for a commit, in which case it is finished after the commit, by the loop."""
+    if _hub is None or threading.get_ident() != _loop_thread:
+        greenlet(function).switch(*args)  # no loop served here: nothing to wait for, nothing kept
+        return
+    runner = _idle.pop() if _idle else _Runner()
+    runner.back_to = getcurrent()
+    runner.switch((function, args))
 
 
 def wait_for_commit(commit: Callable[[], None]) -> bool:
@@ -72,14 +108,16 @@ def wait_for_commit(commit: Callable[[], None]) -> bool:
     the first request that waited this time, for every request that waited meanwhile. Anywhere
     else, False at once: the caller commits by itself."""
     current = getcurrent()
-    if _hub is None or current is _hub or threading.get_ident() != _loop_thread:
+    if not isinstance(current, _Runner) or threading.get_ident() != _loop_thread:
         return False
     if not _waiting:  # the first this turn: commit two turns from now (module docstring)
         assert _loop is not None
         _loop.call_soon(_loop.call_soon, _commit_and_resume)
     _commits[commit] = None
     _waiting.append(current)
-    _hub.switch()
+    # Back to run()'s caller; resumed by the loop (_commit_and_resume), to which it returns then.
+    back, current.back_to = current.back_to, _hub
+    back.switch()
     return True
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import greenlet
 import pytest
 import redis
 
@@ -136,6 +137,68 @@ def test_a_failing_commit_is_logged_and_its_requests_still_resume(
         _run_turns(loop, [lambda: (group_commit.run(request, "a"), group_commit.run(request, "b"))])
     assert resumed == ["a", "b"]
     assert "group commit failed" in caplog.text
+
+
+def test_the_greenlets_of_finished_requests_run_the_next_ones(loop: asyncio.AbstractEventLoop) -> None:
+    """A greenlet per request cost an mmap and a munmap of its frame stack: they are kept."""
+    ran_in: list[Any] = []
+
+    def request(name: str) -> None:
+        ran_in.append(greenlet.getcurrent())
+        if name.startswith("wait"):
+            group_commit.wait_for_commit(lambda: None)
+
+    _run_turns(loop, [lambda: group_commit.run(request, "a"), lambda: group_commit.run(request, "b")])
+    assert ran_in[0] is ran_in[1]  # one after the other: the same greenlet
+    # Two waiting at once need two; after their commit both are kept, and run the next two.
+    _run_turns(loop, [lambda: (group_commit.run(request, "wait1"), group_commit.run(request, "wait2"))])
+    _run_turns(loop, [lambda: (group_commit.run(request, "wait3"), group_commit.run(request, "wait4"))])
+    assert len({id(g) for g in ran_in[2:]}) == 2 and ran_in[0] in ran_in[2:]
+    assert all(g is not ran_in[0].parent for g in ran_in)  # never the loop's own greenlet
+
+
+def test_a_request_started_by_a_request_that_waits_hands_back_to_it_at_once(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The worker starts a connection's next request from the answer of the one before, inside its
+    greenlet: run() returns to that one when the next waits, and each finishes after the commit."""
+    events: list[str] = []
+
+    def second() -> None:
+        events.append("second waits")
+        group_commit.wait_for_commit(lambda: events.append("commit"))
+        events.append("second answered")
+
+    def first() -> None:
+        group_commit.run(second)
+        events.append("first done")
+
+    _run_turns(loop, [lambda: group_commit.run(first), lambda: None, lambda: group_commit.run(first)])
+    assert events == ["second waits", "first done", "commit", "second answered"] * 2
+    assert len(group_commit._idle) == 2  # both kept, neither left suspended
+
+
+def test_an_error_in_a_request_reaches_the_caller_and_at_most_idle_runners_are_kept(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    def fails() -> None:
+        raise ValueError("a bug")
+
+    def waits() -> None:
+        group_commit.wait_for_commit(lambda: None)
+
+    caught: list[BaseException] = []
+
+    def call_failing() -> None:
+        try:
+            group_commit.run(fails)
+        except ValueError as exc:
+            caught.append(exc)
+
+    _run_turns(loop, [call_failing])
+    assert [str(e) for e in caught] == ["a bug"]
+    _run_turns(loop, [lambda: [group_commit.run(waits) for _ in range(group_commit.IDLE_RUNNERS + 5)]])
+    assert len(group_commit._idle) == group_commit.IDLE_RUNNERS
 
 
 def _record(event_uuid: str) -> Record:
