@@ -19,7 +19,7 @@ from .errors import ApiError, answer
 from .headers import add_missing
 from .relay import Relay, current_relay
 from .request_state import request_state
-from .routes import RelayRequestContext, RouteCache
+from .routes import AdapterCache, RelayRequestContext, RouteCache
 from .worker import WHOLE_BODY
 
 __all__ = ["create_app", "Config", "load_config"]
@@ -98,7 +98,8 @@ class _RelayFlask(Flask):
     """Flask, with :meth:`ensure_sync`'s answer kept per function: Flask asks it for every hook and
     the view of every request (six times an event), and its ``iscoroutinefunction`` check was 2.5 %
     of the accept path's profiled time in process. Kept for the hooks and views, which are registered once; past
-    ``_SYNC_CACHE_LIMIT`` functions (callables made per request) it is worked out each time."""
+    ``_SYNC_CACHE_LIMIT`` functions (callables made per request) it is worked out each time. And with
+    each request's URL adapter from an :class:`server.routes.AdapterCache`."""
 
     _SYNC_CACHE_LIMIT = 1024
     json_provider_class = _RelayJSONProvider
@@ -106,9 +107,16 @@ class _RelayFlask(Flask):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sync: dict[Any, Any] = {}
+        self._adapters = AdapterCache()
 
     def request_context(self, environ: dict[str, Any]) -> RelayRequestContext:
         return RelayRequestContext(self, environ)  # its request matched through the RouteCache
+
+    def create_url_adapter(self, request: Any) -> Any:
+        # Outside a request, or with TRUSTED_HOSTS (Flask then sets request.trusted_hosts too): Flask's.
+        if request is None or self.config["TRUSTED_HOSTS"] is not None:
+            return super().create_url_adapter(request)
+        return self._adapters.adapter(request, super().create_url_adapter)
 
     def ensure_sync(self, func: Any) -> Any:
         sync = self._sync.get(func)

@@ -19,6 +19,7 @@ from flask import Flask, current_app, g, jsonify, request
 from flask.ctx import RequestContext
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.datastructures import Headers
+from werkzeug.exceptions import SecurityError
 from werkzeug.local import LocalProxy
 
 import server
@@ -26,7 +27,7 @@ from server import create_app
 from server.config import parse_config
 from server.contexts import current_flask_app, current_g, current_request
 from server.headers import add_missing, request_header, set_headers
-from server.routes import RelayRequestContext, RouteCache
+from server.routes import AdapterCache, RelayRequestContext, RouteCache
 from server.worker import WHOLE_BODY
 
 ORIGIN = "https://www.example.com"
@@ -240,6 +241,55 @@ def test_the_cache_refuses_a_map_that_matches_hosts() -> None:
     app = Flask("hosts", host_matching=True, static_host="example.com")
     with pytest.raises(ValueError):
         RouteCache(app)
+
+
+def _bound(app: Flask, path: str, host: str = "relay.example.com", **kwargs: Any) -> tuple[Any, str, str]:
+    """The adapter a request context got, its request's host and a URL built for it."""
+    with app.test_request_context(path, base_url=f"https://{host}", **kwargs) as ctx:
+        from flask import url_for
+
+        return ctx.url_adapter, ctx.request.host, url_for("health.healthz", _external=True)
+
+
+def test_requests_alike_share_one_url_adapter_as_flask_would_bind_it(app: Flask) -> None:
+    first, host, url = _bound(app, "/api/event/cmp_test", method="POST")
+    again, host_again, url_again = _bound(app, "/api/event/cmp_test", method="POST")
+    assert again is first and (host_again, url_again) == (host, url) == (
+        "relay.example.com", "https://relay.example.com/healthz",
+    )  # fmt: skip
+    other, other_host, other_url = _bound(app, "/api/event/cmp_test", host="other.example.com", method="POST")
+    assert other is not first and (other_host, other_url) == (
+        "other.example.com", "https://other.example.com/healthz",
+    )  # fmt: skip
+    flasks = Flask.create_url_adapter(app, app.request_class({**_environ(app, "/x?a=1"), "HTTP_HOST": "h"}))
+    ours = app.create_url_adapter(app.request_class({**_environ(app, "/x?a=1"), "HTTP_HOST": "h"}))
+    assert vars(ours) == {**vars(flasks), "map": flasks.map}  # what binding gives, field by field
+
+
+def _environ(app: Flask, path: str) -> dict[str, Any]:
+    with app.test_request_context(path) as ctx:
+        return dict(ctx.request.environ)
+
+
+def test_an_adapter_is_kept_only_for_a_short_request_and_not_for_a_refused_host(app: Flask) -> None:
+    cache = app._adapters  # type: ignore[attr-defined]
+    kept = len(cache.bound)
+    _bound(app, "/sdk/cmp_test.js?" + "x" * 600)  # a client of random query strings: not kept
+    assert len(cache.bound) == kept
+    _bound(app, "/sdk/cmp_test.js?v=1")
+    assert len(cache.bound) == kept + 1
+    calls: list[str] = []
+
+    def refuses(request: Any) -> Any:
+        calls.append(request.path)
+        raise SecurityError("host not trusted")
+
+    untrusted, fresh = app.request_class(_environ(app, "/healthz")), AdapterCache()
+    for _ in range(2):  # asked again each time: a refusal is not kept
+        with pytest.raises(SecurityError):
+            fresh.adapter(untrusted, refuses)
+    assert fresh.bound == {}
+    assert calls == ["/healthz", "/healthz"]
 
 
 # --- the objects behind Flask's proxies -----------------------------------------------------------
