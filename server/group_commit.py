@@ -39,6 +39,7 @@ batch as one transaction; the Redis store sends it as one pipeline (one round tr
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import threading
@@ -100,6 +101,7 @@ def run(function: Callable[..., Any], *args: Any) -> None:
         return
     runner = _idle.pop() if _idle else _Runner()
     runner.back_to = getcurrent()
+    runner.gr_context = contextvars.Context()  # each request starts empty, as in a greenlet of its own
     runner.switch((function, args))
 
 

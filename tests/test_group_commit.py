@@ -4,6 +4,7 @@ the stores' adds from one loop turn's requests: one SQLite transaction, one Redi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -139,12 +140,18 @@ def test_a_failing_commit_is_logged_and_its_requests_still_resume(
     assert "group commit failed" in caplog.text
 
 
+_LEFT_BY_A_REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("left_by_a_request")
+
+
 def test_the_greenlets_of_finished_requests_run_the_next_ones(loop: asyncio.AbstractEventLoop) -> None:
     """A greenlet per request cost an mmap and a munmap of its frame stack: they are kept."""
     ran_in: list[Any] = []
+    seen: list[str] = []
 
     def request(name: str) -> None:
         ran_in.append(greenlet.getcurrent())
+        seen.append(_LEFT_BY_A_REQUEST.get("nothing"))
+        _LEFT_BY_A_REQUEST.set(name)  # never reset: the next request must not see it
         if name.startswith("wait"):
             group_commit.wait_for_commit(lambda: None)
 
@@ -155,6 +162,7 @@ def test_the_greenlets_of_finished_requests_run_the_next_ones(loop: asyncio.Abst
     _run_turns(loop, [lambda: (group_commit.run(request, "wait3"), group_commit.run(request, "wait4"))])
     assert len({id(g) for g in ran_in[2:]}) == 2 and ran_in[0] in ran_in[2:]
     assert all(g is not ran_in[0].parent for g in ran_in)  # never the loop's own greenlet
+    assert seen == ["nothing"] * 6  # each starts in an empty context, as in a greenlet of its own
 
 
 def test_a_request_started_by_a_request_that_waits_hands_back_to_it_at_once(
