@@ -8,10 +8,11 @@ import logging
 import os
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Request, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import MapAdapter
 
 from .config import Config, load_config
 from .cpu_load import CpuLoad
@@ -98,8 +99,8 @@ class _RelayFlask(Flask):
     """Flask, with :meth:`ensure_sync`'s answer kept per function: Flask asks it for every hook and
     the view of every request (six times an event), and its ``iscoroutinefunction`` check was 2.5 %
     of the accept path's profiled time in process. Kept for the hooks and views, which are registered once; past
-    ``_SYNC_CACHE_LIMIT`` functions (callables made per request) it is worked out each time. And with
-    each request's URL adapter from an :class:`server.routes.AdapterCache`."""
+    ``_SYNC_CACHE_LIMIT`` functions (callables made per request) it is worked out each time. Its URL
+    adapters are kept too, for requests alike (:class:`server.routes.AdapterCache`)."""
 
     _SYNC_CACHE_LIMIT = 1024
     json_provider_class = _RelayJSONProvider
@@ -112,7 +113,7 @@ class _RelayFlask(Flask):
     def request_context(self, environ: dict[str, Any]) -> RelayRequestContext:
         return RelayRequestContext(self, environ)  # its request matched through the RouteCache
 
-    def create_url_adapter(self, request: Any) -> Any:
+    def create_url_adapter(self, request: Request | None) -> MapAdapter | None:
         # Outside a request, or with TRUSTED_HOSTS (Flask then sets request.trusted_hosts too): Flask's.
         if request is None or self.config["TRUSTED_HOSTS"] is not None:
             return super().create_url_adapter(request)

@@ -64,24 +64,19 @@ _idle: list[_Runner] = []  # of the loop's thread (a greenlet runs on the thread
 class _Runner(greenlet):
     """A greenlet of the loop's thread that runs requests, one after another (:func:`run`)."""
 
-    def __init__(self) -> None:
-        super().__init__(parent=_hub)
-        self.back_to: greenlet = _hub  # who is waiting for the request to return or to wait
+    back_to: greenlet  # who waits for the request to return or to wait: set by run(), wait_for_commit()
 
     def run(self, job: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
-        while True:
-            function, args = job
-            try:
+        try:
+            while True:
+                function, args = job
                 function(*args)
-            except BaseException:
-                self.parent = self.back_to  # the error goes to the caller, as from a greenlet of its own
-                raise
-            back = self.back_to
-            if len(_idle) >= IDLE_RUNNERS:
-                self.parent = back  # ends here: back to the caller
-                return
-            _idle.append(self)
-            job = back.switch()  # until run() hands this one the next request
+                if len(_idle) >= IDLE_RUNNERS:
+                    return
+                _idle.append(self)
+                job = self.back_to.switch()  # until run() hands this one the next request
+        finally:  # it ends (enough are kept, or an error): back to the caller, the error with it
+            self.parent = self.back_to
 
 
 def serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -99,7 +94,7 @@ def run(function: Callable[..., Any], *args: Any) -> None:
     if _hub is None or threading.get_ident() != _loop_thread:
         greenlet(function).switch(*args)  # no loop served here: nothing to wait for, nothing kept
         return
-    runner = _idle.pop() if _idle else _Runner()
+    runner = _idle.pop() if _idle else _Runner(parent=_hub)
     runner.back_to = getcurrent()
     runner.gr_context = contextvars.Context()  # each request starts empty, as in a greenlet of its own
     runner.switch((function, args))
